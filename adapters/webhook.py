@@ -1,0 +1,264 @@
+"""The generic HTTP API: other systems post images and questions, read jobs and history.
+
+Routes (on the daemon's aiohttp app):
+    POST /api/v1/messages                    store a message; ask a question
+    GET  /api/v1/jobs/{job_id}               a job's status and answer
+    GET  /api/v1/history/{platform}/{chat_id} a chat's stored messages, oldest first
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from adapters.signing import StandardWebhookSigner
+from adapters.webhook_request import decode_base64_image, parse_body
+from core.errors import AdapterError, BadInput, TooLarge, Unauthorized
+from core.types import Host, ImageRef, Incoming, JobView, Reply
+
+__all__ = ["WebhookAdapter"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "api"
+
+
+class WebhookAdapter:
+    """Adapter for the generic API; its platform name in the store is ``api``."""
+
+    name = PLATFORM
+
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        secret: str | None,
+        allowed_image_hosts: Sequence[str],
+        max_body_bytes: int,
+        max_image_bytes: int,
+        fetch_timeout_s: float,
+        wait_s: float,
+    ) -> None:
+        self._token = token
+        self._signer = StandardWebhookSigner(secret) if secret else None
+        self._allowed_hosts = [h.lower() for h in allowed_image_hosts]
+        self._max_body, self._max_image = max_body_bytes, max_image_bytes
+        self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
+        self._wait_s = wait_s
+        self._host: Host | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def open(self) -> bool:
+        """No token and no secret: anyone who can reach the port may post."""
+        return self._token is None and self._signer is None
+
+    def mount(self, app: web.Application) -> None:
+        app.router.add_post("/api/v1/messages", self._post_message)
+        app.router.add_get("/api/v1/jobs/{job_id}", self._get_job)
+        app.router.add_get("/api/v1/history/{platform}/{chat_id}", self._get_history)
+
+    async def start(self, host: Host) -> None:
+        self._session = aiohttp.ClientSession()
+        self._host = host
+        if self.open:
+            log.warning("the generic API has no token and no secret: anyone who reaches it may use it")
+
+    async def stop(self) -> None:
+        self._host = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def download(self, image: ImageRef) -> bytes:
+        """Fetch an image URL, from an allowed host only, within the size limit and timeout."""
+        url = image.ref
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in {"http", "https"}:
+            raise BadInput(f"image URL must be http(s): {url!r}", code="image_url_refused")
+        if not self._host_allowed(host):
+            raise BadInput(f"image host {host!r} is not in allowed_image_hosts", code="image_url_refused")
+        assert self._session is not None
+        try:
+            # No redirects: a redirect could lead to a host that is not allowed.
+            async with self._session.get(url, allow_redirects=False, timeout=self._fetch_timeout) as resp:
+                if resp.status != 200:
+                    raise BadInput(f"image URL answered HTTP {resp.status}", code="image_fetch_failed")
+                if resp.content_length is not None and resp.content_length > self._max_image:
+                    raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
+                data = await resp.content.read(self._max_image + 1)
+                if len(data) > self._max_image:
+                    raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
+                return data
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BadInput(f"could not fetch image URL: {exc or type(exc).__name__}",
+                           code="image_fetch_failed") from None
+
+    def _host_allowed(self, host: str) -> bool:
+        for allowed in self._allowed_hosts:
+            if host == allowed or (allowed.startswith(".") and host.endswith(allowed)):
+                return True
+        return False
+
+    async def send(self, reply: Reply) -> str:
+        """POST the answer, signed, to the question's ``callback_url``; the id is ours either way."""
+        answer_id = f"ans_{reply.job_id}"  # stable: a retried callback carries the same webhook-id
+        callback = reply.meta.get("callback_url")
+        if not callback:
+            return answer_id
+        body = json.dumps({
+            "type": "job.failed" if reply.failed else "job.done",
+            "job_id": reply.job_id,
+            "status": "failed" if reply.failed else "done",
+            "conversation_id": reply.chat_id,
+            "message_id": answer_id,
+            "reply_to": reply.reply_to,
+            "thread_id": reply.thread_id,
+            "answer": None if reply.failed else reply.text,
+            "error": reply.text if reply.failed else None,
+            "images": list(reply.images),
+        }, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._signer is not None:
+            headers |= self._signer.headers(answer_id, body)
+        if self._session is None:
+            raise AdapterError(PLATFORM, "adapter is stopped")
+        try:
+            async with self._session.post(callback, data=body, headers=headers,
+                                          timeout=self._fetch_timeout) as resp:
+                if resp.status >= 300:
+                    # Client errors other than timeouts and rate limits will not heal on retry.
+                    retryable = resp.status >= 500 or resp.status in {408, 429}
+                    raise AdapterError(PLATFORM, f"callback answered HTTP {resp.status}", retryable=retryable)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AdapterError(PLATFORM, f"callback failed: {exc or type(exc).__name__}") from exc
+        return answer_id
+
+    # ---- handlers -----------------------------------------------------------------------
+
+    async def _post_message(self, request: web.Request) -> web.Response:
+        host = self._ready()
+        event_id = await self._authenticate(request, body := await self._read_body(request))
+        message, files = await parse_body(body, request.content_type, request.headers.get("Content-Type", ""))
+        images = [ImageRef(ref="upload", data=data) for data in files]
+        for image in message.images:
+            if image.data is not None:
+                images.append(ImageRef(ref="inline", data=decode_base64_image(image.data, self._max_image)))
+            else:
+                url = str(image.url)
+                images.append(ImageRef(ref=url, data=await self.download(ImageRef(ref=url))))
+        text = message.text.strip()
+        incoming = Incoming(
+            platform=PLATFORM,
+            event_id=event_id or f"evt_{uuid.uuid4().hex}",
+            chat_id=message.conversation_id,
+            chat_kind="direct",
+            message_id=message.message_id or f"msg_{uuid.uuid4().hex}",
+            thread_id=message.thread_id,
+            reply_to=message.reply_to,
+            sender_id=message.sender.id,
+            sender_name=message.sender.name,
+            text=text,
+            addressed=bool(text),
+            images=tuple(images),
+            meta={"callback_url": str(message.callback_url)} if message.callback_url else {},
+        )
+        accepted = await host.accept(incoming)
+        if accepted.job_id is None:
+            return _json(200, {"status": "stored", "message_id": accepted.message_id,
+                               "images": list(accepted.images)})
+        if message.wait:
+            view = await host.wait_for_job(accepted.job_id, self._wait_s)
+            if view.status in {"done", "failed"}:
+                return _json(200, _job_json(view))
+        return _json(202, {"job_id": accepted.job_id, "status": "queued", "question_id": accepted.message_id})
+
+    async def _get_job(self, request: web.Request) -> web.Response:
+        host = self._ready()
+        await self._authenticate(request, b"")
+        return _json(200, _job_json(await host.job(request.match_info["job_id"])))
+
+    async def _get_history(self, request: web.Request) -> web.Response:
+        host = self._ready()
+        await self._authenticate(request, b"")
+        try:
+            limit = int(request.query.get("limit", "200"))
+        except ValueError:
+            raise BadInput("limit must be an integer", code="invalid_field") from None
+        if not 1 <= limit <= 1000:
+            raise BadInput("limit must be between 1 and 1000", code="invalid_field")
+        platform, chat_id = request.match_info["platform"], request.match_info["chat_id"]
+        entries = await host.history(platform, chat_id, limit)
+        return _json(200, {"platform": platform, "chat_id": chat_id,
+                           "messages": [_history_json(asdict(e)) for e in entries]})
+
+    def _ready(self) -> Host:
+        if self._host is None:
+            raise web.HTTPServiceUnavailable(text="starting or stopping")
+        return self._host
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        # Refuse on the declared length before reading a byte; read() enforces it for chunked bodies.
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise TooLarge(f"body is over the {self._max_body}-byte limit")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise TooLarge(f"body is over the {self._max_body}-byte limit") from None
+
+    async def _authenticate(self, request: web.Request, body: bytes) -> str | None:
+        """Check credentials; return the verified ``webhook-id`` when the request was signed.
+
+        A signed request must verify even when a bearer token is also configured: a bad signature
+        is never rescued by something else.
+        """
+        if "webhook-signature" in request.headers:
+            if self._signer is None:
+                raise Unauthorized("signed request, but no secret is configured")
+            return self._signer.verify(request.headers, body)
+        if self.open:
+            return request.headers.get("webhook-id") or None
+        if self._token is not None:
+            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and _equal(credential.strip(), self._token):
+                return request.headers.get("webhook-id") or None
+        raise Unauthorized("missing or wrong credentials: send Authorization: Bearer or a signature")
+
+
+def _equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+
+
+def _job_json(view: JobView) -> dict[str, Any]:
+    return {
+        "job_id": view.job_id,
+        "status": view.status,
+        "answer": view.answer,
+        "message_id": view.answer_message_id,
+        "question_id": view.question_id,
+        "conversation_id": view.chat_id,
+        "images": list(view.images),
+        "error": view.error,
+    }
+
+
+def _history_json(entry: dict[str, Any]) -> dict[str, Any]:
+    entry["images"] = list(entry["images"])
+    entry["used_images"] = list(entry["used_images"])
+    entry["sender"] = {"id": entry.pop("sender_id"), "name": entry.pop("sender_name")}
+    return entry
+
+
+def _json(status: int, payload: dict[str, Any]) -> web.Response:
+    return web.json_response(payload, status=status)
+

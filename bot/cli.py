@@ -1,0 +1,118 @@
+"""The ``imsight`` command: run, ask, tiny-model, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from core.errors import ConfigError, ImsightError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imsight", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--config", type=Path, default=Path("config.toml"))
+
+    ask = commands.add_parser("ask", help="answer one question about images, without a daemon")
+    ask.add_argument("--config", type=Path, help="engine and image settings (defaults if absent)")
+    ask.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    ask.add_argument("--question", "-q", required=True)
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random test model (answers are noise)")
+    tiny.add_argument("dir", type=Path)
+
+    commands.add_parser("demo", help="start a daemon on a tiny test model and ask it two questions")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "ask":
+            return _ask(args.config, args.images, args.question)
+        if args.command == "tiny-model":
+            return _tiny_model(args.dir)
+        from bot.demo import demo
+
+        return asyncio.run(demo())
+    except ConfigError as exc:
+        print(f"imsight: config error: {exc}", file=sys.stderr)
+        return 2
+    except ImsightError as exc:
+        print(f"imsight: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+
+def _offline_unless_allowed(allow_download: bool) -> None:
+    # Set before transformers is imported: huggingface_hub reads it once, at import.
+    if not allow_download:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _run(path: Path) -> int:
+    from bot.config import load
+    from bot.daemon import serve
+
+    config = load(path)
+    _offline_unless_allowed(config.engine.allow_download)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _ask(path: Path | None, images: list[Path], question: str) -> int:
+    from bot.config import Config, load
+    from bot.daemon import build_engine, image_limits
+    from core.engine import GenerationLimits, PreparedImage
+    from core.images import prepare, sha256
+
+    config = load(path) if path is not None else Config()
+    _offline_unless_allowed(config.engine.allow_download)
+    limits = image_limits(config)
+    prepared = []
+    for image in images:
+        try:
+            data = image.read_bytes()
+        except OSError as exc:
+            raise ImsightError(f"cannot read {image}: {exc.strerror}") from None
+        prepared.append(PreparedImage(sha256(data), prepare(data, limits)))
+
+    async def answer() -> None:
+        engine = build_engine(config)
+        await engine.start()
+        try:
+            generation = GenerationLimits(max_new_tokens=config.engine.max_new_tokens)
+            async for chunk in engine.answer(prepared, [], question, generation):
+                print(chunk, end="", flush=True)
+            print()
+        finally:
+            await engine.stop()
+
+    asyncio.run(answer())
+    return 0
+
+
+def _tiny_model(out: Path) -> int:
+    from core.tiny_model import build_tiny_model
+
+    build_tiny_model(out)
+    print(f"wrote a tiny random test model to {out} (plumbing tests only: its answers are noise)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Configuration: one typed, validated object from a TOML file and the environment."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from core.errors import ConfigError
+
+__all__ = ["ENV_SECRETS", "Config", "load", "parse"]
+
+
+class _Section(BaseModel):
+    # A typo must not fall back silently to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_mb: float = Field(32, gt=0)
+    shutdown_grace_seconds: float = Field(30, ge=0)
+
+
+class StorageConfig(_Section):
+    data_dir: Path = Path("./data")
+
+
+class ImagesConfig(_Section):
+    max_mb: float = Field(20, gt=0)  # bytes of one image as received
+    max_pixels: int = Field(40_000_000, gt=0)  # width x height; larger is a decompression bomb
+    max_side: int = Field(1536, ge=64)  # longest side the model sees; larger images are scaled down
+
+
+class EngineConfig(_Section):
+    kind: Literal["transformers"] = "transformers"
+    model: str = "zai-org/GLM-4.6V-Flash"  # a hub id, looked up in the local Hugging Face cache
+    model_path: Path | None = None  # a local directory; wins over `model`
+    allow_download: bool = False  # fetch `model` from the hub when it is not cached
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_new_tokens: int = Field(512, ge=1)
+    workers: int = Field(1, ge=1, le=64)  # jobs answered at once
+
+
+class ContextConfig(_Section):
+    window_minutes: float = Field(10, ge=0)
+    history_turns: int = Field(6, ge=0)  # earlier questions and answers sent along, as text
+    no_image: Literal["answer", "ask"] = "answer"
+
+
+class WebhookConfig(_Section):
+    enabled: bool = True
+    token: SecretStr | None = None
+    secret: SecretStr | None = None  # Standard Webhooks secret, "whsec_" + base64
+    allowed_image_hosts: list[str] = Field(default_factory=list)
+    fetch_timeout_seconds: float = Field(10, gt=0)
+    wait_seconds: float = Field(60, ge=0)  # longest a `wait: true` request is held open
+    callback_attempts: int = Field(5, ge=1)
+
+
+class AdaptersConfig(_Section):
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+
+
+# Secrets may live in the environment instead of the file; the environment wins.
+ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
+    "IMSIGHT_WEBHOOK_TOKEN": ("adapters", "webhook", "token"),
+    "IMSIGHT_WEBHOOK_SECRET": ("adapters", "webhook", "secret"),
+}
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, overlay secrets from the environment, and validate; raise ``ConfigError``."""
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, environ, source=str(path))
+
+
+def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None, *, source: str = "config") -> Config:
+    """Validate an already-parsed mapping (the TOML document)."""
+    env = os.environ if environ is None else environ
+    for name, keys in ENV_SECRETS.items():
+        if env.get(name):
+            _put(raw, keys, env[name])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_problem(exc)}") from None
+    return config
+
+
+def _put(raw: dict[str, Any], keys: tuple[str, ...], value: str) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            return  # the file has a wrong type here; validation will name it
+        node = child
+    node[keys[-1]] = value
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required value missing"
+    value = error.get("input")
+    secret = error["loc"][-1] in {"token", "secret"}  # never echo what may be a credential
+    shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
+    return f"{key}: {error['msg']}{shown}"

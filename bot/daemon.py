@@ -1,0 +1,148 @@
+"""Lifecycle: start everything in dependency order, stop in reverse, on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+from adapters.webhook import WebhookAdapter
+from bot.config import Config
+from bot.dispatch import Dispatcher
+from bot.files import ImageFiles
+from bot.store import Store
+from bot.watch import JobWatch
+from bot.web import WebServer
+from bot.workers import Workers
+from core.engine import Engine, GenerationLimits
+from core.images import ImageLimits
+from core.model_files import resolve
+from core.transformers_engine import TransformersEngine
+from core.types import Adapter
+
+__all__ = ["Daemon", "build_engine", "serve"]
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+
+
+def build_engine(config: Config) -> Engine:
+    """The engine the config names; raises ``ModelUnavailable`` when its files are not here."""
+    cfg = config.engine
+    source = resolve(cfg.model, cfg.model_path, allow_download=cfg.allow_download)
+    return TransformersEngine(source, device=cfg.device, dtype=cfg.dtype)
+
+
+def image_limits(config: Config) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=int(config.images.max_mb * MB),
+        max_pixels=config.images.max_pixels,
+        max_side=config.images.max_side,
+    )
+
+
+def build_adapters(config: Config) -> list[Adapter]:
+    adapters: list[Adapter] = []
+    hook = config.adapters.webhook
+    if hook.enabled:
+        adapters.append(WebhookAdapter(
+            token=hook.token.get_secret_value() if hook.token else None,
+            secret=hook.secret.get_secret_value() if hook.secret else None,
+            allowed_image_hosts=hook.allowed_image_hosts,
+            max_body_bytes=int(config.server.max_body_mb * MB),
+            max_image_bytes=int(config.images.max_mb * MB),
+            fetch_timeout_s=hook.fetch_timeout_seconds,
+            wait_s=hook.wait_seconds,
+        ))
+    return adapters
+
+
+class Daemon:
+    """The whole bot; ``async with Daemon(config):`` runs it until the block ends."""
+
+    def __init__(self, config: Config, *, engine: Engine | None = None) -> None:
+        self.config = config
+        self._engine = engine
+        self._stack = AsyncExitStack()
+        self.web: WebServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.web is not None, "not started"
+        return f"http://{self.config.server.host}:{self.web.port}"
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        cfg, stack = self.config, self._stack
+        # Everything that can fail on configuration fails before the model is loaded or a port bound.
+        engine = self._engine or build_engine(cfg)
+        adapters = build_adapters(cfg)
+        limits = image_limits(cfg)
+
+        data_dir = cfg.storage.data_dir
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = await stack.enter_async_context(Store.open(data_dir / "imsight.db"))
+        files = ImageFiles(data_dir / "images")
+
+        await engine.start()
+        stack.push_async_callback(engine.stop)
+
+        watch = JobWatch()
+        workers = Workers(
+            store, files, engine, {a.name: a for a in adapters}, watch,
+            count=cfg.engine.workers, image_limits=limits,
+            generation=GenerationLimits(max_new_tokens=cfg.engine.max_new_tokens),
+            ask_for_image=cfg.context.no_image == "ask",
+            delivery_attempts=cfg.adapters.webhook.callback_attempts,
+        )
+        dispatcher = Dispatcher(
+            store, files, workers, watch, image_limits=limits,
+            window_s=cfg.context.window_minutes * 60, history_turns=cfg.context.history_turns,
+        )
+        web = WebServer(cfg.server.host, cfg.server.port, max_body_bytes=int(cfg.server.max_body_mb * MB),
+                        shutdown_timeout_s=5)
+        for adapter in adapters:
+            adapter.mount(web.app)
+            await adapter.start(dispatcher)
+            stack.push_async_callback(adapter.stop)  # after the workers: they deliver through it
+
+        await workers.start()
+        stack.push_async_callback(workers.stop, cfg.server.shutdown_grace_seconds)
+        await web.start()
+        self.web = web
+        stack.push_async_callback(web.stop)  # stop taking requests before anything else stops
+        stack.callback(watch.close)  # first of all: requests waiting for answers return now (202)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGINT or SIGTERM; then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Daemon(config):
+        await stop.wait()
+        log.info("stopping: no new requests; the running answer gets %.0fs to finish",
+                 config.server.shutdown_grace_seconds)
+    log.info("stopped")

@@ -1,0 +1,69 @@
+"""The daemon's one aiohttp server: every adapter's routes, /healthz, and errors as JSON."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from core.errors import BadInput, ImsightError
+
+__all__ = ["WebServer"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebServer:
+    """Routes are added before ``start()``; ``stop()`` stops taking requests first."""
+
+    def __init__(self, host: str, port: int, *, max_body_bytes: int, shutdown_timeout_s: float) -> None:
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors_as_json])
+        self.app.router.add_get("/healthz", _healthz)
+        self._host, self._port = host, port
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self._shutdown_timeout_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]  # the real one when port 0 was asked for
+        log.info("listening on http://%s:%d", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal is a JSON body ``{"error": {"code", "message"}}`` with a fitting status."""
+    try:
+        return await handler(request)
+    except BadInput as exc:
+        return _error(exc.status, exc.code, str(exc))
+    except ImsightError as exc:  # the store or engine cannot take it now: nothing was half-written
+        log.warning("%s %s refused: %s", request.method, request.path, exc)
+        return _error(503, "unavailable", str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal", "internal error; see the daemon's log")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+

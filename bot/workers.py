@@ -1,0 +1,175 @@
+"""Workers take jobs from the queue, ask the engine, and deliver the answer through the adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from bot.files import ImageFiles
+from bot.store import JobRecord, Store
+from bot.watch import JobWatch
+from core.engine import Engine, GenerationLimits, PreparedImage, Turn
+from core.errors import AdapterError, EngineError, ImsightError
+from core.images import ImageLimits, prepare
+from core.types import Adapter, Reply
+
+__all__ = ["Workers"]
+
+log = logging.getLogger(__name__)
+
+ASK_FOR_IMAGE = "Which image do you mean? Send it with your question, or reply to it."
+_IDLE_POLL_S = 5.0  # a backstop only: new jobs wake the workers at once
+
+
+class Workers:
+    """A fixed number of tasks answering jobs; each conversation's jobs in order."""
+
+    def __init__(
+        self,
+        store: Store,
+        files: ImageFiles,
+        engine: Engine,
+        adapters: Mapping[str, Adapter],
+        watch: JobWatch,
+        *,
+        count: int,
+        image_limits: ImageLimits,
+        generation: GenerationLimits,
+        ask_for_image: bool,
+        delivery_attempts: int = 5,
+        retry_base_s: float = 0.5,
+    ) -> None:
+        self._store, self._files, self._engine = store, files, engine
+        self._adapters, self._watch = adapters, watch
+        self._count = count
+        self._image_limits, self._generation = image_limits, generation
+        self._ask_for_image = ask_for_image
+        self._delivery_attempts, self._retry_base_s = delivery_attempts, retry_base_s
+        self._wakeups: list[asyncio.Event] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        requeued = await self._store.requeue_running()
+        if requeued:
+            log.info("requeued %d job(s) that were running when the daemon last stopped", requeued)
+        self._wakeups = [asyncio.Event() for _ in range(self._count)]
+        self._tasks = [
+            asyncio.create_task(self._loop(wakeup), name=f"imsight-worker-{n}")
+            for n, wakeup in enumerate(self._wakeups)
+        ]
+
+    def wake(self) -> None:
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Take no new job; give the jobs in flight ``grace_s`` to finish, then cancel them.
+
+        A cancelled job stays 'running' in the store and runs again after the next start.
+        """
+        self._stopping = True
+        self.wake()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if pending:
+            log.warning("%d job(s) cut off by shutdown; they run again after the next start", len(pending))
+
+    async def _loop(self, wakeup: asyncio.Event) -> None:
+        while not self._stopping:
+            wakeup.clear()  # before looking, so a wake() during the look is not lost
+            try:
+                job = await self._store.claim_next()
+            except ImsightError:
+                log.exception("cannot read the job queue; retrying")
+                job = None
+            if job is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), _IDLE_POLL_S)
+                continue
+            try:
+                await self._process(job)
+            except Exception:
+                # A bug must not kill the worker, nor loop on the same job forever.
+                log.exception("job %s: unexpected error", job.id)
+                with contextlib.suppress(ImsightError):
+                    await self._store.fail_undelivered(job.id, "internal error")
+                self._watch.notify(job.id)
+            self.wake()  # the conversation's next job may run now
+
+    async def _process(self, job: JobRecord) -> None:
+        started = time.monotonic()
+        q = job.question
+        error = None
+        try:
+            text = job.answer if job.answer is not None else await self._ask(job)
+            if job.answer is None:
+                await self._store.save_answer(job.id, text)
+            text = _with_about(text, job.context)
+        except ImsightError as exc:
+            log.warning("job %s (%s chat %s message %s) failed: %s", job.id, q.platform, q.chat_id,
+                        q.message_id, exc)
+            error = str(exc)
+            text = "Sorry, I could not answer that. The model failed; please try again later."
+        reply = Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text, job.images,
+                      failed=error is not None, meta=job.meta)
+        try:
+            sent_id = await self._deliver(reply)
+        except AdapterError as exc:
+            log.warning("job %s: reply not delivered: %s", job.id, exc)
+            await self._store.fail_undelivered(job.id, f"reply not delivered: {exc}")
+        else:
+            await self._store.finish(job, text=text, answer_message_id=sent_id, error=error)
+            log.info("job %s %s in %.2fs (%s chat %s)", job.id, "failed" if error else "answered",
+                     time.monotonic() - started, q.platform, q.chat_id)
+        self._watch.notify(job.id)
+
+    async def _ask(self, job: JobRecord) -> str:
+        if not job.images and self._ask_for_image:
+            return ASK_FOR_IMAGE
+        images = await asyncio.to_thread(self._prepare, job.images)
+        rows = [int(r) for r in job.context.get("turns", ())]
+        turns = [
+            Turn("assistant" if m.role == "bot" else "user", m.text)
+            for m in await self._store.messages_by_row(rows)
+        ]
+        chunks = [c async for c in self._engine.answer(images, turns, job.question.text, self._generation)]
+        return "".join(chunks).strip() or "(the model gave an empty answer)"
+
+    def _prepare(self, shas: tuple[str, ...]) -> list[PreparedImage]:
+        try:
+            return [PreparedImage(sha, prepare(self._files.read(sha), self._image_limits)) for sha in shas]
+        except OSError as exc:
+            raise EngineError(f"a stored image is missing: {exc}") from exc
+
+    async def _deliver(self, reply: Reply) -> str:
+        adapter = self._adapters.get(reply.platform)
+        if adapter is None:
+            raise AdapterError(reply.platform, "adapter is not enabled", retryable=False)
+        for attempt in range(self._delivery_attempts):
+            try:
+                return await adapter.send(reply)
+            except AdapterError as exc:
+                if not exc.retryable or attempt + 1 == self._delivery_attempts:
+                    raise
+                delay = self._retry_base_s * 2**attempt
+                log.info("job %s: send failed (%s); retrying in %.1fs", reply.job_id, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _with_about(answer: str, context: Mapping[str, object]) -> str:
+    """Say which image the answer is about when it was not in the question's own message."""
+    about = context.get("about")
+    if not isinstance(about, dict):
+        return answer
+    when = time.strftime("%H:%M", time.localtime(float(about.get("created_at", 0))))
+    who = about.get("sender_name") or "someone"
+    return f"About the image {who} posted at {when}: {answer}"

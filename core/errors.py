@@ -1,0 +1,94 @@
+"""The errors imsight raises on purpose.
+
+    ImsightError
+    ├── ConfigError          bad configuration; only the entry point exits on it
+    ├── BadInput             a caller sent something we refuse (HTTP status carried as data)
+    │   ├── Unauthorized     401: missing, forged or replayed credentials
+    │   ├── TooLarge         413: a body or image over a limit
+    │   ├── NotAnImage       415: bytes that no supported image decoder accepts
+    │   └── NotFound         404: an unknown job or chat
+    ├── StoreUnavailable     the history store cannot take writes (disk full, locked)
+    ├── AdapterError         a platform call failed
+    └── EngineError          the model could not answer
+        └── ModelUnavailable the model's files are not on this machine
+
+This module and ``core.types`` are the neutral ground that ``bot``, ``adapters`` and ``core``
+all import; nothing here imports any of them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "BadInput",
+    "ConfigError",
+    "EngineError",
+    "ImsightError",
+    "ModelUnavailable",
+    "NotAnImage",
+    "NotFound",
+    "StoreUnavailable",
+    "TooLarge",
+    "Unauthorized",
+]
+
+
+class ImsightError(Exception):
+    """Anything we raise on purpose."""
+
+
+class ConfigError(ImsightError):
+    """The configuration is unusable; the message names the key."""
+
+
+class BadInput(ImsightError):
+    """Input we refuse; the HTTP layer answers with ``status`` and ``code``."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(BadInput):
+    status = 401
+    code = "unauthorized"
+
+
+class TooLarge(BadInput):
+    status = 413
+    code = "too_large"
+
+
+class NotAnImage(BadInput):
+    status = 415
+    code = "not_an_image"
+
+
+class NotFound(BadInput):
+    status = 404
+    code = "not_found"
+
+
+class StoreUnavailable(ImsightError):
+    """The store refused a write; nothing was half-written."""
+
+
+class AdapterError(ImsightError):
+    """A platform call failed."""
+
+    def __init__(self, platform: str, message: str, *, retryable: bool = True) -> None:
+        super().__init__(f"{platform}: {message}")
+        self.platform = platform
+        self.retryable = retryable
+
+
+class EngineError(ImsightError):
+    """The engine failed to produce an answer."""
+
+
+class ModelUnavailable(EngineError):
+    """The configured model cannot be loaded here; the message says how to fix it."""

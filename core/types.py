@@ -1,0 +1,145 @@
+"""Neutral types shared by the daemon (``bot``) and the platform adapters (``adapters``).
+
+Platform ids are opaque strings here: the daemon only stores and compares them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = [
+    "Accepted",
+    "Adapter",
+    "HistoryEntry",
+    "Host",
+    "ImageRef",
+    "Incoming",
+    "JobView",
+    "Reply",
+]
+
+ChatKind = Literal["direct", "group"]
+Role = Literal["user", "bot"]
+JobStatus = Literal["queued", "running", "answered", "done", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """An image as a platform names it; ``data`` holds the bytes when they came inline."""
+
+    ref: str = ""
+    data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message received from a platform, already translated."""
+
+    platform: str
+    chat_id: str
+    message_id: str
+    event_id: str = ""
+    chat_kind: ChatKind = "group"
+    thread_id: str | None = None
+    reply_to: str | None = None
+    sender_id: str = ""
+    sender_name: str = ""
+    text: str = ""  # the question, with mentions of the bot removed
+    addressed: bool = False  # direct chat, mention, reply to the bot, or a command
+    images: tuple[ImageRef, ...] = ()
+    # Adapter-private facts the adapter needs again when it replies (a callback URL, say).
+    meta: Mapping[str, str] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What the daemon did with an ``Incoming``."""
+
+    message_id: str
+    images: tuple[str, ...]  # SHA-256 of each image of the message, in order
+    job_id: str | None  # set when the message asked the bot something
+    duplicate: bool = False  # seen before: nothing new was stored
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer (or a failure notice) to deliver for one job."""
+
+    platform: str
+    chat_id: str
+    job_id: str
+    reply_to: str  # the question's message id
+    thread_id: str | None
+    text: str  # Markdown
+    images: tuple[str, ...]  # SHA-256 of the images the answer is about
+    failed: bool = False
+    meta: Mapping[str, str] = field(default_factory=dict)  # the question's ``Incoming.meta``
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A job as callers see it."""
+
+    job_id: str
+    status: JobStatus
+    platform: str
+    chat_id: str
+    question_id: str
+    answer: str | None
+    answer_message_id: str | None
+    images: tuple[str, ...]
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One stored message of a chat."""
+
+    message_id: str
+    role: Role
+    thread_id: str | None
+    reply_to: str | None
+    sender_id: str
+    sender_name: str
+    text: str
+    images: tuple[str, ...]
+    created_at: float
+    answers: str | None = None  # bot answers: the question's message id
+    used_images: tuple[str, ...] = ()  # bot answers: the images the answer was about
+
+
+class Host(Protocol):
+    """What the daemon offers adapters."""
+
+    async def accept(self, incoming: Incoming) -> Accepted: ...
+
+    async def job(self, job_id: str) -> JobView: ...
+
+    async def wait_for_job(self, job_id: str, timeout_s: float) -> JobView: ...
+
+    async def history(self, platform: str, chat_id: str, limit: int) -> Sequence[HistoryEntry]: ...
+
+
+class Adapter(Protocol):
+    """One platform, seen from the daemon."""
+
+    name: str
+
+    def mount(self, app: web.Application) -> None:
+        """Add this adapter's HTTP routes to the daemon's one aiohttp app (before it starts)."""
+
+    async def start(self, host: Host) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def download(self, image: ImageRef) -> bytes: ...
+
+    async def send(self, reply: Reply) -> str:
+        """Deliver ``reply``; return the platform's id of the sent message."""

@@ -1,0 +1,60 @@
+"""Helpers for tests: images, HTTP calls, and row counts of a data dir."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from PIL import Image
+
+
+def png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, "PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def counts(data_dir: Path) -> dict[str, int]:
+    """Rows per table and image files on disk: what 'changes nothing' is checked against."""
+    db = data_dir / "imsight.db"
+    result = {}
+    with sqlite3.connect(db) as conn:
+        for table in ("images", "messages", "message_images", "inbox", "jobs", "job_images"):
+            result[table] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    result["files"] = sum(1 for p in (data_dir / "images").rglob("*") if p.is_file()) if (
+        data_dir / "images").exists() else 0
+    return result
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any], **kwargs: Any) -> tuple[int, Any]:
+    async with http.post(f"{url}/api/v1/messages", json=body, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+async def get(http: aiohttp.ClientSession, url: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    async with http.get(f"{url}{path}", **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -> dict[str, str]:
+    """Standard Webhooks headers made by the reference implementation, not by our code."""
+    from datetime import UTC, datetime
+
+    from standardwebhooks.webhooks import Webhook
+
+    now = datetime.fromtimestamp(int(time.time() - age_s), tz=UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, now, body.decode()),
+        "Content-Type": "application/json",
+    }

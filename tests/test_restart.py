@@ -1,0 +1,116 @@
+"""Restarts: history and queued work survive the daemon, in-process and as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.daemon import Daemon
+from core.images import sha256
+from helpers import b64, get, png, post
+
+RED = png((200, 30, 30))
+
+
+async def test_follow_up_after_a_full_restart_uses_the_first_image(make_config, http):
+    config = make_config()
+    async with Daemon(config) as first:
+        _, asked = await post(http, first.url, {
+            "conversation_id": "c1", "text": "What?", "wait": True, "images": [{"data": b64(RED)}],
+        })
+    async with Daemon(config) as second:
+        status, follow = await post(http, second.url, {"conversation_id": "c1", "text": "Why?", "wait": True})
+        _, history = await get(http, second.url, "/api/v1/history/api/c1")
+    assert status == 200
+    assert follow["images"] == asked["images"] == [sha256(RED)]
+    assert [m["role"] for m in history["messages"]] == ["user", "bot", "user", "bot"]
+
+
+class DaemonProcess:
+    """``imsight run`` in a child process, as an operator starts it."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+        self.log: list[str] = []
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "run", "--config", str(self.config),
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert self.proc.stderr is not None
+        async with asyncio.timeout(60):
+            while line := (await self.proc.stderr.readline()).decode():
+                self.log.append(line)
+                if found := re.search(r"listening on (http://\S+)", line):
+                    self.url = found.group(1)
+                    break
+        assert self.url, "".join(self.log)
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := (await self.proc.stderr.readline()).decode():
+            self.log.append(line)
+
+    async def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        async with asyncio.timeout(60):
+            return await self.proc.wait()
+
+
+def _write_config(tmp_path: Path, data_dir: Path, model: Path, tokens: int) -> Path:
+    path = tmp_path / "imsight.toml"
+    path.write_text(
+        f'[server]\nport = 0\nshutdown_grace_seconds = 30\n[storage]\ndata_dir = "{data_dir}"\n'
+        f'[engine]\nmodel_path = "{model}"\nmax_new_tokens = {tokens}\n'
+    )
+    return path
+
+
+def _statuses(data_dir: Path) -> dict[str, int]:
+    with sqlite3.connect(data_dir / "imsight.db") as db:
+        return dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_queued_jobs_are_answered_once_after_a_restart(sig, tmp_path, data_dir, tiny_model, make_config, http):
+    process = DaemonProcess(_write_config(tmp_path, data_dir, tiny_model, tokens=300))
+    await process.start()
+    await post(http, process.url, {"conversation_id": "c1", "images": [{"data": b64(RED)}]})
+    jobs = []
+    for n in range(5):  # one conversation: answered one after another, so most wait in the queue
+        status, body = await post(http, process.url, {"conversation_id": "c1", "text": f"Question {n}?"})
+        assert status == 202
+        jobs.append(body["job_id"])
+    code = await process.signal(sig)
+
+    before = _statuses(data_dir)
+    if sig == signal.SIGTERM:
+        assert code == 0, "".join(process.log)
+        assert "running" not in before  # the answer in progress was allowed to finish
+    assert before.get("queued", 0) >= 1, before  # and the rest were left for the next start
+
+    async with Daemon(make_config()) as again:
+        for job in jobs:
+            for _ in range(600):
+                _, view = await get(http, again.url, f"/api/v1/jobs/{job}")
+                if view["status"] == "done":
+                    break
+                await asyncio.sleep(0.05)
+            assert view["status"] == "done", view
+        _, history = await get(http, again.url, "/api/v1/history/api/c1")
+    answers = [m["answers"] for m in history["messages"] if m["role"] == "bot"]
+    questions = [m["message_id"] for m in history["messages"] if m["role"] == "user" and m["text"]]
+    assert answers == questions  # every question answered exactly once, in the order asked
+    assert _statuses(data_dir) == {"done": 5}

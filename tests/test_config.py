@@ -1,0 +1,70 @@
+"""Configuration: the example loads, and each kind of mistake names its key in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import load, parse
+from core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_example_config_loads_and_shows_every_key():
+    config = load(ROOT / "config.example.toml", environ={})
+    assert config.engine.kind == "transformers"
+    assert config.adapters.webhook.enabled
+    text = (ROOT / "config.example.toml").read_text()
+    for section, model in config:
+        for key in type(model).model_fields:
+            if section == "adapters":
+                continue
+            assert f"\n{key} =" in text, f"[{section}] {key} is missing from config.example.toml"
+    for key in type(config.adapters.webhook).model_fields:
+        assert f"{key} =" in text, f"[adapters.webhook] {key} is missing from config.example.toml"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"server": {"prot": 1}}, "server.prot: unknown key"),
+    ({"servr": {}}, "servr: unknown key"),
+    ({"server": {"port": "eighty"}}, "server.port: Input should be a valid integer"),
+    ({"server": {"port": 70000}}, "server.port: Input should be less than or equal to 65535"),
+    ({"engine": {"device": "tpu"}}, "engine.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ({"adapters": {"webhook": {"allowed_image_hosts": "a.com"}}}, "adapters.webhook.allowed_image_hosts"),
+])
+def test_mistakes_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, environ={})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_secrets_come_from_the_environment_and_are_never_echoed():
+    config = parse({}, environ={"IMSIGHT_WEBHOOK_TOKEN": "s3cret", "IMSIGHT_WEBHOOK_SECRET": "whsec_AAAA"})
+    assert config.adapters.webhook.token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(config)
+    with pytest.raises(ConfigError) as caught:
+        parse({"adapters": {"webhook": {"token": 12345}}}, environ={})
+    assert "12345" not in str(caught.value)
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load(path, environ={})
+
+
+def test_imsight_run_stops_with_one_line_naming_the_key(tmp_path):
+    path = tmp_path / "imsight.toml"
+    path.write_text("[engine]\nmax_new_tokns = 5\n")
+    done = subprocess.run([sys.executable, "-m", "bot.cli", "run", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"imsight: config error: {path}: engine.max_new_tokns: unknown key"
+    ]

@@ -1,0 +1,141 @@
+"""The in-process transformers engine on the tiny real model: loading, generation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from core.engine import GenerationLimits, PreparedImage, Turn
+from core.errors import ModelUnavailable
+from core.model_files import resolve
+from core.transformers_engine import TransformersEngine, _messages
+
+LIMITS = GenerationLimits(max_new_tokens=12)
+
+
+def _image(color: tuple[int, int, int]) -> PreparedImage:
+    return PreparedImage(f"{color}", Image.new("RGB", (64, 48), color))
+
+
+@pytest.fixture
+async def engine(tiny_model):
+    engine = TransformersEngine(resolve("unused/hub-id", tiny_model, allow_download=False), device="cpu")
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+async def _answer(engine, images, turns, question, limits=LIMITS) -> str:
+    return "".join([c async for c in engine.answer(images, turns, question, limits)])
+
+
+async def test_the_answer_depends_on_the_pixels_and_is_deterministic(engine):
+    red = await _answer(engine, [_image((255, 0, 0))], [], "Colour?")
+    blue = await _answer(engine, [_image((0, 0, 255))], [], "Colour?")
+    again = await _answer(engine, [_image((255, 0, 0))], [], "Colour?")
+    assert red and blue
+    assert red != blue  # the image reached the model
+    assert red == again
+
+
+async def test_earlier_turns_change_the_answer(engine):
+    plain = await _answer(engine, [_image((255, 0, 0))], [], "Why?")
+    with_history = await _answer(engine, [_image((255, 0, 0))], [Turn("user", "What?"), Turn("assistant", "A")], "Why?")
+    assert plain != with_history
+
+
+def test_images_go_first_in_the_first_user_turn():
+    image = _image((1, 2, 3))
+    messages = _messages([image], [Turn("user", "q1"), Turn("assistant", "a1")], "q2")
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert [c["type"] for c in messages[0]["content"]] == ["image", "text"]
+    assert messages[2]["content"] == [{"type": "text", "text": "q2"}]
+
+
+async def test_an_abandoned_answer_stops_generating(engine):
+    stream = engine.answer([_image((9, 9, 9))], [], "Go on", GenerationLimits(max_new_tokens=100_000))
+    first = await anext(stream)
+    await stream.aclose()  # the consumer went away
+    # The owner thread is free again soon: another answer comes through.
+    assert first
+    assert await asyncio.wait_for(_answer(engine, [_image((9, 9, 9))], [], "Hi"), 30)
+
+
+def test_missing_model_directory_says_how_to_fix(tmp_path):
+    with pytest.raises(ModelUnavailable) as caught:
+        resolve("zai-org/GLM-4.6V-Flash", tmp_path / "nope", allow_download=False)
+    assert "is not a directory" in str(caught.value)
+    assert "imsight demo" in str(caught.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelUnavailable, match=r"no config\.json"):
+        resolve("x", tmp_path / "empty", allow_download=False)
+
+
+def test_hub_model_not_in_the_cache_is_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    # The environment is read at import: check in a fresh interpreter, as `imsight run` would see it.
+    code = (
+        "from core.model_files import resolve\n"
+        "from core.errors import ModelUnavailable\n"
+        "try:\n    resolve('zai-org/GLM-4.6V-Flash', None, allow_download=False)\n"
+        "except ModelUnavailable as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "not in the local Hugging Face cache" in out.stdout
+    assert "hf download zai-org/GLM-4.6V-Flash" in out.stdout
+
+
+def test_model_in_the_hub_cache_is_found_offline(tiny_model, tmp_path):
+    # Lay the tiny model out as the hub cache does (models--org--name/snapshots/<rev>/...).
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in tiny_model.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    code = (
+        "import asyncio\n"
+        "from core.model_files import resolve\n"
+        "from core.transformers_engine import TransformersEngine\n"
+        "source = resolve('acme/tiny', None, allow_download=False)\n"
+        "engine = TransformersEngine(source, device='cpu')\n"
+        "asyncio.run(engine.start())\n"
+        "print(source.local_files_only, type(engine._model).__name__)\n"
+    )
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.split() == ["True", "LlavaForConditionalGeneration"], out.stderr
+
+
+def test_imsight_ask_answers_from_the_command_line(tiny_model, tmp_path):
+    image = tmp_path / "shot.png"
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(image)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[engine]\nmodel_path = "{tiny_model}"\nmax_new_tokens = 6\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "ask", "--config", str(config), str(image), "-q", "What is it?"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_imsight_run_without_the_model_exits_with_the_fix(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[engine]\nmodel_path = "{tmp_path / "none"}"\n')
+    out = subprocess.run([sys.executable, "-m", "bot.cli", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "is not a directory" in out.stderr
+    assert "hf download" in out.stderr
+    assert not (tmp_path / "data").exists()  # nothing was created for a daemon that never started
+
+
+def test_tiny_model_is_labelled(tiny_model):
+    assert json.loads((tiny_model / "config.json").read_text())["imsight_test_model"] is True
+    assert "noise" in (tiny_model / "README.txt").read_text()

@@ -7,7 +7,7 @@ CONFIG ?= config.example.toml
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "imsight needs Python 3.11+")'
@@ -20,16 +20,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 run: $(VENV)/.installed
 	@# The example config points at the tiny test model; build it on first use.
-	@test -d data/tiny-model || $(BIN)/imsight tiny-model data/tiny-model
+	@if [ "$(CONFIG)" = config.example.toml ] && [ ! -d data/tiny-model ]; then \
+		$(BIN)/imsight tiny-model data/tiny-model; fi
 	$(BIN)/imsight run --config $(CONFIG)
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
-
-lint: $(VENV)/.installed
-	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/api_overhead.py

@@ -8,7 +8,7 @@ import binascii
 import json
 from typing import Annotated, Any
 
-from aiohttp import MultipartReader, StreamReader
+from aiohttp import BodyPartReader, MultipartReader, StreamReader
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from pydantic import (
@@ -114,7 +114,7 @@ async def _read_multipart(body: bytes, content_type_header: str) -> tuple[dict[s
     files: list[bytes] = []
     try:
         while (part := await reader.next()) is not None:
-            if not hasattr(part, "filename"):
+            if not isinstance(part, BodyPartReader):
                 raise BadInput("nested multipart is not supported", code="malformed_multipart")
             data = bytes(await part.read(decode=True))
             if part.filename is not None:

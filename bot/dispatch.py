@@ -72,10 +72,15 @@ class Dispatcher:
             if ref.data is None:
                 raise BadInput(f"image {ref.ref!r} was not downloaded", code="image_missing")
             blobs.append(ref.data)
-        # Decoding is CPU work: off the event loop, one image at a time to bound memory.
-        infos = [await asyncio.to_thread(inspect, data, self._image_limits) for data in blobs]
+        if not blobs:
+            return []
+        return await asyncio.to_thread(self._check_and_keep, blobs)
+
+    def _check_and_keep(self, blobs: list[bytes]) -> list[ImageInfo]:
+        """Decode every image (CPU work, so on a thread), then write them: all or, if one is bad, none."""
+        infos = [inspect(data, self._image_limits) for data in blobs]
         for info, data in zip(infos, blobs, strict=True):
-            await asyncio.to_thread(self._files.put, info.sha256, data)
+            self._files.put(info.sha256, data)
         return infos
 
     async def job(self, job_id: str) -> JobView:

@@ -124,18 +124,19 @@ class Store:
     async def find_accepted(self, incoming: Incoming) -> Accepted | None:
         """What was made of this event or message when it first came, if it came before."""
         rows = await self._rows(
-            "SELECT chat_id, message_id FROM inbox WHERE platform = ? AND "
-            "(event_id = ? OR (chat_id = ? AND message_id = ?))",
+            "SELECT m.message_id, (SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images "
+            "WHERE message = m.id ORDER BY position)) AS shas, "
+            "(SELECT id FROM jobs WHERE question = m.id ORDER BY seq LIMIT 1) AS job_id "
+            "FROM inbox i JOIN messages m ON m.platform = i.platform AND m.chat_id = i.chat_id "
+            "AND m.message_id = i.message_id "
+            "WHERE i.platform = ? AND (i.event_id = ? OR (i.chat_id = ? AND i.message_id = ?)) LIMIT 1",
             incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id,
         )
         if not rows:
             return None
-        message = await self.message(incoming.platform, rows[0]["chat_id"], rows[0]["message_id"])
-        if message is None:
-            return None
-        jobs = await self._rows("SELECT id FROM jobs WHERE question = ? ORDER BY seq", message.row)
-        job_id = jobs[0]["id"] if jobs else None
-        return Accepted(message.message_id, message.images, job_id, duplicate=True)
+        r = rows[0]
+        images = tuple(r["shas"].split(",")) if r["shas"] else ()
+        return Accepted(r["message_id"], images, r["job_id"], duplicate=True)
 
     async def record(self, incoming: Incoming, images: Sequence[ImageInfo], job: NewJob | None) -> Accepted:
         """Store an event, its images, its message and its job in one transaction."""
@@ -149,11 +150,12 @@ class Store:
                     (incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id, payload,
                      incoming.received_at, now),
                 )
-                await db.executemany(
-                    "INSERT OR IGNORE INTO images (sha256, mime, width, height, size, first_seen) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [(i.sha256, i.mime, i.width, i.height, i.size, now) for i in images],
-                )
+                if images:
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO images (sha256, mime, width, height, size, first_seen) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        [(i.sha256, i.mime, i.width, i.height, i.size, now) for i in images],
+                    )
                 row = await self._insert_message(
                     db, incoming.platform, incoming.chat_id, incoming.message_id, incoming.thread_id,
                     incoming.reply_to, incoming.sender_id, incoming.sender_name, "user", incoming.text,
@@ -168,10 +170,11 @@ class Store:
                         "VALUES (?, ?, ?, 'queued', ?, ?)",
                         (job_id, row, conversation, json.dumps(job.context), now),
                     )
-                    await db.executemany(
-                        "INSERT INTO job_images (job, position, sha256) VALUES (?, ?, ?)",
-                        [(job_id, n, sha) for n, sha in enumerate(job.images)],
-                    )
+                    if job.images:
+                        await db.executemany(
+                            "INSERT INTO job_images (job, position, sha256) VALUES (?, ?, ?)",
+                            [(job_id, n, sha) for n, sha in enumerate(job.images)],
+                        )
         except sqlite3.IntegrityError:
             # The same event or message raced in twice; the first one won.
             again = await self.find_accepted(incoming)
@@ -193,10 +196,11 @@ class Store:
         )
         row = cursor.lastrowid
         assert row is not None
-        await db.executemany(
-            "INSERT INTO message_images (message, position, sha256) VALUES (?, ?, ?)",
-            [(row, n, sha) for n, sha in enumerate(images)],
-        )
+        if images:
+            await db.executemany(
+                "INSERT INTO message_images (message, position, sha256) VALUES (?, ?, ?)",
+                [(row, n, sha) for n, sha in enumerate(images)],
+            )
         return row
 
     # ---- messages -----------------------------------------------------------------------
@@ -251,7 +255,8 @@ class Store:
         )
         entries = []
         for m in reversed(found):
-            answers, used = None, ()
+            answers: str | None = None
+            used: tuple[str, ...] = ()
             if m.job_id is not None:
                 job = await self.job_view(m.job_id)
                 if job is not None:

@@ -50,7 +50,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     try:  # transformers 5.x splits image processors into torchvision and PIL backends
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
+        from transformers import CLIPImageProcessor as ImageProcessor  # type: ignore[assignment]
 
     hf_logging.disable_progress_bar()
     # Byte-level BPE without merges: 256 byte tokens, so any text round-trips.
@@ -85,7 +85,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),  # type: ignore[call-arg]
         image_seq_length=(_IMAGE_SIZE // _PATCH) ** 2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from adapters.signing import StandardWebhookSigner
-from adapters.webhook_request import decode_base64_image, parse_body
+from adapters.webhook_request import decode_base64_image, off_loop, parse_body
 from core.errors import AdapterError, BadInput, TooLarge, Unauthorized
 from core.types import Host, ImageRef, Incoming, JobView, Reply
 
@@ -153,7 +153,8 @@ class WebhookAdapter:
         images = [ImageRef(ref="upload", data=data) for data in files]
         for image in message.images:
             if image.data is not None:
-                images.append(ImageRef(ref="inline", data=decode_base64_image(image.data, self._max_image)))
+                data = await off_loop(len(image.data), decode_base64_image, image.data, self._max_image)
+                images.append(ImageRef(ref="inline", data=data))
             else:
                 url = str(image.url)
                 images.append(ImageRef(ref=url, data=await self.download(ImageRef(ref=url))))

@@ -73,18 +73,14 @@ async def resolve(
     # 3. Images posted earlier in the same thread or topic.
     now = incoming.received_at
     if incoming.thread_id:
-        found = await store.latest_with_images(
-            incoming.platform, incoming.chat_id, before=now, thread_id=incoming.thread_id
-        )
+        found = await store.latest_with_images(incoming.platform, incoming.chat_id, thread_id=incoming.thread_id)
         if found is not None:
             return await with_history(THREAD, found.images, found)
 
     # 4. The latest image in the chat within the window: the asker's own first, then anyone's.
-    since = now - window_s
+    window = (now - window_s, now)
     for sender in ([incoming.sender_id, None] if incoming.sender_id else [None]):
-        found = await store.latest_with_images(
-            incoming.platform, incoming.chat_id, before=now, since=since, sender_id=sender
-        )
+        found = await store.latest_with_images(incoming.platform, incoming.chat_id, between=window, sender_id=sender)
         if found is not None:
             return await with_history(RECENT, found.images, found)
 

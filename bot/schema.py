@@ -32,6 +32,7 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (platform, chat_id, message_id)
     );
     CREATE INDEX messages_thread ON messages (platform, chat_id, thread_id, id);
+    CREATE INDEX messages_time ON messages (platform, chat_id, created_at);
     CREATE INDEX messages_job ON messages (job_id) WHERE job_id IS NOT NULL;
     CREATE TABLE message_images (
         message     INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
@@ -68,6 +69,7 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at REAL
     );
     CREATE INDEX jobs_open ON jobs (status, seq);
+    CREATE INDEX jobs_conversation ON jobs (conversation, seq);
     CREATE INDEX jobs_question ON jobs (question);
     CREATE TABLE job_images (
         job         TEXT NOT NULL REFERENCES jobs (id),

@@ -135,8 +135,7 @@ class Store:
         if not rows:
             return None
         r = rows[0]
-        images = tuple(r["shas"].split(",")) if r["shas"] else ()
-        return Accepted(r["message_id"], images, r["job_id"], duplicate=True)
+        return Accepted(r["message_id"], _split(r["shas"]), r["job_id"], duplicate=True)
 
     async def record(self, incoming: Incoming, images: Sequence[ImageInfo], job: NewJob | None) -> Accepted:
         """Store an event, its images, its message and its job in one transaction."""
@@ -164,11 +163,10 @@ class Store:
                 job_id = None
                 if job is not None:
                     job_id = uuid.uuid4().hex
-                    conversation = f"{incoming.platform}\x1f{incoming.chat_id}"
                     await db.execute(
                         "INSERT INTO jobs (id, question, conversation, status, context, created_at) "
                         "VALUES (?, ?, ?, 'queued', ?, ?)",
-                        (job_id, row, conversation, json.dumps(job.context), now),
+                        (job_id, row, _conversation(incoming.platform, incoming.chat_id), json.dumps(job.context), now),
                     )
                     if job.images:
                         await db.executemany(
@@ -218,19 +216,25 @@ class Store:
         return [by_row[r] for r in rows if r in by_row]
 
     async def latest_with_images(
-        self, platform: str, chat_id: str, *, before: float, since: float | None = None,
-        thread_id: str | None = None, sender_id: str | None = None,
+        self, platform: str, chat_id: str, *, thread_id: str | None = None,
+        between: tuple[float, float] | None = None, sender_id: str | None = None,
     ) -> StoredMessage | None:
-        """The newest user message with images in a chat, narrowed by thread, sender and time."""
-        where = ["m.platform = ?", "m.chat_id = ?", "m.role = 'user'", "m.created_at <= ?",
+        """The newest user message with images in a chat, in a thread or a time window."""
+        where = ["m.platform = ?", "m.chat_id = ?", "m.role = 'user'",
                  "EXISTS (SELECT 1 FROM message_images x WHERE x.message = m.id)"]
-        args: list[Any] = [platform, chat_id, before]
-        for clause, value in (("m.created_at >= ?", since), ("m.thread_id = ?", thread_id),
-                              ("m.sender_id = ?", sender_id)):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        found = await self._messages(" AND ".join(where) + " ORDER BY m.id DESC LIMIT 1", *args)
+        args: list[Any] = [platform, chat_id]
+        if thread_id is not None:
+            where.append("m.thread_id = ?")
+            args.append(thread_id)
+        if between is not None:
+            where.append("m.created_at BETWEEN ? AND ?")
+            args.extend(between)
+        if sender_id is not None:
+            where.append("m.sender_id = ?")
+            args.append(sender_id)
+        # Newest first along an index, so the scan stops at the first match (or the window's edge).
+        order = "m.created_at DESC, m.id DESC" if between is not None else "m.id DESC"
+        found = await self._messages(" AND ".join(where) + f" ORDER BY {order} LIMIT 1", *args)
         return found[0] if found else None
 
     async def _messages(self, where: str, *args: Any) -> list[StoredMessage]:
@@ -243,29 +247,31 @@ class Store:
             StoredMessage(
                 r["id"], r["platform"], r["chat_id"], r["message_id"], r["thread_id"], r["reply_to"],
                 r["sender_id"], r["sender_name"], r["role"], r["text"], r["created_at"],
-                tuple(r["shas"].split(",")) if r["shas"] else (), r["job_id"],
+                _split(r["shas"]), r["job_id"],
             )
             for r in rows
         ]
 
     async def history(self, platform: str, chat_id: str, limit: int) -> list[HistoryEntry]:
-        """The newest ``limit`` messages of a chat, oldest first."""
-        found = await self._messages(
-            "m.platform = ? AND m.chat_id = ? ORDER BY m.id DESC LIMIT ?", platform, chat_id, limit
+        """The newest ``limit`` messages of a chat, oldest first; answers with what they answer."""
+        rows = await self._rows(
+            "SELECT * FROM (SELECT m.*, q.message_id AS answers, "
+            "(SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images WHERE message = m.id "
+            "ORDER BY position)) AS shas, "
+            "(SELECT group_concat(sha256) FROM (SELECT sha256 FROM job_images WHERE job = m.job_id "
+            "ORDER BY position)) AS used "
+            "FROM messages m LEFT JOIN jobs j ON j.id = m.job_id LEFT JOIN messages q ON q.id = j.question "
+            "WHERE m.platform = ? AND m.chat_id = ? ORDER BY m.id DESC LIMIT ?) ORDER BY id",
+            platform, chat_id, limit,
         )
-        entries = []
-        for m in reversed(found):
-            answers: str | None = None
-            used: tuple[str, ...] = ()
-            if m.job_id is not None:
-                job = await self.job_view(m.job_id)
-                if job is not None:
-                    answers, used = job.question_id, job.images
-            entries.append(HistoryEntry(
-                m.message_id, "bot" if m.role == "bot" else "user", m.thread_id, m.reply_to, m.sender_id,
-                m.sender_name, m.text, m.images, m.created_at, answers, used,
-            ))
-        return entries
+        return [
+            HistoryEntry(
+                r["message_id"], "bot" if r["role"] == "bot" else "user", r["thread_id"], r["reply_to"],
+                r["sender_id"], r["sender_name"], r["text"], _split(r["shas"]), r["created_at"],
+                r["answers"], _split(r["used"]),
+            )
+            for r in rows
+        ]
 
     # ---- jobs ---------------------------------------------------------------------------
 
@@ -282,11 +288,10 @@ class Store:
         """The newest answered question in this chat (and thread) about exactly these images."""
         rows = await self._rows(
             "SELECT j.id FROM jobs j JOIN messages q ON q.id = j.question "
-            "WHERE q.platform = ? AND q.chat_id = ? AND j.status = 'done' "
-            "AND (? IS NULL OR q.thread_id = ?) "
+            "WHERE j.conversation = ? AND j.status = 'done' AND (? IS NULL OR q.thread_id = ?) "
             "AND (SELECT group_concat(sha256) FROM (SELECT sha256 FROM job_images WHERE job = j.id "
             "ORDER BY position)) = ? ORDER BY j.seq DESC LIMIT 1",
-            platform, chat_id, thread_id, thread_id, ",".join(images),
+            _conversation(platform, chat_id), thread_id, thread_id, ",".join(images),
         )
         return await self.job(rows[0]["id"]) if rows else None
 
@@ -389,3 +394,11 @@ def _incoming_json(incoming: Incoming, images: Sequence[ImageInfo]) -> dict[str,
         "text": incoming.text, "addressed": incoming.addressed, "meta": dict(incoming.meta),
         "images": [i.sha256 for i in images], "received_at": incoming.received_at,
     }
+
+
+def _conversation(platform: str, chat_id: str) -> str:
+    return f"{platform}\x1f{chat_id}"  # a separator no platform id contains
+
+
+def _split(shas: str | None) -> tuple[str, ...]:
+    return tuple(shas.split(",")) if shas else ()

@@ -58,3 +58,18 @@ def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -
         "webhook-signature": Webhook(secret).sign(msg_id, now, body.decode()),
         "Content-Type": "application/json",
     }
+
+
+async def eventually(check: Any, timeout_s: float = 30, step_s: float = 0.02) -> Any:
+    """Poll ``check()`` (sync or async) until it returns something truthy; fail after ``timeout_s``."""
+    import asyncio
+    import inspect
+
+    for _ in range(int(timeout_s / step_s)):
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        await asyncio.sleep(step_s)
+    raise AssertionError(f"not true within {timeout_s}s: {check}")

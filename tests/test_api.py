@@ -9,7 +9,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from core.images import sha256
-from helpers import b64, counts, get, png, post, signed_headers
+from helpers import b64, counts, eventually, get, png, post, signed_headers
 
 RED, BLUE = png((200, 30, 30)), png((30, 30, 200))
 
@@ -95,11 +95,12 @@ async def test_without_wait_the_answer_is_queued_then_readable_as_a_job(daemon, 
             "conversation_id": "c1", "text": "What?", "images": [{"data": b64(RED)}],
         })
         assert (status, queued["status"]) == (202, "queued")
-        for _ in range(200):
+
+        async def done():
             _, job = await get(http, d.url, f"/api/v1/jobs/{queued['job_id']}")
-            if job["status"] == "done":
-                break
-            await asyncio.sleep(0.05)
+            return job if job["status"] == "done" else None
+
+        job = await eventually(done)
         missing, error = await get(http, d.url, "/api/v1/jobs/nope")
     assert job["status"] == "done" and job["answer"] and job["images"] == [sha256(RED)] and job["error"] is None
     assert missing == 404 and error["error"]["code"] == "not_found"

@@ -14,7 +14,7 @@ import pytest
 
 from bot.daemon import Daemon
 from core.images import sha256
-from helpers import b64, get, png, post
+from helpers import b64, eventually, get, png, post
 
 RED = png((200, 30, 30))
 
@@ -103,14 +103,33 @@ async def test_queued_jobs_are_answered_once_after_a_restart(sig, tmp_path, data
 
     async with Daemon(make_config()) as again:
         for job in jobs:
-            for _ in range(600):
-                _, view = await get(http, again.url, f"/api/v1/jobs/{job}")
-                if view["status"] == "done":
-                    break
-                await asyncio.sleep(0.05)
-            assert view["status"] == "done", view
+            await _done(http, again.url, job)
         _, history = await get(http, again.url, "/api/v1/history/api/c1")
     answers = [m["answers"] for m in history["messages"] if m["role"] == "bot"]
     questions = [m["message_id"] for m in history["messages"] if m["role"] == "user" and m["text"]]
     assert answers == questions  # every question answered exactly once, in the order asked
     assert _statuses(data_dir) == {"done": 5}
+
+
+async def test_shutdown_answers_waiting_requests_202_and_keeps_their_jobs(make_config, http, data_dir):
+    config = make_config(engine={"max_new_tokens": 2000}, server={"shutdown_grace_seconds": 0})
+    daemon = Daemon(config)
+    await daemon.start()
+    waiting = asyncio.create_task(post(http, daemon.url, {
+        "conversation_id": "c1", "text": "Long answer?", "wait": True, "images": [{"data": b64(RED)}],
+    }))
+    await eventually(lambda: _statuses(data_dir).get("running"))
+    await daemon.stop()
+    status, body = await asyncio.wait_for(waiting, 10)
+    assert status == 202
+    assert _statuses(data_dir) == {"running": 1}  # cut off: it runs again after the next start
+    async with Daemon(make_config(engine={"max_new_tokens": 4})) as again:
+        await _done(http, again.url, body["job_id"])
+
+
+async def _done(http, url: str, job_id: str) -> dict:
+    async def check():
+        _, job = await get(http, url, f"/api/v1/jobs/{job_id}")
+        return job if job["status"] == "done" else None
+
+    return await eventually(check)

@@ -58,7 +58,7 @@ MIGRATIONS: tuple[str, ...] = (
         id          TEXT NOT NULL UNIQUE,
         question    INTEGER NOT NULL REFERENCES messages (id),
         conversation TEXT NOT NULL,            -- jobs of one conversation run one at a time, in order
-        status      TEXT NOT NULL CHECK (status IN ('queued', 'running', 'answered', 'done', 'failed')),
+        status      TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
         attempts    INTEGER NOT NULL DEFAULT 0,
         context     TEXT NOT NULL,             -- JSON: which rule chose the images, earlier turns
         answer      TEXT,

@@ -22,9 +22,6 @@ from core.types import Accepted, HistoryEntry, Incoming, JobView
 
 __all__ = ["JobRecord", "NewJob", "Store", "StoredMessage"]
 
-_TERMINAL = ("done", "failed")
-
-
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     row: int
@@ -337,17 +334,17 @@ class Store:
     async def claim_next(self) -> JobRecord | None:
         """Mark the oldest runnable job running and return it.
 
-        A job is runnable when no other job of its conversation is running or answered-but-undelivered,
-        which keeps each conversation's answers in the order its questions came.
+        A job is runnable when it is the oldest queued job of its conversation and none of that
+        conversation's jobs is running: each conversation's answers come in the order asked.
         """
         async with self._write() as db:
             cursor = await db.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ? "
-                "WHERE seq = (SELECT j.seq FROM jobs j WHERE j.status IN ('queued', 'answered') "
+                "WHERE seq = (SELECT j.seq FROM jobs j WHERE j.status = 'queued' "
                 "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.conversation = j.conversation "
                 "AND r.status = 'running') "
                 "AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.conversation = j.conversation "
-                "AND e.seq < j.seq AND e.status IN ('queued', 'answered')) "
+                "AND e.seq < j.seq AND e.status = 'queued') "
                 "ORDER BY j.seq LIMIT 1) RETURNING id",
                 (time.time(),),
             )

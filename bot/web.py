@@ -31,7 +31,11 @@ class WebServer:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self._shutdown_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ImsightError(f"cannot listen on {self._host}:{self._port}: {exc.strerror}") from None
         self.port = self._runner.addresses[0][1]  # the real one when port 0 was asked for
         log.info("listening on http://%s:%d", self._host, self.port)
 

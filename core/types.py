@@ -26,7 +26,7 @@ __all__ = [
 
 ChatKind = Literal["direct", "group"]
 Role = Literal["user", "bot"]
-JobStatus = Literal["queued", "running", "answered", "done", "failed"]
+JobStatus = Literal["queued", "running", "done", "failed"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Restarts: history and queued work survive the daemon, in-process and as a real process."""
+"""Lifecycle: restarts keep history and queued work; shutdown is graceful; start-up fails clearly."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bot.daemon import Daemon
+from core.errors import ImsightError
 from core.images import sha256
 from helpers import b64, eventually, get, png, post
 
@@ -133,3 +135,12 @@ async def _done(http, url: str, job_id: str) -> dict:
         return job if job["status"] == "done" else None
 
     return await eventually(check)
+
+
+async def test_a_port_in_use_is_a_clear_error(make_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ImsightError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await Daemon(make_config(server={"port": port})).start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 
@@ -63,9 +64,13 @@ def build_adapters(config: Config) -> list[Adapter]:
 class Daemon:
     """The whole bot; ``async with Daemon(config):`` runs it until the block ends."""
 
-    def __init__(self, config: Config, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, config: Config, *, engine: Engine | None = None, adapters: Sequence[Adapter] = ()
+    ) -> None:
+        """``engine`` replaces the configured one; ``adapters`` come in addition to the configured ones."""
         self.config = config
         self._engine = engine
+        self._extra_adapters = list(adapters)
         self._stack = AsyncExitStack()
         self.web: WebServer | None = None
 
@@ -85,7 +90,7 @@ class Daemon:
         cfg, stack = self.config, self._stack
         # Everything that can fail on configuration fails before the model is loaded or a port bound.
         engine = self._engine or build_engine(cfg)
-        adapters = build_adapters(cfg)
+        adapters = [*build_adapters(cfg), *self._extra_adapters]
         limits = image_limits(cfg)
 
         data_dir = cfg.storage.data_dir
@@ -105,7 +110,7 @@ class Daemon:
             delivery_attempts=cfg.adapters.webhook.callback_attempts,
         )
         dispatcher = Dispatcher(
-            store, files, workers, watch, image_limits=limits,
+            store, files, workers, watch, {a.name: a for a in adapters}, image_limits=limits,
             window_s=cfg.context.window_minutes * 60, history_turns=cfg.context.history_turns,
         )
         web = WebServer(cfg.server.host, cfg.server.port, max_body_bytes=int(cfg.server.max_body_mb * MB),
@@ -114,6 +119,8 @@ class Daemon:
             adapter.mount(web.app)
             await adapter.start(dispatcher)
             stack.push_async_callback(adapter.stop)  # after the workers: they deliver through it
+        await dispatcher.start()
+        stack.push_async_callback(dispatcher.stop)  # intakes download through the adapters
 
         await workers.start()
         stack.push_async_callback(workers.stop, cfg.server.shutdown_grace_seconds)

@@ -1,19 +1,20 @@
-"""The daemon's side of every adapter: accept messages, answer questions about jobs and history."""
+"""The daemon's side of every adapter: take messages in, answer questions about jobs and history."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 
 from bot.context import resolve
 from bot.files import ImageFiles
 from bot.store import Store
 from bot.watch import JobWatch
 from bot.workers import Workers
-from core.errors import BadInput, NotFound
+from core.errors import AdapterError, BadInput, ImsightError, NotFound
 from core.images import ImageInfo, ImageLimits, inspect
-from core.types import Accepted, HistoryEntry, Incoming, JobView
+from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView
 
 __all__ = ["Dispatcher"]
 
@@ -23,7 +24,14 @@ _TERMINAL = frozenset({"done", "failed"})
 
 
 class Dispatcher:
-    """Implements ``core.types.Host`` for the adapters."""
+    """Implements ``core.types.Host`` for the adapters.
+
+    Two ways in. Images that came inline (the generic API) are checked before anything is written,
+    then the message, its images and its job are written in one transaction: a refused message
+    leaves no trace. Images a platform only names are downloaded after the event is committed to
+    the inbox and acknowledged, since platforms re-deliver events that are not acknowledged within
+    seconds; an intake cut off by a stop resumes from the inbox at the next start.
+    """
 
     def __init__(
         self,
@@ -31,27 +39,108 @@ class Dispatcher:
         files: ImageFiles,
         workers: Workers,
         watch: JobWatch,
+        adapters: Mapping[str, Adapter],
         *,
         image_limits: ImageLimits,
         window_s: float,
         history_turns: int,
+        download_attempts: int = 3,
+        retry_base_s: float = 1.0,
     ) -> None:
         self._store, self._files, self._workers, self._watch = store, files, workers, watch
+        self._adapters = adapters
         self._image_limits = image_limits
         self._window_s, self._history_turns = window_s, history_turns
+        self._download_attempts, self._retry_base_s = download_attempts, retry_base_s
+        self._intakes: set[asyncio.Task[None]] = set()
+        self._chat_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._deferred: dict[tuple[str, str], int] = {}  # intakes in flight per chat
+
+    async def start(self) -> None:
+        """Resume the intake of events acknowledged before the last stop."""
+        pending = await self._store.pending()
+        if pending:
+            log.info("resuming the intake of %d event(s) received before the last stop", len(pending))
+        for inbox_id, incoming in pending:
+            self._intake_later(inbox_id, incoming)
+
+    async def stop(self) -> None:
+        """Cut off intakes in flight; their events stay in the inbox for the next start."""
+        for task in self._intakes:
+            task.cancel()
+        await asyncio.gather(*self._intakes, return_exceptions=True)
 
     async def accept(self, incoming: Incoming) -> Accepted:
-        """Validate and store a message with its images; queue a job when it asks the bot something.
-
-        Everything is checked before anything is written, and then written in one transaction:
-        a refused message leaves no trace, an accepted one is complete.
-        """
+        """Take a message in; queue a job when it asks the bot something."""
         seen = await self._store.find_accepted(incoming)
         if seen is not None:
             log.info("duplicate %s event %s (chat %s message %s) ignored", incoming.platform,
                      incoming.event_id, incoming.chat_id, incoming.message_id)
             return seen
-        images = await self._store_images(incoming)
+        key = (incoming.platform, incoming.chat_id)
+        inline = [image.data for image in incoming.images if image.data is not None]
+        # Defer what must be downloaded, and what must wait its turn behind a download in its chat:
+        # the platform gets its acknowledgement now either way.
+        if len(inline) < len(incoming.images) or (self._deferred.get(key) and not inline):
+            inbox_id = await self._store.record_pending(incoming)
+            if inbox_id is None:  # the same event raced in twice
+                return await self._store.find_accepted(incoming) or Accepted(
+                    incoming.message_id, (), None, duplicate=True, pending=True)
+            self._intake_later(inbox_id, incoming)
+            return Accepted(incoming.message_id, (), None, pending=True)
+        async with self._chat(incoming):
+            images = await asyncio.to_thread(self._check_and_keep, inline) if inline else []
+            return await self._take_in(incoming, images)
+
+    def _intake_later(self, inbox_id: int, incoming: Incoming) -> None:
+        key = (incoming.platform, incoming.chat_id)
+        self._deferred[key] = self._deferred.get(key, 0) + 1
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._intakes.discard(task)
+            if self._deferred[key] == 1:
+                del self._deferred[key]
+            else:
+                self._deferred[key] -= 1
+
+        task = asyncio.create_task(self._intake(inbox_id, incoming), name=f"imsight-intake-{inbox_id}")
+        self._intakes.add(task)
+        task.add_done_callback(done)
+
+    async def _intake(self, inbox_id: int, incoming: Incoming) -> None:
+        # The chat's lock is asked for first thing, so a chat's messages are taken in in the order
+        # they came, even when a later one has no image to wait for.
+        async with self._chat(incoming):
+            images = []
+            for ref in incoming.images:
+                try:
+                    data = ref.data if ref.data is not None else await self._download(incoming.platform, ref)
+                    images.extend(await asyncio.to_thread(self._check_and_keep, [data]))
+                except (AdapterError, BadInput) as exc:
+                    # The message still counts (its text, its question); the image is left out.
+                    log.warning("%s chat %s message %s: image %r left out: %s", incoming.platform,
+                                incoming.chat_id, incoming.message_id, ref.ref, exc)
+            try:
+                await self._take_in(incoming, images, inbox_id=inbox_id)
+            except ImsightError as exc:
+                log.error("%s chat %s message %s: intake failed, retried at the next start: %s",
+                          incoming.platform, incoming.chat_id, incoming.message_id, exc)
+
+    async def _download(self, platform: str, ref: ImageRef) -> bytes:
+        adapter = self._adapters.get(platform)
+        if adapter is None:
+            raise AdapterError(platform, "adapter is not enabled", retryable=False)
+        for attempt in range(self._download_attempts):
+            try:
+                return await adapter.download(ref)
+            except AdapterError as exc:
+                if not exc.retryable or attempt + 1 == self._download_attempts:
+                    raise
+                await asyncio.sleep(self._retry_base_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None
+                       ) -> Accepted:
         job = None
         if incoming.addressed:
             resolution = await resolve(
@@ -59,22 +148,12 @@ class Dispatcher:
                 window_s=self._window_s, max_turns=self._history_turns,
             )
             job = resolution.as_job()
-        accepted = await self._store.record(incoming, images, job)
+        accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
         log.info("%s chat %s message %s stored (%d image(s))%s", incoming.platform, incoming.chat_id,
                  incoming.message_id, len(images), f", job {accepted.job_id}" if accepted.job_id else "")
         if accepted.job_id and not accepted.duplicate:
             self._workers.wake()
         return accepted
-
-    async def _store_images(self, incoming: Incoming) -> list[ImageInfo]:
-        blobs = []
-        for ref in incoming.images:
-            if ref.data is None:
-                raise BadInput(f"image {ref.ref!r} was not downloaded", code="image_missing")
-            blobs.append(ref.data)
-        if not blobs:
-            return []
-        return await asyncio.to_thread(self._check_and_keep, blobs)
 
     def _check_and_keep(self, blobs: list[bytes]) -> list[ImageInfo]:
         """Decode every image (CPU work, so on a thread), then write them: all or, if one is bad, none."""
@@ -82,6 +161,22 @@ class Dispatcher:
         for info, data in zip(infos, blobs, strict=True):
             self._files.put(info.sha256, data)
         return infos
+
+    @asynccontextmanager
+    async def _chat(self, incoming: Incoming) -> AsyncIterator[None]:
+        """One intake at a time per chat, first come first served; the lock goes when unused."""
+        key = (incoming.platform, incoming.chat_id)
+        lock, users = self._chat_locks.get(key, (asyncio.Lock(), 0))
+        self._chat_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._chat_locks[key]
+            if users == 1:
+                del self._chat_locks[key]
+            else:
+                self._chat_locks[key] = (lock, users - 1)
 
     async def job(self, job_id: str) -> JobView:
         view = await self._store.job_view(job_id)

@@ -18,7 +18,7 @@ import aiosqlite
 from bot.schema import MIGRATIONS
 from core.errors import StoreUnavailable
 from core.images import ImageInfo
-from core.types import Accepted, HistoryEntry, Incoming, JobView
+from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
 __all__ = ["JobRecord", "NewJob", "Store", "StoredMessage"]
 
@@ -121,10 +121,10 @@ class Store:
     async def find_accepted(self, incoming: Incoming) -> Accepted | None:
         """What was made of this event or message when it first came, if it came before."""
         rows = await self._rows(
-            "SELECT m.message_id, (SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images "
-            "WHERE message = m.id ORDER BY position)) AS shas, "
+            "SELECT i.message_id, i.processed_at, (SELECT group_concat(sha256) FROM (SELECT sha256 "
+            "FROM message_images WHERE message = m.id ORDER BY position)) AS shas, "
             "(SELECT id FROM jobs WHERE question = m.id ORDER BY seq LIMIT 1) AS job_id "
-            "FROM inbox i JOIN messages m ON m.platform = i.platform AND m.chat_id = i.chat_id "
+            "FROM inbox i LEFT JOIN messages m ON m.platform = i.platform AND m.chat_id = i.chat_id "
             "AND m.message_id = i.message_id "
             "WHERE i.platform = ? AND (i.event_id = ? OR (i.chat_id = ? AND i.message_id = ?)) LIMIT 1",
             incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id,
@@ -132,20 +132,49 @@ class Store:
         if not rows:
             return None
         r = rows[0]
-        return Accepted(r["message_id"], _split(r["shas"]), r["job_id"], duplicate=True)
+        pending = r["processed_at"] is None
+        return Accepted(r["message_id"], _split(r["shas"]), r["job_id"], duplicate=True, pending=pending)
 
-    async def record(self, incoming: Incoming, images: Sequence[ImageInfo], job: NewJob | None) -> Accepted:
-        """Store an event, its images, its message and its job in one transaction."""
-        now = time.time()
-        payload = json.dumps(_incoming_json(incoming, images), ensure_ascii=False)
+    async def record_pending(self, incoming: Incoming) -> int | None:
+        """Commit an event whose images are still to be downloaded; None if it came before."""
+        payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
         try:
             async with self._write() as db:
-                await db.execute(
-                    "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at, "
-                    "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                cursor = await db.execute(
+                    "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     (incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id, payload,
-                     incoming.received_at, now),
+                     incoming.received_at),
                 )
+                return cursor.lastrowid
+        except sqlite3.IntegrityError:
+            return None
+
+    async def pending(self) -> list[tuple[int, Incoming]]:
+        """Events acknowledged but not taken in yet (the daemon stopped mid-download)."""
+        rows = await self._rows("SELECT id, payload FROM inbox WHERE processed_at IS NULL ORDER BY id")
+        return [(r["id"], _incoming_from_json(json.loads(r["payload"]))) for r in rows]
+
+    async def record(
+        self, incoming: Incoming, images: Sequence[ImageInfo], job: NewJob | None, *, inbox_id: int | None = None
+    ) -> Accepted:
+        """Store an event, its images, its message and its job in one transaction.
+
+        ``inbox_id`` names the event's row when it was committed earlier by ``record_pending``.
+        """
+        now = time.time()
+        payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
+        try:
+            async with self._write() as db:
+                if inbox_id is None:
+                    await db.execute(
+                        "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at, "
+                        "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id, payload,
+                         incoming.received_at, now),
+                    )
+                else:
+                    await db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, inbox_id))
                 if images:
                     await db.executemany(
                         "INSERT OR IGNORE INTO images (sha256, mime, width, height, size, first_seen) "
@@ -383,19 +412,25 @@ class Store:
             )
 
 
-def _incoming_json(incoming: Incoming, images: Sequence[ImageInfo]) -> dict[str, Any]:
+def _incoming_json(incoming: Incoming) -> dict[str, Any]:
+    """The event as the inbox keeps it: everything but image bytes, which are in files or still remote."""
     return {
         "platform": incoming.platform, "chat_id": incoming.chat_id, "message_id": incoming.message_id,
         "event_id": incoming.event_id, "chat_kind": incoming.chat_kind, "thread_id": incoming.thread_id,
         "reply_to": incoming.reply_to, "sender_id": incoming.sender_id, "sender_name": incoming.sender_name,
         "text": incoming.text, "addressed": incoming.addressed, "meta": dict(incoming.meta),
-        "images": [i.sha256 for i in images], "received_at": incoming.received_at,
+        "image_refs": [image.ref for image in incoming.images], "received_at": incoming.received_at,
     }
 
 
-def _conversation(platform: str, chat_id: str) -> str:
-    return f"{platform}\x1f{chat_id}"  # a separator no platform id contains
+def _incoming_from_json(raw: dict[str, Any]) -> Incoming:
+    refs = tuple(ImageRef(ref=ref) for ref in raw.pop("image_refs"))
+    return Incoming(**raw, images=refs)
 
 
 def _split(shas: str | None) -> tuple[str, ...]:
     return tuple(shas.split(",")) if shas else ()
+
+
+def _conversation(platform: str, chat_id: str) -> str:
+    return f"{platform}\x1f{chat_id}"  # a separator no platform id contains

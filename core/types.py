@@ -66,6 +66,7 @@ class Accepted:
     images: tuple[str, ...]  # SHA-256 of each image of the message, in order
     job_id: str | None  # set when the message asked the bot something
     duplicate: bool = False  # seen before: nothing new was stored
+    pending: bool = False  # committed; images still downloading, the message and job come after
 
 
 @dataclass(frozen=True, slots=True)

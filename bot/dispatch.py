@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from bot.context import resolve
 from bot.files import ImageFiles
+from bot.retry import with_retries
 from bot.store import Store
 from bot.watch import JobWatch
 from bot.workers import Workers
@@ -130,14 +131,8 @@ class Dispatcher:
         adapter = self._adapters.get(platform)
         if adapter is None:
             raise AdapterError(platform, "adapter is not enabled", retryable=False)
-        for attempt in range(self._download_attempts):
-            try:
-                return await adapter.download(ref)
-            except AdapterError as exc:
-                if not exc.retryable or attempt + 1 == self._download_attempts:
-                    raise
-                await asyncio.sleep(self._retry_base_s * 2**attempt)
-        raise AssertionError("unreachable")
+        return await with_retries(lambda: adapter.download(ref), attempts=self._download_attempts,
+                                  base_s=self._retry_base_s, what=f"{platform} download of {ref.ref!r}")
 
     async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None
                        ) -> Accepted:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping
 
 from bot.files import ImageFiles
+from bot.retry import with_retries
 from bot.store import JobRecord, Store
 from bot.watch import JobWatch
 from core.engine import Engine, GenerationLimits, PreparedImage, Turn
@@ -153,16 +154,8 @@ class Workers:
         adapter = self._adapters.get(reply.platform)
         if adapter is None:
             raise AdapterError(reply.platform, "adapter is not enabled", retryable=False)
-        for attempt in range(self._delivery_attempts):
-            try:
-                return await adapter.send(reply)
-            except AdapterError as exc:
-                if not exc.retryable or attempt + 1 == self._delivery_attempts:
-                    raise
-                delay = self._retry_base_s * 2**attempt
-                log.info("job %s: send failed (%s); retrying in %.1fs", reply.job_id, exc, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        return await with_retries(lambda: adapter.send(reply), attempts=self._delivery_attempts,
+                                  base_s=self._retry_base_s, what=f"job {reply.job_id}: send")
 
 
 def _with_about(answer: str, context: Mapping[str, object]) -> str:

@@ -139,3 +139,32 @@ async def test_answer_is_posted_signed_to_the_callback_url(daemon, http, aiohttp
     payload = signer.verify(got_body, got_headers)  # the reference implementation accepts our signature
     assert payload["job_id"] == job_id and payload["status"] == "done" and payload["answer"]
     assert got_headers["webhook-id"] == payload["message_id"]
+
+
+async def test_callback_failures_are_retried_only_when_they_may_heal(daemon, http, aiohttp_server):
+    answers = {"/flaky": [503, 204], "/gone": [404, 204]}
+    calls: dict[str, int] = {"/flaky": 0, "/gone": 0}
+
+    async def callback(request: web.Request) -> web.Response:
+        calls[request.path] += 1
+        return web.Response(status=answers[request.path][calls[request.path] - 1])
+
+    app = web.Application()
+    app.router.add_post("/{name}", callback)
+    server = await aiohttp_server(app)
+    async with daemon() as d:
+        jobs = {}
+        for path in answers:
+            _, body = await post(http, d.url, {
+                "conversation_id": path, "text": "Q?", "callback_url": str(server.make_url(path)),
+            })
+            jobs[path] = body["job_id"]
+
+        async def ended(job_id):
+            _, job = await get(http, d.url, f"/api/v1/jobs/{job_id}")
+            return job if job["status"] in ("done", "failed") else None
+
+        flaky, gone = await eventually(lambda: ended(jobs["/flaky"])), await eventually(lambda: ended(jobs["/gone"]))
+    assert (flaky["status"], calls["/flaky"]) == ("done", 2)
+    assert (gone["status"], calls["/gone"]) == ("failed", 1)
+    assert "not delivered" in gone["error"]

@@ -110,10 +110,11 @@ class Workers:
         q = job.question
         error = None
         try:
-            text = job.answer if job.answer is not None else await self._ask(job)
-            if job.answer is None:
-                await self._store.save_answer(job.id, text)
-            text = _with_about(text, job.context)
+            answer = job.answer
+            if answer is None:
+                answer = await self._ask(job)
+                await self._store.save_answer(job.id, answer)
+            text = _with_about(answer, job.context)
         except ImsightError as exc:
             log.warning("job %s (%s chat %s message %s) failed: %s", job.id, q.platform, q.chat_id,
                         q.message_id, exc)

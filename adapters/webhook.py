@@ -22,7 +22,7 @@ from aiohttp import web
 
 from adapters.signing import StandardWebhookSigner
 from adapters.webhook_request import decode_base64_image, off_loop, parse_body
-from core.errors import AdapterError, BadInput, TooLarge, Unauthorized
+from core.errors import AdapterError, BadInput, NotFound, TooLarge, Unauthorized
 from core.types import Host, ImageRef, Incoming, JobView, Reply
 
 __all__ = ["WebhookAdapter"]
@@ -200,6 +200,8 @@ class WebhookAdapter:
             raise BadInput("limit must be between 1 and 1000", code="invalid_field")
         platform, chat_id = request.match_info["platform"], request.match_info["chat_id"]
         entries = await host.history(platform, chat_id, limit)
+        if not entries:
+            raise NotFound(f"no stored messages for {platform} chat {chat_id!r}")
         return _json(200, {"platform": platform, "chat_id": chat_id,
                            "messages": [_history_json(asdict(e)) for e in entries]})
 

@@ -103,9 +103,17 @@ async def test_get_routes_need_credentials_too(daemon, http):
     async with daemon(adapters={"webhook": {"token": TOKEN}}) as d:
         async with http.get(f"{d.url}/api/v1/history/api/c1") as resp:
             assert resp.status == 401
-        async with http.get(f"{d.url}/api/v1/history/api/c1", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.get(f"{d.url}/api/v1/history/api/c1", headers=auth) as resp:
+            assert resp.status == 404  # no such chat
+            assert (await resp.json())["error"]["code"] == "not_found"
+        await post(http, d.url, {"conversation_id": "c1", "images": [{"data": b64(png())}]}, headers=auth)
+        async with http.get(f"{d.url}/api/v1/history/api/c1", headers=auth) as resp:
             assert resp.status == 200
-            assert (await resp.json())["messages"] == []
+            assert len((await resp.json())["messages"]) == 1
+        for bad in ("0", "1001", "many"):
+            async with http.get(f"{d.url}/api/v1/history/api/c1?limit={bad}", headers=auth) as resp:
+                assert resp.status == 400
         async with http.get(f"{d.url}/healthz") as resp:
             assert (resp.status, await resp.json()) == (200, {"status": "ok"})
 

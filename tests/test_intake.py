@@ -94,8 +94,13 @@ async def test_a_lost_or_broken_image_leaves_the_question_answered_without_it(pl
     adapter = FakeChatAdapter(platform.url)
     async with Daemon(make_config(), adapters=[adapter]):
         await adapter.deliver(event("expired", "broken", text="What is this?"))
-        await eventually(lambda: platform.sent)
-        history = await adapter.host.history("fake", "group-1", 10)
+
+        async def answered():
+            # The answer is recorded once the platform has accepted it, a moment after it arrived there.
+            history = await adapter.host.history("fake", "group-1", 10)
+            return history if len(history) == 2 else None
+
+        history = await eventually(answered)
     assert platform.sent[0]["images"] == []
     assert not platform.sent[0]["failed"]
     assert [m.text for m in history] == ["What is this?", platform.sent[0]["text"]]

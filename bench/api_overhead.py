@@ -112,8 +112,8 @@ async def _load(url: str, bodies: list[dict[str, object]], concurrency: int) -> 
     return len(bodies) / elapsed, latencies
 
 
-def _ms(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if q < 100 else max(values) * 1000
+def _ms(values: list[float], percentile: int) -> float:
+    return statistics.quantiles(values, n=100)[percentile - 1] * 1000
 
 
 async def _run(requests: int, concurrency: int, daemon_url: str, bare_url: str) -> None:

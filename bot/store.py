@@ -22,6 +22,12 @@ from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
 __all__ = ["JobRecord", "NewJob", "Store", "StoredMessage"]
 
+# The SHA-256 digests of a message's (or a job's) images, in order, as one comma-separated column.
+_MESSAGE_SHAS = ("(SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images "
+                 "WHERE message = m.id ORDER BY position))")
+_JOB_SHAS = "(SELECT group_concat(sha256) FROM (SELECT sha256 FROM job_images WHERE job = {} ORDER BY position))"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     row: int
@@ -37,6 +43,7 @@ class StoredMessage:
     created_at: float
     images: tuple[str, ...]
     job_id: str | None  # bot messages: the job they answer
+    meta: dict[str, str]  # the adapter's own facts about the message (``Incoming.meta``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +62,6 @@ class JobRecord:
     status: str
     attempts: int
     question: StoredMessage
-    meta: dict[str, str]
     images: tuple[str, ...]
     context: dict[str, Any]
     answer: str | None
@@ -107,7 +113,8 @@ class Store:
                 yield self._conn
                 await self._conn.execute("COMMIT")
             except BaseException as exc:
-                await self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
+                    await self._conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O error, locked
                     raise StoreUnavailable(f"history store refused a write: {exc}") from exc
                 raise
@@ -121,8 +128,7 @@ class Store:
     async def find_accepted(self, incoming: Incoming) -> Accepted | None:
         """What was made of this event or message when it first came, if it came before."""
         rows = await self._rows(
-            "SELECT i.message_id, i.processed_at, (SELECT group_concat(sha256) FROM (SELECT sha256 "
-            "FROM message_images WHERE message = m.id ORDER BY position)) AS shas, "
+            f"SELECT i.message_id, i.processed_at, {_MESSAGE_SHAS} AS shas, "
             "(SELECT id FROM jobs WHERE question = m.id ORDER BY seq LIMIT 1) AS job_id "
             "FROM inbox i LEFT JOIN messages m ON m.platform = i.platform AND m.chat_id = i.chat_id "
             "AND m.message_id = i.message_id "
@@ -163,10 +169,10 @@ class Store:
         ``inbox_id`` names the event's row when it was committed earlier by ``record_pending``.
         """
         now = time.time()
-        payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
         try:
             async with self._write() as db:
                 if inbox_id is None:
+                    payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
                     await db.execute(
                         "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at, "
                         "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -265,15 +271,14 @@ class Store:
 
     async def _messages(self, where: str, *args: Any) -> list[StoredMessage]:
         rows = await self._rows(
-            "SELECT m.*, (SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images "
-            "WHERE message = m.id ORDER BY position)) AS shas FROM messages m WHERE " + where,
+            f"SELECT m.*, {_MESSAGE_SHAS} AS shas FROM messages m WHERE " + where,
             *args,
         )
         return [
             StoredMessage(
                 r["id"], r["platform"], r["chat_id"], r["message_id"], r["thread_id"], r["reply_to"],
                 r["sender_id"], r["sender_name"], r["role"], r["text"], r["created_at"],
-                _split(r["shas"]), r["job_id"],
+                _split(r["shas"]), r["job_id"], json.loads(r["meta"]),
             )
             for r in rows
         ]
@@ -281,11 +286,8 @@ class Store:
     async def history(self, platform: str, chat_id: str, limit: int) -> list[HistoryEntry]:
         """The newest ``limit`` messages of a chat, oldest first; answers with what they answer."""
         rows = await self._rows(
-            "SELECT * FROM (SELECT m.*, q.message_id AS answers, "
-            "(SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images WHERE message = m.id "
-            "ORDER BY position)) AS shas, "
-            "(SELECT group_concat(sha256) FROM (SELECT sha256 FROM job_images WHERE job = m.job_id "
-            "ORDER BY position)) AS used "
+            f"SELECT * FROM (SELECT m.*, q.message_id AS answers, {_MESSAGE_SHAS} AS shas, "
+            f"{_JOB_SHAS.format('m.job_id')} AS used "
             "FROM messages m LEFT JOIN jobs j ON j.id = m.job_id LEFT JOIN messages q ON q.id = j.question "
             "WHERE m.platform = ? AND m.chat_id = ? ORDER BY m.id DESC LIMIT ?) ORDER BY id",
             platform, chat_id, limit,
@@ -315,8 +317,7 @@ class Store:
         rows = await self._rows(
             "SELECT j.id FROM jobs j JOIN messages q ON q.id = j.question "
             "WHERE j.conversation = ? AND j.status = 'done' AND (? IS NULL OR q.thread_id = ?) "
-            "AND (SELECT group_concat(sha256) FROM (SELECT sha256 FROM job_images WHERE job = j.id "
-            "ORDER BY position)) = ? ORDER BY j.seq DESC LIMIT 1",
+            f"AND {_JOB_SHAS.format('j.id')} = ? ORDER BY j.seq DESC LIMIT 1",
             _conversation(platform, chat_id), thread_id, thread_id, ",".join(images),
         )
         return await self.job(rows[0]["id"]) if rows else None
@@ -326,32 +327,26 @@ class Store:
         return rows[0]["id"] if rows else None
 
     async def job(self, job_id: str) -> JobRecord | None:
-        rows = await self._rows("SELECT * FROM jobs WHERE id = ?", job_id)
+        rows = await self._rows(f"SELECT *, {_JOB_SHAS.format('id')} AS shas FROM jobs WHERE id = ?", job_id)
         if not rows:
             return None
         j = rows[0]
-        question = (await self.messages_by_row([j["question"]]))[0]
-        meta_rows = await self._rows("SELECT meta FROM messages WHERE id = ?", j["question"])
+        (question,) = await self.messages_by_row([j["question"]])
         return JobRecord(
-            j["id"], j["status"], j["attempts"], question, json.loads(meta_rows[0]["meta"]),
-            await self._job_images(job_id), json.loads(j["context"]), j["answer"],
+            j["id"], j["status"], j["attempts"], question, _split(j["shas"]), json.loads(j["context"]), j["answer"]
         )
-
-    async def _job_images(self, job_id: str) -> tuple[str, ...]:
-        rows = await self._rows("SELECT sha256 FROM job_images WHERE job = ? ORDER BY position", job_id)
-        return tuple(r["sha256"] for r in rows)
 
     async def job_view(self, job_id: str) -> JobView | None:
         rows = await self._rows(
-            "SELECT j.*, q.platform, q.chat_id, q.message_id AS question_id FROM jobs j "
-            "JOIN messages q ON q.id = j.question WHERE j.id = ?", job_id,
+            f"SELECT j.*, {_JOB_SHAS.format('j.id')} AS shas, q.platform, q.chat_id, q.message_id AS question_id "
+            "FROM jobs j JOIN messages q ON q.id = j.question WHERE j.id = ?", job_id,
         )
         if not rows:
             return None
         j = rows[0]
         return JobView(
             j["id"], j["status"], j["platform"], j["chat_id"], j["question_id"], j["answer"],
-            j["answer_message_id"], await self._job_images(job_id), j["error"],
+            j["answer_message_id"], _split(j["shas"]), j["error"],
         )
 
     async def requeue_running(self) -> int:
@@ -401,7 +396,6 @@ class Store:
                 ("failed" if error else "done", None if error else text, error, answer_message_id,
                  time.time(), job.id),
             )
-
 
     async def fail_undelivered(self, job_id: str, error: str) -> None:
         """Close a job whose reply could not be delivered at all."""

@@ -121,7 +121,7 @@ class Workers:
             error = str(exc)
             text = "Sorry, I could not answer that. The model failed; please try again later."
         reply = Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text, job.images,
-                      failed=error is not None, meta=job.meta)
+                      failed=error is not None, meta=job.question.meta)
         try:
             sent_id = await self._deliver(reply)
         except AdapterError as exc:

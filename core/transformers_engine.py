@@ -136,9 +136,9 @@ class TransformersEngine:
                     stopping_criteria=StoppingCriteriaList([_Stop()]),
                 )
         except Exception as exc:
-            emit(_DONE)
             raise EngineError(f"generation failed: {exc}") from exc
-        emit(_DONE)
+        finally:
+            emit(_DONE)  # the consumer stops waiting, then learns of any error from the future
 
 
 def _messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> list[dict[str, Any]]:

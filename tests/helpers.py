@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import inspect
 import io
 import sqlite3
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from PIL import Image
+from standardwebhooks.webhooks import Webhook
 
 
 def png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48)) -> bytes:
@@ -47,10 +51,6 @@ async def get(http: aiohttp.ClientSession, url: str, path: str, **kwargs: Any) -
 
 def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -> dict[str, str]:
     """Standard Webhooks headers made by the reference implementation, not by our code."""
-    from datetime import UTC, datetime
-
-    from standardwebhooks.webhooks import Webhook
-
     now = datetime.fromtimestamp(int(time.time() - age_s), tz=UTC)
     return {
         "webhook-id": msg_id,
@@ -62,9 +62,6 @@ def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -
 
 async def eventually(check: Any, timeout_s: float = 30, step_s: float = 0.02) -> Any:
     """Poll ``check()`` (sync or async) until it returns something truthy; fail after ``timeout_s``."""
-    import asyncio
-    import inspect
-
     for _ in range(int(timeout_s / step_s)):
         result = check()
         if inspect.isawaitable(result):

@@ -168,3 +168,18 @@ async def test_callback_failures_are_retried_only_when_they_may_heal(daemon, htt
     assert (flaky["status"], calls["/flaky"]) == ("done", 2)
     assert (gone["status"], calls["/gone"]) == ("failed", 1)
     assert "not delivered" in gone["error"]
+
+
+async def test_logs_carry_ids_but_no_secrets_and_no_message_text(daemon, http, caplog):
+    token, secret = "tok-9f2c1e", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    caplog.set_level("DEBUG", logger="bot")
+    caplog.set_level("DEBUG", logger="adapters")
+    async with daemon(adapters={"webhook": {"token": token, "secret": secret}}) as d:
+        _, answer = await post(http, d.url, {
+            "conversation_id": "c-logs", "text": "confidential quarterly numbers?", "wait": True,
+            "images": [{"data": b64(RED)}],
+        }, headers={"Authorization": f"Bearer {token}"})
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert answer["job_id"] in logged and "c-logs" in logged
+    for private in (token, secret, "confidential", answer["answer"]):
+        assert private not in logged

@@ -38,14 +38,26 @@ class ImagesConfig(_Section):
 
 
 class EngineConfig(_Section):
-    kind: Literal["transformers"] = "transformers"
-    model: str = "zai-org/GLM-4.6V-Flash"  # a hub id, looked up in the local Hugging Face cache
+    kind: Literal["transformers", "openai"] = "transformers"
+    # transformers: a hub id, looked up in the local Hugging Face cache; openai: the served model's name.
+    model: str = "zai-org/GLM-4.6V-Flash"
     model_path: Path | None = None  # a local directory; wins over `model`
+    cache_dir: Path | None = None  # the Hugging Face cache; default $HF_HUB_CACHE or ~/.cache/huggingface/hub
     allow_download: bool = False  # fetch `model` from the hub when it is not cached
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["auto", "nf4", "int8", "none"] = "auto"
     max_new_tokens: int = Field(512, ge=1)
-    workers: int = Field(1, ge=1, le=64)  # jobs answered at once
+    workers: int = Field(8, ge=1, le=64)  # jobs answered at once (one per chat at a time)
+    max_batch: int = Field(8, ge=1, le=64)  # questions generated together in one batch
+    batch_window_ms: float = Field(20, ge=0, le=1000)  # how long a question waits for others to batch with
+    prefix_cache_mb: float = Field(2048, ge=0)  # KV caches kept for follow-ups; 0 turns the cache off
+    warmup: bool = True  # answer a dummy question at start, so the first real one is not slow
+    # kind = "openai": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, Ollama).
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: SecretStr | None = None
+    timeout_seconds: float = Field(120, gt=0)  # one answer, start to end
+    connect_attempts: int = Field(3, ge=1)  # tries to reach the server before a question fails
 
 
 class ContextConfig(_Section):
@@ -81,6 +93,7 @@ class Config(_Section):
 ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
     "IMSIGHT_WEBHOOK_TOKEN": ("adapters", "webhook", "token"),
     "IMSIGHT_WEBHOOK_SECRET": ("adapters", "webhook", "secret"),
+    "IMSIGHT_ENGINE_API_KEY": ("engine", "api_key"),
 }
 
 
@@ -129,6 +142,6 @@ def _first_problem(exc: ValidationError) -> str:
     if kind == "missing":
         return f"{key}: required value missing"
     value = error.get("input")
-    secret = error["loc"][-1] in {"token", "secret"}  # never echo what may be a credential
+    secret = error["loc"][-1] in {"token", "secret", "api_key"}  # never echo what may be a credential
     shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
     return f"{key}: {error['msg']}{shown}"

@@ -33,8 +33,19 @@ MB = 2**20
 def build_engine(config: Config) -> Engine:
     """The engine the config names; raises ``ModelUnavailable`` when its files are not here."""
     cfg = config.engine
-    source = resolve(cfg.model, cfg.model_path, allow_download=cfg.allow_download)
-    return TransformersEngine(source, device=cfg.device, dtype=cfg.dtype)
+    if cfg.kind == "openai":
+        from core.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(
+            cfg.base_url, model=cfg.model, api_key=cfg.api_key.get_secret_value() if cfg.api_key else None,
+            timeout_s=cfg.timeout_seconds, attempts=cfg.connect_attempts, max_batch=cfg.max_batch,
+        )
+    source = resolve(cfg.model, cfg.model_path, allow_download=cfg.allow_download, cache_dir=cfg.cache_dir)
+    return TransformersEngine(
+        source, device=cfg.device, dtype=cfg.dtype, quantization=cfg.quantization, cache_dir=cfg.cache_dir,
+        max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000,
+        prefix_cache_bytes=int(cfg.prefix_cache_mb * MB), warmup=cfg.warmup,
+    )
 
 
 def image_limits(config: Config) -> ImageLimits:

@@ -1,22 +1,72 @@
-"""The in-process engine: any ``AutoModelForImageTextToText`` model, generation on one owner thread."""
+"""The in-process engine: any ``AutoModelForImageTextToText`` model, generation on one owner thread.
+
+Questions that arrive together are generated as one left-padded batch. A follow-up about the same
+images reuses the prefilled KV cache of the conversation so far and reads only its new tokens.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import gc
+import inspect
 import logging
+import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from core.answer_text import ThinkingFilter
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
-from core.model_files import ModelSource, unavailable
-from core.tiny_model import MARKER
+from core.model_files import ModelSource
+from core.model_loading import LoadedModel, load
+from core.prefix_cache import Prefix, PrefixCache, common_prefix
 
-__all__ = ["TransformersEngine"]
+__all__ = ["EngineStats", "TransformersEngine"]
 
 log = logging.getLogger(__name__)
+
+MiB = 2**20
+_WORKING_RESERVE = 1024 * MiB  # free GPU memory a generation may need; prefixes are evicted to keep it
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since start: what batching and the prefix cache did."""
+
+    questions: int = 0
+    batches: int = 0  # generate() calls with more than one question
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    tokens_reused: int = 0  # prompt tokens not prefilled again thanks to a cached prefix
+    oom_retries: int = 0
+
+
+@dataclass(eq=False)
+class _Request:
+    images: Sequence[PreparedImage]
+    turns: Sequence[Turn]
+    question: str
+    limits: GenerationLimits
+    emit: Callable[[object], object]
+    cancelled: threading.Event
+    inputs: Any = None  # the processor's output, rendered on the engine thread
+    key: tuple[str, ...] = field(default=())
+    streamed: bool = False  # some of the answer has gone out: it cannot be started over
+
+    def send(self, text: object) -> None:
+        self.streamed = True
+        self.emit(text)
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
 
 _DONE = object()
 
@@ -25,33 +75,74 @@ class TransformersEngine:
     """Loads a model with transformers and answers on a single worker thread.
 
     Like aiosqlite's connection thread, one thread owns the model: torch work never runs on the
-    event loop, and requests reach the model one at a time in the order they were made.
+    event loop, and the model sees one generate() call at a time.
     """
 
     name = "transformers"
-    max_batch = 1
     supports_images = True
 
-    def __init__(self, source: ModelSource, *, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantization: str = "auto",
+        cache_dir: Path | None = None,
+        max_batch: int = 8,
+        batch_window_s: float = 0.02,
+        prefix_cache_bytes: int = 1024 * MiB,
+        warmup: bool = True,
+    ) -> None:
         self._source = source
-        self._device_setting = device
-        self._dtype_setting = dtype
-        self._executor: ThreadPoolExecutor | None = None
-        self._model: Any = None
-        self._processor: Any = None
+        self._load_args: dict[str, Any] = {
+            "device": device, "dtype": dtype, "quantization": quantization, "cache_dir": cache_dir,
+        }
+        self.max_batch = max_batch
+        self._window_s = batch_window_s
+        self._prefixes = PrefixCache(prefix_cache_bytes)
+        self._warmup = warmup
+        self._loaded: LoadedModel | None = None
+        self._requests: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        self._cache_kw = "past_key_values"
+        self._image_token_ids: set[int] = set()
+        self.stats = EngineStats()
         self.device = "cpu"
 
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            raise EngineError("engine is not started")
+        return self._loaded
+
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imsight-engine")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+        loop = asyncio.get_running_loop()
+        self._loaded = await loop.run_in_executor(None, lambda: load(self._source, **self._load_args))
+        self.device = self._loaded.device
+        self._cache_kw = _cache_keyword(self._loaded.model)
+        self._image_token_ids = _image_token_ids(self._loaded.model.config)
+        if self.device == "cuda":
+            import torch
+
+            # cuDNN attention re-plans for every new sequence length (measured: 2x slower steps).
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
+        self._thread.start()
+        if self._warmup:
+            started = time.monotonic()
+            await self._warm_up()
+            log.info("engine warmed up in %.2fs", time.monotonic() - started)
 
     async def stop(self) -> None:
         self._closing.set()  # a generation in flight stops at its next token
-        if self._executor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
-            self._executor = None
-        self._model = self._processor = None
+        if self._thread is not None:
+            self._requests.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        self._prefixes.clear()
+        self._loaded = None
 
     async def answer(
         self,
@@ -60,85 +151,243 @@ class TransformersEngine:
         question: str,
         limits: GenerationLimits,
     ) -> AsyncIterator[str]:
-        if self._executor is None or self._model is None:
+        if self._thread is None:
             raise EngineError("engine is not started")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
-
-        messages = _messages(images, turns, question)
-        work = loop.run_in_executor(self._executor, self._generate, messages, limits, emit, cancelled)
+        request = _Request(images, turns, question, limits,
+                           lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event())
+        text = ThinkingFilter()
+        self._requests.put(request)
         try:
             while (item := await chunks.get()) is not _DONE:
-                yield str(item)
-            await work  # re-raises what the generation thread raised
+                if isinstance(item, _Failed):
+                    raise item.error
+                if cleaned := text.feed(str(item)):
+                    yield cleaned
+            if tail := text.flush():
+                yield tail
         finally:
-            cancelled.set()  # the consumer went away (cancelled or closed): stop generating
+            request.cancelled.set()  # the consumer went away (cancelled or closed): stop generating
 
-    def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        from transformers.utils import logging as hf_logging
+    async def _warm_up(self) -> None:
+        """One short answer, so the first real question does not pay for CUDA's lazy start (seconds)."""
+        from PIL import Image
 
-        hf_logging.disable_progress_bar()
-        self.device = _pick_device(self._device_setting, torch.cuda.is_available())
-        dtype = _pick_dtype(self._dtype_setting, self.device, torch)
-        name, local_only = self._source.name_or_path, self._source.local_files_only
+        image = PreparedImage("warm-up", Image.new("RGB", (64, 64), (128, 128, 128)))
+        async for _ in self.answer([image], [], "Hi", GenerationLimits(max_new_tokens=2)):
+            pass
+        self._prefixes.clear()
+        self.stats = EngineStats()
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while (first := self._requests.get()) is not None:
+            batch = [first, *self._gather()]
+            try:
+                self._run(batch)
+            except BaseException as exc:
+                log.exception("engine thread: unexpected error")
+                for request in batch:
+                    request.emit(_Failed(EngineError(f"generation failed: {exc}")))
+                    request.emit(_DONE)
+        # Whoever is still waiting learns that the engine stopped.
+        while True:
+            try:
+                left = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if left is not None:
+                left.emit(_Failed(EngineError("engine stopped")))
+
+    def _gather(self) -> list[_Request]:
+        """More questions that arrive within the batch window, so they share one generate() call."""
+        more: list[_Request] = []
+        if self.max_batch <= 1:
+            return more
+        deadline = time.monotonic() + self._window_s
+        while len(more) < self.max_batch - 1:
+            try:
+                request = self._requests.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if request is None:
+                self._requests.put(None)  # stop after this batch
+                break
+            more.append(request)
+        return more
+
+    def _run(self, batch: list[_Request]) -> None:
+        ready = [r for r in batch if self._render(r)]
+        fresh: list[_Request] = []
+        for request in ready:
+            hit = self._lookup(request)
+            if hit is None:
+                fresh.append(request)
+            else:
+                self._answer_safely([request], hit)
+        for start in range(0, len(fresh), self.max_batch):
+            self._answer_safely(fresh[start:start + self.max_batch], None)
+
+    def _render(self, request: _Request) -> bool:
+        """The prompt through the processor's chat template; ``False`` (and the error sent) on failure."""
         try:
-            self._processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
-            self._model = AutoModelForImageTextToText.from_pretrained(
-                name, local_files_only=local_only, dtype=dtype, device_map=self.device
-            )
-        except (OSError, ValueError) as exc:
-            raise unavailable(name, str(exc).splitlines()[0]) from exc
-        self._model.eval()
-        if getattr(self._model.config, MARKER, False):
-            log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
-        log.info("model %s loaded on %s as %s", name, self.device, dtype)
-
-    def _generate(
-        self,
-        messages: list[dict[str, Any]],
-        limits: GenerationLimits,
-        emit: Any,
-        cancelled: threading.Event,
-    ) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-
-        closing = self._closing
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return cancelled.is_set() or closing.is_set()
-
-        class _Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    emit(text)
-
-        try:
-            inputs = self._processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            )
-            inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
-            inputs = inputs.to(self._model.device)
-            streamer = _Streamer(self._processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            with torch.inference_mode():
-                self._model.generate(
-                    **inputs,
-                    max_new_tokens=limits.max_new_tokens,
-                    do_sample=False,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_Stop()]),
-                )
+            request.inputs = self._inputs(request.images, request.turns, request.question)
+            request.key = tuple(image.sha256 for image in request.images)
+            return True
         except Exception as exc:
-            raise EngineError(f"generation failed: {exc}") from exc
+            request.emit(_Failed(EngineError(f"cannot prepare the prompt: {exc}")))
+            request.emit(_DONE)
+            return False
+
+    def _inputs(self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:
+        loaded = self.loaded
+        inputs = loaded.processor.apply_chat_template(
+            _messages(images, turns, question),
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        )
+        inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
+        inputs = inputs.to(loaded.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
+        return inputs
+
+    def _answer_safely(self, batch: list[_Request], hit: tuple[Prefix, int] | None) -> None:
+        import torch
+
+        try:
+            try:
+                self._generate(batch, hit)
+            except torch.OutOfMemoryError:
+                self._answer_after_oom(batch)
+        except Exception as exc:
+            log.warning("generation failed for %d question(s): %s", len(batch), exc)
+            for request in batch:
+                request.emit(_Failed(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")))
         finally:
-            emit(_DONE)  # the consumer stops waiting, then learns of any error from the future
+            for request in batch:
+                request.emit(_DONE)
+
+    def _answer_after_oom(self, batch: list[_Request]) -> None:
+        """Out of GPU memory: drop every cached prefix, then try each question once more, smaller."""
+        import torch
+
+        self.stats.oom_retries += 1
+        log.warning("out of GPU memory answering %d question(s): freeing caches, retrying with smaller images",
+                    len(batch))
+        self._prefixes.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for request in batch:
+            if request.streamed:
+                raise EngineError("out of GPU memory in the middle of an answer")
+            request.images = [_halved(image) for image in request.images]
+            request.inputs = self._inputs(request.images, request.turns, request.question)
+            try:
+                self._generate([request], None)
+            except torch.OutOfMemoryError as exc:
+                raise EngineError("out of GPU memory, even with a smaller image; try a shorter question, "
+                                  "fewer images, or [engine] quantization = \"nf4\"") from exc
+
+    def _lookup(self, request: _Request) -> tuple[Prefix, int] | None:
+        """A cached prefix covering this prompt's images, and how many of its tokens can be reused."""
+        if not request.key:
+            return None
+        entry = self._prefixes.get(request.key)
+        if entry is None:
+            self.stats.prefix_misses += 1
+            return None
+        ids = request.inputs["input_ids"][0]
+        reuse = min(common_prefix(entry.ids, ids), len(ids) - 1)  # generate() needs one new token
+        if reuse < self._image_end(ids):
+            self.stats.prefix_misses += 1  # the images themselves would be read again
+            return None
+        self.stats.prefix_hits += 1
+        self.stats.tokens_reused += reuse
+        return entry, reuse
+
+    def _image_end(self, ids: Any) -> int:
+        """Index just past the last image token: a reused prefix must cover every image."""
+        import torch
+
+        marks = torch.isin(ids, torch.tensor(sorted(self._image_token_ids), device=ids.device))
+        positions = marks.nonzero()
+        return int(positions[-1, 0]) + 1 if len(positions) else len(ids)
+
+    def _generate(self, batch: list[_Request], hit: tuple[Prefix, int] | None) -> None:
+        import torch
+        from transformers import DynamicCache, StoppingCriteriaList
+
+        from core.token_streams import RowStopper, RowStreamer
+
+        loaded = self.loaded
+        model, tokenizer = loaded.model, loaded.processor.tokenizer
+        self._make_room()
+        if len(batch) == 1:
+            inputs = dict(batch[0].inputs)
+        else:
+            inputs = _left_padded([r.inputs for r in batch], tokenizer.pad_token_id)
+            self.stats.batches += 1
+        self.stats.questions += len(batch)
+        prompt_len = inputs["input_ids"].shape[1]
+        if hit is not None:
+            entry, reuse = hit
+            cache = copy.deepcopy(entry.cache)
+            _crop(cache, reuse)
+            for name, value in entry.extra.items():
+                setattr(model.model, name, value.clone())
+            inputs.pop("pixel_values", None)  # the images are already in the cache
+        else:
+            cache = DynamicCache(config=model.config)
+        limits = [r.limits.max_new_tokens for r in batch]
+        streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), limits,
+                               on_row_done=lambda row: batch[row].emit(_DONE))
+        stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
+        with torch.inference_mode():
+            model.generate(
+                **inputs,
+                **{self._cache_kw: cache},
+                max_new_tokens=max(limits),
+                do_sample=False,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([stopper]),
+            )
+        if len(batch) == 1 and batch[0].key and not self._closing.is_set():
+            self._remember(batch[0], cache, prompt_len)
+
+    def _remember(self, request: _Request, cache: Any, prompt_len: int) -> None:
+        """Keep the KV cache of this prompt for the conversation's next question."""
+        if self._prefixes.budget <= 0:
+            return
+        _crop(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
+        for layer in getattr(cache, "layers", ()):  # own copies: a cropped view would pin the whole tensor
+            for name in ("keys", "values"):
+                if hasattr(getattr(layer, name, None), "clone"):
+                    setattr(layer, name, getattr(layer, name).clone())
+        extra = {}
+        rope_deltas = getattr(getattr(self.loaded.model, "model", None), "rope_deltas", None)
+        if rope_deltas is not None:  # M-RoPE: the position offset the image left behind
+            extra["rope_deltas"] = rope_deltas.clone()
+        ids = request.inputs["input_ids"][0]
+        self._prefixes.put(request.key, Prefix(ids, cache, extra, _cache_bytes(cache)))
+
+    def _make_room(self) -> None:
+        """Evict cached prefixes while the GPU is short of room for a generation."""
+        if self.device != "cuda":
+            return
+        import torch
+
+        def free() -> int:
+            available, _ = torch.cuda.mem_get_info()
+            return int(available) + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+        evicted = False
+        while free() < _WORKING_RESERVE and self._prefixes.evict_one():
+            evicted = True
+        if evicted:
+            torch.cuda.empty_cache()
 
 
 def _messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> list[dict[str, Any]]:
@@ -146,6 +395,7 @@ def _messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: 
 
     The images stay in the first user message, so the rendered prompt of a follow-up extends the
     earlier one (a stable prefix for caching) and models that allow one image per sequence work.
+    Only pixels go in: no file name or path reaches the prompt.
     """
     content_images: list[dict[str, Any]] = [{"type": "image", "image": p.image} for p in images]
     messages: list[dict[str, Any]] = []
@@ -159,15 +409,68 @@ def _messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: 
     return messages
 
 
-def _pick_device(setting: str, cuda_available: bool) -> str:
-    if setting == "cuda" and not cuda_available:
-        raise EngineError("[engine] device = \"cuda\" but torch sees no CUDA device")
-    if setting == "auto":
-        return "cuda" if cuda_available else "cpu"
-    return setting
+def _left_padded(rendered: list[Any], pad_id: int) -> dict[str, Any]:
+    """Several single-prompt inputs as one batch: sequences padded on the left, images concatenated.
+
+    Left padding keeps every prompt's last token in the last column, where generation continues.
+    """
+    import torch
+
+    width = max(r["input_ids"].shape[1] for r in rendered)
+    batch: dict[str, Any] = {}
+    for key in rendered[0]:
+        values = [r[key] for r in rendered]
+        if all(v.dim() == 2 and v.shape[1] == r["input_ids"].shape[1] for v, r in zip(values, rendered, strict=True)):
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([
+                torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values
+            ])
+        else:
+            batch[key] = torch.cat(values)  # pixel values, image grids: one row per image
+    return batch
 
 
-def _pick_dtype(setting: str, device: str, torch: Any) -> Any:
-    if setting == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, setting)
+def _halved(image: PreparedImage) -> PreparedImage:
+    from PIL import Image
+
+    w, h = image.image.size
+    smaller = image.image.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.LANCZOS)
+    return PreparedImage(image.sha256 + ":half", smaller)
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers 5.2x renamed generate's ``past_key_values`` to ``cache``; older 5.x know only the first."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _image_token_ids(config: Any) -> set[int]:
+    ids: set[int] = set()
+    for name in ("image_token_id", "image_token_index", "image_start_token_id", "image_end_token_id",
+                 "boi_token_id", "eoi_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return ids or {-1}
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _crop(cache: Any, length: int) -> None:
+    """Keep the first ``length`` tokens (``crop`` counts from the end in 5.2x: negative values work everywhere)."""
+    surplus = cache.get_seq_length() - length
+    if surplus > 0:
+        cache.crop(-surplus)
+
+
+def _cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None and hasattr(tensor, "numel"):
+                total += tensor.numel() * tensor.element_size()
+    return total

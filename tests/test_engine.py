@@ -30,6 +30,25 @@ async def engine(tiny_model):
     await engine.stop()
 
 
+async def test_images_come_before_the_question_and_no_file_name_reaches_the_prompt(engine, tmp_path):
+    path = tmp_path / "secret-name-4711.png"
+    Image.new("RGB", (64, 48), (5, 6, 7)).save(path)
+    opened = Image.open(path)  # carries its file name, as an image read from disk does
+    image = PreparedImage("f" * 64, opened)
+    inputs = engine._inputs([image], [], "Where is the bug?")
+    ids = inputs["input_ids"][0].tolist()
+    tokenizer = engine.loaded.processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    question = tokenizer.encode("Where is the bug?", add_special_tokens=False)
+    starts = [i for i in range(len(ids)) if ids[i:i + len(question)] == question]
+    image_positions = [i for i, t in enumerate(ids) if t == image_id]
+    assert len(starts) == 1 and len(image_positions) == 16
+    assert max(image_positions) < starts[0]
+    text = tokenizer.decode(ids)
+    assert text.index("<|user|>") < text.index("<image>")
+    assert "secret-name-4711" not in text and str(tmp_path) not in text and "f" * 64 not in text
+
+
 async def _answer(engine, images, turns, question, limits=LIMITS) -> str:
     return "".join([c async for c in engine.answer(images, turns, question, limits)])
 
@@ -105,7 +124,7 @@ def test_model_in_the_hub_cache_is_found_offline(tiny_model, tmp_path):
         "source = resolve('acme/tiny', None, allow_download=False)\n"
         "engine = TransformersEngine(source, device='cpu')\n"
         "asyncio.run(engine.start())\n"
-        "print(source.local_files_only, type(engine._model).__name__)\n"
+        "print(source.local_files_only, type(engine.loaded.model).__name__)\n"
     )
     env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

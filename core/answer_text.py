@@ -1,0 +1,65 @@
+"""Cleaning streamed model text: reasoning models think aloud before they answer."""
+
+from __future__ import annotations
+
+__all__ = ["ThinkingFilter"]
+
+_THINK, _END_THINK = "<think>", "</think>"
+_ANSWER_TAGS = ("<answer>", "</answer>")
+
+
+class ThinkingFilter:
+    """Drops a leading ``<think>…</think>`` block and ``<answer>`` tags from a stream of text chunks.
+
+    GLM-4.1V-Thinking answers ``<think>…</think><answer>…</answer>``; a chat wants only the answer.
+    Text that does not start with ``<think>`` passes through unchanged (apart from answer tags).
+    """
+
+    def __init__(self) -> None:
+        self._state = "start"  # start -> thinking -> answering
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        self._pending += text
+        out: list[str] = []
+        while True:
+            if self._state == "start":
+                head = self._pending.lstrip()
+                if head.startswith(_THINK):
+                    self._state, self._pending = "thinking", head[len(_THINK):]
+                elif _THINK.startswith(head):
+                    return ""  # nothing yet, or the first characters of "<think>"
+                else:
+                    self._state = "answering"
+            elif self._state == "thinking":
+                end = self._pending.find(_END_THINK)
+                if end < 0:
+                    self._pending = self._pending[-(len(_END_THINK) - 1):]  # a tag may be cut in two
+                    return ""
+                self._state, self._pending = "answering", self._pending[end + len(_END_THINK):].lstrip()
+            else:
+                text, self._pending = _split_partial_tag(self._pending)
+                for tag in _ANSWER_TAGS:
+                    text = text.replace(tag, "")
+                out.append(text)
+                return "".join(out)
+
+    def flush(self) -> str:
+        """What is left at the end of the stream (a thought that never ended is dropped)."""
+        if self._state == "answering":
+            text, self._pending = self._pending, ""
+            for tag in _ANSWER_TAGS:
+                text = text.replace(tag, "")
+            return text
+        if self._state == "start":
+            text, self._pending = self._pending, ""
+            return text
+        return ""
+
+
+def _split_partial_tag(text: str) -> tuple[str, str]:
+    """Hold back a tail that could be the start of an answer tag split across chunks."""
+    cut = text.rfind("<")
+    if cut >= 0 and any(tag.startswith(text[cut:]) and tag != text[cut:] for tag in _ANSWER_TAGS):
+        return text[:cut], text[cut:]
+    return text, ""

@@ -1,0 +1,75 @@
+"""Memory: what a model will need once loaded, and what the device has free, checked before loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import ModelUnavailable
+from core.quantization import Mode
+
+__all__ = ["Estimate", "available_bytes", "ensure_fits", "estimate"]
+
+GiB = 2**30
+_NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # 4 bits, plus one 8-bit absmax per 64-weight block (double quantisation)
+_WORKING_FLOOR = 1 * GiB  # activations, KV cache and CUDA context for one screenshot question
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    weights: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.working
+
+
+def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str]) -> Estimate:
+    """Bytes of a model built on the meta device, once loaded with ``mode`` and ``skip`` unquantised."""
+    import torch
+
+    quantised = 0
+    for name, module in meta_model.named_modules():
+        if mode != "none" and isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
+            n = module.weight.numel()
+            per_weight = _NF4_BYTES_PER_WEIGHT if mode == "nf4" else 1.0
+            quantised += int(n * per_weight) + module.out_features * 4  # per-row scale (int8) / state
+            quantised -= n * dtype_bytes  # counted below at full width; take it back out
+    full = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
+    weights = full + quantised
+    return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10))
+
+
+def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode) -> None:
+    """Refuse to start a load that would run out of memory halfway, with what to change."""
+    if need.total <= free:
+        return
+    hint = "" if mode == "nf4" else ' Try [engine] quantization = "nf4" (about a quarter of the bf16 weights).'
+    raise ModelUnavailable(
+        f"model {model!r} needs about {need.total / GiB:.1f} GiB on {where} "
+        f"({need.weights / GiB:.1f} GiB of weights as {mode}, {need.working / GiB:.1f} GiB to work in) "
+        f"but only {free / GiB:.1f} GiB is free.{hint} Or use a smaller model, or free the device "
+        "(nvidia-smi lists what holds GPU memory)."
+    )
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory where the model will live; ``None`` when it cannot be known."""
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)

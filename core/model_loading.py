@@ -1,0 +1,121 @@
+"""Loading a vision-language model: device, dtype, quantisation, a memory check, then the weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import EngineError, ModelUnavailable
+from core.memory import Estimate, available_bytes, ensure_fits, estimate
+from core.model_files import ModelSource, unavailable
+from core.quantization import Mode, bnb_config, pick_mode, unquantised_modules
+from core.tiny_model import MARKER
+
+__all__ = ["LoadedModel", "load", "pick_device", "pick_dtype", "vision_dtype"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: Any
+    processor: Any
+    device: str
+    dtype: Any  # torch.dtype of the unquantised weights and of 4-bit compute
+    mode: Mode
+    pixel_dtype: Any  # the vision tower's own parameter dtype: pixel values are cast to it
+    estimate: Estimate
+
+
+def load(
+    source: ModelSource,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str = "auto",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load ``source``; raise ``ModelUnavailable`` with what to do when it cannot be."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    where = pick_device(device, torch.cuda.is_available())
+    torch_dtype = pick_dtype(dtype, where)
+    mode = pick_mode(quantization, where)
+    if mode != "none":
+        _require_bitsandbytes(mode)
+    name = source.name_or_path
+    common: dict[str, Any] = {"local_files_only": source.local_files_only, "cache_dir": cache_dir}
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            skeleton = AutoModelForImageTextToText.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise unavailable(name, str(exc).splitlines()[0]) from exc
+    keep = unquantised_modules(skeleton)
+    need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
+    free = available_bytes(where)
+    if free is not None:
+        ensure_fits(need, free, where=where, model=name, mode=mode)
+    del skeleton
+    try:
+        processor = AutoProcessor.from_pretrained(name, **common)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, **common, dtype=torch_dtype, device_map=where,
+            quantization_config=bnb_config(mode, torch_dtype, keep),
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise unavailable(name, str(exc).splitlines()[0]) from exc
+    model.eval()
+    if getattr(model.config, MARKER, False):
+        log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
+    log.info("model %s loaded on %s: %s, quantization %s, about %.1f GiB", name, where, torch_dtype, mode,
+             need.weights / 2**30)
+    return LoadedModel(model, processor, where, torch_dtype, mode, vision_dtype(model, keep), need)
+
+
+def vision_dtype(model: Any, unquantised: list[str]) -> Any:
+    """The dtype of the vision tower's floating-point weights, read from the loaded model.
+
+    Remote-code GLM models fail with "Input type (BFloat16) and bias type (Half)" when pixels and
+    weights differ; native classes cast for themselves, so the cast here is cheap insurance.
+    """
+    modules = dict(model.named_modules())
+    for name in unquantised:
+        module = modules.get(name)
+        if module is None or name == "lm_head":
+            continue
+        for param in module.parameters():
+            if param.dtype.is_floating_point:
+                return param.dtype
+    return model.dtype
+
+
+def pick_device(setting: str, cuda_available: bool) -> str:
+    if setting == "cuda" and not cuda_available:
+        raise EngineError('[engine] device = "cuda" but torch sees no CUDA device')
+    if setting == "auto":
+        return "cuda" if cuda_available else "cpu"
+    return setting
+
+
+def pick_dtype(setting: str, device: str) -> Any:
+    import torch
+
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def _require_bitsandbytes(mode: Mode) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelUnavailable(
+            f'[engine] quantization needs bitsandbytes for {mode} ({exc}). Fix: pip install bitsandbytes, '
+            'or set [engine] quantization = "none".'
+        ) from exc

@@ -1,0 +1,104 @@
+"""Per-question streaming and stopping inside one batched ``generate()`` call.
+
+transformers' ``TextStreamer`` handles a batch of one; these follow each row of a batch on its own:
+its text goes to its own question, and its own limit or cancellation ends only that row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+__all__ = ["RowStopper", "RowStreamer"]
+
+# Reasoning models mark their thinking with tokens that may be "special"; keep them so that the
+# thinking can be told apart from the answer (core.answer_text drops it).
+_KEPT_SPECIALS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class RowStreamer(BaseStreamer):
+    """Decodes each row's new tokens and hands the new text to that row's ``emit``."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        emits: Sequence[Callable[[object], object]],
+        eos_ids: set[int],
+        max_new_tokens: Sequence[int],
+        on_row_done: Callable[[int], object],
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._emits = list(emits)
+        self._eos = eos_ids
+        self._limits = list(max_new_tokens)
+        self._on_row_done = on_row_done
+        self._generated = [0] * len(self._emits)
+        kept = {tokenizer.convert_tokens_to_ids(t) for t in _KEPT_SPECIALS if t in tokenizer.get_vocab()}
+        self._drop = set(tokenizer.all_special_ids) - kept
+        self._tokens: list[list[int]] = [[] for _ in self._emits]
+        self._sent = [0] * len(self._emits)
+        self._finished = [False] * len(self._emits)
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        for row, tokens in enumerate(value.reshape(len(self._emits), -1).tolist()):
+            if self._finished[row]:
+                continue
+            for token in tokens:
+                self._generated[row] += 1
+                if token in self._eos:
+                    self._finished[row] = True
+                    break
+                if token not in self._drop:
+                    self._tokens[row].append(token)
+            if self._generated[row] >= self._limits[row]:
+                self._finished[row] = True
+            self._flush(row, final=self._finished[row])
+            if self._finished[row]:
+                # The rest of the batch may generate on: this question's asker need not wait for it.
+                self._on_row_done(row)
+
+    def end(self) -> None:
+        for row in range(len(self._emits)):
+            if not self._finished[row]:
+                self._finished[row] = True
+                self._flush(row, final=True)
+
+    def _flush(self, row: int, *, final: bool) -> None:
+        text = self._tokenizer.decode(self._tokens[row], skip_special_tokens=False)
+        if not final and text.endswith("\ufffd"):
+            return  # a character cut in the middle of its bytes: wait for the rest
+        if len(text) > self._sent[row]:
+            self._emits[row](text[self._sent[row]:])
+            self._sent[row] = len(text)
+
+
+class RowStopper(StoppingCriteria):
+    """Ends a row at its own token limit or when its asker went away; all rows when the engine stops."""
+
+    def __init__(
+        self,
+        prompt_len: int,
+        max_new_tokens: Sequence[int],
+        cancelled: Sequence[threading.Event],
+        closing: threading.Event,
+    ) -> None:
+        self._prompt_len = prompt_len
+        self._limits = list(max_new_tokens)
+        self._cancelled = list(cancelled)
+        self._closing = closing
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        generated = input_ids.shape[1] - self._prompt_len
+        closing = self._closing.is_set()
+        done = [closing or generated >= limit or cancelled.is_set()
+                for limit, cancelled in zip(self._limits, self._cancelled, strict=True)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,139 @@
+"""Follow-ups from a cached prefix, and batching, on the tiny real model: same greedy output, less work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from PIL import Image
+
+from core.engine import GenerationLimits, PreparedImage, Turn
+from core.model_files import resolve
+from core.prefix_cache import Prefix, PrefixCache, common_prefix
+from core.transformers_engine import TransformersEngine
+from helpers import eventually
+
+LIMITS = GenerationLimits(max_new_tokens=12)
+IMAGE_TOKENS = 16  # the tiny model's tokens per image
+
+
+def _image(n: int) -> PreparedImage:
+    return PreparedImage(f"sha-{n}", Image.new("RGB", (64, 48), (40 * n % 256, 90, 200 - n)))
+
+
+async def _answer(engine, images, turns, question, limits=LIMITS) -> str:
+    return "".join([c async for c in engine.answer(images, turns, question, limits)])
+
+
+@pytest.fixture
+async def make_engine(tiny_model):
+    started: list[TransformersEngine] = []
+
+    async def make(**options) -> TransformersEngine:
+        engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", **options)
+        await engine.start()
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        await engine.stop()
+
+
+@pytest.fixture
+async def engines(make_engine):
+    cached = await make_engine(max_batch=1)
+    plain = await make_engine(max_batch=1, prefix_cache_bytes=0)
+    return cached, plain
+
+
+async def test_a_follow_up_reads_only_its_new_tokens_and_answers_the_same(engines):
+    cached, plain = engines
+    image = _image(1)
+    first = await _answer(cached, [image], [], "What is on the screen?")
+    assert first == await _answer(plain, [image], [], "What is on the screen?")
+    turns = [Turn("user", "What is on the screen?"), Turn("assistant", first)]
+    follow_up = await _answer(cached, [image], turns, "And the error?")
+    assert follow_up == await _answer(plain, [image], turns, "And the error?")  # greedy: token for token
+    assert cached.stats.prefix_hits == 1
+    assert cached.stats.tokens_reused > IMAGE_TOKENS  # the image and the first question were not read again
+    assert plain.stats.prefix_hits == 0
+
+
+async def test_another_chat_asking_about_the_same_image_reuses_the_image(engines):
+    cached, plain = engines
+    image = _image(2)
+    await _answer(cached, [image], [], "First question")
+    other = await _answer(cached, [image], [], "A different question")
+    assert other == await _answer(plain, [image], [], "A different question")
+    assert cached.stats.prefix_hits == 1
+    assert cached.stats.tokens_reused >= IMAGE_TOKENS
+
+
+async def test_a_different_image_is_not_answered_from_the_cache(engines):
+    cached, plain = engines
+    await _answer(cached, [_image(3)], [], "Q")
+    answer = await _answer(cached, [_image(4)], [], "Q")
+    assert answer == await _answer(plain, [_image(4)], [], "Q")
+    assert cached.stats.prefix_hits == 0
+
+
+async def test_the_cache_keeps_within_its_byte_budget(make_engine):
+    probe = await make_engine(max_batch=1)
+    await _answer(probe, [_image(5)], [], "Q")
+    one_prefix = await eventually(lambda: probe._prefixes.nbytes)  # stored just after the answer went out
+    await probe.stop()
+
+    engine = await make_engine(max_batch=1, prefix_cache_bytes=int(one_prefix * 1.5))
+    await _answer(engine, [_image(5)], [], "Q")
+    await _answer(engine, [_image(6)], [], "Q")  # evicts image 5's prefix
+    await eventually(lambda: engine._prefixes.get(("sha-6",)))
+    assert len(engine._prefixes) == 1 and engine._prefixes.nbytes <= engine._prefixes.budget
+    await _answer(engine, [_image(5)], [], "Q again")
+    assert engine.stats.prefix_hits == 0
+    await _answer(engine, [_image(5)], [], "Q again, later")
+    assert engine.stats.prefix_hits == 1
+
+
+async def test_questions_that_arrive_together_are_answered_in_one_batch(make_engine):
+    batching = await make_engine(max_batch=8, batch_window_s=0.5, prefix_cache_bytes=0)
+    single = await make_engine(max_batch=1, prefix_cache_bytes=0)
+    # Different lengths, so the batch needs padding; different limits per question.
+    asks = [([_image(10 + n)], "Why" + "?" * n, GenerationLimits(max_new_tokens=4 + 2 * n)) for n in range(5)]
+    together = await asyncio.gather(*[_answer(batching, i, [], q, lim) for i, q, lim in asks])
+    alone = [await _answer(single, i, [], q, lim) for i, q, lim in asks]
+    assert list(together) == alone
+    assert batching.stats.batches == 1 and batching.stats.questions == 5
+    assert single.stats.batches == 0
+
+
+async def test_each_question_of_a_batch_streams_on_its_own(make_engine):
+    engine = await make_engine(max_batch=4, batch_window_s=0.5)
+    long_stream = engine.answer([_image(20)], [], "long", GenerationLimits(max_new_tokens=100_000))
+    short = asyncio.ensure_future(_answer(engine, [_image(21)], [], "short", GenerationLimits(max_new_tokens=6)))
+    first = await anext(long_stream)  # the long answer streams while the short one finishes
+    assert first
+    assert await asyncio.wait_for(short, 30)
+    await long_stream.aclose()  # its row stops; the engine is free again
+    assert await asyncio.wait_for(_answer(engine, [_image(22)], [], "next"), 30)
+
+
+def test_prefix_cache_is_a_bounded_lru():
+    cache = PrefixCache(budget=100)
+    ids = torch.tensor([1, 2, 3])
+    cache.put(("a",), Prefix(ids, None, {}, 40))
+    cache.put(("b",), Prefix(ids, None, {}, 40))
+    assert cache.get(("a",)) is not None  # a is now the most recently used
+    cache.put(("c",), Prefix(ids, None, {}, 40))
+    assert cache.get(("b",)) is None and len(cache) == 2 and cache.nbytes == 80
+    cache.put(("d",), Prefix(ids, None, {}, 101))  # larger than the whole budget: not kept
+    assert cache.get(("d",)) is None and cache.nbytes == 80
+
+
+def test_common_prefix():
+    a = torch.tensor([1, 2, 3, 4])
+    assert common_prefix(a, torch.tensor([1, 2, 3, 4, 5])) == 4
+    assert common_prefix(a, torch.tensor([1, 2, 9, 4])) == 2
+    assert common_prefix(a, torch.tensor([7])) == 0
+    assert common_prefix(a, torch.tensor([], dtype=torch.long)) == 0

@@ -1,0 +1,151 @@
+"""Quantisation, dtypes and memory on the tiny real model: NF4/int8 on CPU, pixel casts, the memory guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from core.engine import GenerationLimits, PreparedImage
+from core.errors import EngineError, ModelUnavailable
+from core.memory import Estimate, GiB, ensure_fits, estimate
+from core.model_files import resolve
+from core.quantization import pick_mode, unquantised_modules
+from core.transformers_engine import TransformersEngine
+from helpers import eventually
+
+LIMITS = GenerationLimits(max_new_tokens=6)
+IMAGE = PreparedImage("a" * 64, Image.new("RGB", (64, 48), (250, 10, 10)))
+KEPT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+async def _answer(engine, question="What is it?") -> str:
+    return "".join([c async for c in engine.answer([IMAGE], [], question, LIMITS)])
+
+
+@pytest.fixture
+async def make_engine(tiny_model):
+    started: list[TransformersEngine] = []
+
+    async def make(**options) -> TransformersEngine:
+        engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", **options)
+        await engine.start()
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        await engine.stop()
+
+
+def _linear_kinds(model) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
+
+
+@pytest.mark.parametrize(("mode", "quantised_class"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+async def test_bitsandbytes_quantises_the_language_model_only(make_engine, mode, quantised_class):
+    engine = await make_engine(quantization=mode, dtype="bfloat16")
+    kinds = _linear_kinds(engine.loaded.model)
+    language = {n: k for n, k in kinds.items() if n.startswith("model.language_model.")}
+    kept = {n: k for n, k in kinds.items() if any(n == p or n.startswith(p + ".") for p in KEPT)}
+    assert language and set(language.values()) == {quantised_class}
+    assert kept and set(kept.values()) == {"Linear"}  # vision tower, projector and head stay full width
+    assert engine.loaded.mode == mode
+    assert engine.loaded.pixel_dtype == torch.bfloat16  # read from the vision tower, not from uint8 weights
+    assert await _answer(engine)
+
+
+async def test_float32_pixels_reach_a_bfloat16_vision_tower_as_bfloat16(make_engine):
+    engine = await make_engine(dtype="bfloat16", quantization="none")
+    seen: list[torch.dtype] = []
+    tower = engine.loaded.model.model.vision_tower
+    handle = tower.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["pixel_values"]).dtype), with_kwargs=True)
+    rendered = engine.loaded.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": IMAGE.image}, {"type": "text", "text": "q"}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert rendered["pixel_values"].dtype == torch.float32  # what the processor hands over
+    assert await _answer(engine)
+    handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_auto_quantisation_is_nf4_on_cuda_and_none_on_cpu():
+    assert pick_mode("auto", "cuda") == "nf4"
+    assert pick_mode("auto", "cpu") == "none"
+    assert pick_mode("int8", "cpu") == "int8"
+    with pytest.raises(EngineError):
+        pick_mode("fp3", "cuda")
+
+
+def test_unquantised_modules_are_full_prefixes(tiny_model):
+    from transformers import AutoConfig, AutoModelForImageTextToText, Glm4vConfig
+
+    with torch.device("meta"):
+        llava = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model))
+        glm = AutoModelForImageTextToText.from_config(Glm4vConfig(
+            text_config={"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 64,
+                         "num_attention_heads": 2, "num_key_value_heads": 1},
+            vision_config={"depth": 1, "hidden_size": 64, "intermediate_size": 64, "out_hidden_size": 64}))
+    assert unquantised_modules(llava) == KEPT
+    assert unquantised_modules(glm) == ["model.visual", "lm_head"]
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4"])
+async def test_the_memory_estimate_matches_what_loading_takes(make_engine, mode):
+    engine = await make_engine(quantization=mode, dtype="bfloat16")
+    actual = engine.loaded.model.get_memory_footprint()
+    predicted = engine.loaded.estimate.weights
+    assert 0.8 * actual <= predicted <= 1.25 * actual, (predicted, actual)
+
+
+def test_a_model_that_does_not_fit_is_refused_before_loading():
+    need = Estimate(weights=20 * GiB, working=2 * GiB)
+    ensure_fits(need, 30 * GiB, where="cuda", model="m", mode="none")
+    with pytest.raises(ModelUnavailable) as caught:
+        ensure_fits(need, 16 * GiB, where="cuda", model="zai-org/GLM-4.6V-Flash", mode="none")
+    message = str(caught.value)
+    assert "22.0 GiB" in message and "16.0 GiB is free" in message and 'quantization = "nf4"' in message
+
+
+def test_the_estimate_of_the_9b_glm_shape_is_what_was_measured():
+    """INFERENCE.md measured GLM-4.1V-9B at 20.6 GB in bf16: the estimate must agree without loading it."""
+    from transformers import AutoModelForImageTextToText, Glm4vConfig
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(Glm4vConfig())
+    keep = unquantised_modules(model)
+    bf16 = estimate(model, "none", 2, keep)
+    nf4 = estimate(model, "nf4", 2, keep)
+    assert 20.0e9 < bf16.weights < 21.2e9
+    assert 7.0e9 < nf4.weights < 9.5e9  # the vision tower and head stay bf16: more than the 7.6 GB all-NF4
+
+
+async def test_out_of_memory_frees_caches_and_retries_once_with_a_smaller_image(make_engine):
+    engine = await make_engine(max_batch=1)
+    await _answer(engine, "fill the prefix cache")
+    await eventually(lambda: len(engine._prefixes) == 1)  # stored just after the answer went out
+    calls: list[int] = []
+
+    def fail_first(_module, _args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    engine.loaded.model.model.vision_tower.register_forward_pre_hook(fail_first)
+    other = PreparedImage("b" * 64, Image.new("RGB", (64, 48), (0, 0, 250)))
+    answer = "".join([c async for c in engine.answer([other], [], "Q", LIMITS)])
+    assert answer
+    assert engine.stats.oom_retries == 1 and len(calls) == 2
+    assert engine._prefixes.get((IMAGE.sha256,)) is None  # the cache was emptied to make room
+
+
+async def test_out_of_memory_twice_is_a_clear_error(make_engine):
+    engine = await make_engine(max_batch=1)
+
+    def always(_module, _args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    engine.loaded.model.model.vision_tower.register_forward_pre_hook(always)
+    with pytest.raises(EngineError, match="out of GPU memory, even with a smaller image"):
+        await _answer(engine)

@@ -37,7 +37,7 @@ class RowStreamer(BaseStreamer):
         self._eos = eos_ids
         self._limits = list(max_new_tokens)
         self._on_row_done = on_row_done
-        self._generated = [0] * len(self._emits)
+        self.generated = [0] * len(self._emits)  # tokens per row, end-of-sequence included
         kept = {tokenizer.convert_tokens_to_ids(t) for t in _KEPT_SPECIALS if t in tokenizer.get_vocab()}
         self._drop = set(tokenizer.all_special_ids) - kept
         self._tokens: list[list[int]] = [[] for _ in self._emits]
@@ -53,13 +53,13 @@ class RowStreamer(BaseStreamer):
             if self._finished[row]:
                 continue
             for token in tokens:
-                self._generated[row] += 1
+                self.generated[row] += 1
                 if token in self._eos:
                     self._finished[row] = True
                     break
                 if token not in self._drop:
                     self._tokens[row].append(token)
-            if self._generated[row] >= self._limits[row]:
+            if self.generated[row] >= self._limits[row]:
                 self._finished[row] = True
             self._flush(row, final=self._finished[row])
             if self._finished[row]:
@@ -71,6 +71,7 @@ class RowStreamer(BaseStreamer):
             if not self._finished[row]:
                 self._finished[row] = True
                 self._flush(row, final=True)
+                self._on_row_done(row)
 
     def _flush(self, row: int, *, final: bool) -> None:
         text = self._tokenizer.decode(self._tokens[row], skip_special_tokens=False)

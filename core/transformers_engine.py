@@ -43,6 +43,7 @@ class EngineStats:
     prefix_hits: int = 0
     prefix_misses: int = 0
     tokens_reused: int = 0  # prompt tokens not prefilled again thanks to a cached prefix
+    tokens_generated: int = 0
     oom_retries: int = 0
 
 
@@ -342,8 +343,12 @@ class TransformersEngine:
         else:
             cache = DynamicCache(config=model.config)
         limits = [r.limits.max_new_tokens for r in batch]
-        streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), limits,
-                               on_row_done=lambda row: batch[row].emit(_DONE))
+
+        def row_done(row: int) -> None:
+            self.stats.tokens_generated += streamer.generated[row]  # counted before the asker hears of it
+            batch[row].emit(_DONE)
+
+        streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), limits, row_done)
         stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
         with torch.inference_mode():
             model.generate(

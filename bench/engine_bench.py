@@ -28,11 +28,11 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glm_model import build_glm_model  # noqa: E402
+from glm_model import build_glm_model
 
-from core.engine import GenerationLimits, PreparedImage, Turn  # noqa: E402
-from core.model_files import resolve  # noqa: E402
-from core.transformers_engine import TransformersEngine  # noqa: E402
+from core.engine import GenerationLimits, PreparedImage, Turn
+from core.model_files import resolve
+from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
 QUESTION = "What does the error in this screenshot mean, and how do I fix it?"

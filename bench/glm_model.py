@@ -2,8 +2,9 @@
 
 ``Glm4vForConditionalGeneration`` is the class GLM-4.6V-Flash loads as: M-RoPE positions,
 dynamic-resolution images (patch 14, 2x2 merge), ``<|begin_of_image|><|image|>…<|end_of_image|>``.
-Needs torchvision (GLM's processor owns a video processor). No GLM tokenizer can be had offline, so this writes a byte-level one that has GLM's special tokens
-at GLM's ids; text round-trips, and the image tokens land where the real processor puts them.
+Needs torchvision (GLM's processor owns a video processor). No GLM tokenizer can be had offline,
+so this writes a byte-level one that has GLM's special tokens at GLM's ids; text round-trips, and
+the image tokens land where the real processor puts them.
 ``size="9b"`` is the released 9B shape (20.6 GB in bf16); ``size="tiny"`` runs on a CPU in seconds.
 """
 

@@ -58,6 +58,44 @@ async def timed_answer(engine: TransformersEngine, images: list[PreparedImage], 
     return time.perf_counter() - started, text
 
 
+def common_chars(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def compiled_decode(model_dir: Path, new_tokens: int) -> str:
+    """Decode at batch 1 with a static KV cache, which makes generate() torch.compile the decode step.
+
+    Not what the engine does (its follow-up cache needs a growable cache); this says what the
+    launch-bound eager loop leaves on the table.
+    """
+    import torch
+
+    from core.model_loading import load
+
+    loaded = load(resolve("bench", model_dir, allow_download=False), quantization="none", dtype="bfloat16")
+    messages = [{"role": "user", "content": [{"type": "image", "image": screenshot(7).image},
+                                             {"type": "text", "text": QUESTION}]}]
+    inputs = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt").to(loaded.model.device)
+    inputs.pop("token_type_ids", None)
+
+    def run(n: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            loaded.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  cache_implementation="static")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    first = run(new_tokens)  # compiles
+    one = min(run(1) for _ in range(2))
+    many = min(run(new_tokens) for _ in range(2))
+    rate = (new_tokens - 1) / (many - one)
+    return (f"static cache + torch.compile decode at batch 1 (bf16): {rate:.1f} tokens/s "
+            f"(first call, compiling: {first:.1f} s)")
+
+
 def copy_bandwidth() -> float:
     """Bytes per second a device-to-device copy moves (read + write), the practical HBM ceiling."""
     import torch
@@ -89,7 +127,35 @@ def decode_bytes(model: Any) -> int:
     return total
 
 
-async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int) -> dict[str, Any]:
+def profile(engine: TransformersEngine) -> None:
+    """Where the time of a first question and of a cached follow-up goes, on this thread."""
+    import cProfile
+    import pstats
+    import threading
+
+    from core.transformers_engine import _Request
+
+    def run(images: list[PreparedImage], turns: list[Turn], question: str) -> None:
+        request = _Request(images, turns, question, GenerationLimits(1), lambda _item: None, threading.Event())
+        started = time.perf_counter()
+        engine._render(request)
+        rendered = time.perf_counter()
+        engine._answer_safely([request], engine._lookup(request))
+        print(f"  render {1e3 * (rendered - started):.0f} ms, generate {1e3 * (time.perf_counter() - rendered):.0f} ms")
+
+    shot = screenshot(999)
+    for label, turns, question in (("first question", [], FIRST), ("cached follow-up", [Turn("user", FIRST),
+                                   Turn("assistant", FIRST_ANSWER)], FOLLOW_UP)):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run([shot], turns, question)
+        profiler.disable()
+        print(f"profile of a {label}:")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(28)
+
+
+async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
+                  with_profile: bool = False) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -104,6 +170,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int) -> dic
     await engine.start()
     out: dict[str, Any] = {"mode": mode, "load_s": time.perf_counter() - started}
     model = engine.loaded.model
+    if with_profile:
+        await asyncio.to_thread(profile, engine)  # the engine thread is idle: nothing else touches the model
     out["weight_bytes"] = model.get_memory_footprint()
     out["estimated_weight_bytes"] = engine.loaded.estimate.weights
     out["image_tokens"] = int((engine._inputs([screenshot(0)], [], QUESTION)["input_ids"]
@@ -140,6 +208,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int) -> dic
     hits = engine.stats.prefix_hits
     _, reused = await timed_answer(engine, [screenshot(n)], turns, FOLLOW_UP, 16)
     out["follow_up_identical_with_cache"] = plain == reused and engine.stats.prefix_hits == hits + 1
+    out["follow_up_same_chars"] = f"{common_chars(plain, reused)}/{max(len(plain), len(reused))}"
     # Decode rate at batch 1.
     n += 1
     before = engine.stats.tokens_generated
@@ -187,7 +256,7 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         lines.append(f"  time to first token, first question: {first * 1e3:.0f} ms")
         lines.append(f"  follow-up: {cached * 1e3:.0f} ms with the prefix cache ({cached / first:.0%} of the first), "
                      f"{full * 1e3:.0f} ms recomputed ({full / first:.0%}); identical output: "
-                     f"{r['follow_up_identical_with_cache']}")
+                     f"{r['follow_up_identical_with_cache']} ({r['follow_up_same_chars']} characters agree)")
         lines.append(f"  decode at batch 1: {r['decode_tokens_per_s_batch1']:.1f} tokens/s")
         if bandwidth and "decode_bytes_per_token" in r:
             bound = bandwidth / r["decode_bytes_per_token"]
@@ -209,6 +278,8 @@ async def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compiled-decode", action="store_true", help="only measure static-cache compiled decode")
+    parser.add_argument("--profile", action="store_true", help="profile one question and follow-up first")
     parser.add_argument("--model-dir", type=Path, help="measure this model directory instead of building one")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -221,6 +292,9 @@ async def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+    if args.compiled_decode:
+        print(compiled_decode(model_dir, args.new_tokens))
+        return
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):
@@ -229,7 +303,7 @@ async def main() -> None:
     bandwidth = copy_bandwidth() if cuda else None
     results = []
     for mode in args.modes.split(","):
-        results.append(await measure(model_dir, mode, args.new_tokens, args.reps))
+        results.append(await measure(model_dir, mode, args.new_tokens, args.reps, with_profile=args.profile))
         print(report(device, bandwidth, params, results[-1:]), flush=True)
         if args.json:
             args.json.write_text(json.dumps({"device": device, "bandwidth": bandwidth, "params": params,

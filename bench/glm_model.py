@@ -41,7 +41,7 @@ def glm_config(size: Literal["9b", "tiny"]) -> Any:
 
     # As in the released checkpoints: half the head dims rotate, split over (t, h, w) as 8/12/12.
     rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-            "mrope_section": [8, 12, 12]}
+            "mrope_section": [8, 12, 12] if size == "9b" else [4, 6, 6]}  # sums to a quarter of head_dim
     if size == "9b":
         config = Glm4vConfig(text_config={"rope_parameters": rope})
     else:

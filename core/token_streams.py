@@ -16,19 +16,15 @@ from transformers.generation.streamers import BaseStreamer
 
 __all__ = ["RowStopper", "RowStreamer"]
 
-# Reasoning models mark their thinking with tokens that may be "special"; keep them so that the
-# thinking can be told apart from the answer (core.answer_text drops it).
-_KEPT_SPECIALS = ("<think>", "</think>", "<answer>", "</answer>")
-
-
 class RowStreamer(BaseStreamer):
-    """Decodes each row's new tokens and hands the new text to that row's ``emit``."""
+    """Decodes each row's new tokens, without ``hidden_ids``, and hands the new text to that row's ``emit``."""
 
     def __init__(
         self,
         tokenizer: Any,
         emits: Sequence[Callable[[object], object]],
         eos_ids: set[int],
+        hidden_ids: set[int],
         max_new_tokens: Sequence[int],
         on_row_done: Callable[[int], object],
     ) -> None:
@@ -38,8 +34,7 @@ class RowStreamer(BaseStreamer):
         self._limits = list(max_new_tokens)
         self._on_row_done = on_row_done
         self.generated = [0] * len(self._emits)  # tokens per row, end-of-sequence included
-        kept = {tokenizer.convert_tokens_to_ids(t) for t in _KEPT_SPECIALS if t in tokenizer.get_vocab()}
-        self._drop = set(tokenizer.all_special_ids) - kept
+        self._drop = hidden_ids
         self._tokens: list[list[int]] = [[] for _ in self._emits]
         self._sent = [0] * len(self._emits)
         self._finished = [False] * len(self._emits)

@@ -24,6 +24,7 @@ from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
 from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
+from core.pixel_memo import ImageProcessorMemo
 from core.prefix_cache import Prefix, PrefixCache, common_prefix
 
 __all__ = ["EngineStats", "TransformersEngine"]
@@ -70,6 +71,9 @@ class _Failed:
 
 
 _DONE = object()
+# Reasoning models mark their thinking with tokens that may be "special"; they are kept in the
+# decoded text so that the thinking can be told apart from the answer (core.answer_text drops it).
+_REASONING_MARKERS = frozenset({"<think>", "</think>", "<answer>", "</answer>"})
 
 
 class TransformersEngine:
@@ -109,6 +113,8 @@ class TransformersEngine:
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
         self._image_token_ids: set[int] = set()
+        self._hidden_ids: set[int] = set()
+        self._pixels: ImageProcessorMemo | None = None
         self.stats = EngineStats()
         self.device = "cpu"
 
@@ -124,6 +130,9 @@ class TransformersEngine:
         self.device = self._loaded.device
         self._cache_kw = _cache_keyword(self._loaded.model)
         self._image_token_ids = _image_token_ids(self._loaded.model.config)
+        processor = self._loaded.processor
+        self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
+        self._hidden_ids = _hidden_special_ids(processor.tokenizer)
         if self.device == "cuda":
             import torch
 
@@ -244,10 +253,12 @@ class TransformersEngine:
 
     def _inputs(self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:
         loaded = self.loaded
-        inputs = loaded.processor.apply_chat_template(
-            _messages(images, turns, question),
-            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        )
+        assert self._pixels is not None
+        with self._pixels.expecting([image.sha256 for image in images]):
+            inputs = loaded.processor.apply_chat_template(
+                _messages(images, turns, question),
+                add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            )
         inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
         inputs = inputs.to(loaded.model.device)
         if "pixel_values" in inputs:
@@ -348,7 +359,7 @@ class TransformersEngine:
             self.stats.tokens_generated += streamer.generated[row]  # counted before the asker hears of it
             batch[row].emit(_DONE)
 
-        streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), limits, row_done)
+        streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), self._hidden_ids, limits, row_done)
         stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
         with torch.inference_mode():
             model.generate(
@@ -456,6 +467,15 @@ def _image_token_ids(config: Any) -> set[int]:
         if isinstance(value, int):
             ids.add(value)
     return ids or {-1}
+
+
+def _hidden_special_ids(tokenizer: Any) -> set[int]:
+    """Special tokens left out of answers; reasoning markers are kept for ``ThinkingFilter``.
+
+    Computed once: a 150k-entry vocabulary makes ``get_vocab()`` cost ~100 ms (measured on GLM).
+    """
+    ids = set(tokenizer.all_special_ids)
+    return {i for i in ids if tokenizer.convert_ids_to_tokens(i) not in _REASONING_MARKERS}
 
 
 def _eos_ids(model: Any) -> set[int]:

@@ -1,4 +1,4 @@
-"""The ``imsight`` command: run, ask, tiny-model, demo."""
+"""The ``imsight`` command: run, ask, download-model, tiny-model, demo."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     ask.add_argument("--question", "-q", required=True)
 
+    download = commands.add_parser("download-model", help="fetch a model from the Hugging Face hub (connected hosts)")
+    download.add_argument("model", nargs="?", help="hub id; default: [engine] model from the config")
+    download.add_argument("--config", type=Path, help="for [engine] model and cache_dir (defaults if absent)")
+    download.add_argument("--local-dir", type=Path, help="write a plain directory here, to copy to an offline host")
+    download.add_argument("--revision", help="branch, tag or commit; default: main")
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random test model (answers are noise)")
     tiny.add_argument("dir", type=Path)
 
@@ -37,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("httpx", "httpx2", "httpcore"):  # one line per HTTP request of huggingface_hub
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         if args.command == "run":
             return _run(args.config)
         if args.command == "ask":
             return _ask(args.config, args.images, args.question)
+        if args.command == "download-model":
+            from bot.download import download_model
+
+            return download_model(args.config, args.model, args.local_dir, args.revision)
         if args.command == "tiny-model":
             return _tiny_model(args.dir)
         from bot.demo import demo

@@ -18,6 +18,7 @@ class ThinkingFilter:
     def __init__(self) -> None:
         self._state = "start"  # start -> thinking -> answering
         self._pending = ""
+        self._after_thought = False  # whitespace between </think> and the answer is dropped
 
     def feed(self, text: str) -> str:
         self._pending += text
@@ -36,8 +37,14 @@ class ThinkingFilter:
                 if end < 0:
                     self._pending = self._pending[-(len(_END_THINK) - 1):]  # a tag may be cut in two
                     return ""
-                self._state, self._pending = "answering", self._pending[end + len(_END_THINK):].lstrip()
+                self._state, self._pending = "answering", self._pending[end + len(_END_THINK):]
+                self._after_thought = True
             else:
+                if self._after_thought:
+                    self._pending = self._pending.lstrip()
+                    if not self._pending:
+                        return "".join(out)
+                    self._after_thought = False
                 text, self._pending = _split_partial_tag(self._pending)
                 for tag in _ANSWER_TAGS:
                     text = text.replace(tag, "")

@@ -158,3 +158,26 @@ def test_imsight_run_without_the_model_exits_with_the_fix(tmp_path):
 def test_tiny_model_is_labelled(tiny_model):
     assert json.loads((tiny_model / "config.json").read_text())["imsight_test_model"] is True
     assert "noise" in (tiny_model / "README.txt").read_text()
+
+
+def test_reasoning_is_dropped_from_the_streamed_answer():
+    from core.answer_text import ThinkingFilter
+
+    text = "<think>They ask about the log. Line 3 fails.</think>\n<answer>Line 3 fails: <b>missing</b> file.</answer>"
+    for size in (1, 2, 3, 7, len(text)):  # tags cut anywhere between chunks
+        f = ThinkingFilter()
+        out = "".join(f.feed(text[i:i + size]) for i in range(0, len(text), size)) + f.flush()
+        assert out == "Line 3 fails: <b>missing</b> file.", size
+    plain = ThinkingFilter()
+    assert plain.feed("No thinking <here>") + plain.flush() == "No thinking <here>"
+    unfinished = ThinkingFilter()
+    assert unfinished.feed("<think>still thinking when the tokens ran out") + unfinished.flush() == ""
+
+
+def test_hf_hub_offline_wins_over_allow_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable, match="HF_HUB_OFFLINE is set") as caught:
+        resolve("acme/none", None, allow_download=True, cache_dir=tmp_path)
+    assert str(tmp_path) in str(caught.value) and "imsight download-model acme/none" in str(caught.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert resolve("acme/none", None, allow_download=True, cache_dir=tmp_path).local_files_only is False

@@ -137,3 +137,15 @@ def test_common_prefix():
     assert common_prefix(a, torch.tensor([1, 2, 9, 4])) == 2
     assert common_prefix(a, torch.tensor([7])) == 0
     assert common_prefix(a, torch.tensor([], dtype=torch.long)) == 0
+
+
+async def test_an_image_is_preprocessed_once_for_its_follow_ups(engines):
+    cached, plain = engines
+    image = _image(30)
+    first = await _answer(cached, [image], [], "Q1")
+    computed = cached._pixels.computed
+    turns = [Turn("user", "Q1"), Turn("assistant", first)]
+    assert await _answer(cached, [image], turns, "Q2") == await _answer(plain, [image], turns, "Q2")
+    assert cached._pixels.computed == computed  # the follow-up reused the preprocessed pixels
+    await _answer(cached, [_image(31)], [], "Q1")
+    assert cached._pixels.computed == computed + 1

@@ -1,12 +1,20 @@
-"""A bounded LRU of prefilled conversation prefixes, keyed by the images they are about."""
+"""Bounded LRUs of model state per set of images: prefilled prefixes, encoded image features."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Prefix", "PrefixCache", "common_prefix"]
+__all__ = ["Features", "Prefix", "PrefixCache", "StateCache", "common_prefix"]
+
+
+class _Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+_Entry = TypeVar("_Entry", bound=_Sized)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,24 +27,32 @@ class Prefix:
     nbytes: int
 
 
-class PrefixCache:
-    """One prefix per set of images (their SHA-256s), least recently used evicted beyond ``budget`` bytes."""
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What the vision encoder made of a set of images, as ``generate(mm_encoder_outputs=...)`` takes it."""
+
+    outputs: Any
+    nbytes: int
+
+
+class StateCache(Generic[_Entry]):
+    """One entry per set of images (their SHA-256s), least recently used evicted beyond ``budget`` bytes."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._entries: OrderedDict[tuple[str, ...], Prefix] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[str, ...]) -> Prefix | None:
+    def get(self, key: tuple[str, ...]) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: tuple[str, ...], entry: Prefix) -> None:
+    def put(self, key: tuple[str, ...], entry: _Entry) -> None:
         self.discard(key)
         if entry.nbytes > self.budget:
             return
@@ -61,6 +77,9 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+
+PrefixCache = StateCache[Prefix]
 
 
 def common_prefix(a: Any, b: Any) -> int:

@@ -25,7 +25,7 @@ from core.errors import EngineError
 from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
-from core.prefix_cache import Prefix, PrefixCache, common_prefix
+from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 
 __all__ = ["EngineStats", "TransformersEngine"]
 
@@ -43,6 +43,7 @@ class EngineStats:
     batches: int = 0  # generate() calls with more than one question
     prefix_hits: int = 0
     prefix_misses: int = 0
+    features_hits: int = 0  # no usable prefix, but the images' encoder output was reused
     tokens_reused: int = 0  # prompt tokens not prefilled again thanks to a cached prefix
     tokens_generated: int = 0
     oom_retries: int = 0
@@ -73,6 +74,7 @@ class _Failed:
 _DONE = object()
 # Reasoning models mark their thinking with tokens that may be "special"; they are kept in the
 # decoded text so that the thinking can be told apart from the answer (core.answer_text drops it).
+_PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos", "image_patches"})
 _REASONING_MARKERS = frozenset({"<think>", "</think>", "<answer>", "</answer>"})
 
 
@@ -106,6 +108,9 @@ class TransformersEngine:
         self.max_batch = max_batch
         self._window_s = batch_window_s
         self._prefixes = PrefixCache(prefix_cache_bytes)
+        # The fallback when a prompt does not start with a cached one: skip only the vision encoder.
+        self._features: StateCache[Features] = StateCache(prefix_cache_bytes // 4)
+        self._encodes_ahead = False
         self._warmup = warmup
         self._loaded: LoadedModel | None = None
         self._requests: queue.Queue[_Request | None] = queue.Queue()
@@ -133,6 +138,8 @@ class TransformersEngine:
         processor = self._loaded.processor
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
         self._hidden_ids = _hidden_special_ids(processor.tokenizer)
+        # transformers >= 5.2x encodes images before prefill and accepts the result back.
+        self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
         if self.device == "cuda":
             import torch
 
@@ -151,7 +158,7 @@ class TransformersEngine:
             self._requests.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        self._prefixes.clear()
+        self._clear_caches()
         self._loaded = None
 
     async def answer(
@@ -187,7 +194,7 @@ class TransformersEngine:
         image = PreparedImage("warm-up", Image.new("RGB", (64, 64), (128, 128, 128)))
         async for _ in self.answer([image], [], "Hi", GenerationLimits(max_new_tokens=2)):
             pass
-        self._prefixes.clear()
+        self._clear_caches()
         self.stats = EngineStats()
 
     # -- the engine thread -------------------------------------------------------------------
@@ -233,12 +240,18 @@ class TransformersEngine:
         fresh: list[_Request] = []
         for request in ready:
             hit = self._lookup(request)
-            if hit is None:
+            features = self._features.get(request.key) if hit is None and request.key else None
+            if hit is None and features is None:
                 fresh.append(request)
             else:
-                self._answer_safely([request], hit)
+                self.stats.features_hits += features is not None
+                self._answer_safely([request], hit, features)
         for start in range(0, len(fresh), self.max_batch):
             self._answer_safely(fresh[start:start + self.max_batch], None)
+
+    def _clear_caches(self) -> None:
+        self._prefixes.clear()
+        self._features.clear()
 
     def _render(self, request: _Request) -> bool:
         """The prompt through the processor's chat template; ``False`` (and the error sent) on failure."""
@@ -265,12 +278,14 @@ class TransformersEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
         return inputs
 
-    def _answer_safely(self, batch: list[_Request], hit: tuple[Prefix, int] | None) -> None:
+    def _answer_safely(
+        self, batch: list[_Request], hit: tuple[Prefix, int] | None, features: Features | None = None
+    ) -> None:
         import torch
 
         try:
             try:
-                self._generate(batch, hit)
+                self._generate(batch, hit, features)
             except torch.OutOfMemoryError:
                 self._answer_after_oom(batch)
         except Exception as exc:
@@ -288,7 +303,7 @@ class TransformersEngine:
         self.stats.oom_retries += 1
         log.warning("out of GPU memory answering %d question(s): freeing caches, retrying with smaller images",
                     len(batch))
-        self._prefixes.clear()
+        self._clear_caches()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -328,7 +343,9 @@ class TransformersEngine:
         positions = marks.nonzero()
         return int(positions[-1, 0]) + 1 if len(positions) else len(ids)
 
-    def _generate(self, batch: list[_Request], hit: tuple[Prefix, int] | None) -> None:
+    def _generate(
+        self, batch: list[_Request], hit: tuple[Prefix, int] | None, features: Features | None = None
+    ) -> None:
         import torch
         from transformers import DynamicCache, StoppingCriteriaList
 
@@ -353,6 +370,12 @@ class TransformersEngine:
             inputs.pop("pixel_values", None)  # the images are already in the cache
         else:
             cache = DynamicCache(config=model.config)
+            if len(batch) == 1 and batch[0].key and self._encodes_ahead:
+                with torch.inference_mode():
+                    features = features or self._encode(batch[0].key, inputs)
+                if features is not None:
+                    inputs = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
+                    inputs["mm_encoder_outputs"] = {"image": features.outputs}
         limits = [r.limits.max_new_tokens for r in batch]
 
         def row_done(row: int) -> None:
@@ -372,6 +395,17 @@ class TransformersEngine:
             )
         if len(batch) == 1 and batch[0].key and not self._closing.is_set():
             self._remember(batch[0], cache, prompt_len)
+
+    def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
+        """Run the vision encoder as generate() would, and keep its output for this set of images."""
+        encoded = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
+        outputs = encoded.get("mm_encoder_outputs", {}).get("image")
+        if outputs is None:
+            return None
+        features = Features(outputs, _tensor_bytes(outputs))
+        if self._features.budget > 0:
+            self._features.put(key, features)
+        return features
 
     def _remember(self, request: _Request, cache: Any, prompt_len: int) -> None:
         """Keep the KV cache of this prompt for the conversation's next question."""
@@ -400,7 +434,7 @@ class TransformersEngine:
             return int(available) + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
         evicted = False
-        while free() < _WORKING_RESERVE and self._prefixes.evict_one():
+        while free() < _WORKING_RESERVE and (self._features.evict_one() or self._prefixes.evict_one()):
             evicted = True
         if evicted:
             torch.cuda.empty_cache()
@@ -483,6 +517,17 @@ def _eos_ids(model: Any) -> set[int]:
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor inside an encoder output (a ModelOutput, tuple or tensor)."""
+    if hasattr(value, "element_size"):
+        return int(value.numel() * value.element_size())
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _crop(cache: Any, length: int) -> None:

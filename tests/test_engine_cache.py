@@ -149,3 +149,41 @@ async def test_an_image_is_preprocessed_once_for_its_follow_ups(engines):
     assert cached._pixels.computed == computed  # the follow-up reused the preprocessed pixels
     await _answer(cached, [_image(31)], [], "Q1")
     assert cached._pixels.computed == computed + 1
+
+
+@pytest.fixture(scope="module")
+def text_first_model(tiny_model, tmp_path_factory):
+    """The tiny model with a template that puts the question before the image, as some models' do."""
+    target = tmp_path_factory.mktemp("text-first")
+    for f in tiny_model.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    template = (target / "chat_template.jinja").read_text()
+    template = template.replace(
+        "{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}",
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}",
+    )
+    assert "endfor %}{% for c in" in template
+    (target / "chat_template.jinja").write_text(template)
+    return target
+
+
+async def test_without_a_common_prefix_the_image_features_are_reused(text_first_model):
+    engines = [TransformersEngine(resolve("x", text_first_model, allow_download=False), device="cpu", max_batch=1,
+                                  prefix_cache_bytes=budget) for budget in (2**30, 0)]
+    cached, plain = engines
+    for engine in engines:
+        await engine.start()
+    try:
+        image = _image(40)
+        await _answer(cached, [image], [], "First question")
+        # The other question comes first in the prompt: the cached prefix ends before the image.
+        other = await _answer(cached, [image], [], "Another question")
+        assert other == await _answer(plain, [image], [], "Another question")
+        assert cached.stats.prefix_hits == 0 and cached.stats.features_hits == 1
+        assert plain.stats.features_hits == 0
+    finally:
+        for engine in engines:
+            await engine.stop()

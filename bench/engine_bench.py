@@ -4,10 +4,12 @@ Builds GLM-4.1V/4.6V-Flash's 9B shape from its config (no download; needs a CUDA
 torchvision), saves it, loads it through imsight's own loader and engine in bf16 and in NF4, and
 prints: parameters, weight bytes, peak GPU memory, time to first token for a 1024x768 screenshot,
 a follow-up with and without the prefix cache, decode tokens/s at batch 1, 8 questions batched vs
-one after another, and decode speed against the HBM-bandwidth bound. ``--size tiny`` runs the
-same measurements on a small GLM-shaped model (quick check of the script; figures mean nothing).
+one after another, and decode speed against the HBM-bandwidth bound. Modes: bf16, nf4, and
+bf16-static / nf4-static (``static_cache_tokens = 4096``: compiled decode for single questions).
+``--size tiny`` runs the same measurements on a small GLM-shaped model (quick check of the
+script; figures mean nothing).
 
-    python bench/engine_bench.py --size 9b --modes bf16,nf4 --json results.json
+    python bench/engine_bench.py --size 9b --modes nf4,bf16,bf16-static --json results.json
 """
 
 from __future__ import annotations
@@ -60,40 +62,6 @@ async def timed_answer(engine: TransformersEngine, images: list[PreparedImage], 
 
 def common_chars(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def compiled_decode(model_dir: Path, new_tokens: int) -> str:
-    """Decode at batch 1 with a static KV cache, which makes generate() torch.compile the decode step.
-
-    Not what the engine does (its follow-up cache needs a growable cache); this says what the
-    launch-bound eager loop leaves on the table.
-    """
-    import torch
-
-    from core.model_loading import load
-
-    loaded = load(resolve("bench", model_dir, allow_download=False), quantization="none", dtype="bfloat16")
-    messages = [{"role": "user", "content": [{"type": "image", "image": screenshot(7).image},
-                                             {"type": "text", "text": QUESTION}]}]
-    inputs = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True, return_tensors="pt").to(loaded.model.device)
-    inputs.pop("token_type_ids", None)
-
-    def run(n: int) -> float:
-        started = time.perf_counter()
-        with torch.inference_mode():
-            loaded.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  cache_implementation="static")
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
-
-    first = run(new_tokens)  # compiles
-    one = min(run(1) for _ in range(2))
-    many = min(run(new_tokens) for _ in range(2))
-    rate = (new_tokens - 1) / (many - one)
-    return (f"static cache + torch.compile decode at batch 1 (bf16): {rate:.1f} tokens/s "
-            f"(first call, compiling: {first:.1f} s)")
 
 
 def copy_bandwidth() -> float:
@@ -162,9 +130,9 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     engine = TransformersEngine(
-        resolve("bench", model_dir, allow_download=False), quantization="none" if mode == "bf16" else mode,
+        resolve("bench", model_dir, allow_download=False), quantization="nf4" if mode.startswith("nf4") else "none",
         dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.05,
-        prefix_cache_bytes=4 * GiB, warmup=True,
+        prefix_cache_bytes=4 * GiB, warmup=True, static_cache_tokens=4096 if mode.endswith("-static") else 0,
     )
     started = time.perf_counter()
     await engine.start()
@@ -279,7 +247,6 @@ async def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--compiled-decode", action="store_true", help="only measure static-cache compiled decode")
     parser.add_argument("--profile", action="store_true", help="profile one question and follow-up first")
     parser.add_argument("--model-dir", type=Path, help="measure this model directory instead of building one")
     args = parser.parse_args()
@@ -293,9 +260,6 @@ async def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    if args.compiled_decode:
-        print(compiled_decode(model_dir, args.new_tokens))
-        return
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):

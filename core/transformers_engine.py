@@ -100,6 +100,7 @@ class TransformersEngine:
         batch_window_s: float = 0.02,
         prefix_cache_bytes: int = 1024 * MiB,
         warmup: bool = True,
+        static_cache_tokens: int = 0,
     ) -> None:
         self._source = source
         self._load_args: dict[str, Any] = {
@@ -112,6 +113,10 @@ class TransformersEngine:
         self._features: StateCache[Features] = StateCache(prefix_cache_bytes // 4)
         self._encodes_ahead = False
         self._warmup = warmup
+        # > 0: single questions whose prompt and answer fit generate into one reused static KV
+        # cache of this many tokens, which lets transformers compile the decode step on CUDA.
+        self._static_tokens = static_cache_tokens
+        self._static_cache: Any = None
         self._loaded: LoadedModel | None = None
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -200,10 +205,13 @@ class TransformersEngine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _serve(self) -> None:
+        import torch
+
         while (first := self._requests.get()) is not None:
             batch = [first, *self._gather()]
             try:
-                self._run(batch)
+                with torch.inference_mode():  # every tensor the engine keeps (caches too) is inference-only
+                    self._run(batch)
             except BaseException as exc:
                 log.exception("engine thread: unexpected error")
                 for request in batch:
@@ -361,22 +369,28 @@ class TransformersEngine:
             self.stats.batches += 1
         self.stats.questions += len(batch)
         prompt_len = inputs["input_ids"].shape[1]
+        limits = [r.limits.max_new_tokens for r in batch]
+        static = self._static_for(len(batch), prompt_len + max(limits))
         if hit is not None:
             entry, reuse = hit
-            cache = copy.deepcopy(entry.cache)
-            _crop(cache, reuse)
+            if static is not None:
+                for index, layer in enumerate(entry.cache.layers):
+                    static.update(layer.keys[..., :reuse, :], layer.values[..., :reuse, :], index)
+                cache = static
+            else:
+                cache = copy.deepcopy(entry.cache)
+                _crop(cache, reuse)
             for name, value in entry.extra.items():
                 setattr(model.model, name, value.clone())
             inputs.pop("pixel_values", None)  # the images are already in the cache
         else:
-            cache = DynamicCache(config=model.config)
+            cache = static if static is not None else DynamicCache(config=model.config)
             if len(batch) == 1 and batch[0].key and self._encodes_ahead:
                 with torch.inference_mode():
                     features = features or self._encode(batch[0].key, inputs)
                 if features is not None:
                     inputs = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
                     inputs["mm_encoder_outputs"] = {"image": features.outputs}
-        limits = [r.limits.max_new_tokens for r in batch]
 
         def row_done(row: int) -> None:
             self.stats.tokens_generated += streamer.generated[row]  # counted before the asker hears of it
@@ -396,6 +410,22 @@ class TransformersEngine:
         if len(batch) == 1 and batch[0].key and not self._closing.is_set():
             self._remember(batch[0], cache, prompt_len)
 
+    def _static_for(self, rows: int, tokens: int) -> Any:
+        """The one static cache, emptied, when this generation can use it; else ``None``.
+
+        One cache of one size, reused: its tensors keep their addresses, so the decode step that
+        transformers compiles (and captures as a CUDA graph) at warm-up serves every later question.
+        """
+        if rows != 1 or tokens > self._static_tokens:
+            return None
+        from transformers import StaticCache
+
+        if self._static_cache is None:
+            self._static_cache = StaticCache(config=self.loaded.model.config, max_cache_len=self._static_tokens)
+        else:
+            self._static_cache.reset()
+        return self._static_cache
+
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""
         encoded = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
@@ -411,6 +441,12 @@ class TransformersEngine:
         """Keep the KV cache of this prompt for the conversation's next question."""
         if self._prefixes.budget <= 0:
             return
+        if cache is self._static_cache:  # it is reused by the next question: copy the prompt's part out
+            from transformers import DynamicCache
+
+            static, cache = cache, DynamicCache(config=self.loaded.model.config)
+            for index, layer in enumerate(static.layers):
+                cache.update(layer.keys[..., :prompt_len, :], layer.values[..., :prompt_len, :], index)
         _crop(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
         for layer in getattr(cache, "layers", ()):  # own copies: a cropped view would pin the whole tensor
             for name in ("keys", "values"):

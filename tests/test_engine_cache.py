@@ -187,3 +187,21 @@ async def test_without_a_common_prefix_the_image_features_are_reused(text_first_
     finally:
         for engine in engines:
             await engine.stop()
+
+
+async def test_the_static_cache_answers_the_same_and_keeps_follow_ups_fast(make_engine):
+    # On CUDA, transformers compiles the decode step for a static cache; on a CPU it runs eagerly,
+    # which checks the bookkeeping: prefixes copied in and out of the one reused cache.
+    static = await make_engine(max_batch=1, static_cache_tokens=512)
+    plain = await make_engine(max_batch=1, prefix_cache_bytes=0)
+    image = _image(50)
+    first = await _answer(static, [image], [], "What is on the screen?")
+    assert first == await _answer(plain, [image], [], "What is on the screen?")
+    turns = [Turn("user", "What is on the screen?"), Turn("assistant", first)]
+    follow_up = await _answer(static, [image], turns, "And the error?")
+    assert follow_up == await _answer(plain, [image], turns, "And the error?")
+    assert static.stats.prefix_hits == 1
+    other = _image(51)  # the reused cache holds nothing of the previous question
+    assert await _answer(static, [other], [], "Q") == await _answer(plain, [other], [], "Q")
+    long = GenerationLimits(max_new_tokens=600)  # does not fit: falls back to a growable cache
+    assert await _answer(static, [other], [], "Q", long) == await _answer(plain, [other], [], "Q", long)

@@ -5,7 +5,7 @@ torchvision), saves it, loads it through imsight's own loader and engine in bf16
 prints: parameters, weight bytes, peak GPU memory, time to first token for a 1024x768 screenshot,
 a follow-up with and without the prefix cache, decode tokens/s at batch 1, 8 questions batched vs
 one after another, and decode speed against the HBM-bandwidth bound. Modes: bf16, nf4, and
-bf16-static / nf4-static (``static_cache_tokens = 4096``: compiled decode for single questions).
+bf16-static / nf4-static (``static_cache_tokens = 2048``: compiled decode for single questions).
 ``--size tiny`` runs the same measurements on a small GLM-shaped model (quick check of the
 script; figures mean nothing).
 
@@ -132,7 +132,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization="nf4" if mode.startswith("nf4") else "none",
         dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.05,
-        prefix_cache_bytes=4 * GiB, warmup=True, static_cache_tokens=4096 if mode.endswith("-static") else 0,
+        prefix_cache_bytes=4 * GiB, warmup=True, static_cache_tokens=2048 if mode.endswith("-static") else 0,
     )
     started = time.perf_counter()
     await engine.start()

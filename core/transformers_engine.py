@@ -7,6 +7,7 @@ images reuses the prefilled KV cache of the conversation so far and reads only i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import gc
 import inspect
@@ -145,11 +146,6 @@ class TransformersEngine:
         self._hidden_ids = _hidden_special_ids(processor.tokenizer)
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
-        if self.device == "cuda":
-            import torch
-
-            # cuDNN attention re-plans for every new sequence length (measured: 2x slower steps).
-            torch.backends.cuda.enable_cudnn_sdp(False)
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
         self._thread.start()
         if self._warmup:
@@ -398,7 +394,7 @@ class TransformersEngine:
 
         streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), self._hidden_ids, limits, row_done)
         stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_kernels(static is not None):
             model.generate(
                 **inputs,
                 **{self._cache_kw: cache},
@@ -409,6 +405,16 @@ class TransformersEngine:
             )
         if len(batch) == 1 and batch[0].key and not self._closing.is_set():
             self._remember(batch[0], cache, prompt_len)
+
+    def _attention_kernels(self, static: bool) -> contextlib.AbstractContextManager[None]:
+        """cuDNN attention re-plans for every new sequence length: measured 2x slower steps with a
+        growing cache. A static cache has one length, and there cuDNN beats the fallback kernel.
+        """
+        if self.device != "cuda" or static:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _static_for(self, rows: int, tokens: int) -> Any:
         """The one static cache, emptied, when this generation can use it; else ``None``.

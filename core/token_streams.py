@@ -18,7 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 __all__ = ["RowStopper", "RowStreamer"]
 
 # Text goes out at most this often per question: chats show it in pieces anyway, and every wake-up
-# of the event loop takes the GIL from the generation loop (measured: decode 30 % slower per-token).
+# of the event loop takes the GIL from the generation loop between two decode steps.
 _EMIT_EVERY_S = 0.05
 
 class RowStreamer(BaseStreamer):

@@ -466,20 +466,32 @@ class TransformersEngine:
         self._prefixes.put(request.key, Prefix(ids, cache, extra, _cache_bytes(cache)))
 
     def _make_room(self) -> None:
-        """Evict cached prefixes while the GPU is short of room for a generation."""
+        """Evict cached prefixes and features while the GPU is short of room for a generation."""
         if self.device != "cuda":
             return
         import torch
 
-        def free() -> int:
-            available, _ = torch.cuda.mem_get_info()
-            return int(available) + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-
-        evicted = False
-        while free() < _WORKING_RESERVE and (self._features.evict_one() or self._prefixes.evict_one()):
-            evicted = True
-        if evicted:
+        if make_room(self._free_gpu_bytes, _WORKING_RESERVE, [self._features, self._prefixes]):
             torch.cuda.empty_cache()
+
+    @staticmethod
+    def _free_gpu_bytes() -> int:
+        import torch
+
+        available, _ = torch.cuda.mem_get_info()
+        # Memory torch holds but does not use is free for the next generation too.
+        return int(available) + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+def make_room(free: Callable[[], int], reserve: int, caches: Sequence[StateCache[Any]]) -> bool:
+    """Evict from ``caches``, in order, least recently used first, until ``free()`` reaches ``reserve``.
+
+    Returns whether anything was evicted (the caller then returns the memory to the device).
+    """
+    evicted = False
+    while free() < reserve and any(cache.evict_one() for cache in caches):
+        evicted = True
+    return evicted
 
 
 def _messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> list[dict[str, Any]]:

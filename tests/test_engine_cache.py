@@ -205,3 +205,27 @@ async def test_the_static_cache_answers_the_same_and_keeps_follow_ups_fast(make_
     assert await _answer(static, [other], [], "Q") == await _answer(plain, [other], [], "Q")
     long = GenerationLimits(max_new_tokens=600)  # does not fit: falls back to a growable cache
     assert await _answer(static, [other], [], "Q", long) == await _answer(plain, [other], [], "Q", long)
+
+
+def test_caches_give_way_when_the_gpu_is_short_of_room():
+    from core.prefix_cache import Features, StateCache
+    from core.transformers_engine import make_room
+
+    prefixes: PrefixCache = PrefixCache(budget=10_000)
+    features: StateCache[Features] = StateCache(budget=10_000)
+    for n in range(3):
+        prefixes.put((f"p{n}",), Prefix(torch.tensor([n]), None, {}, 1000))
+        features.put((f"f{n}",), Features(None, 500))
+    device_free = 1200  # what a real device would report; each eviction frees the entry's bytes
+
+    def free() -> int:
+        return device_free + (3 * 1000 - prefixes.nbytes) + (3 * 500 - features.nbytes)
+
+    assert make_room(free, 2000, [features, prefixes])
+    assert len(features) == 1  # features go first: they are cheaper to rebuild than a whole prefix
+    assert len(prefixes) == 3 and free() >= 2000
+    assert make_room(free, 4500, [features, prefixes])
+    assert len(features) == 0 and len(prefixes) == 1 and prefixes.get(("p2",)) is not None  # oldest out first
+    assert not make_room(free, 100, [features, prefixes])  # enough room: nothing to do
+    assert make_room(free, 10**9, [features, prefixes]) and len(prefixes) == 0  # all of it, if need be
+    assert not make_room(free, 10**9, [features, prefixes])  # nothing left to give

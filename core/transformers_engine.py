@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import copy
 import gc
-import inspect
 import logging
 import queue
 import threading
@@ -23,10 +22,21 @@ from typing import Any
 from core.answer_text import ThinkingFilter
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
+from core.kv_cache import (
+    cache_bytes,
+    cache_keyword,
+    compact_copy,
+    copy_prefix_into,
+    crop_to,
+    make_room,
+    own_storage,
+    tensor_bytes,
+)
 from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
+from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids, left_padded
 
 __all__ = ["EngineStats", "TransformersEngine"]
 
@@ -139,11 +149,11 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         self._loaded = await loop.run_in_executor(None, lambda: load(self._source, **self._load_args))
         self.device = self._loaded.device
-        self._cache_kw = _cache_keyword(self._loaded.model)
-        self._image_token_ids = _image_token_ids(self._loaded.model.config)
+        self._cache_kw = cache_keyword(self._loaded.model)
+        self._image_token_ids = image_token_ids(self._loaded.model.config)
         processor = self._loaded.processor
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
-        self._hidden_ids = _hidden_special_ids(processor.tokenizer)
+        self._hidden_ids = hidden_special_ids(processor.tokenizer)
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
@@ -273,7 +283,7 @@ class TransformersEngine:
         assert self._pixels is not None
         with self._pixels.expecting([image.sha256 for image in images]):
             inputs = loaded.processor.apply_chat_template(
-                _messages(images, turns, question),
+                chat_messages(images, turns, question),
                 add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
             )
         inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
@@ -314,7 +324,7 @@ class TransformersEngine:
         for request in batch:
             if request.streamed:
                 raise EngineError("out of GPU memory in the middle of an answer")
-            request.images = [_halved(image) for image in request.images]
+            request.images = [halved(image) for image in request.images]
             request.inputs = self._inputs(request.images, request.turns, request.question)
             try:
                 self._generate([request], None)
@@ -361,7 +371,7 @@ class TransformersEngine:
         if len(batch) == 1:
             inputs = dict(batch[0].inputs)
         else:
-            inputs = _left_padded([r.inputs for r in batch], tokenizer.pad_token_id)
+            inputs = left_padded([r.inputs for r in batch], tokenizer.pad_token_id)
             self.stats.batches += 1
         self.stats.questions += len(batch)
         prompt_len = inputs["input_ids"].shape[1]
@@ -370,12 +380,11 @@ class TransformersEngine:
         if hit is not None:
             entry, reuse = hit
             if static is not None:
-                for index, layer in enumerate(entry.cache.layers):
-                    static.update(layer.keys[..., :reuse, :], layer.values[..., :reuse, :], index)
+                copy_prefix_into(static, entry.cache, reuse)
                 cache = static
             else:
                 cache = copy.deepcopy(entry.cache)
-                _crop(cache, reuse)
+                crop_to(cache, reuse)
             for name, value in entry.extra.items():
                 setattr(model.model, name, value.clone())
             inputs.pop("pixel_values", None)  # the images are already in the cache
@@ -392,7 +401,7 @@ class TransformersEngine:
             self.stats.tokens_generated += streamer.generated[row]  # counted before the asker hears of it
             batch[row].emit(_DONE)
 
-        streamer = RowStreamer(tokenizer, [r.send for r in batch], _eos_ids(model), self._hidden_ids, limits, row_done)
+        streamer = RowStreamer(tokenizer, [r.send for r in batch], eos_ids(model), self._hidden_ids, limits, row_done)
         stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
         with torch.inference_mode(), self._attention_kernels(static is not None):
             model.generate(
@@ -438,7 +447,7 @@ class TransformersEngine:
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
         if outputs is None:
             return None
-        features = Features(outputs, _tensor_bytes(outputs))
+        features = Features(outputs, tensor_bytes(outputs))
         if self._features.budget > 0:
             self._features.put(key, features)
         return features
@@ -448,22 +457,16 @@ class TransformersEngine:
         if self._prefixes.budget <= 0:
             return
         if cache is self._static_cache:  # it is reused by the next question: copy the prompt's part out
-            from transformers import DynamicCache
-
-            static, cache = cache, DynamicCache(config=self.loaded.model.config)
-            for index, layer in enumerate(static.layers):
-                cache.update(layer.keys[..., :prompt_len, :], layer.values[..., :prompt_len, :], index)
-        _crop(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
-        for layer in getattr(cache, "layers", ()):  # own copies: a cropped view would pin the whole tensor
-            for name in ("keys", "values"):
-                if hasattr(getattr(layer, name, None), "clone"):
-                    setattr(layer, name, getattr(layer, name).clone())
+            cache = compact_copy(cache, prompt_len, self.loaded.model.config)
+        else:
+            crop_to(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
+            own_storage(cache)
         extra = {}
         rope_deltas = getattr(getattr(self.loaded.model, "model", None), "rope_deltas", None)
         if rope_deltas is not None:  # M-RoPE: the position offset the image left behind
             extra["rope_deltas"] = rope_deltas.clone()
         ids = request.inputs["input_ids"][0]
-        self._prefixes.put(request.key, Prefix(ids, cache, extra, _cache_bytes(cache)))
+        self._prefixes.put(request.key, Prefix(ids, cache, extra, cache_bytes(cache)))
 
     def _make_room(self) -> None:
         """Evict cached prefixes and features while the GPU is short of room for a generation."""
@@ -481,120 +484,3 @@ class TransformersEngine:
         available, _ = torch.cuda.mem_get_info()
         # Memory torch holds but does not use is free for the next generation too.
         return int(available) + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-
-
-def make_room(free: Callable[[], int], reserve: int, caches: Sequence[StateCache[Any]]) -> bool:
-    """Evict from ``caches``, in order, least recently used first, until ``free()`` reaches ``reserve``.
-
-    Returns whether anything was evicted (the caller then returns the memory to the device).
-    """
-    evicted = False
-    while free() < reserve and any(cache.evict_one() for cache in caches):
-        evicted = True
-    return evicted
-
-
-def _messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> list[dict[str, Any]]:
-    """Chat messages with the images at the start of the first user turn.
-
-    The images stay in the first user message, so the rendered prompt of a follow-up extends the
-    earlier one (a stable prefix for caching) and models that allow one image per sequence work.
-    Only pixels go in: no file name or path reaches the prompt.
-    """
-    content_images: list[dict[str, Any]] = [{"type": "image", "image": p.image} for p in images]
-    messages: list[dict[str, Any]] = []
-    for turn in [*turns, Turn("user", question)]:
-        role = "user" if turn.role == "user" else "assistant"
-        content: list[dict[str, Any]] = [{"type": "text", "text": turn.text}]
-        if role == "user" and content_images:
-            content = [*content_images, *content]
-            content_images = []
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _left_padded(rendered: list[Any], pad_id: int) -> dict[str, Any]:
-    """Several single-prompt inputs as one batch: sequences padded on the left, images concatenated.
-
-    Left padding keeps every prompt's last token in the last column, where generation continues.
-    """
-    import torch
-
-    width = max(r["input_ids"].shape[1] for r in rendered)
-    batch: dict[str, Any] = {}
-    for key in rendered[0]:
-        values = [r[key] for r in rendered]
-        if all(v.dim() == 2 and v.shape[1] == r["input_ids"].shape[1] for v, r in zip(values, rendered, strict=True)):
-            fill = pad_id if key == "input_ids" else 0
-            batch[key] = torch.cat([
-                torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values
-            ])
-        else:
-            batch[key] = torch.cat(values)  # pixel values, image grids: one row per image
-    return batch
-
-
-def _halved(image: PreparedImage) -> PreparedImage:
-    from PIL import Image
-
-    w, h = image.image.size
-    smaller = image.image.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.LANCZOS)
-    return PreparedImage(image.sha256 + ":half", smaller)
-
-
-def _cache_keyword(model: Any) -> str:
-    """transformers 5.2x renamed generate's ``past_key_values`` to ``cache``; older 5.x know only the first."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _image_token_ids(config: Any) -> set[int]:
-    ids: set[int] = set()
-    for name in ("image_token_id", "image_token_index", "image_start_token_id", "image_end_token_id",
-                 "boi_token_id", "eoi_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return ids or {-1}
-
-
-def _hidden_special_ids(tokenizer: Any) -> set[int]:
-    """Special tokens left out of answers; reasoning markers are kept for ``ThinkingFilter``.
-
-    Computed once: a 150k-entry vocabulary makes ``get_vocab()`` cost ~100 ms (measured on GLM).
-    """
-    ids = set(tokenizer.all_special_ids)
-    return {i for i in ids if tokenizer.convert_ids_to_tokens(i) not in _REASONING_MARKERS}
-
-
-def _eos_ids(model: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
-
-
-def _tensor_bytes(value: Any) -> int:
-    """Bytes of every tensor inside an encoder output (a ModelOutput, tuple or tensor)."""
-    if hasattr(value, "element_size"):
-        return int(value.numel() * value.element_size())
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-def _crop(cache: Any, length: int) -> None:
-    """Keep the first ``length`` tokens (``crop`` counts from the end in 5.2x: negative values work everywhere)."""
-    surplus = cache.get_seq_length() - length
-    if surplus > 0:
-        cache.crop(-surplus)
-
-
-def _cache_bytes(cache: Any) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None and hasattr(tensor, "numel"):
-                total += tensor.numel() * tensor.element_size()
-    return total

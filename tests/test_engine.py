@@ -13,7 +13,8 @@ from PIL import Image
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import ModelUnavailable
 from core.model_files import resolve
-from core.transformers_engine import TransformersEngine, _messages
+from core.prompt_inputs import chat_messages
+from core.transformers_engine import TransformersEngine
 
 LIMITS = GenerationLimits(max_new_tokens=12)
 
@@ -70,7 +71,7 @@ async def test_earlier_turns_change_the_answer(engine):
 
 def test_images_go_first_in_the_first_user_turn():
     image = _image((1, 2, 3))
-    messages = _messages([image], [Turn("user", "q1"), Turn("assistant", "a1")], "q2")
+    messages = chat_messages([image], [Turn("user", "q1"), Turn("assistant", "a1")], "q2")
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert [c["type"] for c in messages[0]["content"]] == ["image", "text"]
     assert messages[2]["content"] == [{"type": "text", "text": "q2"}]

@@ -208,8 +208,8 @@ async def test_the_static_cache_answers_the_same_and_keeps_follow_ups_fast(make_
 
 
 def test_caches_give_way_when_the_gpu_is_short_of_room():
+    from core.kv_cache import make_room
     from core.prefix_cache import Features, StateCache
-    from core.transformers_engine import make_room
 
     prefixes: PrefixCache = PrefixCache(budget=10_000)
     features: StateCache[Features] = StateCache(budget=10_000)

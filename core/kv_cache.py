@@ -1,0 +1,78 @@
+"""KV caches and other model state kept between questions: sizes, cropping, copying, eviction."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from core.prefix_cache import StateCache
+
+__all__ = ["cache_bytes", "cache_keyword", "compact_copy", "copy_prefix_into", "crop_to", "make_room", "own_storage",
+           "tensor_bytes"]
+
+
+def make_room(free: Callable[[], int], reserve: int, caches: Sequence[StateCache[Any]]) -> bool:
+    """Evict from ``caches``, in order, least recently used first, until ``free()`` reaches ``reserve``.
+
+    Returns whether anything was evicted (the caller then returns the memory to the device).
+    """
+    evicted = False
+    while free() < reserve and any(cache.evict_one() for cache in caches):
+        evicted = True
+    return evicted
+
+
+def cache_keyword(model: Any) -> str:
+    """transformers 5.2x renamed generate's ``past_key_values`` to ``cache``; older 5.x know only the first."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor inside an encoder output (a ModelOutput, tuple or tensor)."""
+    if hasattr(value, "element_size"):
+        return int(value.numel() * value.element_size())
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def crop_to(cache: Any, length: int) -> None:
+    """Keep the first ``length`` tokens (``crop`` counts from the end in 5.2x: negative values work everywhere)."""
+    surplus = cache.get_seq_length() - length
+    if surplus > 0:
+        cache.crop(-surplus)
+
+
+def cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None and hasattr(tensor, "numel"):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def copy_prefix_into(target: Any, source: Any, length: int) -> None:
+    """Append the first ``length`` tokens of ``source`` to an empty ``target`` cache, layer by layer."""
+    for index, layer in enumerate(source.layers):
+        target.update(layer.keys[..., :length, :], layer.values[..., :length, :], index)
+
+
+def compact_copy(source: Any, length: int, config: Any) -> Any:
+    """A growable cache holding its own copy of the first ``length`` tokens of ``source``."""
+    from transformers import DynamicCache
+
+    copy: Any = DynamicCache(config=config)
+    copy_prefix_into(copy, source, length)
+    own_storage(copy)
+    return copy
+
+
+def own_storage(cache: Any) -> None:
+    """Give each layer its own tensors: a cropped or sliced view would pin the whole source in memory."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()

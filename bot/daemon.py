@@ -112,6 +112,9 @@ class Daemon:
 
         await engine.start()
         stack.push_async_callback(engine.stop)
+        if engine.max_batch > cfg.engine.workers:
+            log.warning("[engine] workers = %d < max_batch = %d: batches never hold more than %d questions",
+                        cfg.engine.workers, engine.max_batch, cfg.engine.workers)
 
         watch = JobWatch()
         workers = Workers(

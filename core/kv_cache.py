@@ -55,18 +55,19 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
-def copy_prefix_into(target: Any, source: Any, length: int) -> None:
-    """Append the first ``length`` tokens of ``source`` to an empty ``target`` cache, layer by layer."""
+def copy_prefix_into(target: Any, source: Any, length: int, *, row: int | None = None, start: int = 0) -> None:
+    """Append tokens ``start:length`` of ``source`` (of one batch ``row``, or all) to an empty ``target``."""
+    rows = slice(None) if row is None else slice(row, row + 1)
     for index, layer in enumerate(source.layers):
-        target.update(layer.keys[..., :length, :], layer.values[..., :length, :], index)
+        target.update(layer.keys[rows, :, start:length, :], layer.values[rows, :, start:length, :], index)
 
 
-def compact_copy(source: Any, length: int, config: Any) -> Any:
-    """A growable cache holding its own copy of the first ``length`` tokens of ``source``."""
+def compact_copy(source: Any, length: int, config: Any, *, row: int | None = None, start: int = 0) -> Any:
+    """A growable cache holding its own copy of tokens ``start:length`` of ``source`` (one ``row`` of it)."""
     from transformers import DynamicCache
 
     copy: Any = DynamicCache(config=config)
-    copy_prefix_into(copy, source, length)
+    copy_prefix_into(copy, source, length, row=row, start=start)
     own_storage(copy)
     return copy
 

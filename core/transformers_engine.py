@@ -123,6 +123,7 @@ class TransformersEngine:
         # The fallback when a prompt does not start with a cached one: skip only the vision encoder.
         self._features: StateCache[Features] = StateCache(prefix_cache_bytes // 4)
         self._encodes_ahead = False
+        self._rows_separable = False
         self._warmup = warmup
         # > 0: single questions whose prompt and answer fit generate into one reused static KV
         # cache of this many tokens, which lets transformers compile the decode step on CUDA.
@@ -154,6 +155,9 @@ class TransformersEngine:
         processor = self._loaded.processor
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
         self._hidden_ids = hidden_special_ids(processor.tokenizer)
+        # M-RoPE models keep one position offset per batch row, which padding shifts: their rows
+        # are not cut out of a batch (a single question's prefix still is).
+        self._rows_separable = not hasattr(getattr(self._loaded.model, "model", None), "rope_deltas")
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
@@ -412,8 +416,13 @@ class TransformersEngine:
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stopper]),
             )
-        if len(batch) == 1 and batch[0].key and not self._closing.is_set():
-            self._remember(batch[0], cache, prompt_len)
+        if self._closing.is_set():
+            return
+        if len(batch) == 1:
+            if batch[0].key:
+                self._remember(batch[0], cache, prompt_len)
+        elif self._rows_separable:
+            self._remember_rows(batch, cache, prompt_len)
 
     def _attention_kernels(self, static: bool) -> contextlib.AbstractContextManager[None]:
         """cuDNN attention re-plans for every new sequence length: measured 2x slower steps with a
@@ -467,6 +476,21 @@ class TransformersEngine:
             extra["rope_deltas"] = rope_deltas.clone()
         ids = request.inputs["input_ids"][0]
         self._prefixes.put(request.key, Prefix(ids, cache, extra, cache_bytes(cache)))
+
+    def _remember_rows(self, batch: list[_Request], cache: Any, width: int) -> None:
+        """Keep each question's own prompt out of a left-padded batch, so its follow-ups are fast too.
+
+        Row ``i`` holds its prompt in the last ``len_i`` columns, at positions 0..len_i-1 (they
+        were counted from the attention mask, padding skipped): exactly what it alone would hold.
+        """
+        if self._prefixes.budget <= 0:
+            return
+        for row, request in enumerate(batch):
+            ids = request.inputs["input_ids"][0]
+            if not request.key:
+                continue
+            prefix = compact_copy(cache, width, self.loaded.model.config, row=row, start=width - len(ids))
+            self._prefixes.put(request.key, Prefix(ids, prefix, {}, cache_bytes(prefix)))
 
     def _make_room(self) -> None:
         """Evict cached prefixes and features while the GPU is short of room for a generation."""

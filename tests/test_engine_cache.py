@@ -229,3 +229,16 @@ def test_caches_give_way_when_the_gpu_is_short_of_room():
     assert not make_room(free, 100, [features, prefixes])  # enough room: nothing to do
     assert make_room(free, 10**9, [features, prefixes]) and len(prefixes) == 0  # all of it, if need be
     assert not make_room(free, 10**9, [features, prefixes])  # nothing left to give
+
+
+async def test_follow_ups_to_a_batch_use_each_question_s_own_prefix(make_engine):
+    batching = await make_engine(max_batch=8, batch_window_s=0.5)
+    plain = await make_engine(max_batch=1, prefix_cache_bytes=0)
+    asks = [([_image(60 + n)], "Why" + "?" * n) for n in range(3)]  # different lengths: padded rows
+    firsts = await asyncio.gather(*[_answer(batching, images, [], q) for images, q in asks])
+    assert batching.stats.batches == 1
+    await eventually(lambda: len(batching._prefixes) == 3)
+    for (images, q), first in zip(asks, firsts, strict=True):
+        turns = [Turn("user", q), Turn("assistant", first)]
+        assert await _answer(batching, images, turns, "And then?") == await _answer(plain, images, turns, "And then?")
+    assert batching.stats.prefix_hits == 3

@@ -12,7 +12,10 @@ import pytest
 
 from bot.config import Config, parse
 from bot.daemon import Daemon
+from core.engine import Engine
+from core.model_files import resolve
 from core.tiny_model import build_tiny_model
+from core.transformers_engine import TransformersEngine
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +67,29 @@ def daemon(make_config: Callable[..., Config]) -> Callable[..., Any]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[[Any], Any]]:
+    """``await started(engine)`` starts an engine and stops it when the test ends."""
+    running: list[Engine] = []
+
+    async def start(engine: Any) -> Any:
+        await engine.start()
+        running.append(engine)
+        return engine
+
+    yield start
+    for engine in running:
+        await engine.stop()
+
+
+@pytest.fixture
+def make_engine(tiny_model: Path, started: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``await make_engine(**options)``: a started transformers engine on the tiny model, on the CPU."""
+
+    async def make(**options: Any) -> TransformersEngine:
+        engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", **options)
+        return await started(engine)  # type: ignore[no-any-return]
+
+    return make

@@ -16,6 +16,7 @@ class FakeHub:
     repo: str  # "org/name"
     files: Path  # the model directory it serves
     requests: list[str] = field(default_factory=list)
+    url: str = ""
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])

@@ -8,11 +8,14 @@ import inspect
 import io
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
@@ -58,6 +61,19 @@ def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -
         "webhook-signature": Webhook(secret).sign(msg_id, now, body.decode()),
         "Content-Type": "application/json",
     }
+
+
+@asynccontextmanager
+async def loopback(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 (a free port) for the duration of the block; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 async def eventually(check: Any, timeout_s: float = 30, step_s: float = 0.02) -> Any:

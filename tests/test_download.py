@@ -7,20 +7,17 @@ import os
 import sys
 
 import pytest
-from aiohttp import web
 from fake_hub import COMMIT, FakeHub
+
+from helpers import loopback
 
 
 @pytest.fixture
 async def hub(tiny_model):
     fake = FakeHub("acme/tiny", tiny_model)
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield fake
-    await runner.cleanup()
+    async with loopback(fake.app()) as url:
+        fake.url = url
+        yield fake
 
 
 async def _imsight(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

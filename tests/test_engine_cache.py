@@ -27,21 +27,6 @@ async def _answer(engine, images, turns, question, limits=LIMITS) -> str:
 
 
 @pytest.fixture
-async def make_engine(tiny_model):
-    started: list[TransformersEngine] = []
-
-    async def make(**options) -> TransformersEngine:
-        engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", **options)
-        await engine.start()
-        started.append(engine)
-        return engine
-
-    yield make
-    for engine in started:
-        await engine.stop()
-
-
-@pytest.fixture
 async def engines(make_engine):
     cached = await make_engine(max_batch=1)
     plain = await make_engine(max_batch=1, prefix_cache_bytes=0)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import socket
 
 import pytest
-from aiohttp import web
 from fake_openai import KEY, MODEL, FakeOpenAI
 from PIL import Image
 
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
 from core.openai_engine import OpenAIEngine
-from helpers import b64, png, post
+from helpers import b64, loopback, png, post
 
 LIMITS = GenerationLimits(max_new_tokens=64)
 IMAGE = PreparedImage("c" * 64, Image.new("RGB", (64, 48), (1, 2, 3)))
@@ -21,28 +20,17 @@ IMAGE = PreparedImage("c" * 64, Image.new("RGB", (64, 48), (1, 2, 3)))
 @pytest.fixture
 async def server():
     fake = FakeOpenAI()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    yield fake
-    await runner.cleanup()
+    async with loopback(fake.app()) as url:
+        fake.url = f"{url}/v1"
+        yield fake
 
 
 @pytest.fixture
-async def make_engine():
-    started: list[OpenAIEngine] = []
-
+def make_engine(started):
     async def make(url: str, **options) -> OpenAIEngine:
-        engine = OpenAIEngine(url, **{"model": MODEL, "api_key": KEY, "retry_base_s": 0.01, **options})
-        await engine.start()
-        started.append(engine)
-        return engine
+        return await started(OpenAIEngine(url, **{"model": MODEL, "api_key": KEY, "retry_base_s": 0.01, **options}))
 
-    yield make
-    for engine in started:
-        await engine.stop()
+    return make
 
 
 async def _answer(engine, images, turns, question) -> str:

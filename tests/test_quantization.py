@@ -9,9 +9,7 @@ from PIL import Image
 from core.engine import GenerationLimits, PreparedImage
 from core.errors import EngineError, ModelUnavailable
 from core.memory import Estimate, GiB, ensure_fits, estimate
-from core.model_files import resolve
 from core.quantization import pick_mode, unquantised_modules
-from core.transformers_engine import TransformersEngine
 from helpers import eventually
 
 LIMITS = GenerationLimits(max_new_tokens=6)
@@ -21,21 +19,6 @@ KEPT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 async def _answer(engine, question="What is it?") -> str:
     return "".join([c async for c in engine.answer([IMAGE], [], question, LIMITS)])
-
-
-@pytest.fixture
-async def make_engine(tiny_model):
-    started: list[TransformersEngine] = []
-
-    async def make(**options) -> TransformersEngine:
-        engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", **options)
-        await engine.start()
-        started.append(engine)
-        return engine
-
-    yield make
-    for engine in started:
-        await engine.stop()
 
 
 def _linear_kinds(model) -> dict[str, str]:

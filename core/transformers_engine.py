@@ -148,6 +148,7 @@ class TransformersEngine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._closing.clear()
         self._loaded = await loop.run_in_executor(None, lambda: load(self._source, **self._load_args))
         self.device = self._loaded.device
         self._cache_kw = cache_keyword(self._loaded.model)
@@ -164,7 +165,11 @@ class TransformersEngine:
         self._thread.start()
         if self._warmup:
             started = time.monotonic()
-            await self._warm_up()
+            try:
+                await self._warm_up()
+            except BaseException:
+                await self.stop()  # a model that cannot answer a dummy question will not answer real ones
+                raise
             log.info("engine warmed up in %.2fs", time.monotonic() - started)
 
     async def stop(self) -> None:
@@ -183,8 +188,8 @@ class TransformersEngine:
         question: str,
         limits: GenerationLimits,
     ) -> AsyncIterator[str]:
-        if self._thread is None:
-            raise EngineError("engine is not started")
+        if self._thread is None or self._closing.is_set():
+            raise EngineError("engine is not started" if self._thread is None else "engine is stopping")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
         request = _Request(images, turns, question, limits,

@@ -77,8 +77,20 @@ class WebhookConfig(_Section):
     callback_attempts: int = Field(5, ge=1)
 
 
+class TelegramConfig(_Section):
+    enabled: bool = False
+    token: SecretStr | None = None  # from @BotFather
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None  # public https URL whose path routes to this daemon
+    secret_token: SecretStr | None = None  # webhook mode: 1-256 of A-Z a-z 0-9 _ -
+    allowed_chats: list[str] = Field(default_factory=list)  # chat ids; empty: every chat the bot is in
+    base_url: str | None = None  # a self-hosted Bot API server, e.g. "http://127.0.0.1:8081/bot"
+    base_file_url: str | None = None  # default: /file/bot on the host of base_url
+
+
 class AdaptersConfig(_Section):
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+    telegram: TelegramConfig = Field(default_factory=TelegramConfig)
 
 
 class Config(_Section):
@@ -95,6 +107,8 @@ ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
     "IMSIGHT_WEBHOOK_TOKEN": ("adapters", "webhook", "token"),
     "IMSIGHT_WEBHOOK_SECRET": ("adapters", "webhook", "secret"),
     "IMSIGHT_ENGINE_API_KEY": ("engine", "api_key"),
+    "IMSIGHT_TELEGRAM_TOKEN": ("adapters", "telegram", "token"),
+    "IMSIGHT_TELEGRAM_SECRET_TOKEN": ("adapters", "telegram", "secret_token"),
 }
 
 
@@ -143,6 +157,6 @@ def _first_problem(exc: ValidationError) -> str:
     if kind == "missing":
         return f"{key}: required value missing"
     value = error.get("input")
-    secret = error["loc"][-1] in {"token", "secret", "api_key"}  # never echo what may be a credential
+    secret = error["loc"][-1] in {"token", "secret", "api_key", "secret_token"}  # never echo what may be a credential
     shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
     return f"{key}: {error['msg']}{shown}"

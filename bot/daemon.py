@@ -18,6 +18,7 @@ from bot.watch import JobWatch
 from bot.web import WebServer
 from bot.workers import Workers
 from core.engine import Engine, GenerationLimits
+from core.errors import AdapterError, ConfigError
 from core.images import ImageLimits
 from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
@@ -70,6 +71,21 @@ def build_adapters(config: Config) -> list[Adapter]:
             fetch_timeout_s=hook.fetch_timeout_seconds,
             wait_s=hook.wait_seconds,
         ))
+    telegram = config.adapters.telegram
+    if telegram.enabled:
+        from adapters.telegram import TelegramAdapter
+
+        if telegram.token is None:
+            raise ConfigError("adapters.telegram.token: required when telegram is enabled (or IMSIGHT_TELEGRAM_TOKEN)")
+        try:
+            adapters.append(TelegramAdapter(
+                telegram.token.get_secret_value(), mode=telegram.mode, webhook_url=telegram.webhook_url,
+                secret_token=telegram.secret_token.get_secret_value() if telegram.secret_token else None,
+                allowed_chats=telegram.allowed_chats, base_url=telegram.base_url,
+                base_file_url=telegram.base_file_url,
+            ))
+        except AdapterError as exc:
+            raise ConfigError(f"adapters.telegram: {exc}") from None
     return adapters
 
 

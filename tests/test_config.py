@@ -25,8 +25,9 @@ def test_the_example_config_loads_and_shows_every_key():
                 continue
             shown = f"\n{key} =" in text or f"\n# {key} =" in text  # optional keys are shown commented out
             assert shown, f"[{section}] {key} is missing from config.example.toml"
-    for key in type(config.adapters.webhook).model_fields:
-        assert f"{key} =" in text, f"[adapters.webhook] {key} is missing from config.example.toml"
+    for name, adapter in config.adapters:
+        for key in type(adapter).model_fields:
+            assert f"{key} =" in text, f"[adapters.{name}] {key} is missing from config.example.toml"
 
 
 @pytest.mark.parametrize(("raw", "message"), [

@@ -1,0 +1,257 @@
+"""Telegram, through python-telegram-bot (v22): long polling, or a webhook on the daemon's server.
+
+Each message becomes an ``Incoming``: photos (largest size) and image documents are named by
+file id and downloaded by the daemon after the update is taken in. A reply to an image the bot
+never saw (privacy mode hides group messages that do not address it) brings that image along: the
+replied-to message is taken in first, then the question that replies to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+
+from core.errors import AdapterError
+from core.types import Host, ImageRef, Incoming, Reply
+
+__all__ = ["TelegramAdapter", "split_text"]
+
+log = logging.getLogger(__name__)
+
+# python-telegram-bot 22.2+ warns on every RetryAfter unless durations are opted in as timedeltas
+# (the coming default); the code below reads either.
+os.environ.setdefault("PTB_TIMEDELTA", "1")
+
+MAX_TEXT = 4096  # characters per Telegram message
+MAX_DOWNLOAD = 20 * 2**20  # the Bot API's download limit
+WEBHOOK_PATH = "/telegram/webhook"
+_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+class TelegramAdapter:
+    name = "telegram"
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        mode: Literal["polling", "webhook"] = "polling",
+        webhook_url: str | None = None,
+        secret_token: str | None = None,
+        allowed_chats: Iterable[str] = (),
+        base_url: str | None = None,
+        base_file_url: str | None = None,
+        poll_timeout_s: int = 10,
+    ) -> None:
+        if mode == "webhook" and not (webhook_url and secret_token):
+            raise AdapterError(self.name, "webhook mode needs webhook_url and secret_token", retryable=False)
+        if secret_token is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret_token):
+            raise AdapterError(self.name, "secret_token must be 1-256 characters of A-Z, a-z, 0-9, _ and -",
+                               retryable=False)
+        self._token = token
+        self._mode = mode
+        self._webhook_url = webhook_url
+        self._secret = secret_token
+        self._allowed = {str(c) for c in allowed_chats}
+        self._base_url = base_url
+        self._base_file_url = base_file_url or (default_file_url(base_url) if base_url else None)
+        self._poll_timeout_s = poll_timeout_s
+        self._app: Any = None
+        self._host: Host | None = None
+        self._me: Any = None
+
+    def mount(self, app: web.Application) -> None:
+        if self._mode == "webhook":
+            app.router.add_post(urlsplit(self._webhook_url or "").path or WEBHOOK_PATH, self._on_webhook)
+
+    async def start(self, host: Host) -> None:
+        from telegram.ext import ApplicationBuilder, MessageHandler, filters
+
+        self._host = host
+        builder = ApplicationBuilder().token(self._token)
+        if self._base_url:
+            builder = builder.base_url(self._base_url).base_file_url(self._base_file_url or "")
+        if self._mode == "webhook":
+            builder = builder.updater(None)  # updates come through our own server
+        self._app = builder.build()
+        self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        await self._app.initialize()  # getMe
+        self._me = self._app.bot.bot
+        if not self._me.can_read_all_group_messages:
+            log.warning("telegram bot @%s has privacy mode on: in groups it sees only messages that mention "
+                        "or reply to it (see the README to turn it off)", self._me.username)
+        if self._mode == "polling":
+            await self._app.updater.start_polling(timeout=self._poll_timeout_s, allowed_updates=["message"])
+        else:
+            await self._app.bot.set_webhook(self._webhook_url, secret_token=self._secret, allowed_updates=["message"])
+        await self._app.start()
+        log.info("telegram bot @%s started (%s)", self._me.username, self._mode)
+
+    async def stop(self) -> None:
+        if self._app is None:
+            return
+        if self._app.updater is not None and self._app.updater.running:
+            await self._app.updater.stop()
+        if self._app.running:
+            await self._app.stop()
+        await self._app.shutdown()
+        self._app = None
+
+    async def _on_webhook(self, request: web.Request) -> web.Response:
+        given = request.headers.get(_SECRET_HEADER, "")
+        if self._secret is None or not hmac.compare_digest(given.encode(), self._secret.encode()):
+            return web.json_response({"error": "forbidden", "message": "wrong secret token"}, status=403)
+        if self._app is None:
+            return web.json_response({"error": "unavailable", "message": "not started"}, status=503)
+        from telegram import Update
+
+        try:
+            update = Update.de_json(await request.json(), self._app.bot)
+        except ValueError:
+            return web.json_response({"error": "bad_request", "message": "body is not an update"}, status=400)
+        await self._app.process_update(update)  # taken in (committed) before Telegram hears 200
+        return web.json_response({"ok": True})
+
+    async def _on_message(self, update: Any, context: Any) -> None:
+        message = update.message
+        if message is None or self._host is None:
+            return
+        chat_id = str(message.chat.id)
+        if self._allowed and chat_id not in self._allowed:
+            log.info("telegram chat %s is not in allowed_chats: message ignored", chat_id)
+            return
+        replied = _real_reply(message)
+        if replied is not None and _images(replied):
+            # Possibly never seen (privacy mode): take it in first; a message seen before is a duplicate.
+            await self._host.accept(self._incoming(replied, event_id="", addressed=False))
+        await self._host.accept(self._incoming(message, event_id=str(update.update_id)))
+
+    def _incoming(self, message: Any, *, event_id: str, addressed: bool | None = None) -> Incoming:
+        replied = _real_reply(message)
+        text, mentioned = self._question(message)
+        direct = message.chat.type == "private"
+        to_bot = replied is not None and replied.from_user is not None and replied.from_user.id == self._me.id
+        sender = message.from_user
+        topic = message.is_topic_message and message.message_thread_id is not None
+        return Incoming(
+            platform=self.name,
+            chat_id=str(message.chat.id),
+            message_id=str(message.message_id),
+            event_id=event_id,
+            chat_kind="direct" if direct else "group",
+            thread_id=str(message.message_thread_id) if topic else None,
+            reply_to=str(replied.message_id) if replied is not None else None,
+            sender_id=str(sender.id) if sender else str(getattr(message.sender_chat, "id", "")),
+            sender_name=sender.full_name if sender else str(getattr(message.sender_chat, "title", "")),
+            text=text,
+            addressed=(direct or mentioned or to_bot) if addressed is None else addressed,
+            images=_images(message),
+            received_at=message.date.timestamp(),
+        )
+
+    def _question(self, message: Any) -> tuple[str, bool]:
+        """The text without mentions of this bot, and whether there was one (in text or caption)."""
+        text = message.text or message.caption or ""
+        entities = message.parse_entities() if message.text else message.parse_caption_entities()
+        mentioned = False
+        for entity, value in entities.items():
+            if (entity.type == "mention" and value.lstrip("@").lower() == (self._me.username or "").lower()) or (
+                entity.type == "text_mention" and entity.user is not None and entity.user.id == self._me.id
+            ):
+                mentioned = True
+                text = text.replace(value, " ")
+        return " ".join(text.split()), mentioned
+
+    async def download(self, image: ImageRef) -> bytes:
+        from telegram.error import TelegramError
+
+        assert self._app is not None, "not started"
+        try:
+            file = await self._app.bot.get_file(image.ref)
+            if file.file_size is not None and file.file_size > MAX_DOWNLOAD:
+                raise AdapterError(self.name, f"image of {file.file_size} bytes is over the Bot API's 20 MB "
+                                   "download limit", retryable=False)
+            return bytes(await file.download_as_bytearray())
+        except TelegramError as exc:
+            raise _adapter_error("download", exc) from exc
+
+    async def send(self, reply: Reply) -> str:
+        from telegram import ReplyParameters
+        from telegram.error import RetryAfter, TelegramError
+
+        assert self._app is not None, "not started"
+        first = ""
+        reply_to = ReplyParameters(message_id=int(reply.reply_to), allow_sending_without_reply=True)
+        try:
+            for chunk in split_text(reply.text or "(empty answer)"):
+                # Plain text: the model's Markdown may be unbalanced, and a parse error would lose the answer.
+                sent = await self._app.bot.send_message(
+                    int(reply.chat_id), chunk, reply_parameters=reply_to,
+                    message_thread_id=int(reply.thread_id) if reply.thread_id else None,
+                )
+                first = first or str(sent.message_id)
+        except RetryAfter as exc:
+            # Telegram says how long to wait; waiting less only earns another 429.
+            await asyncio.sleep(min(_seconds(exc.retry_after), 60.0))
+            raise _adapter_error("send", exc) from exc
+        except TelegramError as exc:
+            raise _adapter_error("send", exc) from exc
+        return first
+
+
+def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:
+    """Pieces of at most ``limit`` characters, cut at a paragraph, line or word end where there is one."""
+    pieces: list[str] = []
+    while len(text) > limit:
+        cut = max(text.rfind(sep, 0, limit) for sep in ("\n\n", "\n", " "))
+        cut = cut if cut > limit // 2 else limit
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    pieces.append(text)
+    return [p for p in pieces if p]
+
+
+def default_file_url(base_url: str) -> str:
+    """``http://host:8081/bot`` -> ``http://host:8081/file/bot``, as the Bot API lays its paths out."""
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/file/bot", "", ""))
+
+
+def _real_reply(message: Any) -> Any:
+    """The replied-to message; in forum topics every message "replies" to the topic's creation: not a reply."""
+    replied = message.reply_to_message
+    if replied is None or replied.forum_topic_created is not None:
+        return None
+    return replied
+
+
+def _images(message: Any) -> tuple[ImageRef, ...]:
+    if message.photo:
+        largest = max(message.photo, key=lambda size: size.width * size.height)
+        return (ImageRef(largest.file_id),)
+    document = message.document
+    if document is not None and (document.mime_type or "").startswith("image/"):
+        return (ImageRef(document.file_id),)
+    return ()
+
+
+def _seconds(value: int | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _adapter_error(what: str, exc: Exception) -> AdapterError:
+    from telegram.error import BadRequest, Forbidden, InvalidToken, RetryAfter
+
+    if isinstance(exc, RetryAfter):
+        return AdapterError("telegram", f"{what}: rate limited, retry after {exc.retry_after}", retryable=True)
+    permanent = isinstance(exc, BadRequest | Forbidden | InvalidToken)
+    return AdapterError("telegram", f"{what}: {exc}", retryable=not permanent)

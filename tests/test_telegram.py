@@ -1,0 +1,169 @@
+"""The Telegram adapter with python-telegram-bot against a fake Bot API server on loopback."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from fake_telegram import BOT, TOKEN, FakeTelegram
+
+from core.images import sha256
+from helpers import eventually, get, loopback, png
+
+GROUP = {"id": -1001234567890, "type": "supergroup", "title": "QA", "is_forum": True}
+ANN = {"id": 5001, "is_bot": False, "first_name": "Ann", "username": "ann"}
+MENTION = "@" + BOT["username"]
+SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
+
+
+@pytest.fixture
+async def fake():
+    server = FakeTelegram()
+    async with loopback(server.app()) as url:
+        server.url = url
+        yield server
+
+
+def telegram_config(fake: FakeTelegram, **extra: Any) -> dict[str, Any]:
+    return {"telegram": {"enabled": True, "token": TOKEN, "base_url": f"{fake.url}/bot", **extra}}
+
+
+def message(mid: int, *, text: str | None = None, caption: str | None = None, photo: str | None = None,
+            document: str | None = None, reply_to: dict[str, Any] | None = None, topic: int | None = None,
+            chat: dict[str, Any] = GROUP, sender: dict[str, Any] = ANN) -> dict[str, Any]:
+    m: dict[str, Any] = {"message_id": mid, "date": int(time.time()), "chat": chat, "from": sender}
+    for key, value in (("text", text), ("caption", caption)):
+        if value is not None:
+            m[key] = value
+            if value.startswith(MENTION):
+                m["entities" if key == "text" else "caption_entities"] = [
+                    {"type": "mention", "offset": 0, "length": len(MENTION)}]
+    if photo:
+        m["photo"] = [{"file_id": f"{photo}-small", "file_unique_id": "s", "width": 90, "height": 67},
+                      {"file_id": photo, "file_unique_id": "l", "width": 1280, "height": 960}]
+    if document:
+        m["document"] = {"file_id": document, "file_unique_id": "d", "file_name": "shot.png",
+                         "mime_type": "image/png"}
+    if reply_to is not None:
+        m["reply_to_message"] = reply_to
+    if topic is not None:
+        m["message_thread_id"] = topic
+        m["is_topic_message"] = True
+    return m
+
+
+async def answers(d, http, chat_id: int = GROUP["id"]) -> list[dict[str, Any]]:
+    status, body = await get(http, d.url, f"/api/v1/history/telegram/{chat_id}")
+    assert status == 200, body
+    return [e for e in body["messages"] if e["role"] == "bot"]
+
+
+async def test_a_mentioned_screenshot_is_answered_as_a_reply_and_followed_up(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(311, photo="shot", caption=f"{MENTION} why does this build fail?"))
+        await eventually(lambda: len(fake.sent) == 1)
+        first = fake.sent[0]
+        assert int(first["chat_id"]) == GROUP["id"]
+        assert first["reply_parameters"]["message_id"] == 311
+        assert "message_thread_id" not in first  # not a topic message
+        # A colleague replies to the bot's answer, without an image and without a mention.
+        bot_answer = {"message_id": 9000, "date": int(time.time()), "chat": GROUP,
+                      "from": {k: BOT[k] for k in ("id", "is_bot", "first_name", "username")}, "text": first["text"]}
+        fake.push(message(315, text="and how do I fix it?", reply_to=bot_answer,
+                          sender={"id": 5002, "is_bot": False, "first_name": "Bo"}))
+        await eventually(lambda: len(fake.sent) == 2)
+        assert fake.sent[1]["reply_parameters"]["message_id"] == 315
+        done = await answers(d, http)
+    assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
+    assert "getMe" in fake.calls and "getUpdates" in fake.calls
+
+
+async def test_a_reply_to_an_old_image_the_bot_never_saw_is_about_that_image(fake, daemon, http):
+    fake.add_file("old", OTHER)
+    old = message(200, photo="old")  # posted before, never delivered to the bot (privacy mode)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(400, text=f"{MENTION} what's the total on this invoice?", reply_to=old))
+        await eventually(lambda: len(fake.sent) == 1)
+        assert fake.sent[0]["reply_parameters"]["message_id"] == 400
+        done = await answers(d, http)
+    assert done[0]["used_images"] == [sha256(OTHER)]
+
+
+async def test_forum_topics_keep_their_own_images_and_answers(fake, daemon, http):
+    fake.add_file("a", SHOT)
+    fake.add_file("b", OTHER)
+    topic_created = {"message_id": 1, "date": int(time.time()), "chat": GROUP,
+                     "forum_topic_created": {"name": "builds", "icon_color": 7322096}}
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(10, photo="a", caption=f"{MENTION} what is this?", topic=1, reply_to=topic_created))
+        await eventually(lambda: len(fake.sent) == 1)
+        fake.push(message(20, photo="b", caption=f"{MENTION} and this?", topic=2))
+        await eventually(lambda: len(fake.sent) == 2)
+        # No image, no reply: in topic 1 the question is about topic 1's image, not the newer one.
+        fake.push(message(11, text=f"{MENTION} which line fails?", topic=1, reply_to=topic_created))
+        await eventually(lambda: len(fake.sent) == 3)
+        done = await answers(d, http)
+    assert [int(s["message_thread_id"]) for s in fake.sent] == [1, 2, 1]
+    assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(OTHER)], [sha256(SHOT)]]
+    assert [a["thread_id"] for a in done] == ["1", "2", "1"]
+
+
+async def test_an_image_sent_as_a_file_is_an_image(fake, daemon, http):
+    fake.add_file("doc", SHOT)
+    private = {"id": 5001, "type": "private", "first_name": "Ann"}
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(5, document="doc", caption="what is this?", chat=private))  # private: no mention needed
+        await eventually(lambda: len(fake.sent) == 1)
+        done = await answers(d, http, private["id"])
+    assert done[0]["used_images"] == [sha256(SHOT)]
+
+
+async def test_a_rate_limited_reply_is_sent_again_once(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    fake.fail_next["sendMessage"] = [(429, {"retry_after": 1})]
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(7, photo="shot", caption=f"{MENTION} why?"))
+        await eventually(lambda: len(fake.sent) == 1)
+        done = await eventually(lambda: answers(d, http))
+    assert fake.calls.count("sendMessage") == 2 and len(fake.sent) == 1
+    assert done[0]["used_images"] == [sha256(SHOT)]
+
+
+async def test_webhook_mode_checks_the_secret_token(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    config = telegram_config(fake, mode="webhook", webhook_url="https://bot.example.com/telegram/webhook",
+                             secret_token="s3cret-token")
+    async with daemon(adapters=config) as d:
+        assert fake.webhook is not None and fake.webhook["secret_token"] == "s3cret-token"
+        update = {"update_id": 1, "message": message(31, photo="shot", caption=f"{MENTION} why?")}
+        for headers in ({}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}):
+            async with http.post(f"{d.url}/telegram/webhook", json=update, headers=headers) as resp:
+                assert resp.status == 403
+        status, _ = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
+        assert status == 404  # nothing stored for this chat
+        async with http.post(f"{d.url}/telegram/webhook", json=update,
+                             headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"}) as resp:
+            assert resp.status == 200
+        await eventually(lambda: len(fake.sent) == 1)
+    assert "getUpdates" not in fake.calls
+
+
+def test_telegram_settings_are_checked_before_anything_starts():
+    from bot.config import parse
+    from bot.daemon import build_adapters
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="IMSIGHT_TELEGRAM_TOKEN"):
+        build_adapters(parse({"adapters": {"telegram": {"enabled": True}}}, environ={}))
+    webhook = {"enabled": True, "mode": "webhook", "webhook_url": "https://x.example/telegram/webhook"}
+    with pytest.raises(ConfigError, match="needs webhook_url and secret_token"):
+        build_adapters(parse({"adapters": {"telegram": webhook}}, environ={"IMSIGHT_TELEGRAM_TOKEN": TOKEN}))
+    with pytest.raises(ConfigError, match="secret_token must be") as caught:
+        build_adapters(parse({"adapters": {"telegram": {**webhook, "secret_token": "has spaces!"}}},
+                             environ={"IMSIGHT_TELEGRAM_TOKEN": TOKEN}))
+    assert "has spaces" not in str(caught.value) and TOKEN not in str(caught.value)
+    names = [a.name for a in build_adapters(parse(
+        {"adapters": {"telegram": {"enabled": True}}}, environ={"IMSIGHT_TELEGRAM_TOKEN": TOKEN}))]
+    assert names == ["api", "telegram"]

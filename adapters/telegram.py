@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -51,6 +52,7 @@ class TelegramAdapter:
         base_url: str | None = None,
         base_file_url: str | None = None,
         poll_timeout_s: int = 10,
+        album_wait_s: float = 1.0,
     ) -> None:
         if mode == "webhook" and not (webhook_url and secret_token):
             raise AdapterError(self.name, "webhook mode needs webhook_url and secret_token", retryable=False)
@@ -65,6 +67,9 @@ class TelegramAdapter:
         self._base_url = base_url
         self._base_file_url = base_file_url or (default_file_url(base_url) if base_url else None)
         self._poll_timeout_s = poll_timeout_s
+        self._album_wait_s = album_wait_s
+        self._albums: dict[str, _Album] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._app: Any = None
         self._host: Host | None = None
         self._me: Any = None
@@ -99,6 +104,12 @@ class TelegramAdapter:
     async def stop(self) -> None:
         if self._app is None:
             return
+        for key in list(self._albums):  # albums still gathering are taken in as they are
+            album = self._albums[key]
+            if album.timer is not None:
+                album.timer.cancel()
+            await self._take_album(key)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._app.updater is not None and self._app.updater.running:
             await self._app.updater.stop()
         if self._app.running:
@@ -129,11 +140,43 @@ class TelegramAdapter:
         if self._allowed and chat_id not in self._allowed:
             log.info("telegram chat %s is not in allowed_chats: message ignored", chat_id)
             return
+        if message.media_group_id:
+            self._gather(str(message.media_group_id), update.update_id, message)
+            return
         replied = _real_reply(message)
         if replied is not None and _images(replied):
             # Possibly never seen (privacy mode): take it in first; a message seen before is a duplicate.
             await self._host.accept(self._incoming(replied, event_id="", addressed=False))
         await self._host.accept(self._incoming(message, event_id=str(update.update_id)))
+
+    def _gather(self, key: str, update_id: int, message: Any) -> None:
+        """An album arrives as one message per image: wait until no more come, then take it in whole."""
+        album = self._albums.setdefault(key, _Album())
+        album.items.append((update_id, message))
+        if album.timer is not None:
+            album.timer.cancel()
+        album.timer = asyncio.get_running_loop().call_later(self._album_wait_s, self._spawn_take, key)
+
+    def _spawn_take(self, key: str) -> None:
+        task = asyncio.create_task(self._take_album(key), name=f"imsight-telegram-album-{key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _take_album(self, key: str) -> None:
+        """Each item as a message of its own; the one that asks (the caption) gets every image of the album."""
+        album = self._albums.pop(key, None)
+        if album is None or self._host is None:
+            return
+        items = sorted(album.items, key=lambda item: item[1].message_id)
+        incomings = [self._incoming(message, event_id=str(update_id)) for update_id, message in items]
+        every_image = tuple(ref for incoming in incomings for ref in incoming.images)
+        try:
+            for incoming in incomings:
+                if incoming.addressed:
+                    incoming = replace(incoming, images=every_image)
+                await self._host.accept(incoming)
+        except Exception:
+            log.exception("telegram album %s: taking it in failed", key)
 
     def _incoming(self, message: Any, *, event_id: str, addressed: bool | None = None) -> Incoming:
         replied = _real_reply(message)
@@ -206,6 +249,12 @@ class TelegramAdapter:
         except TelegramError as exc:
             raise _adapter_error("send", exc) from exc
         return first
+
+
+@dataclass
+class _Album:
+    items: list[tuple[int, Any]] = field(default_factory=list)  # (update id, message)
+    timer: asyncio.TimerHandle | None = None
 
 
 def split_text(text: str, limit: int = MAX_TEXT) -> list[str]:

@@ -86,6 +86,7 @@ class TelegramConfig(_Section):
     allowed_chats: list[str] = Field(default_factory=list)  # chat ids; empty: every chat the bot is in
     base_url: str | None = None  # a self-hosted Bot API server, e.g. "http://127.0.0.1:8081/bot"
     base_file_url: str | None = None  # default: /file/bot on the host of base_url
+    album_wait_seconds: float = Field(1.0, gt=0, le=30)  # an album is complete once no item came this long
 
 
 class AdaptersConfig(_Section):

@@ -82,7 +82,7 @@ def build_adapters(config: Config) -> list[Adapter]:
                 telegram.token.get_secret_value(), mode=telegram.mode, webhook_url=telegram.webhook_url,
                 secret_token=telegram.secret_token.get_secret_value() if telegram.secret_token else None,
                 allowed_chats=telegram.allowed_chats, base_url=telegram.base_url,
-                base_file_url=telegram.base_file_url,
+                base_file_url=telegram.base_file_url, album_wait_s=telegram.album_wait_seconds,
             ))
         except AdapterError as exc:
             raise ConfigError(f"adapters.telegram: {exc}") from None

@@ -29,6 +29,7 @@ class FakeTelegram:
         self.new_update = asyncio.Event()
         self.files: dict[str, bytes] = {}
         self.sent: list[dict[str, Any]] = []  # sendMessage calls, parameters decoded
+        self.results: list[dict[str, Any]] = []  # the messages those calls made, as Telegram returns them
         self.calls: list[str] = []
         self.fail_next: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.webhook: dict[str, Any] | None = None
@@ -106,6 +107,7 @@ class FakeTelegram:
         if "message_thread_id" in params:
             message["message_thread_id"] = int(params["message_thread_id"])
             message["is_topic_message"] = True
+        self.results.append(message)
         return message
 
     async def _sendChatAction(self, params: Mapping[str, Any]) -> Any:

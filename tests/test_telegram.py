@@ -26,7 +26,8 @@ async def fake():
 
 
 def telegram_config(fake: FakeTelegram, **extra: Any) -> dict[str, Any]:
-    return {"telegram": {"enabled": True, "token": TOKEN, "base_url": f"{fake.url}/bot", **extra}}
+    return {"telegram": {"enabled": True, "token": TOKEN, "base_url": f"{fake.url}/bot", "album_wait_seconds": 0.3,
+                         **extra}}
 
 
 def message(mid: int, *, text: str | None = None, caption: str | None = None, photo: str | None = None,
@@ -69,15 +70,26 @@ async def test_a_mentioned_screenshot_is_answered_as_a_reply_and_followed_up(fak
         assert first["reply_parameters"]["message_id"] == 311
         assert "message_thread_id" not in first  # not a topic message
         # A colleague replies to the bot's answer, without an image and without a mention.
-        bot_answer = {"message_id": 9000, "date": int(time.time()), "chat": GROUP,
-                      "from": {k: BOT[k] for k in ("id", "is_bot", "first_name", "username")}, "text": first["text"]}
-        fake.push(message(315, text="and how do I fix it?", reply_to=bot_answer,
+        fake.push(message(315, text="and how do I fix it?", reply_to=fake.results[0],
                           sender={"id": 5002, "is_bot": False, "first_name": "Bo"}))
         await eventually(lambda: len(fake.sent) == 2)
         assert fake.sent[1]["reply_parameters"]["message_id"] == 315
         done = await answers(d, http)
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
     assert "getMe" in fake.calls and "getUpdates" in fake.calls
+
+
+async def test_a_follow_up_after_a_restart_and_expired_file_links(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    async with daemon(adapters=telegram_config(fake)):
+        fake.push(message(50, photo="shot", caption=f"{MENTION} what is this?"))
+        await eventually(lambda: len(fake.sent) == 1)
+    fake.files.clear()  # Telegram's links have expired: the stored copy must do
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(51, text="and the error code?", reply_to=fake.results[0]))
+        await eventually(lambda: len(fake.sent) == 2)
+        done = await answers(d, http)
+    assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
 
 
 async def test_a_reply_to_an_old_image_the_bot_never_saw_is_about_that_image(fake, daemon, http):
@@ -108,6 +120,20 @@ async def test_forum_topics_keep_their_own_images_and_answers(fake, daemon, http
     assert [int(s["message_thread_id"]) for s in fake.sent] == [1, 2, 1]
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(OTHER)], [sha256(SHOT)]]
     assert [a["thread_id"] for a in done] == ["1", "2", "1"]
+
+
+async def test_an_album_and_its_caption_are_one_question_about_every_image(fake, daemon, http):
+    fake.add_file("p1", SHOT)
+    fake.add_file("p2", OTHER)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        for item in (message(61, photo="p1", caption=f"{MENTION} compare these two"), message(62, photo="p2")):
+            fake.push({**item, "media_group_id": "13579"})
+        await eventually(lambda: len(fake.sent) == 1)
+        done = await answers(d, http)
+        status, body = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
+    assert fake.sent[0]["reply_parameters"]["message_id"] == 61
+    assert done[0]["used_images"] == [sha256(SHOT), sha256(OTHER)]
+    assert [m["message_id"] for m in body["messages"] if m["role"] == "user"] == ["61", "62"]  # both kept
 
 
 async def test_an_image_sent_as_a_file_is_an_image(fake, daemon, http):

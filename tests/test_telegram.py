@@ -131,6 +131,7 @@ async def test_an_album_and_its_caption_are_one_question_about_every_image(fake,
         await eventually(lambda: len(fake.sent) == 1)
         done = await answers(d, http)
         status, body = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
+    assert status == 200
     assert fake.sent[0]["reply_parameters"]["message_id"] == 61
     assert done[0]["used_images"] == [sha256(SHOT), sha256(OTHER)]
     assert [m["message_id"] for m in body["messages"] if m["role"] == "user"] == ["61", "62"]  # both kept

@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from bot.context import resolve
+from bot.context import OWN, resolve
 from bot.files import ImageFiles
 from bot.retry import with_retries
-from bot.store import Store
+from bot.store import NewJob, Store
 from bot.watch import JobWatch
 from bot.workers import Workers
 from core.errors import AdapterError, BadInput, ImsightError, NotFound
@@ -113,6 +113,7 @@ class Dispatcher:
         # they came, even when a later one has no image to wait for.
         async with self._chat(incoming):
             images = []
+            problems = []
             for ref in incoming.images:
                 try:
                     data = ref.data if ref.data is not None else await self._download(incoming.platform, ref)
@@ -121,8 +122,9 @@ class Dispatcher:
                     # The message still counts (its text, its question); the image is left out.
                     log.warning("%s chat %s message %s: image %r left out: %s", incoming.platform,
                                 incoming.chat_id, incoming.message_id, ref.ref, exc)
+                    problems.append(str(exc))
             try:
-                await self._take_in(incoming, images, inbox_id=inbox_id)
+                await self._take_in(incoming, images, inbox_id=inbox_id, problems=problems)
             except ImsightError as exc:
                 log.error("%s chat %s message %s: intake failed, retried at the next start: %s",
                           incoming.platform, incoming.chat_id, incoming.message_id, exc)
@@ -134,10 +136,13 @@ class Dispatcher:
         return await with_retries(lambda: adapter.download(ref), attempts=self._download_attempts,
                                   base_s=self._retry_base_s, what=f"{platform} download of {ref.ref!r}")
 
-    async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None
-                       ) -> Accepted:
+    async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None,
+                       problems: Sequence[str] = ()) -> Accepted:
         job = None
-        if incoming.addressed:
+        if incoming.addressed and problems and not images:
+            # The asker sent images and none could be taken: say so, rather than answer about another one.
+            job = NewJob((), {"rule": OWN, "turns": [], "image_problems": list(problems)})
+        elif incoming.addressed:
             resolution = await resolve(
                 self._store, incoming, tuple(i.sha256 for i in images),
                 window_s=self._window_s, max_turns=self._history_turns,

@@ -134,6 +134,8 @@ class Workers:
         self._watch.notify(job.id)
 
     async def _ask(self, job: JobRecord) -> str:
+        if problems := job.context.get("image_problems"):
+            return f"I could not take the image you sent ({problems[0]}). Please send it again."
         if not job.images and self._ask_for_image:
             return ASK_FOR_IMAGE
         images = await asyncio.to_thread(self._prepare, job.images)

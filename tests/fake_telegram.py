@@ -28,6 +28,7 @@ class FakeTelegram:
         self.updates: list[dict[str, Any]] = []
         self.new_update = asyncio.Event()
         self.files: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}  # file_size getFile reports instead of the real one
         self.sent: list[dict[str, Any]] = []  # sendMessage calls, parameters decoded
         self.results: list[dict[str, Any]] = []  # the messages those calls made, as Telegram returns them
         self.calls: list[str] = []
@@ -95,7 +96,7 @@ class FakeTelegram:
                                                       "description": "Bad Request: invalid file_id"}),
                                      content_type="application/json")
         data = self.files[file_id]
-        return {"file_id": file_id, "file_unique_id": f"u-{file_id}", "file_size": len(data),
+        return {"file_id": file_id, "file_unique_id": f"u-{file_id}", "file_size": self.sizes.get(file_id, len(data)),
                 "file_path": f"photos/{file_id}.png"}
 
     async def _sendMessage(self, params: Mapping[str, Any]) -> Any:

@@ -147,6 +147,19 @@ async def test_an_image_sent_as_a_file_is_an_image(fake, daemon, http):
     assert done[0]["used_images"] == [sha256(SHOT)]
 
 
+async def test_an_image_over_the_download_limit_gets_a_clear_reply(fake, daemon, http):
+    fake.add_file("huge", SHOT)
+    fake.sizes["huge"] = 25 * 2**20
+    fake.add_file("earlier", OTHER)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(70, photo="earlier"))  # a recent image the answer must not silently fall back to
+        fake.push(message(71, photo="huge", caption=f"{MENTION} what is this?"))
+        await eventually(lambda: len(fake.sent) == 1)
+        done = await answers(d, http)
+    assert "20 MB" in fake.sent[0]["text"] and "send it again" in fake.sent[0]["text"]
+    assert done[0]["used_images"] == []
+
+
 async def test_a_rate_limited_reply_is_sent_again_once(fake, daemon, http):
     fake.add_file("shot", SHOT)
     fake.fail_next["sendMessage"] = [(429, {"retry_after": 1})]

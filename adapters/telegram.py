@@ -9,10 +9,12 @@ replied-to message is taken in first, then the question that replies to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -36,6 +38,7 @@ MAX_TEXT = 4096  # characters per Telegram message
 MAX_DOWNLOAD = 20 * 2**20  # the Bot API's download limit
 WEBHOOK_PATH = "/telegram/webhook"
 _SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+_TYPING_LASTS_S = 4.0  # a chat action shows for 5 s at most: renew it before then
 
 
 class TelegramAdapter:
@@ -70,6 +73,7 @@ class TelegramAdapter:
         self._album_wait_s = album_wait_s
         self._albums: dict[str, _Album] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
         self._app: Any = None
         self._host: Host | None = None
         self._me: Any = None
@@ -227,20 +231,47 @@ class TelegramAdapter:
         except TelegramError as exc:
             raise _adapter_error("download", exc) from exc
 
-    async def send(self, reply: Reply) -> str:
-        from telegram import ReplyParameters
-        from telegram.error import RetryAfter, TelegramError
+    async def draft(self, reply: Reply) -> None:
+        """A placeholder reply with a typing status, edited as the answer grows (callers pace it)."""
+        from telegram.error import BadRequest
 
         assert self._app is not None, "not started"
-        first = ""
-        reply_to = ReplyParameters(message_id=int(reply.reply_to), allow_sending_without_reply=True)
+        bot, now = self._app.bot, time.monotonic()
+        chat, thread = int(reply.chat_id), int(reply.thread_id) if reply.thread_id else None
+        state = self._drafts.get(reply.job_id)
+        if state is None or now - state.typing_at >= _TYPING_LASTS_S:
+            await bot.send_chat_action(chat, "typing", message_thread_id=thread)
+            if state is not None:
+                state.typing_at = now
+        if state is None:
+            sent = await bot.send_message(chat, _preview(reply.text), message_thread_id=thread,
+                                          reply_parameters=self._reply_to(reply))
+            self._drafts[reply.job_id] = _Draft(sent.message_id, reply.text, now)
+            return
+        if reply.text != state.text:
+            state.text = reply.text
+            with contextlib.suppress(BadRequest):  # "message is not modified"
+                await bot.edit_message_text(_preview(reply.text), chat_id=chat, message_id=state.message_id)
+
+    async def send(self, reply: Reply) -> str:
+        from telegram.error import BadRequest, RetryAfter, TelegramError
+
+        assert self._app is not None, "not started"
+        bot = self._app.bot
+        chat, thread = int(reply.chat_id), int(reply.thread_id) if reply.thread_id else None
+        pieces = split_text(reply.text or "(empty answer)")
+        state = self._drafts.get(reply.job_id)
         try:
-            for chunk in split_text(reply.text or "(empty answer)"):
+            if state is not None:  # the placeholder becomes the answer's first piece
+                with contextlib.suppress(BadRequest):  # "message is not modified"
+                    await bot.edit_message_text(pieces[0], chat_id=chat, message_id=state.message_id)
+                first, pieces = str(state.message_id), pieces[1:]
+            else:
+                first = ""
+            for piece in pieces:
                 # Plain text: the model's Markdown may be unbalanced, and a parse error would lose the answer.
-                sent = await self._app.bot.send_message(
-                    int(reply.chat_id), chunk, reply_parameters=reply_to,
-                    message_thread_id=int(reply.thread_id) if reply.thread_id else None,
-                )
+                sent = await bot.send_message(chat, piece, message_thread_id=thread,
+                                              reply_parameters=self._reply_to(reply))
                 first = first or str(sent.message_id)
         except RetryAfter as exc:
             # Telegram says how long to wait; waiting less only earns another 429.
@@ -248,7 +279,21 @@ class TelegramAdapter:
             raise _adapter_error("send", exc) from exc
         except TelegramError as exc:
             raise _adapter_error("send", exc) from exc
+        self._drafts.pop(reply.job_id, None)
         return first
+
+    @staticmethod
+    def _reply_to(reply: Reply) -> Any:
+        from telegram import ReplyParameters
+
+        return ReplyParameters(message_id=int(reply.reply_to), allow_sending_without_reply=True)
+
+
+@dataclass
+class _Draft:
+    message_id: int
+    text: str
+    typing_at: float
 
 
 @dataclass
@@ -291,6 +336,11 @@ def _images(message: Any) -> tuple[ImageRef, ...]:
     if document is not None and (document.mime_type or "").startswith("image/"):
         return (ImageRef(document.file_id),)
     return ()
+
+
+def _preview(text: str) -> str:
+    """The answer so far, marked unfinished, within one message."""
+    return (text[: MAX_TEXT - 2] + " …") if text else "…"
 
 
 def _seconds(value: int | timedelta) -> float:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from bot.files import ImageFiles
 from bot.retry import with_retries
@@ -15,7 +15,7 @@ from bot.watch import JobWatch
 from core.engine import Engine, GenerationLimits, PreparedImage, Turn
 from core.errors import AdapterError, EngineError, ImsightError
 from core.images import ImageLimits, prepare
-from core.types import Adapter, Reply
+from core.types import Adapter, Drafting, Reply
 
 __all__ = ["Workers"]
 
@@ -42,6 +42,7 @@ class Workers:
         ask_for_image: bool,
         delivery_attempts: int = 5,
         retry_base_s: float = 0.5,
+        draft_every_s: float = 1.0,
     ) -> None:
         self._store, self._files, self._engine = store, files, engine
         self._adapters, self._watch = adapters, watch
@@ -49,6 +50,7 @@ class Workers:
         self._image_limits, self._generation = image_limits, generation
         self._ask_for_image = ask_for_image
         self._delivery_attempts, self._retry_base_s = delivery_attempts, retry_base_s
+        self._draft_every_s = draft_every_s
         self._wakeups: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -144,8 +146,32 @@ class Workers:
             Turn("assistant" if m.role == "bot" else "user", m.text)
             for m in await self._store.messages_by_row(rows)
         ]
-        chunks = [c async for c in self._engine.answer(images, turns, job.question.text, self._generation)]
+        draft = self._drafter(job)
+        chunks: list[str] = []
+        shown = time.monotonic()
+        await draft("")
+        async for chunk in self._engine.answer(images, turns, job.question.text, self._generation):
+            chunks.append(chunk)
+            if time.monotonic() - shown >= self._draft_every_s:
+                shown = time.monotonic()
+                await draft("".join(chunks).strip())
         return "".join(chunks).strip() or "(the model gave an empty answer)"
+
+    def _drafter(self, job: JobRecord) -> Callable[[str], Awaitable[None]]:
+        """Shows the answer so far where the platform can (best effort: the final send still delivers)."""
+        adapter = self._adapters.get(job.question.platform)
+        q = job.question
+
+        async def draft(text: str) -> None:
+            if not isinstance(adapter, Drafting):
+                return
+            try:
+                await adapter.draft(Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text,
+                                          job.images, meta=q.meta))
+            except Exception as exc:
+                log.info("job %s: draft not shown: %s", job.id, exc)
+
+        return draft
 
     def _prepare(self, shas: tuple[str, ...]) -> list[PreparedImage]:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Accepted",
     "Adapter",
+    "Drafting",
     "HistoryEntry",
     "Host",
     "ImageRef",
@@ -144,3 +145,14 @@ class Adapter(Protocol):
 
     async def send(self, reply: Reply) -> str:
         """Deliver ``reply``; return the platform's id of the sent message."""
+
+
+@runtime_checkable
+class Drafting(Protocol):
+    """An adapter that can show an answer while it is being written (a placeholder it edits)."""
+
+    async def draft(self, reply: Reply) -> None:
+        """Show ``reply.text``, the answer so far ("" before the first words); ``send`` delivers the end.
+
+        Best effort: a failure here must not lose the answer, which ``send`` still delivers.
+        """

@@ -31,6 +31,8 @@ class FakeTelegram:
         self.sizes: dict[str, int] = {}  # file_size getFile reports instead of the real one
         self.sent: list[dict[str, Any]] = []  # sendMessage calls, parameters decoded
         self.results: list[dict[str, Any]] = []  # the messages those calls made, as Telegram returns them
+        self.edits: list[dict[str, Any]] = []  # editMessageText calls
+        self.actions: list[dict[str, Any]] = []  # sendChatAction calls
         self.calls: list[str] = []
         self.fail_next: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.webhook: dict[str, Any] | None = None
@@ -112,10 +114,19 @@ class FakeTelegram:
         return message
 
     async def _sendChatAction(self, params: Mapping[str, Any]) -> Any:
+        self.actions.append(dict(params))
         return True
 
     async def _editMessageText(self, params: Mapping[str, Any]) -> Any:
-        return True
+        self.edits.append(dict(params))
+        message = next(m for m in self.results if m["message_id"] == int(params["message_id"]))
+        message["text"] = params["text"]
+        message["edit_date"] = int(time.time())
+        return message
+
+    def text_of(self, index: int) -> str:
+        """The text the ``index``-th message the bot sent shows now (after its edits)."""
+        return str(self.results[index]["text"])
 
     async def _file(self, request: web.Request) -> web.Response:
         if unquote(request.match_info["token"]) != TOKEN:

@@ -55,16 +55,25 @@ def message(mid: int, *, text: str | None = None, caption: str | None = None, ph
 
 
 async def answers(d, http, chat_id: int = GROUP["id"]) -> list[dict[str, Any]]:
+    """The bot's answers as stored (delivered), oldest first."""
     status, body = await get(http, d.url, f"/api/v1/history/telegram/{chat_id}")
-    assert status == 200, body
-    return [e for e in body["messages"] if e["role"] == "bot"]
+    assert status in (200, 404), body
+    return [e for e in body.get("messages", ()) if e["role"] == "bot"]
+
+
+async def answered(d, http, count: int, chat_id: int = GROUP["id"]) -> list[dict[str, Any]]:
+    async def enough() -> list[dict[str, Any]] | None:
+        done = await answers(d, http, chat_id)
+        return done if len(done) >= count else None
+
+    return await eventually(enough)
 
 
 async def test_a_mentioned_screenshot_is_answered_as_a_reply_and_followed_up(fake, daemon, http):
     fake.add_file("shot", SHOT)
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(311, photo="shot", caption=f"{MENTION} why does this build fail?"))
-        await eventually(lambda: len(fake.sent) == 1)
+        await answered(d, http, 1)
         first = fake.sent[0]
         assert int(first["chat_id"]) == GROUP["id"]
         assert first["reply_parameters"]["message_id"] == 311
@@ -72,23 +81,25 @@ async def test_a_mentioned_screenshot_is_answered_as_a_reply_and_followed_up(fak
         # A colleague replies to the bot's answer, without an image and without a mention.
         fake.push(message(315, text="and how do I fix it?", reply_to=fake.results[0],
                           sender={"id": 5002, "is_bot": False, "first_name": "Bo"}))
-        await eventually(lambda: len(fake.sent) == 2)
+        done = await answered(d, http, 2)
         assert fake.sent[1]["reply_parameters"]["message_id"] == 315
-        done = await answers(d, http)
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
     assert "getMe" in fake.calls and "getUpdates" in fake.calls
+    # Each answer: "typing", a placeholder reply, then that same message edited into the answer.
+    assert len(fake.results) == 2 and len(fake.actions) >= 2 and {a["action"] for a in fake.actions} == {"typing"}
+    assert [fake.text_of(i) for i in (0, 1)] == [a["text"] for a in done]
+    assert [a["message_id"] for a in done] == [str(m["message_id"]) for m in fake.results]
 
 
 async def test_a_follow_up_after_a_restart_and_expired_file_links(fake, daemon, http):
     fake.add_file("shot", SHOT)
-    async with daemon(adapters=telegram_config(fake)):
+    async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(50, photo="shot", caption=f"{MENTION} what is this?"))
-        await eventually(lambda: len(fake.sent) == 1)
+        await answered(d, http, 1)
     fake.files.clear()  # Telegram's links have expired: the stored copy must do
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(51, text="and the error code?", reply_to=fake.results[0]))
-        await eventually(lambda: len(fake.sent) == 2)
-        done = await answers(d, http)
+        done = await answered(d, http, 2)
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
 
 
@@ -97,7 +108,7 @@ async def test_a_reply_to_an_old_image_the_bot_never_saw_is_about_that_image(fak
     old = message(200, photo="old")  # posted before, never delivered to the bot (privacy mode)
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(400, text=f"{MENTION} what's the total on this invoice?", reply_to=old))
-        await eventually(lambda: len(fake.sent) == 1)
+        await answered(d, http, 1)
         assert fake.sent[0]["reply_parameters"]["message_id"] == 400
         done = await answers(d, http)
     assert done[0]["used_images"] == [sha256(OTHER)]
@@ -110,13 +121,12 @@ async def test_forum_topics_keep_their_own_images_and_answers(fake, daemon, http
                      "forum_topic_created": {"name": "builds", "icon_color": 7322096}}
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(10, photo="a", caption=f"{MENTION} what is this?", topic=1, reply_to=topic_created))
-        await eventually(lambda: len(fake.sent) == 1)
+        await answered(d, http, 1)
         fake.push(message(20, photo="b", caption=f"{MENTION} and this?", topic=2))
-        await eventually(lambda: len(fake.sent) == 2)
+        await answered(d, http, 2)
         # No image, no reply: in topic 1 the question is about topic 1's image, not the newer one.
         fake.push(message(11, text=f"{MENTION} which line fails?", topic=1, reply_to=topic_created))
-        await eventually(lambda: len(fake.sent) == 3)
-        done = await answers(d, http)
+        done = await answered(d, http, 3)
     assert [int(s["message_thread_id"]) for s in fake.sent] == [1, 2, 1]
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(OTHER)], [sha256(SHOT)]]
     assert [a["thread_id"] for a in done] == ["1", "2", "1"]
@@ -128,8 +138,7 @@ async def test_an_album_and_its_caption_are_one_question_about_every_image(fake,
     async with daemon(adapters=telegram_config(fake)) as d:
         for item in (message(61, photo="p1", caption=f"{MENTION} compare these two"), message(62, photo="p2")):
             fake.push({**item, "media_group_id": "13579"})
-        await eventually(lambda: len(fake.sent) == 1)
-        done = await answers(d, http)
+        done = await answered(d, http, 1)
         status, body = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
     assert status == 200
     assert fake.sent[0]["reply_parameters"]["message_id"] == 61
@@ -142,8 +151,7 @@ async def test_an_image_sent_as_a_file_is_an_image(fake, daemon, http):
     private = {"id": 5001, "type": "private", "first_name": "Ann"}
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(5, document="doc", caption="what is this?", chat=private))  # private: no mention needed
-        await eventually(lambda: len(fake.sent) == 1)
-        done = await answers(d, http, private["id"])
+        done = await answered(d, http, 1, private["id"])
     assert done[0]["used_images"] == [sha256(SHOT)]
 
 
@@ -154,21 +162,31 @@ async def test_an_image_over_the_download_limit_gets_a_clear_reply(fake, daemon,
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(70, photo="earlier"))  # a recent image the answer must not silently fall back to
         fake.push(message(71, photo="huge", caption=f"{MENTION} what is this?"))
-        await eventually(lambda: len(fake.sent) == 1)
-        done = await answers(d, http)
-    assert "20 MB" in fake.sent[0]["text"] and "send it again" in fake.sent[0]["text"]
+        done = await answered(d, http, 1)
+    assert "20 MB" in fake.text_of(0) and "send it again" in fake.text_of(0)
     assert done[0]["used_images"] == []
 
 
-async def test_a_rate_limited_reply_is_sent_again_once(fake, daemon, http):
+async def test_a_rate_limited_placeholder_still_leaves_one_reply(fake, daemon, http):
     fake.add_file("shot", SHOT)
-    fake.fail_next["sendMessage"] = [(429, {"retry_after": 1})]
+    fake.fail_next["sendMessage"] = [(429, {"retry_after": 1})]  # the placeholder
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(7, photo="shot", caption=f"{MENTION} why?"))
-        await eventually(lambda: len(fake.sent) == 1)
-        done = await eventually(lambda: answers(d, http))
-    assert fake.calls.count("sendMessage") == 2 and len(fake.sent) == 1
-    assert done[0]["used_images"] == [sha256(SHOT)]
+        done = await answered(d, http, 1)
+    assert fake.calls.count("sendMessage") == 2 and len(fake.results) == 1
+    assert fake.text_of(0) == done[0]["text"] and done[0]["used_images"] == [sha256(SHOT)]
+
+
+async def test_a_rate_limited_answer_is_sent_again_after_the_wait(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    fake.fail_next["editMessageText"] = [(429, {"retry_after": 1})]  # the placeholder becoming the answer
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(8, photo="shot", caption=f"{MENTION} why?"))
+        started = time.monotonic()
+        done = await answered(d, http, 1)
+    assert time.monotonic() - started >= 1  # retry_after was honoured
+    assert fake.calls.count("editMessageText") == 2 and len(fake.results) == 1
+    assert fake.text_of(0) == done[0]["text"]
 
 
 async def test_webhook_mode_checks_the_secret_token(fake, daemon, http):
@@ -186,7 +204,7 @@ async def test_webhook_mode_checks_the_secret_token(fake, daemon, http):
         async with http.post(f"{d.url}/telegram/webhook", json=update,
                              headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"}) as resp:
             assert resp.status == 200
-        await eventually(lambda: len(fake.sent) == 1)
+        await answered(d, http, 1)
     assert "getUpdates" not in fake.calls
 
 

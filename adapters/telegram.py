@@ -38,6 +38,11 @@ MAX_TEXT = 4096  # characters per Telegram message
 MAX_DOWNLOAD = 20 * 2**20  # the Bot API's download limit
 WEBHOOK_PATH = "/telegram/webhook"
 _SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+HELP = """I answer questions about images.
+- Post a screenshot with @{bot} and your question in the caption.
+- Reply to an image (or to my answer) and mention @{bot} to ask about it; replies to my answers need no mention.
+- /ask <question> asks about the latest image here.
+- In a private chat, just send the image and the question."""
 _TYPING_LASTS_S = 4.0  # a chat action shows for 5 s at most: renew it before then
 
 
@@ -144,6 +149,15 @@ class TelegramAdapter:
         if self._allowed and chat_id not in self._allowed:
             log.info("telegram chat %s is not in allowed_chats: message ignored", chat_id)
             return
+        command = self._command(message)
+        if command in ("/help", "/start"):
+            await self._say(message, HELP.format(bot=self._me.username))
+            return
+        if command == "(for another bot)":
+            return
+        if command not in (None, "/ask"):
+            await self._say(message, f"I don't know {command}. /help says what I understand.")
+            return
         if message.media_group_id:
             self._gather(str(message.media_group_id), update.update_id, message)
             return
@@ -206,17 +220,38 @@ class TelegramAdapter:
         )
 
     def _question(self, message: Any) -> tuple[str, bool]:
-        """The text without mentions of this bot, and whether there was one (in text or caption)."""
+        """The text without mentions of this bot or /ask, and whether it asks the bot (in text or caption)."""
         text = message.text or message.caption or ""
         entities = message.parse_entities() if message.text else message.parse_caption_entities()
         mentioned = False
         for entity, value in entities.items():
-            if (entity.type == "mention" and value.lstrip("@").lower() == (self._me.username or "").lower()) or (
+            if (entity.type == "mention" and self._is_me(value)) or (
                 entity.type == "text_mention" and entity.user is not None and entity.user.id == self._me.id
-            ):
+            ) or (entity.type == "bot_command" and entity.offset == 0 and self._command(message) == "/ask"):
                 mentioned = True
-                text = text.replace(value, " ")
+                text = text.replace(value, " ", 1)
         return " ".join(text.split()), mentioned
+
+    def _command(self, message: Any) -> str | None:
+        """``/name`` when the message starts with a command for this bot (``/name@otherbot`` is not)."""
+        entities = message.parse_entities() if message.text else message.parse_caption_entities()
+        for entity, value in entities.items():
+            if entity.type == "bot_command" and entity.offset == 0:
+                name, _, target = value.partition("@")
+                return name.lower() if not target or self._is_me(target) else "(for another bot)"
+        return None
+
+    def _is_me(self, username: str) -> bool:
+        return username.lstrip("@").lower() == (self._me.username or "").lower()
+
+    async def _say(self, message: Any, text: str) -> None:
+        """A direct reply that is not an answer (help, unknown command): not stored, not a job."""
+        from telegram.error import TelegramError
+
+        try:
+            await message.reply_text(text, do_quote=True)
+        except TelegramError as exc:
+            log.warning("telegram chat %s: reply not sent: %s", message.chat.id, exc)
 
     async def download(self, image: ImageRef) -> bytes:
         from telegram.error import TelegramError

@@ -225,3 +225,30 @@ def test_telegram_settings_are_checked_before_anything_starts():
     names = [a.name for a in build_adapters(parse(
         {"adapters": {"telegram": {"enabled": True}}}, environ={"IMSIGHT_TELEGRAM_TOKEN": TOKEN}))]
     assert names == ["api", "telegram"]
+
+
+async def test_commands_help_ask_and_commands_for_other_bots(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+
+    def command(mid: int, text: str) -> dict[str, Any]:
+        m = message(mid, text=text)
+        m["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        return m
+
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(command(1, f"/help@{BOT['username']}"))
+        await eventually(lambda: len(fake.sent) == 1)
+        assert "I answer questions about images" in fake.text_of(0)
+        assert fake.sent[0]["reply_parameters"]["message_id"] == 1
+        fake.push(command(2, "/ask@other_bot what is this?"))  # another bot's command: not for us
+        fake.push(command(3, "/frobnicate"))
+        await eventually(lambda: len(fake.sent) == 2)
+        assert "/frobnicate" in fake.text_of(1)
+        fake.push(message(4, photo="shot"))  # posted without a question (privacy mode off)
+        fake.push(command(5, "/ask what is on the screenshot?"))
+        done = await answered(d, http, 1)
+        status, body = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
+    assert status == 200 and done[0]["used_images"] == [sha256(SHOT)]
+    questions = [m for m in body["messages"] if m["message_id"] == "5"]
+    assert questions[0]["text"] == "what is on the screenshot?"
+    assert "2" not in [m["message_id"] for m in body["messages"]] and len(fake.sent) == 3

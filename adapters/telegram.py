@@ -42,8 +42,10 @@ HELP = """I answer questions about images.
 - Post a screenshot with @{bot} and your question in the caption.
 - Reply to an image (or to my answer) and mention @{bot} to ask about it; replies to my answers need no mention.
 - /ask <question> asks about the latest image here.
+- /forget deletes what I stored for this chat (group admins only).
 - In a private chat, just send the image and the question."""
-_TYPING_LASTS_S = 4.0  # a chat action shows for 5 s at most: renew it before then
+_TYPING_LASTS_S = 4.0
+_FORGET_CONFIRM_S = 300.0  # a chat action shows for 5 s at most: renew it before then
 
 
 class TelegramAdapter:
@@ -79,6 +81,7 @@ class TelegramAdapter:
         self._albums: dict[str, _Album] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
+        self._forget_asked: dict[str, float] = {}  # chat id -> until when "/forget yes" confirms
         self._app: Any = None
         self._host: Host | None = None
         self._me: Any = None
@@ -152,6 +155,9 @@ class TelegramAdapter:
         command = self._command(message)
         if command in ("/help", "/start"):
             await self._say(message, HELP.format(bot=self._me.username))
+            return
+        if command == "/forget":
+            await self._forget(message)
             return
         if command == "(for another bot)":
             return
@@ -243,6 +249,38 @@ class TelegramAdapter:
 
     def _is_me(self, username: str) -> bool:
         return username.lstrip("@").lower() == (self._me.username or "").lower()
+
+    async def _forget(self, message: Any) -> None:
+        """``/forget`` asks for confirmation; ``/forget yes`` within five minutes deletes the chat's history."""
+        assert self._host is not None
+        chat = str(message.chat.id)
+        if message.chat.type != "private" and not await self._is_admin(message):
+            await self._say(message, "Only the group's admins can make me forget this chat.")
+            return
+        confirmed = (message.text or "").split()[1:2] == ["yes"]
+        if not confirmed or self._forget_asked.get(chat, 0.0) < time.monotonic():
+            self._forget_asked[chat] = time.monotonic() + _FORGET_CONFIRM_S
+            await self._say(message, "This deletes everything I stored for this chat: its messages, images and "
+                                     "my answers. Send /forget yes within 5 minutes to confirm.")
+            return
+        del self._forget_asked[chat]
+        forgotten = await self._host.forget(self.name, chat)
+        if forgotten is None:
+            await self._say(message, "I am still answering a question here; send /forget again when I am done.")
+        else:
+            await self._say(message, f"Done: I forgot this chat ({forgotten} stored message(s) and their images).")
+
+    async def _is_admin(self, message: Any) -> bool:
+        from telegram.error import TelegramError
+
+        if message.from_user is None:
+            return False
+        try:
+            member = await message.chat.get_member(message.from_user.id)
+        except TelegramError as exc:
+            log.warning("telegram chat %s: cannot check admin rights: %s", message.chat.id, exc)
+            return False
+        return member.status in ("creator", "administrator")
 
     async def _say(self, message: Any, text: str) -> None:
         """A direct reply that is not an answer (help, unknown command): not stored, not a job."""

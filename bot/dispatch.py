@@ -200,3 +200,19 @@ class Dispatcher:
 
     async def history(self, platform: str, chat_id: str, limit: int) -> Sequence[HistoryEntry]:
         return await self._store.history(platform, chat_id, limit)
+
+    async def forget(self, platform: str, chat_id: str) -> int | None:
+        """Delete everything stored for one chat; ``None`` while one of its questions is being answered."""
+        async with self._chat(Incoming(platform, chat_id, "")):  # no intake of this chat meanwhile
+            result = await self._store.forget_chat(platform, chat_id)
+        if result is None:
+            return None
+        forgotten, orphans = result
+        await asyncio.to_thread(self._delete_files, orphans)
+        log.info("%s chat %s forgotten: %d message(s), %d image file(s)", platform, chat_id, forgotten,
+                 len(orphans))
+        return forgotten
+
+    def _delete_files(self, shas: Sequence[str]) -> None:
+        for sha in shas:
+            self._files.delete(sha)

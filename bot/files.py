@@ -45,3 +45,7 @@ class ImageFiles:
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+    def delete(self, sha256: str) -> None:
+        """Remove an image no message refers to any more (gone already is fine)."""
+        self.path(sha256).unlink(missing_ok=True)

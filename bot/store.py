@@ -133,7 +133,7 @@ class Store:
             "FROM inbox i LEFT JOIN messages m ON m.platform = i.platform AND m.chat_id = i.chat_id "
             "AND m.message_id = i.message_id "
             "WHERE i.platform = ? AND (i.event_id = ? OR (i.chat_id = ? AND i.message_id = ?)) LIMIT 1",
-            incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id,
+            incoming.platform, _event_id(incoming), incoming.chat_id, incoming.message_id,
         )
         if not rows:
             return None
@@ -149,7 +149,7 @@ class Store:
                 cursor = await db.execute(
                     "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    (incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id, payload,
+                    (incoming.platform, _event_id(incoming), incoming.chat_id, incoming.message_id, payload,
                      incoming.received_at),
                 )
                 return cursor.lastrowid
@@ -176,7 +176,7 @@ class Store:
                     await db.execute(
                         "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at, "
                         "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (incoming.platform, incoming.event_id, incoming.chat_id, incoming.message_id, payload,
+                        (incoming.platform, _event_id(incoming), incoming.chat_id, incoming.message_id, payload,
                          incoming.received_at, now),
                     )
                 else:
@@ -404,6 +404,62 @@ class Store:
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
                 (error, time.time(), job_id),
             )
+
+    # ---- forgetting ---------------------------------------------------------------------
+
+    async def chat_size(self, platform: str, chat_id: str) -> tuple[int, int, int]:
+        """Stored messages, distinct images, and unfinished jobs of one chat."""
+        rows = await self._rows(
+            "SELECT (SELECT count(*) FROM messages WHERE platform = ? AND chat_id = ?),"
+            " (SELECT count(DISTINCT mi.sha256) FROM message_images mi JOIN messages m ON m.id = mi.message"
+            "  WHERE m.platform = ? AND m.chat_id = ?),"
+            " (SELECT count(*) FROM jobs j JOIN messages m ON m.id = j.question"
+            "  WHERE m.platform = ? AND m.chat_id = ? AND j.status IN ('queued', 'running'))",
+            platform, chat_id, platform, chat_id, platform, chat_id,
+        )
+        messages, images, open_jobs = rows[0]
+        return int(messages), int(images), int(open_jobs)
+
+    async def forget_chat(self, platform: str, chat_id: str) -> tuple[int, list[str]] | None:
+        """Delete a chat's messages, jobs and inbox entries; return how many messages, and the
+        SHA-256 of images no other chat still refers to (their files are the caller's to delete).
+
+        ``None``, and nothing deleted, while a job of the chat is queued or running: it still needs them.
+        """
+        chat = "SELECT id FROM messages WHERE platform = ? AND chat_id = ?"
+        async with self._write() as conn:
+            open_jobs = await conn.execute_fetchall(
+                f"SELECT count(*) FROM jobs WHERE question IN ({chat}) AND status IN ('queued', 'running')",
+                (platform, chat_id))
+            if next(iter(open_jobs))[0]:
+                return None
+            shas = [r[0] for r in await conn.execute_fetchall(
+                f"SELECT DISTINCT sha256 FROM message_images WHERE message IN ({chat}) "
+                f"UNION SELECT DISTINCT ji.sha256 FROM job_images ji JOIN jobs j ON j.id = ji.job "
+                f"WHERE j.question IN ({chat})", (platform, chat_id, platform, chat_id))]
+            await conn.execute(f"DELETE FROM job_images WHERE job IN (SELECT id FROM jobs WHERE question IN ({chat}))",
+                               (platform, chat_id))
+            await conn.execute(f"DELETE FROM jobs WHERE question IN ({chat})", (platform, chat_id))
+            cursor = await conn.execute("DELETE FROM messages WHERE platform = ? AND chat_id = ?", (platform, chat_id))
+            forgotten = int(cursor.rowcount)
+            await conn.execute("DELETE FROM inbox WHERE platform = ? AND chat_id = ?", (platform, chat_id))
+            orphans = []
+            for sha in shas:
+                used = await conn.execute_fetchall(
+                    "SELECT 1 FROM message_images WHERE sha256 = ? UNION ALL SELECT 1 FROM job_images WHERE sha256 = ?"
+                    " LIMIT 1", (sha, sha))
+                if not list(used):
+                    await conn.execute("DELETE FROM images WHERE sha256 = ?", (sha,))
+                    orphans.append(sha)
+        return forgotten, orphans
+
+
+def _event_id(incoming: Incoming) -> str:
+    """The event's id, or, for a message that came without one, an id made from the message's own.
+
+    Event ids are unique per platform: two id-less messages must not count as one event.
+    """
+    return incoming.event_id or f"message:{incoming.chat_id}:{incoming.message_id}"
 
 
 def _incoming_json(incoming: Incoming) -> dict[str, Any]:

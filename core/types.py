@@ -128,6 +128,10 @@ class Host(Protocol):
 
     async def history(self, platform: str, chat_id: str, limit: int) -> Sequence[HistoryEntry]: ...
 
+    async def forget(self, platform: str, chat_id: str) -> int | None:
+        """Delete a chat's stored messages and images; ``None`` while it has a question in progress."""
+        ...
+
 
 class Adapter(Protocol):
     """One platform, seen from the daemon."""

@@ -36,6 +36,7 @@ class FakeTelegram:
         self.calls: list[str] = []
         self.fail_next: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.webhook: dict[str, Any] | None = None
+        self.admins: set[int] = set()  # user ids getChatMember reports as administrators
         self._update_ids = itertools.count(1000)
         self._message_ids = itertools.count(9000)
         self.url = ""
@@ -112,6 +113,17 @@ class FakeTelegram:
             message["is_topic_message"] = True
         self.results.append(message)
         return message
+
+    async def _getChatMember(self, params: Mapping[str, Any]) -> Any:
+        user = int(params["user_id"])
+        status = "administrator" if user in self.admins else "member"
+        member: dict[str, Any] = {"status": status, "user": {"id": user, "is_bot": False, "first_name": "U"}}
+        if status == "administrator":
+            member.update({k: False for k in (
+                "can_be_edited", "is_anonymous", "can_manage_chat", "can_delete_messages", "can_manage_video_chats",
+                "can_restrict_members", "can_promote_members", "can_change_info", "can_invite_users",
+                "can_post_stories", "can_edit_stories", "can_delete_stories")})
+        return member
 
     async def _sendChatAction(self, params: Mapping[str, Any]) -> Any:
         self.actions.append(dict(params))

@@ -67,3 +67,36 @@ async def test_a_database_from_a_newer_version_is_refused(tmp_path):
     with pytest.raises(StoreUnavailable, match="newer imsight"):
         async with Store.open(path):
             pass
+
+
+async def test_forgetting_a_chat_keeps_what_other_chats_still_use(store):
+    from core.images import ImageInfo
+
+    shared, own = (ImageInfo(c * 64, "image/png", 1, 1, 10) for c in "ab")
+
+    async def post(chat: str, message_id: str, images: list[ImageInfo], *, ask: bool) -> str | None:
+        incoming = Incoming(platform="test", chat_id=chat, message_id=message_id, text="q", addressed=ask)
+        accepted = await store.record(incoming, images, NewJob(tuple(i.sha256 for i in images)) if ask else None)
+        return accepted.job_id
+
+    await post("keep", "k1", [shared], ask=False)
+    job = await post("gone", "g1", [shared, own], ask=True)
+    assert await store.chat_size("test", "gone") == (1, 2, 1)
+    assert await store.forget_chat("test", "gone") is None  # its question is still queued
+    claimed = await store.claim_next()
+    await store.finish(claimed, text="a", answer_message_id="g2")
+    assert claimed.id == job
+    forgotten, orphans = await store.forget_chat("test", "gone")
+    assert forgotten == 2 and orphans == [own.sha256]  # the question and the answer; the shared image stays
+    assert await store.chat_size("test", "gone") == (0, 0, 0)
+    assert await store.chat_size("test", "keep") == (1, 1, 0)
+    assert await store.job(job) is None
+
+
+async def test_messages_without_an_event_id_are_not_one_event(store):
+    for n in (1, 2):
+        accepted = await store.record(Incoming(platform="test", chat_id="c", message_id=f"m{n}"), [], None)
+        assert not accepted.duplicate
+    again = await store.record(Incoming(platform="test", chat_id="c", message_id="m2"), [], None)
+    assert again.duplicate  # the same message twice is still recognised
+    assert [e.message_id for e in await store.history("test", "c", 10)] == ["m1", "m2"]

@@ -252,3 +252,32 @@ async def test_commands_help_ask_and_commands_for_other_bots(fake, daemon, http)
     questions = [m for m in body["messages"] if m["message_id"] == "5"]
     assert questions[0]["text"] == "what is on the screenshot?"
     assert "2" not in [m["message_id"] for m in body["messages"]] and len(fake.sent) == 3
+
+
+async def test_forget_needs_an_admin_and_a_confirmation_then_deletes_the_chat(fake, daemon, http, data_dir):
+    fake.add_file("shot", SHOT)
+
+    def forget(mid: int, text: str, sender: dict[str, Any] = ANN) -> dict[str, Any]:
+        m = message(mid, text=text, sender=sender)
+        m["entities"] = [{"type": "bot_command", "offset": 0, "length": len("/forget")}]
+        return m
+
+    image_file = data_dir / "images" / sha256(SHOT)[:2] / sha256(SHOT)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(1, photo="shot", caption=f"{MENTION} what is this?"))
+        await answered(d, http, 1)
+        assert image_file.exists()
+        fake.push(forget(2, "/forget"))  # Ann is not an admin
+        await eventually(lambda: len(fake.results) == 2)
+        assert "Only the group's admins" in fake.text_of(1)
+        fake.admins.add(ANN["id"])
+        fake.push(forget(3, "/forget yes"))  # "yes" before being asked is not a confirmation
+        await eventually(lambda: len(fake.results) == 3)
+        assert "Send /forget yes" in fake.text_of(2)
+        assert len(await answers(d, http)) == 1
+        fake.push(forget(4, "/forget yes"))
+        await eventually(lambda: len(fake.results) == 4)
+        assert "Done: I forgot this chat (2 stored message(s)" in fake.text_of(3)
+        status, _ = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
+    assert status == 404
+    assert not image_file.exists()  # no other chat used it

@@ -43,6 +43,7 @@ HELP = """I answer questions about images.
 - Reply to an image (or to my answer) and mention @{bot} to ask about it; replies to my answers need no mention.
 - /ask <question> asks about the latest image here.
 - /forget deletes what I stored for this chat (group admins only).
+- /status says which model answers and how many questions are waiting.
 - In a private chat, just send the image and the question."""
 _TYPING_LASTS_S = 4.0
 _FORGET_CONFIRM_S = 300.0  # a chat action shows for 5 s at most: renew it before then
@@ -158,6 +159,11 @@ class TelegramAdapter:
             return
         if command == "/forget":
             await self._forget(message)
+            return
+        if command == "/status":
+            status = await self._host.status()
+            await self._say(message, f"Model: {status.model} ({status.engine}). Questions being answered: "
+                                     f"{status.running}; waiting: {status.queued}.")
             return
         if command == "(for another bot)":
             return

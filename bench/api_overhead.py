@@ -36,6 +36,7 @@ class InstantEngine:
     name = "instant"
     max_batch = 1
     supports_images = True
+    model = "instant"
 
     async def start(self) -> None:
         pass

@@ -15,7 +15,7 @@ from bot.watch import JobWatch
 from bot.workers import Workers
 from core.errors import AdapterError, BadInput, ImsightError, NotFound
 from core.images import ImageInfo, ImageLimits, inspect
-from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView
+from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView, Status
 
 __all__ = ["Dispatcher"]
 
@@ -216,3 +216,8 @@ class Dispatcher:
     def _delete_files(self, shas: Sequence[str]) -> None:
         for sha in shas:
             self._files.delete(sha)
+
+    async def status(self) -> Status:
+        queued, running = await self._store.queue_counts()
+        engine = self._workers.engine
+        return Status(engine=engine.name, model=engine.model, queued=queued, running=running)

@@ -405,6 +405,12 @@ class Store:
                 (error, time.time(), job_id),
             )
 
+    async def queue_counts(self) -> tuple[int, int]:
+        """Jobs waiting and jobs being answered, over all chats."""
+        rows = await self._rows("SELECT count(*) FILTER (WHERE status = 'queued'), "
+                                "count(*) FILTER (WHERE status = 'running') FROM jobs")
+        return int(rows[0][0]), int(rows[0][1])
+
     # ---- forgetting ---------------------------------------------------------------------
 
     async def chat_size(self, platform: str, chat_id: str) -> tuple[int, int, int]:

@@ -65,6 +65,10 @@ class Workers:
             for n, wakeup in enumerate(self._wakeups)
         ]
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     def wake(self) -> None:
         for wakeup in self._wakeups:
             wakeup.set()

@@ -36,6 +36,7 @@ class Engine(Protocol):
     """A vision-language model that answers questions about images."""
 
     name: str
+    model: str  # what answers: a hub id, a directory, or the name a server serves
     max_batch: int
     supports_images: bool
 

@@ -44,7 +44,7 @@ class OpenAIEngine:
         retry_base_s: float = 0.5,
     ) -> None:
         self._url = base_url.rstrip("/")
-        self._model = model
+        self._model = self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
         self._attempts = attempts

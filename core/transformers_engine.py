@@ -114,6 +114,7 @@ class TransformersEngine:
         static_cache_tokens: int = 0,
     ) -> None:
         self._source = source
+        self.model = source.name_or_path
         self._load_args: dict[str, Any] = {
             "device": device, "dtype": dtype, "quantization": quantization, "cache_dir": cache_dir,
         }

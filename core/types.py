@@ -23,6 +23,7 @@ __all__ = [
     "Incoming",
     "JobView",
     "Reply",
+    "Status",
 ]
 
 ChatKind = Literal["direct", "group"]
@@ -117,6 +118,16 @@ class HistoryEntry:
     used_images: tuple[str, ...] = ()  # bot answers: the images the answer was about
 
 
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the bot is doing, for a chat command or a health page."""
+
+    engine: str
+    model: str
+    queued: int  # questions waiting, all chats
+    running: int  # questions being answered now
+
+
 class Host(Protocol):
     """What the daemon offers adapters."""
 
@@ -131,6 +142,8 @@ class Host(Protocol):
     async def forget(self, platform: str, chat_id: str) -> int | None:
         """Delete a chat's stored messages and images; ``None`` while it has a question in progress."""
         ...
+
+    async def status(self) -> Status: ...
 
 
 class Adapter(Protocol):

@@ -244,6 +244,10 @@ async def test_commands_help_ask_and_commands_for_other_bots(fake, daemon, http)
         fake.push(command(3, "/frobnicate"))
         await eventually(lambda: len(fake.sent) == 2)
         assert "/frobnicate" in fake.text_of(1)
+        fake.push(command(6, "/status"))
+        await eventually(lambda: len(fake.sent) == 3)
+        model = d.config.engine.model_path
+        assert fake.text_of(2) == f"Model: {model} (transformers). Questions being answered: 0; waiting: 0."
         fake.push(message(4, photo="shot"))  # posted without a question (privacy mode off)
         fake.push(command(5, "/ask what is on the screenshot?"))
         done = await answered(d, http, 1)
@@ -251,7 +255,7 @@ async def test_commands_help_ask_and_commands_for_other_bots(fake, daemon, http)
     assert status == 200 and done[0]["used_images"] == [sha256(SHOT)]
     questions = [m for m in body["messages"] if m["message_id"] == "5"]
     assert questions[0]["text"] == "what is on the screenshot?"
-    assert "2" not in [m["message_id"] for m in body["messages"]] and len(fake.sent) == 3
+    assert "2" not in [m["message_id"] for m in body["messages"]] and len(fake.sent) == 4
 
 
 async def test_forget_needs_an_admin_and_a_confirmation_then_deletes_the_chat(fake, daemon, http, data_dir):

@@ -285,3 +285,26 @@ async def test_forget_needs_an_admin_and_a_confirmation_then_deletes_the_chat(fa
         status, _ = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
     assert status == 404
     assert not image_file.exists()  # no other chat used it
+
+
+def test_long_answers_are_split_at_paragraphs_and_within_the_limit():
+    from adapters.telegram import split_text
+
+    paragraph = "word " * 300  # 1500 characters
+    text = "\n\n".join([paragraph.strip()] * 6)  # ~9000 characters
+    pieces = split_text(text)
+    assert len(pieces) == 3 and all(len(p) <= 4096 for p in pieces)
+    assert " ".join(" ".join(pieces).split()) == " ".join(text.split())  # nothing lost but whitespace
+    assert all(p.endswith("word") for p in pieces)  # cut at a paragraph end, not mid-word
+    assert split_text("x" * 5000) == ["x" * 4096, "x" * 904]  # no space at all: cut hard
+
+
+async def test_chats_outside_allowed_chats_are_ignored(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    other = {"id": -100999, "type": "supergroup", "title": "elsewhere"}
+    async with daemon(adapters=telegram_config(fake, allowed_chats=[str(GROUP["id"])])) as d:
+        fake.push(message(1, photo="shot", caption=f"{MENTION} what is this?", chat=other))
+        fake.push(message(2, photo="shot", caption=f"{MENTION} what is this?"))
+        await answered(d, http, 1)
+        status, _ = await get(http, d.url, f"/api/v1/history/telegram/{other['id']}")
+    assert status == 404 and len(fake.results) == 1 and int(fake.sent[0]["chat_id"]) == GROUP["id"]

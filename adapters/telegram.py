@@ -46,7 +46,8 @@ HELP = """I answer questions about images.
 - /status says which model answers and how many questions are waiting.
 - In a private chat, just send the image and the question."""
 _TYPING_LASTS_S = 4.0
-_FORGET_CONFIRM_S = 300.0  # a chat action shows for 5 s at most: renew it before then
+_FORGET_CONFIRM_S = 300.0
+_NOT_FOR_US = "(a command for another bot)"  # a chat action shows for 5 s at most: renew it before then
 
 
 class TelegramAdapter:
@@ -102,6 +103,7 @@ class TelegramAdapter:
             builder = builder.updater(None)  # updates come through our own server
         self._app = builder.build()
         self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self._app.add_error_handler(self._on_error)
         await self._app.initialize()  # getMe
         self._me = self._app.bot.bot
         if not self._me.can_read_all_group_messages:
@@ -140,10 +142,16 @@ class TelegramAdapter:
 
         try:
             update = Update.de_json(await request.json(), self._app.bot)
-        except ValueError:
+        except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "bad_request", "message": "body is not an update"}, status=400)
-        await self._app.process_update(update)  # taken in (committed) before Telegram hears 200
+        # Called directly, not through the application's queue: the update is taken in (committed)
+        # before Telegram hears 200, and a failure becomes a 5xx that Telegram delivers again.
+        await self._on_message(update, None)
         return web.json_response({"ok": True})
+
+    async def _on_error(self, update: Any, context: Any) -> None:
+        update_id = getattr(update, "update_id", None)
+        log.error("telegram update %s not taken in: %s", update_id, context.error, exc_info=context.error)
 
     async def _on_message(self, update: Any, context: Any) -> None:
         message = update.message
@@ -165,7 +173,7 @@ class TelegramAdapter:
             await self._say(message, f"Model: {status.model} ({status.engine}). Questions being answered: "
                                      f"{status.running}; waiting: {status.queued}.")
             return
-        if command == "(for another bot)":
+        if command == _NOT_FOR_US:
             return
         if command not in (None, "/ask"):
             await self._say(message, f"I don't know {command}. /help says what I understand.")
@@ -250,7 +258,7 @@ class TelegramAdapter:
         for entity, value in entities.items():
             if entity.type == "bot_command" and entity.offset == 0:
                 name, _, target = value.partition("@")
-                return name.lower() if not target or self._is_me(target) else "(for another bot)"
+                return name.lower() if not target or self._is_me(target) else _NOT_FOR_US
         return None
 
     def _is_me(self, username: str) -> bool:

@@ -199,6 +199,10 @@ async def test_webhook_mode_checks_the_secret_token(fake, daemon, http):
         for headers in ({}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}):
             async with http.post(f"{d.url}/telegram/webhook", json=update, headers=headers) as resp:
                 assert resp.status == 403
+        good = {"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"}
+        for body in (b"{not json", b"{}"):
+            async with http.post(f"{d.url}/telegram/webhook", data=body, headers=good) as resp:
+                assert resp.status == 400
         status, _ = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
         assert status == 404  # nothing stored for this chat
         async with http.post(f"{d.url}/telegram/webhook", json=update,

@@ -413,19 +413,6 @@ class Store:
 
     # ---- forgetting ---------------------------------------------------------------------
 
-    async def chat_size(self, platform: str, chat_id: str) -> tuple[int, int, int]:
-        """Stored messages, distinct images, and unfinished jobs of one chat."""
-        rows = await self._rows(
-            "SELECT (SELECT count(*) FROM messages WHERE platform = ? AND chat_id = ?),"
-            " (SELECT count(DISTINCT mi.sha256) FROM message_images mi JOIN messages m ON m.id = mi.message"
-            "  WHERE m.platform = ? AND m.chat_id = ?),"
-            " (SELECT count(*) FROM jobs j JOIN messages m ON m.id = j.question"
-            "  WHERE m.platform = ? AND m.chat_id = ? AND j.status IN ('queued', 'running'))",
-            platform, chat_id, platform, chat_id, platform, chat_id,
-        )
-        messages, images, open_jobs = rows[0]
-        return int(messages), int(images), int(open_jobs)
-
     async def forget_chat(self, platform: str, chat_id: str) -> tuple[int, list[str]] | None:
         """Delete a chat's messages, jobs and inbox entries; return how many messages, and the
         SHA-256 of images no other chat still refers to (their files are the caller's to delete).

@@ -81,15 +81,14 @@ async def test_forgetting_a_chat_keeps_what_other_chats_still_use(store):
 
     await post("keep", "k1", [shared], ask=False)
     job = await post("gone", "g1", [shared, own], ask=True)
-    assert await store.chat_size("test", "gone") == (1, 2, 1)
     assert await store.forget_chat("test", "gone") is None  # its question is still queued
     claimed = await store.claim_next()
     await store.finish(claimed, text="a", answer_message_id="g2")
     assert claimed.id == job
     forgotten, orphans = await store.forget_chat("test", "gone")
     assert forgotten == 2 and orphans == [own.sha256]  # the question and the answer; the shared image stays
-    assert await store.chat_size("test", "gone") == (0, 0, 0)
-    assert await store.chat_size("test", "keep") == (1, 1, 0)
+    assert await store.history("test", "gone", 10) == []
+    assert [e.images for e in await store.history("test", "keep", 10)] == [(shared.sha256,)]
     assert await store.job(job) is None
 
 

@@ -2,7 +2,7 @@
 
 With an Encrypt Key set, Feishu posts ``{"encrypt": base64(iv || AES-256-CBC(sha256(key), iv,
 PKCS#7(json)))}`` and signs the raw body: ``sha256(timestamp + nonce + key || body)`` in lowercase
-hex (plain SHA-256, not HMAC). PROTOCOLS.md §1.3–1.4 and its test vectors V1–V3.
+hex (plain SHA-256, not HMAC). PROTOCOLS.md §1.3-1.4 and its test vectors V1-V3.
 """
 
 from __future__ import annotations

@@ -89,9 +89,21 @@ class TelegramConfig(_Section):
     album_wait_seconds: float = Field(1.0, gt=0, le=30)  # an album is complete once no item came this long
 
 
+class FeishuConfig(_Section):
+    enabled: bool = False
+    app_id: str = ""  # cli_...
+    app_secret: SecretStr | None = None
+    verification_token: SecretStr | None = None  # console: Events & Callbacks > Encryption strategy
+    encrypt_key: SecretStr | None = None  # optional there; set it, and bodies are encrypted and signed
+    base_url: str = "https://open.feishu.cn"  # Lark: "https://open.larksuite.com"
+    path: str = "/feishu/events"  # where the event subscription's request URL points on this server
+    allowed_chats: list[str] = Field(default_factory=list)  # oc_... ids; empty: every chat the bot is in
+
+
 class AdaptersConfig(_Section):
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     telegram: TelegramConfig = Field(default_factory=TelegramConfig)
+    feishu: FeishuConfig = Field(default_factory=FeishuConfig)
 
 
 class Config(_Section):
@@ -110,6 +122,9 @@ ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
     "IMSIGHT_ENGINE_API_KEY": ("engine", "api_key"),
     "IMSIGHT_TELEGRAM_TOKEN": ("adapters", "telegram", "token"),
     "IMSIGHT_TELEGRAM_SECRET_TOKEN": ("adapters", "telegram", "secret_token"),
+    "IMSIGHT_FEISHU_APP_SECRET": ("adapters", "feishu", "app_secret"),
+    "IMSIGHT_FEISHU_VERIFICATION_TOKEN": ("adapters", "feishu", "verification_token"),
+    "IMSIGHT_FEISHU_ENCRYPT_KEY": ("adapters", "feishu", "encrypt_key"),
 }
 
 
@@ -158,6 +173,7 @@ def _first_problem(exc: ValidationError) -> str:
     if kind == "missing":
         return f"{key}: required value missing"
     value = error.get("input")
-    secret = error["loc"][-1] in {"token", "secret", "api_key", "secret_token"}  # never echo what may be a credential
+    secret = error["loc"][-1] in {"token", "secret", "api_key", "secret_token", "app_secret",
+                                   "verification_token", "encrypt_key"}  # never echo what may be a credential
     shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
     return f"{key}: {error['msg']}{shown}"

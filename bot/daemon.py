@@ -86,6 +86,18 @@ def build_adapters(config: Config) -> list[Adapter]:
             ))
         except AdapterError as exc:
             raise ConfigError(f"adapters.telegram: {exc}") from None
+    feishu = config.adapters.feishu
+    if feishu.enabled:
+        from adapters.feishu import FeishuAdapter
+
+        if not (feishu.app_id and feishu.app_secret and feishu.verification_token):
+            raise ConfigError("adapters.feishu: app_id, app_secret and verification_token are required "
+                              "(or IMSIGHT_FEISHU_APP_SECRET / IMSIGHT_FEISHU_VERIFICATION_TOKEN)")
+        adapters.append(FeishuAdapter(
+            feishu.app_id, feishu.app_secret.get_secret_value(), feishu.verification_token.get_secret_value(),
+            encrypt_key=feishu.encrypt_key.get_secret_value() if feishu.encrypt_key else None,
+            base_url=feishu.base_url, path=feishu.path, allowed_chats=feishu.allowed_chats,
+        ))
     return adapters
 
 

@@ -1,0 +1,277 @@
+"""Feishu / Lark: event callbacks on the daemon's server, images from the message-resource API, replies.
+
+Callbacks are checked (verification token always; with an Encrypt Key, the AES body and the
+``X-Lark-Signature``), taken in (committed to the inbox) and acknowledged at once; images are
+downloaded after that, so Feishu hears 200 well within its 3 s. Re-deliveries are recognised by
+event id and by message id. PROTOCOLS.md §1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from adapters.feishu_crypto import decrypt, verify_signature
+from core.errors import AdapterError, BadInput, Unauthorized
+from core.types import Host, ImageRef, Incoming, Reply
+
+__all__ = ["FeishuAdapter"]
+
+log = logging.getLogger(__name__)
+
+_TOKEN_EXPIRED = 99991663
+_RATE_LIMITED = {99991400, 230020}
+_TOKEN_MARGIN_S = 300.0  # refresh this long before the token's stated expiry
+_MAX_TEXT = 30_000  # characters per reply (text messages may be 150 KB; keep them readable)
+
+
+class FeishuAdapter:
+    name = "feishu"
+
+    def __init__(
+        self,
+        app_id: str,
+        app_secret: str,
+        verification_token: str,
+        *,
+        encrypt_key: str | None = None,
+        base_url: str = "https://open.feishu.cn",
+        path: str = "/feishu/events",
+        allowed_chats: Iterable[str] = (),
+        timeout_s: float = 10,
+    ) -> None:
+        self._app_id, self._app_secret = app_id, app_secret
+        self._verification_token = verification_token
+        self._encrypt_key = encrypt_key or None
+        self._base = base_url.rstrip("/")
+        self._path = path
+        self._allowed = set(allowed_chats)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._http: aiohttp.ClientSession | None = None
+        self._host: Host | None = None
+        self._token: tuple[str, float] | None = None  # (token, monotonic time it expires)
+        self._token_lock = asyncio.Lock()
+        self.bot_open_id = ""
+
+    def mount(self, app: web.Application) -> None:
+        app.router.add_post(self._path, self._on_callback)
+
+    async def start(self, host: Host) -> None:
+        self._host = host
+        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        info = await self._api("GET", "/open-apis/bot/v3/info")
+        self.bot_open_id = str(info.get("bot", {}).get("open_id", ""))
+        log.info("feishu bot %s (%s) started", info.get("bot", {}).get("app_name", "?"), self.bot_open_id)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # ---- receiving ----------------------------------------------------------------------
+
+    async def _on_callback(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+            if "encrypt" in body:
+                if self._encrypt_key is None:
+                    raise BadInput("encrypted callback, but no encrypt_key is configured", code="not_encrypted")
+                body = json.loads(decrypt(self._encrypt_key, str(body["encrypt"])))
+        except (ValueError, TypeError) as exc:
+            raise BadInput(f"callback body is not JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadInput("callback body is not a JSON object", code="invalid_json")
+        header = body.get("header") or {}
+        token = str(body.get("token") or header.get("token") or "")
+        if not hmac.compare_digest(token.encode(), self._verification_token.encode()):
+            raise Unauthorized("verification token does not match")
+        if body.get("type") == "url_verification":
+            return web.json_response({"challenge": body.get("challenge", "")})
+        if self._encrypt_key is not None:
+            verify_signature(request.headers.get("X-Lark-Request-Timestamp", ""),
+                             request.headers.get("X-Lark-Request-Nonce", ""),
+                             request.headers.get("X-Lark-Signature", ""), self._encrypt_key, raw)
+        if header.get("event_type") == "im.message.receive_v1" and self._host is not None:
+            incoming = await self._incoming(str(header.get("event_id", "")), body.get("event") or {})
+            if incoming is not None:
+                await self._host.accept(incoming)  # committed before Feishu hears 200
+        return web.json_response({"msg": "success"})
+
+    async def _incoming(self, event_id: str, event: dict[str, Any]) -> Incoming | None:
+        message = event.get("message") or {}
+        chat_id = str(message.get("chat_id", ""))
+        if not chat_id or (self._allowed and chat_id not in self._allowed):
+            return None
+        message_id = str(message.get("message_id", ""))
+        text, image_keys = _content(str(message.get("message_type", "")), message.get("content") or "{}")
+        mentions = message.get("mentions") or []
+        mentioned = False
+        for mention in mentions:
+            key = str(mention.get("key", ""))
+            if (mention.get("id") or {}).get("open_id") == self.bot_open_id:
+                mentioned = True
+                text = text.replace(key, " ")
+            else:
+                text = text.replace(key, "@" + str(mention.get("name", "")))
+        parent = message.get("parent_id") or None
+        replied = await self._message(str(parent)) if parent else None
+        sender_of_parent = (replied or {}).get("sender") or {}
+        to_bot = sender_of_parent.get("id_type") == "app_id" and sender_of_parent.get("id") == self._app_id
+        if replied is not None and not to_bot and self._host is not None:
+            await self._take_in_replied(chat_id, replied)
+        sender = (event.get("sender") or {}).get("sender_id") or {}
+        direct = message.get("chat_type") == "p2p"
+        return Incoming(
+            platform=self.name,
+            chat_id=chat_id,
+            message_id=message_id,
+            event_id=event_id,
+            chat_kind="direct" if direct else "group",
+            thread_id=message.get("thread_id") or None,
+            reply_to=parent,
+            sender_id=str(sender.get("open_id", "")),
+            text=" ".join(text.split()),
+            addressed=direct or mentioned or to_bot,
+            images=tuple(ImageRef(f"{message_id}/{key}") for key in image_keys),
+            received_at=int(message.get("create_time") or time.time() * 1000) / 1000,
+        )
+
+    async def _message(self, message_id: str) -> dict[str, Any] | None:
+        """A message as the API returns it (``None`` when it cannot be read: deleted, hidden)."""
+        try:
+            found = await self._api("GET", f"/open-apis/im/v1/messages/{message_id}")
+        except AdapterError as exc:
+            log.info("feishu: cannot read replied-to message %s: %s", message_id, exc)
+            return None
+        items = (found.get("data") or {}).get("items") or []
+        return dict(items[0]) if items else None
+
+    async def _take_in_replied(self, chat_id: str, replied: dict[str, Any]) -> None:
+        """The image a question replies to, which the bot may never have been sent (it sees only
+        messages that mention it unless it has the group-messages permission): taken in first;
+        if it was seen, this is a duplicate and changes nothing."""
+        message_id = str(replied.get("message_id", ""))
+        _, keys = _content(str(replied.get("msg_type", "")), (replied.get("body") or {}).get("content") or "{}")
+        if not keys or self._host is None:
+            return
+        sender = replied.get("sender") or {}
+        await self._host.accept(Incoming(
+            platform=self.name, chat_id=chat_id, message_id=message_id, sender_id=str(sender.get("id", "")),
+            images=tuple(ImageRef(f"{message_id}/{key}") for key in keys), addressed=False,
+            received_at=int(replied.get("create_time") or time.time() * 1000) / 1000,
+        ))
+
+    # ---- images and replies ---------------------------------------------------------------
+
+    async def download(self, image: ImageRef) -> bytes:
+        message_id, _, key = image.ref.partition("/")
+        data = await self._call("GET", f"/open-apis/im/v1/messages/{message_id}/resources/{key}",
+                                params={"type": "image"}, raw=True)
+        if not isinstance(data, bytes):
+            raise AdapterError(self.name, f"image {key}: the API answered JSON, not the image", retryable=False)
+        return data
+
+    async def send(self, reply: Reply) -> str:
+        first = ""
+        for n, piece in enumerate(_pieces(reply.text or "(empty answer)")):
+            body = {"msg_type": "text", "content": json.dumps({"text": piece}, ensure_ascii=False),
+                    "reply_in_thread": reply.thread_id is not None,
+                    "uuid": f"{reply.job_id}-{n}"[:50]}  # a retried reply cannot post twice
+            sent = await self._api("POST", f"/open-apis/im/v1/messages/{reply.reply_to}/reply", json_body=body)
+            first = first or str((sent.get("data") or {}).get("message_id", ""))
+        return first
+
+    # ---- the Open API -----------------------------------------------------------------------
+
+    async def _api(self, method: str, path: str, *, json_body: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = await self._call(method, path, json_body=json_body)
+        assert isinstance(result, dict)
+        return result
+
+    async def _call(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
+                    params: dict[str, str] | None = None, raw: bool = False) -> Any:
+        for attempt in (1, 2):
+            token = await self._tenant_token(refresh=attempt == 2)
+            try:
+                assert self._http is not None, "not started"
+                async with self._http.request(method, self._base + path, json=json_body, params=params,
+                                              headers={"Authorization": f"Bearer {token}"}) as resp:
+                    if raw and resp.status == 200 and not resp.content_type.endswith("json"):
+                        return await resp.read()
+                    body = await resp.json(content_type=None)
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise AdapterError(self.name, f"{method} {path}: {exc}", retryable=True) from exc
+            code = int(body.get("code", 0)) if isinstance(body, dict) else -1
+            if code == _TOKEN_EXPIRED and attempt == 1:
+                continue  # the token ran out early: get a new one, once
+            if status == 200 and code == 0:
+                return body
+            retryable = status == 429 or status >= 500 or code in _RATE_LIMITED
+            message = body.get("msg", "") if isinstance(body, dict) else ""
+            raise AdapterError(self.name, f"{method} {path}: HTTP {status}, code {code}: {message}",
+                               retryable=retryable)
+        raise AdapterError(self.name, f"{method} {path}: token refused twice", retryable=False)
+
+    async def _tenant_token(self, *, refresh: bool = False) -> str:
+        async with self._token_lock:
+            if self._token is not None and not refresh and time.monotonic() < self._token[1]:
+                return self._token[0]
+            assert self._http is not None, "not started"
+            try:
+                async with self._http.post(f"{self._base}/open-apis/auth/v3/tenant_access_token/internal",
+                                           json={"app_id": self._app_id, "app_secret": self._app_secret}) as resp:
+                    body = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise AdapterError(self.name, f"tenant token: {exc}", retryable=True) from exc
+            if not isinstance(body, dict) or body.get("code") != 0 or not body.get("tenant_access_token"):
+                message = body.get("msg", "") if isinstance(body, dict) else ""
+                raise AdapterError(self.name, f"tenant token refused: {message} (check app_id and app_secret)",
+                                   retryable=False)
+            lifetime = float(body.get("expire", 7200))
+            self._token = (str(body["tenant_access_token"]), time.monotonic() + max(0.0, lifetime - _TOKEN_MARGIN_S))
+            return self._token[0]
+
+
+def _content(message_type: str, content: str) -> tuple[str, list[str]]:
+    """The text and the image keys of a received message's ``content`` (a JSON string)."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return "", []
+    if not isinstance(data, dict):
+        return "", []
+    if message_type == "text":
+        return str(data.get("text", "")), []
+    if message_type == "image":
+        return "", [str(data["image_key"])] if data.get("image_key") else []
+    if message_type == "post":
+        body = data
+        if "content" not in body:  # the send form wraps it in a locale: accept both
+            body = next((v for v in data.values() if isinstance(v, dict)), {})
+        words: list[str] = [str(body.get("title", ""))]
+        keys: list[str] = []
+        for paragraph in body.get("content") or []:
+            for element in paragraph or []:
+                tag = element.get("tag")
+                if tag in ("text", "a"):
+                    words.append(str(element.get("text", "")))
+                elif tag == "at":
+                    words.append(str(element.get("user_id", "")))
+                elif tag == "img" and element.get("image_key"):
+                    keys.append(str(element["image_key"]))
+        return " ".join(words), keys
+    return "", []
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i:i + _MAX_TEXT] for i in range(0, len(text), _MAX_TEXT)] or [text]

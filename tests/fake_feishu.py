@@ -1,0 +1,127 @@
+"""A fake Feishu Open API on loopback (token, bot info, messages, resources, reply), and events built,
+encrypted and signed the way Feishu sends them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+
+from adapters.feishu_crypto import encrypt, signature
+
+APP_ID, APP_SECRET, VERIFICATION_TOKEN, ENCRYPT_KEY = "cli_demo", "app-secret", "demo-verification-token", "k-1"
+BOT_OPEN_ID = "ou_bot"
+
+
+class FakeFeishu:
+    def __init__(self) -> None:
+        self.files: dict[tuple[str, str], bytes] = {}  # (message id, image key) -> bytes
+        self.messages: dict[str, dict[str, Any]] = {}  # what GET /messages/{id} returns
+        self.replies: list[dict[str, Any]] = []
+        self.tokens_issued = 0
+        self.expire_token = False  # answer the next call with "token expired" (99991663)
+        self._ids = itertools.count(1)
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", self._token)
+        app.router.add_get("/open-apis/bot/v3/info", self._bot)
+        app.router.add_get("/open-apis/im/v1/messages/{mid}", self._message)
+        app.router.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", self._resource)
+        app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
+        return app
+
+    def _authorized(self, request: web.Request) -> web.Response | None:
+        if self.expire_token:
+            self.expire_token = False
+            return web.json_response({"code": 99991663, "msg": "invalid access token"}, status=400)
+        if request.headers.get("Authorization") != f"Bearer t-{self.tokens_issued}":
+            return web.json_response({"code": 99991663, "msg": "invalid access token"}, status=400)
+        return None
+
+    async def _token(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body != {"app_id": APP_ID, "app_secret": APP_SECRET}:
+            return web.json_response({"code": 10015, "msg": "wrong secret"})
+        self.tokens_issued += 1
+        return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": f"t-{self.tokens_issued}",
+                                  "expire": 7200})
+
+    async def _bot(self, request: web.Request) -> web.Response:
+        return self._authorized(request) or web.json_response(
+            {"code": 0, "msg": "ok", "bot": {"app_name": "VQA Bot", "open_id": BOT_OPEN_ID}})
+
+    async def _message(self, request: web.Request) -> web.Response:
+        if denied := self._authorized(request):
+            return denied
+        found = self.messages.get(request.match_info["mid"])
+        if found is None:
+            return web.json_response({"code": 230110, "msg": "message deleted"}, status=400)
+        return web.json_response({"code": 0, "msg": "ok", "data": {"items": [found]}})
+
+    async def _resource(self, request: web.Request) -> web.Response:
+        if denied := self._authorized(request):
+            return denied
+        data = self.files.get((request.match_info["mid"], request.match_info["key"]))
+        if data is None or request.query.get("type") != "image":
+            return web.json_response({"code": 234003, "msg": "file not in message"}, status=400)
+        return web.Response(body=data, content_type="image/png")
+
+    async def _reply(self, request: web.Request) -> web.Response:
+        if denied := self._authorized(request):
+            return denied
+        body = await request.json()
+        assert json.loads(body["content"])["text"]
+        if any(r["uuid"] == body["uuid"] for r in self.replies):  # Feishu: one success per uuid
+            sent = next(r for r in self.replies if r["uuid"] == body["uuid"])
+        else:
+            sent = {**body, "message_id": f"om_bot_{next(self._ids)}", "parent_id": request.match_info["mid"]}
+            self.replies.append(sent)
+            self.messages[sent["message_id"]] = {"message_id": sent["message_id"],
+                                                 "sender": {"id": APP_ID, "id_type": "app_id"}}
+        return web.json_response({"code": 0, "msg": "ok", "data": {"message_id": sent["message_id"]}})
+
+
+def event(message_id: str, chat_id: str = "oc_g1", *, text: str | None = None, image: str | None = None,
+          post: tuple[str, str] | None = None, parent: str | None = None, thread: str | None = None,
+          mention_bot: bool = False, event_id: str | None = None) -> dict[str, Any]:
+    """An im.message.receive_v1 event as Feishu sends it (plaintext)."""
+    message: dict[str, Any] = {"message_id": message_id, "chat_id": chat_id, "chat_type": "group",
+                               "create_time": str(int(time.time() * 1000))}
+    if text is not None:
+        message["message_type"], content = "text", {"text": ("@_user_1 " if mention_bot else "") + text}
+    elif image is not None:
+        message["message_type"], content = "image", {"image_key": image}
+    else:
+        assert post is not None
+        question, key = post
+        paragraph: list[dict[str, Any]] = [{"tag": "text", "text": question}]
+        if mention_bot:
+            paragraph.insert(0, {"tag": "at", "user_id": "@_user_1", "user_name": "VQA Bot"})
+        message["message_type"] = "post"
+        content = {"title": "", "content": [paragraph, [{"tag": "img", "image_key": key}]]}
+    message["content"] = json.dumps(content)
+    if mention_bot:
+        message["mentions"] = [{"key": "@_user_1", "id": {"open_id": BOT_OPEN_ID}, "name": "VQA Bot"}]
+    if parent:
+        message["parent_id"] = message["root_id"] = parent
+    if thread:
+        message["thread_id"] = thread
+    return {"schema": "2.0",
+            "header": {"event_id": event_id or f"ev-{message_id}", "event_type": "im.message.receive_v1",
+                       "create_time": message["create_time"], "token": VERIFICATION_TOKEN, "app_id": APP_ID,
+                       "tenant_key": "t1"},
+            "event": {"sender": {"sender_id": {"open_id": "ou_ann"}, "sender_type": "user"}, "message": message}}
+
+
+def sealed(payload: dict[str, Any], key: str = ENCRYPT_KEY) -> tuple[bytes, dict[str, str]]:
+    """The body and headers Feishu sends for ``payload`` with an Encrypt Key: encrypted and signed."""
+    body = json.dumps({"encrypt": encrypt(key, json.dumps(payload), os.urandom(16))}).encode()
+    timestamp, nonce = str(int(time.time())), os.urandom(8).hex()
+    return body, {"X-Lark-Request-Timestamp": timestamp, "X-Lark-Request-Nonce": nonce,
+                  "X-Lark-Signature": signature(timestamp, nonce, key, body), "Content-Type": "application/json"}

@@ -1,0 +1,148 @@
+"""The Feishu adapter against a fake Open API on loopback, with events encrypted and signed as Feishu does."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fake_feishu import APP_ID, APP_SECRET, ENCRYPT_KEY, VERIFICATION_TOKEN, FakeFeishu, event, sealed
+
+from core.images import sha256
+from helpers import eventually, get, loopback, png
+
+SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
+
+
+@pytest.fixture
+async def fake():
+    server = FakeFeishu()
+    async with loopback(server.app()) as url:
+        server.url = url
+        yield server
+
+
+def feishu_config(fake: FakeFeishu, *, encrypted: bool = True) -> dict[str, Any]:
+    config = {"enabled": True, "app_id": APP_ID, "app_secret": APP_SECRET, "verification_token": VERIFICATION_TOKEN,
+              "base_url": fake.url}
+    if encrypted:
+        config["encrypt_key"] = ENCRYPT_KEY
+    return {"feishu": config}
+
+
+async def deliver(http, d, payload: dict[str, Any], *, encrypted: bool = True) -> tuple[int, Any]:
+    if encrypted:
+        body, headers = sealed(payload)
+    else:
+        body, headers = json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    async with http.post(f"{d.url}/feishu/events", data=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def answered(d, http, count: int, chat_id: str = "oc_g1") -> list[dict[str, Any]]:
+    async def enough() -> list[dict[str, Any]] | None:
+        status, body = await get(http, d.url, f"/api/v1/history/feishu/{chat_id}")
+        done = [m for m in body.get("messages", ()) if m["role"] == "bot"] if status == 200 else []
+        return done if len(done) >= count else None
+
+    return await eventually(enough)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+async def test_url_verification_echoes_the_challenge(fake, daemon, http, encrypted):
+    challenge = {"challenge": "c-0123456789", "token": VERIFICATION_TOKEN, "type": "url_verification"}
+    async with daemon(adapters=feishu_config(fake, encrypted=encrypted)) as d:
+        assert await deliver(http, d, challenge, encrypted=encrypted) == (200, {"challenge": "c-0123456789"})
+        status, _ = await deliver(http, d, {**challenge, "token": "wrong"}, encrypted=encrypted)
+        assert status == 401
+
+
+async def test_an_image_then_a_mention_replying_to_it_then_a_thread_follow_up(fake, daemon, http):
+    fake.files[("om_1", "img_1")] = SHOT
+    fake.messages["om_1"] = {"message_id": "om_1", "sender": {"id": "ou_ann", "id_type": "open_id"}}
+    async with daemon(adapters=feishu_config(fake)) as d:
+        assert (await deliver(http, d, event("om_1", image="img_1")))[0] == 200  # not addressed: stored only
+        await deliver(http, d, event("om_2", text="what is this?", parent="om_1", mention_bot=True))
+        done = await answered(d, http, 1)
+        assert fake.replies[0]["parent_id"] == "om_2" and json.loads(fake.replies[0]["content"])["text"]
+        # A colleague replies to the bot's answer in the thread, without a mention.
+        await deliver(http, d, event("om_3", text="and the price?", parent=fake.replies[0]["message_id"],
+                                     thread="omt_1"))
+        done = await answered(d, http, 2)
+    assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
+    assert fake.replies[1]["parent_id"] == "om_3" and fake.replies[1]["reply_in_thread"] is True
+
+
+async def test_a_mention_replying_to_an_image_the_bot_was_never_sent(fake, daemon, http):
+    fake.files[("om_old", "img_old")] = OTHER  # posted without a mention: Feishu did not push it
+    fake.messages["om_old"] = {"message_id": "om_old", "msg_type": "image", "create_time": "1700000000000",
+                               "sender": {"id": "ou_ann", "id_type": "open_id"},
+                               "body": {"content": json.dumps({"image_key": "img_old"})}}
+    async with daemon(adapters=feishu_config(fake)) as d:
+        await deliver(http, d, event("om_q", text="what's the total?", parent="om_old", mention_bot=True))
+        done = await answered(d, http, 1)
+    assert done[0]["used_images"] == [sha256(OTHER)]
+
+
+async def test_a_rich_text_post_with_an_image_and_a_mention_is_answered(fake, daemon, http):
+    fake.files[("om_p", "img_p")] = OTHER
+    async with daemon(adapters=feishu_config(fake, encrypted=False)) as d:
+        await deliver(http, d, event("om_p", post=(" what is this?", "img_p"), mention_bot=True), encrypted=False)
+        done = await answered(d, http, 1)
+        status, body = await get(http, d.url, "/api/v1/history/feishu/oc_g1")
+    assert done[0]["used_images"] == [sha256(OTHER)]
+    assert status == 200 and body["messages"][0]["text"] == "what is this?"  # the mention placeholder removed
+
+
+async def test_the_same_event_three_times_gets_one_reply(fake, daemon, http):
+    fake.files[("om_d", "img_d")] = SHOT
+    payload = event("om_d", post=("why?", "img_d"), mention_bot=True)
+    async with daemon(adapters=feishu_config(fake)) as d:
+        for _ in range(3):
+            assert (await deliver(http, d, payload))[0] == 200
+        await answered(d, http, 1)
+        # Feishu also re-sends a message under a new event id: still the same message.
+        again = event("om_d", post=("why?", "img_d"), mention_bot=True, event_id="ev-other")
+        assert (await deliver(http, d, again))[0] == 200
+        await answered(d, http, 1)
+    assert len(fake.replies) == 1
+
+
+async def test_a_wrong_signature_or_token_is_rejected_and_nothing_stored(fake, daemon, http):
+    fake.files[("om_x", "img_x")] = SHOT
+    payload = event("om_x", post=("why?", "img_x"), mention_bot=True)
+    async with daemon(adapters=feishu_config(fake)) as d:
+        body, headers = sealed(payload)
+        async with http.post(f"{d.url}/feishu/events", data=body,
+                             headers={**headers, "X-Lark-Signature": "0" * 64}) as resp:
+            assert resp.status == 401
+        bad_token = event("om_x", post=("why?", "img_x"), mention_bot=True)
+        bad_token["header"]["token"] = "forged"
+        assert (await deliver(http, d, bad_token))[0] == 401
+        body, headers = sealed(payload, key="another-key")  # encrypted with a key that is not ours
+        async with http.post(f"{d.url}/feishu/events", data=body, headers=headers) as resp:
+            assert resp.status == 401
+        status, _ = await get(http, d.url, "/api/v1/history/feishu/oc_g1")
+    assert status == 404 and fake.replies == []
+
+
+async def test_an_expired_token_is_refreshed_and_the_reply_goes_once(fake, daemon, http):
+    fake.files[("om_e", "img_e")] = SHOT
+    async with daemon(adapters=feishu_config(fake)) as d:
+        fake.expire_token = True  # the next call (the image download) is refused
+        await deliver(http, d, event("om_e", post=("why?", "img_e"), mention_bot=True))
+        done = await answered(d, http, 1)
+    assert fake.tokens_issued == 2 and len(fake.replies) == 1
+    assert done[0]["used_images"] == [sha256(SHOT)]
+
+
+async def test_a_follow_up_after_a_restart(fake, daemon, http):
+    fake.files[("om_r", "img_r")] = SHOT
+    async with daemon(adapters=feishu_config(fake)) as d:
+        await deliver(http, d, event("om_r", post=("what is it?", "img_r"), mention_bot=True))
+        await answered(d, http, 1)
+    fake.files.clear()  # the stored copy must do
+    async with daemon(adapters=feishu_config(fake)) as d:
+        await deliver(http, d, event("om_r2", text="and why?", parent=fake.replies[0]["message_id"]))
+        done = await answered(d, http, 2)
+    assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]

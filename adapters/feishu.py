@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 _TOKEN_EXPIRED = 99991663
 _RATE_LIMITED = {99991400, 230020}
 _TOKEN_MARGIN_S = 300.0  # refresh this long before the token's stated expiry
-_MAX_TEXT = 30_000  # characters per reply (text messages may be 150 KB; keep them readable)
+_MAX_TEXT = 9_000  # characters per reply: a post may be 30 KB, and a CJK character is 3 bytes
+_DRAFT_EDITS = 18  # Feishu allows 20 edits per message; the last one is the answer
 
 
 class FeishuAdapter:
@@ -60,6 +62,7 @@ class FeishuAdapter:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it expires)
         self._token_lock = asyncio.Lock()
         self.bot_open_id = ""
+        self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
 
     def mount(self, app: web.Application) -> None:
         app.router.add_post(self._path, self._on_callback)
@@ -180,15 +183,34 @@ class FeishuAdapter:
             raise AdapterError(self.name, f"image {key}: the API answered JSON, not the image", retryable=False)
         return data
 
+    async def draft(self, reply: Reply) -> None:
+        """A placeholder reply, edited as the answer grows (Feishu allows 20 edits of a message)."""
+        state = self._drafts.get(reply.job_id)
+        if state is None:
+            sent = await self._reply(reply, _post("…"), uuid=f"{reply.job_id}-draft")
+            self._drafts[reply.job_id] = _Draft(sent)
+        elif reply.text and state.edits < _DRAFT_EDITS:
+            state.edits += 1
+            await self._api("PUT", f"/open-apis/im/v1/messages/{state.message_id}", json_body=_post(reply.text + " …"))
+
     async def send(self, reply: Reply) -> str:
+        pieces = _pieces(reply.text or "(empty answer)")
+        state = self._drafts.get(reply.job_id)
         first = ""
-        for n, piece in enumerate(_pieces(reply.text or "(empty answer)")):
-            body = {"msg_type": "text", "content": json.dumps({"text": piece}, ensure_ascii=False),
-                    "reply_in_thread": reply.thread_id is not None,
-                    "uuid": f"{reply.job_id}-{n}"[:50]}  # a retried reply cannot post twice
-            sent = await self._api("POST", f"/open-apis/im/v1/messages/{reply.reply_to}/reply", json_body=body)
-            first = first or str((sent.get("data") or {}).get("message_id", ""))
+        if state is not None:  # the placeholder becomes the answer's first piece
+            await self._api("PUT", f"/open-apis/im/v1/messages/{state.message_id}", json_body=_post(pieces[0]))
+            first, pieces = state.message_id, pieces[1:]
+        for n, piece in enumerate(pieces):
+            sent = await self._reply(reply, _post(piece), uuid=f"{reply.job_id}-{n}")
+            first = first or sent
+        self._drafts.pop(reply.job_id, None)
         return first
+
+    async def _reply(self, reply: Reply, content: dict[str, str], *, uuid: str) -> str:
+        body = {**content, "reply_in_thread": reply.thread_id is not None,
+                "uuid": uuid[:50]}  # Feishu keeps one success per uuid: a retried reply cannot post twice
+        sent = await self._api("POST", f"/open-apis/im/v1/messages/{reply.reply_to}/reply", json_body=body)
+        return str((sent.get("data") or {}).get("message_id", ""))
 
     # ---- the Open API -----------------------------------------------------------------------
 
@@ -271,6 +293,18 @@ def _content(message_type: str, content: str) -> tuple[str, list[str]]:
                     keys.append(str(element["image_key"]))
         return " ".join(words), keys
     return "", []
+
+
+@dataclass
+class _Draft:
+    message_id: str
+    edits: int = 0
+
+
+def _post(markdown: str) -> dict[str, str]:
+    """A rich-text message whose one element is Markdown, which Feishu renders (headings, lists, code)."""
+    content = {"zh_cn": {"title": "", "content": [[{"tag": "md", "text": markdown}]]}}
+    return {"msg_type": "post", "content": json.dumps(content, ensure_ascii=False)}
 
 
 def _pieces(text: str) -> list[str]:

@@ -22,6 +22,7 @@ class FakeFeishu:
         self.files: dict[tuple[str, str], bytes] = {}  # (message id, image key) -> bytes
         self.messages: dict[str, dict[str, Any]] = {}  # what GET /messages/{id} returns
         self.replies: list[dict[str, Any]] = []
+        self.edits: list[dict[str, Any]] = []
         self.tokens_issued = 0
         self.expire_token = False  # answer the next call with "token expired" (99991663)
         self._ids = itertools.count(1)
@@ -34,6 +35,7 @@ class FakeFeishu:
         app.router.add_get("/open-apis/im/v1/messages/{mid}", self._message)
         app.router.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", self._resource)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
+        app.router.add_put("/open-apis/im/v1/messages/{mid}", self._edit)
         return app
 
     def _authorized(self, request: web.Request) -> web.Response | None:
@@ -76,7 +78,7 @@ class FakeFeishu:
         if denied := self._authorized(request):
             return denied
         body = await request.json()
-        assert json.loads(body["content"])["text"]
+        assert text_of(body)
         if any(r["uuid"] == body["uuid"] for r in self.replies):  # Feishu: one success per uuid
             sent = next(r for r in self.replies if r["uuid"] == body["uuid"])
         else:
@@ -85,6 +87,27 @@ class FakeFeishu:
             self.messages[sent["message_id"]] = {"message_id": sent["message_id"],
                                                  "sender": {"id": APP_ID, "id_type": "app_id"}}
         return web.json_response({"code": 0, "msg": "ok", "data": {"message_id": sent["message_id"]}})
+
+
+    async def _edit(self, request: web.Request) -> web.Response:
+        if denied := self._authorized(request):
+            return denied
+        body = await request.json()
+        target = next((r for r in self.replies if r["message_id"] == request.match_info["mid"]), None)
+        if target is None:
+            return web.json_response({"code": 230071, "msg": "not the sender"}, status=400)
+        assert text_of(body)
+        self.edits.append(body)
+        target.update(msg_type=body["msg_type"], content=body["content"])
+        return web.json_response({"code": 0, "msg": "ok", "data": {}})
+
+
+def text_of(message: dict[str, Any]) -> str:
+    """The text a text or post message shows."""
+    content = json.loads(message["content"])
+    if message["msg_type"] == "text":
+        return str(content["text"])
+    return "".join(e.get("text", "") for p in content["zh_cn"]["content"] for e in p)
 
 
 def event(message_id: str, chat_id: str = "oc_g1", *, text: str | None = None, image: str | None = None,

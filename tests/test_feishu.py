@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from fake_feishu import APP_ID, APP_SECRET, ENCRYPT_KEY, VERIFICATION_TOKEN, FakeFeishu, event, sealed
+from fake_feishu import APP_ID, APP_SECRET, ENCRYPT_KEY, VERIFICATION_TOKEN, FakeFeishu, event, sealed, text_of
 
 from core.images import sha256
 from helpers import eventually, get, loopback, png
@@ -64,13 +64,16 @@ async def test_an_image_then_a_mention_replying_to_it_then_a_thread_follow_up(fa
         assert (await deliver(http, d, event("om_1", image="img_1")))[0] == 200  # not addressed: stored only
         await deliver(http, d, event("om_2", text="what is this?", parent="om_1", mention_bot=True))
         done = await answered(d, http, 1)
-        assert fake.replies[0]["parent_id"] == "om_2" and json.loads(fake.replies[0]["content"])["text"]
+        assert fake.replies[0]["parent_id"] == "om_2" and text_of(fake.replies[0]) == done[0]["text"]
+        assert fake.replies[0]["msg_type"] == "post"  # Markdown, rendered by Feishu
         # A colleague replies to the bot's answer in the thread, without a mention.
         await deliver(http, d, event("om_3", text="and the price?", parent=fake.replies[0]["message_id"],
                                      thread="omt_1"))
         done = await answered(d, http, 2)
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
     assert fake.replies[1]["parent_id"] == "om_3" and fake.replies[1]["reply_in_thread"] is True
+    # Each answer: a placeholder reply, then that same message edited into the answer.
+    assert len(fake.replies) == 2 and len(fake.edits) >= 2 and text_of(fake.replies[1]) == done[1]["text"]
 
 
 async def test_a_mention_replying_to_an_image_the_bot_was_never_sent(fake, daemon, http):

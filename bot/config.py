@@ -100,10 +100,23 @@ class FeishuConfig(_Section):
     allowed_chats: list[str] = Field(default_factory=list)  # oc_... ids; empty: every chat the bot is in
 
 
+class DingTalkConfig(_Section):
+    enabled: bool = False
+    app_key: str = ""  # the app's Client ID (AppKey)
+    app_secret: SecretStr | None = None  # Client Secret (AppSecret): also signs the callbacks
+    robot_code: str = ""  # usually the same as app_key
+    base_url: str = "https://api.dingtalk.com"
+    legacy_base_url: str = "https://oapi.dingtalk.com"  # where session webhooks live; only those are posted to
+    path: str = "/dingtalk/events"  # the robot's message receiving address on this server
+    allowed_conversations: list[str] = Field(default_factory=list)  # cid... ids; empty: all
+    allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
+
+
 class AdaptersConfig(_Section):
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     telegram: TelegramConfig = Field(default_factory=TelegramConfig)
     feishu: FeishuConfig = Field(default_factory=FeishuConfig)
+    dingtalk: DingTalkConfig = Field(default_factory=DingTalkConfig)
 
 
 class Config(_Section):
@@ -125,6 +138,7 @@ ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
     "IMSIGHT_FEISHU_APP_SECRET": ("adapters", "feishu", "app_secret"),
     "IMSIGHT_FEISHU_VERIFICATION_TOKEN": ("adapters", "feishu", "verification_token"),
     "IMSIGHT_FEISHU_ENCRYPT_KEY": ("adapters", "feishu", "encrypt_key"),
+    "IMSIGHT_DINGTALK_APP_SECRET": ("adapters", "dingtalk", "app_secret"),
 }
 
 

@@ -98,6 +98,17 @@ def build_adapters(config: Config) -> list[Adapter]:
             encrypt_key=feishu.encrypt_key.get_secret_value() if feishu.encrypt_key else None,
             base_url=feishu.base_url, path=feishu.path, allowed_chats=feishu.allowed_chats,
         ))
+    dingtalk = config.adapters.dingtalk
+    if dingtalk.enabled:
+        from adapters.dingtalk import DingTalkAdapter
+
+        if not (dingtalk.app_key and dingtalk.app_secret):
+            raise ConfigError("adapters.dingtalk: app_key and app_secret are required (or IMSIGHT_DINGTALK_APP_SECRET)")
+        adapters.append(DingTalkAdapter(
+            dingtalk.app_key, dingtalk.app_secret.get_secret_value(), dingtalk.robot_code or dingtalk.app_key,
+            base_url=dingtalk.base_url, legacy_base_url=dingtalk.legacy_base_url, path=dingtalk.path,
+            allowed_conversations=dingtalk.allowed_conversations, allowed_ips=dingtalk.allowed_ips,
+        ))
     return adapters
 
 

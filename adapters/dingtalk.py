@@ -1,0 +1,255 @@
+"""DingTalk internal-app robot: HTTP callbacks, pictures by download code, replies by session webhook.
+
+DingTalk signs only a timestamp with the app secret (not the body), so a captured header pair can
+be replayed for an hour: the sign and its freshness are checked, `allowed_ips` is enforced when
+set, and messages are deduplicated by `msgId`. Replies go through the message's `sessionWebhook`
+while it is valid, else through the robot send API. PROTOCOLS.md §2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from core.errors import AdapterError, BadInput, Unauthorized
+from core.types import Host, ImageRef, Incoming, Reply
+
+__all__ = ["DingTalkAdapter", "sign"]
+
+log = logging.getLogger(__name__)
+
+_FRESH_MS = 3600 * 1000  # DingTalk's own validity window for a sign
+_WEBHOOK_MARGIN_MS = 30_000  # a session webhook this close to expiry is not used
+_TOKEN_MARGIN_S = 300.0
+_MAX_TEXT = 4_000  # characters per markdown message (the API allows 15000 bytes of parameters)
+_RATE_LIMITED = {90002, 410100}
+_LEADING_MENTION = re.compile(r"^\s*@\S+\s*")
+
+
+def sign(timestamp_ms: str, app_secret: str) -> str:
+    digest = hmac.new(app_secret.encode(), f"{timestamp_ms}\n{app_secret}".encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+class DingTalkAdapter:
+    name = "dingtalk"
+
+    def __init__(
+        self,
+        app_key: str,
+        app_secret: str,
+        robot_code: str,
+        *,
+        base_url: str = "https://api.dingtalk.com",
+        legacy_base_url: str = "https://oapi.dingtalk.com",
+        path: str = "/dingtalk/events",
+        allowed_conversations: Iterable[str] = (),
+        allowed_ips: Iterable[str] = (),
+        timeout_s: float = 10,
+    ) -> None:
+        self._app_key, self._app_secret, self._robot_code = app_key, app_secret, robot_code
+        self._base = base_url.rstrip("/")
+        self._legacy = legacy_base_url.rstrip("/")
+        self._path = path
+        self._allowed = set(allowed_conversations)
+        self._allowed_ips = set(allowed_ips)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._http: aiohttp.ClientSession | None = None
+        self._host: Host | None = None
+        self._token: tuple[str, float] | None = None
+        self._token_lock = asyncio.Lock()
+
+    def mount(self, app: web.Application) -> None:
+        app.router.add_post(self._path, self._on_callback)
+
+    async def start(self, host: Host) -> None:
+        self._host = host
+        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        await self._access_token()  # wrong credentials stop the daemon now, not at the first question
+        log.info("dingtalk robot %s started", self._robot_code)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # ---- receiving ----------------------------------------------------------------------
+
+    async def _on_callback(self, request: web.Request) -> web.Response:
+        if self._allowed_ips and request.remote not in self._allowed_ips:
+            raise Unauthorized(f"{request.remote} is not in allowed_ips")
+        timestamp, given = request.headers.get("timestamp", ""), request.headers.get("sign", "")
+        if not timestamp.isdigit() or abs(time.time() * 1000 - int(timestamp)) > _FRESH_MS:
+            raise Unauthorized("timestamp missing or more than an hour away")
+        if not hmac.compare_digest(given.encode(), sign(timestamp, self._app_secret).encode()):
+            raise Unauthorized("sign does not match")
+        try:
+            payload = json.loads(await request.read())
+        except ValueError as exc:
+            raise BadInput(f"callback body is not JSON: {exc}", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise BadInput("callback body is not a JSON object", code="invalid_json")
+        incoming = self._incoming(payload)
+        if incoming is not None and self._host is not None:
+            await self._host.accept(incoming)  # committed (deduplicated by msgId) before DingTalk hears 200
+        return web.json_response({"msgtype": "empty"})
+
+    def _incoming(self, payload: dict[str, Any]) -> Incoming | None:
+        chat_id = str(payload.get("conversationId", ""))
+        message_id = str(payload.get("msgId", ""))
+        if not chat_id or not message_id or (self._allowed and chat_id not in self._allowed):
+            return None
+        if payload.get("errorCode"):
+            log.warning("dingtalk message %s came without content: %s", message_id, payload.get("errorMessage"))
+            return None
+        text, codes = _content(payload)
+        direct = str(payload.get("conversationType")) == "1"
+        mentioned = bool(payload.get("isInAtList"))
+        if mentioned:
+            text = _LEADING_MENTION.sub("", text)  # the robot's name, left in rich text
+        replied = (payload.get("text") or {}).get("repliedMsg") or {}
+        meta = {key: str(payload[key]) for key in ("sessionWebhook", "sessionWebhookExpiredTime", "senderStaffId",
+                                                   "conversationType") if payload.get(key)}
+        return Incoming(
+            platform=self.name,
+            chat_id=chat_id,
+            message_id=message_id,
+            event_id=message_id,
+            chat_kind="direct" if direct else "group",
+            reply_to=str(replied.get("msgId") or payload.get("originalMsgId") or "") or None,
+            sender_id=str(payload.get("senderStaffId") or payload.get("senderId") or ""),
+            sender_name=str(payload.get("senderNick", "")),
+            text=" ".join(text.split()),
+            addressed=direct or mentioned,
+            images=tuple(ImageRef(code) for code in codes),
+            meta=meta,
+            received_at=float(payload.get("createAt") or time.time() * 1000) / 1000,
+        )
+
+    # ---- pictures and replies -------------------------------------------------------------
+
+    async def download(self, image: ImageRef) -> bytes:
+        found = await self._api("/v1.0/robot/messageFiles/download",
+                                {"downloadCode": image.ref, "robotCode": self._robot_code})
+        url = str(found.get("downloadUrl", ""))
+        if not url:
+            raise AdapterError(self.name, "no downloadUrl for a picture", retryable=False)
+        assert self._http is not None, "not started"
+        try:
+            async with self._http.get(url) as resp:
+                if resp.status != 200:
+                    raise AdapterError(self.name, f"picture download: HTTP {resp.status}", retryable=resp.status >= 500)
+                return await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AdapterError(self.name, f"picture download: {exc}", retryable=True) from exc
+
+    async def send(self, reply: Reply) -> str:
+        meta = reply.meta
+        staff = meta.get("senderStaffId", "")
+        group = meta.get("conversationType") != "1"
+        webhook = meta.get("sessionWebhook", "")
+        expires = int(meta.get("sessionWebhookExpiredTime", "0") or 0)
+        # Only DingTalk's own host: the URL came in a request, and the daemon must not post answers elsewhere.
+        ours = webhook.startswith(self._legacy + "/")
+        usable = ours and expires - _WEBHOOK_MARGIN_MS > time.time() * 1000
+        first = ""
+        for n, piece in enumerate(_pieces(reply.text or "(empty answer)")):
+            if usable:
+                # The asker is mentioned in groups; DingTalk renders the @ only when the id is in the text too.
+                text = f"@{staff} {piece}" if group and staff and n == 0 else piece
+                body: dict[str, Any] = {"msgtype": "markdown", "markdown": {"title": _title(piece), "text": text}}
+                if group and staff:
+                    body["at"] = {"atUserIds": [staff], "isAtAll": False}
+                await self._post(webhook, body, token=None)
+                first = first or f"{reply.job_id}:{n}"  # webhook sends return no message id
+            else:  # the session webhook expired (a long job, or one resumed after a restart)
+                param = json.dumps({"title": _title(piece), "text": piece}, ensure_ascii=False)
+                if group:
+                    sent = await self._api("/v1.0/robot/groupMessages/send", {
+                        "robotCode": self._robot_code, "openConversationId": reply.chat_id,
+                        "msgKey": "sampleMarkdown", "msgParam": param})
+                else:
+                    sent = await self._api("/v1.0/robot/oToMessages/batchSend", {
+                        "robotCode": self._robot_code, "userIds": [staff], "msgKey": "sampleMarkdown",
+                        "msgParam": param})
+                first = first or str(sent.get("processQueryKey", f"{reply.job_id}:{n}"))
+        return first
+
+    # ---- the API ----------------------------------------------------------------------------
+
+    async def _api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._post(self._base + path, body, token=await self._access_token())
+
+    async def _post(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
+        assert self._http is not None, "not started"
+        headers = {"x-acs-dingtalk-access-token": token} if token else {}
+        try:
+            async with self._http.post(url, json=body, headers=headers) as resp:
+                status = resp.status
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AdapterError(self.name, f"POST {url.split('?')[0]}: {exc}", retryable=True) from exc
+        if not isinstance(answer, dict):
+            raise AdapterError(self.name, f"POST {url.split('?')[0]}: HTTP {status}, not JSON", retryable=status >= 500)
+        errcode = int(answer.get("errcode", 0) or 0)
+        if status == 200 and errcode == 0:
+            return answer
+        retryable = status == 429 or status >= 500 or errcode in _RATE_LIMITED
+        detail = answer.get("errmsg") or answer.get("message") or answer.get("code") or ""
+        raise AdapterError(self.name, f"POST {url.split('?')[0]}: HTTP {status} {errcode or ''} {detail}".strip(),
+                           retryable=retryable)
+
+    async def _access_token(self) -> str:
+        async with self._token_lock:
+            if self._token is not None and time.monotonic() < self._token[1]:
+                return self._token[0]
+            answer = await self._post(f"{self._base}/v1.0/oauth2/accessToken",
+                                      {"appKey": self._app_key, "appSecret": self._app_secret}, token=None)
+            if not answer.get("accessToken"):
+                raise AdapterError(self.name, "access token refused (check app_key and app_secret)", retryable=False)
+            lifetime = float(answer.get("expireIn", 7200))
+            self._token = (str(answer["accessToken"]), time.monotonic() + max(0.0, lifetime - _TOKEN_MARGIN_S))
+            return self._token[0]
+
+
+def _content(payload: dict[str, Any]) -> tuple[str, list[str]]:
+    """The text and the picture download codes of a robot message."""
+    kind = payload.get("msgtype")
+    content = payload.get("content") or {}
+    if kind == "text":
+        return str((payload.get("text") or {}).get("content", "")), []
+    if kind == "picture":
+        code = content.get("downloadCode") or content.get("pictureDownloadCode")
+        return "", [str(code)] if code else []
+    if kind == "richText":
+        words, codes = [], []
+        for item in content.get("richText") or []:
+            if item.get("type") == "picture":
+                code = item.get("downloadCode") or item.get("pictureDownloadCode")
+                if code:
+                    codes.append(str(code))
+            elif "text" in item:
+                words.append(str(item["text"]))
+        return " ".join(words), codes
+    return "", []
+
+
+def _title(text: str) -> str:
+    """The line DingTalk shows in the conversation list for a markdown message."""
+    first = next((line.strip("# ").strip() for line in text.splitlines() if line.strip()), "")
+    return (first[:30] or "Answer")
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i:i + _MAX_TEXT] for i in range(0, len(text), _MAX_TEXT)] or [text]

@@ -1,0 +1,103 @@
+"""A fake DingTalk Open API on loopback (token, picture download, session webhook, robot send),
+and robot callbacks signed the way DingTalk signs them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from adapters.dingtalk import sign
+
+APP_KEY, APP_SECRET, ROBOT = "dingbot1", "demo-app-secret", "dingbot1"
+
+
+class FakeDingTalk:
+    def __init__(self) -> None:
+        self.pictures: dict[str, bytes] = {}  # download code -> bytes
+        self.webhook_posts: list[dict[str, Any]] = []
+        self.api_sends: list[dict[str, Any]] = []
+        self.tokens_issued = 0
+        self._keys = itertools.count(1)
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1.0/oauth2/accessToken", self._token)
+        app.router.add_post("/v1.0/robot/messageFiles/download", self._download)
+        app.router.add_get("/files/{code}", self._file)
+        app.router.add_post("/robot/sendBySession", self._webhook)
+        app.router.add_post("/v1.0/robot/groupMessages/send", self._send)
+        app.router.add_post("/v1.0/robot/oToMessages/batchSend", self._send)
+        return app
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        if request.headers.get("x-acs-dingtalk-access-token") != f"token-{self.tokens_issued}":
+            return web.json_response({"code": "InvalidAuthentication", "message": "bad token"}, status=401)
+        return None
+
+    async def _token(self, request: web.Request) -> web.Response:
+        if await request.json() != {"appKey": APP_KEY, "appSecret": APP_SECRET}:
+            return web.json_response({"code": "invalidClientIdOrSecret", "message": "no"}, status=400)
+        self.tokens_issued += 1
+        return web.json_response({"accessToken": f"token-{self.tokens_issued}", "expireIn": 7200})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if denied := self._denied(request):
+            return denied
+        body = await request.json()
+        if body.get("robotCode") != ROBOT or body.get("downloadCode") not in self.pictures:
+            return web.json_response({"code": "invalidParameter.robotCode.downloadCode", "message": "bad"}, status=400)
+        return web.json_response({"downloadUrl": f"{self.url}/files/{body['downloadCode']}"})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        data = self.pictures.get(request.match_info["code"])
+        return web.Response(body=data, content_type="application/octet-stream") if data else web.Response(status=404)
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        body["session"] = request.query.get("session")
+        self.webhook_posts.append(body)
+        return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+    async def _send(self, request: web.Request) -> web.Response:
+        if denied := self._denied(request):
+            return denied
+        body = await request.json()
+        assert json.loads(body["msgParam"])["text"] and body["robotCode"] == ROBOT
+        self.api_sends.append({**body, "path": request.path})
+        return web.json_response({"processQueryKey": f"pqk-{next(self._keys)}"})
+
+
+def callback(fake: FakeDingTalk, msg_id: str, *, text: str | None = None, picture: str | None = None,
+             rich: tuple[str, str] | None = None, group: bool = True, at_bot: bool = True,
+             webhook_expires_ms: int | None = None) -> dict[str, Any]:
+    """A robot message as DingTalk posts it (PROTOCOLS.md §2.3)."""
+    now = int(time.time() * 1000)
+    payload: dict[str, Any] = {
+        "msgId": msg_id, "createAt": now, "conversationType": "2" if group else "1",
+        "conversationId": "cidG1" if group else "cidP1", "senderStaffId": "user01", "senderNick": "Ann",
+        "senderId": "$:LWCP_v1:$abc", "chatbotUserId": "$:LWCP_v1:$bot", "robotCode": ROBOT,
+        "isInAtList": at_bot if group else False,
+        "sessionWebhook": f"{fake.url}/robot/sendBySession?session=s-{msg_id}",
+        "sessionWebhookExpiredTime": webhook_expires_ms if webhook_expires_ms is not None else now + 5_400_000,
+    }
+    if text is not None:
+        payload["msgtype"], payload["text"] = "text", {"content": (" " if group else "") + text}
+    elif picture is not None:
+        payload["msgtype"], payload["content"] = "picture", {"downloadCode": picture}
+    else:
+        assert rich is not None
+        question, code = rich
+        payload["msgtype"] = "richText"
+        payload["content"] = {"richText": [{"text": f"@VQA {question}"},
+                                           {"type": "picture", "downloadCode": code, "pictureDownloadCode": "p"}]}
+    return payload
+
+
+def signed_headers(timestamp_ms: int | None = None, secret: str = APP_SECRET) -> dict[str, str]:
+    timestamp = str(timestamp_ms if timestamp_ms is not None else int(time.time() * 1000))
+    return {"timestamp": timestamp, "sign": sign(timestamp, secret), "Content-Type": "application/json"}

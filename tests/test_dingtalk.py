@@ -1,0 +1,121 @@
+"""The DingTalk adapter against a fake DingTalk server on loopback, with callbacks signed as DingTalk signs them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from fake_dingtalk import APP_KEY, APP_SECRET, FakeDingTalk, callback, signed_headers
+
+from adapters.dingtalk import sign
+from core.images import sha256
+from helpers import eventually, get, loopback, png
+
+SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
+
+
+@pytest.fixture
+async def fake():
+    server = FakeDingTalk()
+    async with loopback(server.app()) as url:
+        server.url = url
+        yield server
+
+
+def dingtalk_config(fake: FakeDingTalk) -> dict[str, Any]:
+    return {"dingtalk": {"enabled": True, "app_key": APP_KEY, "app_secret": APP_SECRET, "base_url": fake.url,
+                         "legacy_base_url": fake.url}}
+
+
+async def deliver(http, d, payload: dict[str, Any], headers: dict[str, str] | None = None) -> int:
+    async with http.post(f"{d.url}/dingtalk/events", json=payload, headers=headers or signed_headers()) as resp:
+        return resp.status
+
+
+async def answered(d, http, count: int, chat_id: str = "cidG1") -> list[dict[str, Any]]:
+    async def enough() -> list[dict[str, Any]] | None:
+        status, body = await get(http, d.url, f"/api/v1/history/dingtalk/{chat_id}")
+        done = [m for m in body.get("messages", ()) if m["role"] == "bot"] if status == 200 else []
+        return done if len(done) >= count else None
+
+    return await eventually(enough)
+
+
+def test_the_sign_matches_protocols_vectors():
+    assert sign("1577262236757", "this is a secret") == "DJrE6qdyVGCQz9z5r2MDuNcNAhwYnuAkyj13cx169CA="
+    assert sign("1700000000000", "demo-app-secret") == "35L+VaeC+auo+F48xgwE2nbemVgZgGadfVKR4DtTTo4="
+
+
+async def test_a_picture_then_a_question_then_a_follow_up(fake, daemon, http):
+    fake.pictures["dlc-1"] = SHOT
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        # 1:1: everything is addressed to the robot; a picture alone gets a description.
+        assert await deliver(http, d, callback(fake, "m1", picture="dlc-1", group=False)) == 200
+        await answered(d, http, 1, "cidP1")
+        await deliver(http, d, callback(fake, "m2", text="what is this?", group=False))
+        await answered(d, http, 2, "cidP1")
+        await deliver(http, d, callback(fake, "m3", text="and how do I fix it?", group=False))
+        done = await answered(d, http, 3, "cidP1")
+    assert [a["used_images"] for a in done] == [[sha256(SHOT)]] * 3
+    assert [p["session"] for p in fake.webhook_posts] == ["s-m1", "s-m2", "s-m3"]
+    assert fake.webhook_posts[0]["msgtype"] == "markdown" and "at" not in fake.webhook_posts[0]  # 1:1: no @
+
+
+async def test_rich_text_with_a_picture_and_a_mention_in_a_group(fake, daemon, http):
+    fake.pictures["dlc-2"] = OTHER
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        await deliver(http, d, callback(fake, "r1", rich=("what is on this label?", "dlc-2")))
+        done = await answered(d, http, 1)
+        status, body = await get(http, d.url, "/api/v1/history/dingtalk/cidG1")
+    assert done[0]["used_images"] == [sha256(OTHER)]
+    assert status == 200 and body["messages"][0]["text"] == "what is on this label?"  # @VQA removed
+    post = fake.webhook_posts[0]
+    assert post["at"] == {"atUserIds": ["user01"], "isAtAll": False}
+    assert post["markdown"]["text"].startswith("@user01 ")  # DingTalk renders the @ only with the id in the text
+
+
+async def test_a_stale_or_forged_sign_is_refused_and_nothing_stored(fake, daemon, http):
+    fake.pictures["dlc-3"] = SHOT
+    payload = callback(fake, "x1", rich=("why?", "dlc-3"))
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        stale = signed_headers(int(time.time() * 1000) - 2 * 3600 * 1000)
+        forged = signed_headers(secret="not-the-secret")
+        for headers in (stale, forged, {"Content-Type": "application/json"}):
+            assert await deliver(http, d, payload, headers) == 401
+        status, _ = await get(http, d.url, "/api/v1/history/dingtalk/cidG1")
+    assert status == 404 and fake.webhook_posts == [] and fake.api_sends == []
+
+
+async def test_the_same_message_twice_gets_one_reply(fake, daemon, http):
+    fake.pictures["dlc-4"] = SHOT
+    payload = callback(fake, "dup", rich=("why?", "dlc-4"))
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        assert await deliver(http, d, payload) == 200
+        assert await deliver(http, d, payload) == 200
+        await answered(d, http, 1)
+        await deliver(http, d, callback(fake, "later", text="and then?"))  # a later question, answered after
+        await answered(d, http, 2)
+    assert [p["session"] for p in fake.webhook_posts] == ["s-dup", "s-later"]
+
+
+async def test_an_expired_session_webhook_sends_through_the_robot_api_once(fake, daemon, http):
+    fake.pictures["dlc-5"] = SHOT
+    expired = int(time.time() * 1000) - 1000  # as for a job resumed long after its question
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        await deliver(http, d, callback(fake, "e1", rich=("why?", "dlc-5"), webhook_expires_ms=expired))
+        done = await answered(d, http, 1)
+    assert fake.webhook_posts == [] and len(fake.api_sends) == 1
+    sent = fake.api_sends[0]
+    assert sent["path"] == "/v1.0/robot/groupMessages/send" and sent["openConversationId"] == "cidG1"
+    assert done[0]["message_id"] == "pqk-1"
+
+
+async def test_a_webhook_url_on_another_host_is_never_posted_to(fake, daemon, http):
+    fake.pictures["dlc-6"] = SHOT
+    payload = callback(fake, "h1", rich=("why?", "dlc-6"))
+    payload["sessionWebhook"] = "http://127.0.0.1:9/steal?session=x"  # not DingTalk's host
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        await deliver(http, d, payload)
+        await answered(d, http, 1)
+    assert fake.webhook_posts == [] and len(fake.api_sends) == 1

@@ -71,6 +71,7 @@ class _Request:
     inputs: Any = None  # the processor's output, rendered on the engine thread
     key: tuple[str, ...] = field(default=())
     streamed: bool = False  # some of the answer has gone out: it cannot be started over
+    remember: bool = True  # keep its prefix and image features for follow-ups
 
     def send(self, text: object) -> None:
         self.streamed = True
@@ -189,12 +190,25 @@ class TransformersEngine:
         question: str,
         limits: GenerationLimits,
     ) -> AsyncIterator[str]:
+        async for text in self._ask(images, turns, question, limits, remember=True):
+            yield text
+
+    async def _ask(
+        self,
+        images: Sequence[PreparedImage],
+        turns: Sequence[Turn],
+        question: str,
+        limits: GenerationLimits,
+        *,
+        remember: bool,
+    ) -> AsyncIterator[str]:
         if self._thread is None or self._closing.is_set():
             raise EngineError("engine is not started" if self._thread is None else "engine is stopping")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
         request = _Request(images, turns, question, limits,
-                           lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event())
+                           lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event(),
+                           remember=remember)
         text = ThinkingFilter()
         self._requests.put(request)
         try:
@@ -213,7 +227,9 @@ class TransformersEngine:
         from PIL import Image
 
         image = PreparedImage("warm-up", Image.new("RGB", (64, 64), (128, 128, 128)))
-        async for _ in self.answer([image], [], "Hi", GenerationLimits(max_new_tokens=2)):
+        # Not remembered: its prefix would be stored on the engine thread after the answer is out,
+        # racing with the clearing below.
+        async for _ in self._ask([image], [], "Hi", GenerationLimits(max_new_tokens=2), remember=False):
             pass
         self._clear_caches()
         self.stats = EngineStats()
@@ -425,7 +441,7 @@ class TransformersEngine:
         if self._closing.is_set():
             return
         if len(batch) == 1:
-            if batch[0].key:
+            if batch[0].key and batch[0].remember:
                 self._remember(batch[0], cache, prompt_len)
         elif self._rows_separable:
             self._remember_rows(batch, cache, prompt_len)
@@ -493,7 +509,7 @@ class TransformersEngine:
             return
         for row, request in enumerate(batch):
             ids = request.inputs["input_ids"][0]
-            if not request.key:
+            if not request.key or not request.remember:
                 continue
             prefix = compact_copy(cache, width, self.loaded.model.config, row=row, start=width - len(ids))
             self._prefixes.put(request.key, Prefix(ids, prefix, {}, cache_bytes(prefix)))

@@ -76,6 +76,23 @@ async def loopback(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+async def bot_answers(http: aiohttp.ClientSession, url: str, platform: str, chat_id: str) -> list[dict[str, Any]]:
+    """The bot's answers in a chat as the history API shows them (stored once delivered), oldest first."""
+    status, body = await get(http, url, f"/api/v1/history/{platform}/{chat_id}")
+    assert status in (200, 404), body  # 404: nothing stored for the chat yet
+    return [m for m in body.get("messages", ()) if m["role"] == "bot"]
+
+
+async def answered(http: aiohttp.ClientSession, url: str, platform: str, chat_id: str, count: int
+                   ) -> list[dict[str, Any]]:
+    """The chat's answers once there are at least ``count`` of them."""
+    async def enough() -> list[dict[str, Any]] | None:
+        done = await bot_answers(http, url, platform, chat_id)
+        return done if len(done) >= count else None
+
+    return await eventually(enough)  # type: ignore[no-any-return]
+
+
 async def eventually(check: Any, timeout_s: float = 30, step_s: float = 0.02) -> Any:
     """Poll ``check()`` (sync or async) until it returns something truthy; fail after ``timeout_s``."""
     for _ in range(int(timeout_s / step_s)):

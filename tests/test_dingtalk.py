@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from fake_dingtalk import APP_KEY, APP_SECRET, FakeDingTalk, callback, signed_headers
 
+import helpers
 from adapters.dingtalk import sign
 from core.images import sha256
-from helpers import eventually, get, loopback, png
+from helpers import get, loopback, png
 
 SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
 
@@ -34,12 +35,7 @@ async def deliver(http, d, payload: dict[str, Any], headers: dict[str, str] | No
 
 
 async def answered(d, http, count: int, chat_id: str = "cidG1") -> list[dict[str, Any]]:
-    async def enough() -> list[dict[str, Any]] | None:
-        status, body = await get(http, d.url, f"/api/v1/history/dingtalk/{chat_id}")
-        done = [m for m in body.get("messages", ()) if m["role"] == "bot"] if status == 200 else []
-        return done if len(done) >= count else None
-
-    return await eventually(enough)
+    return await helpers.answered(http, d.url, "dingtalk", chat_id, count)
 
 
 def test_the_sign_matches_protocols_vectors():

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from fake_feishu import APP_ID, APP_SECRET, ENCRYPT_KEY, VERIFICATION_TOKEN, FakeFeishu, event, sealed, text_of
 
+import helpers
 from core.images import sha256
-from helpers import eventually, get, loopback, png
+from helpers import get, loopback, png
 
 SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
 
@@ -40,12 +41,7 @@ async def deliver(http, d, payload: dict[str, Any], *, encrypted: bool = True) -
 
 
 async def answered(d, http, count: int, chat_id: str = "oc_g1") -> list[dict[str, Any]]:
-    async def enough() -> list[dict[str, Any]] | None:
-        status, body = await get(http, d.url, f"/api/v1/history/feishu/{chat_id}")
-        done = [m for m in body.get("messages", ()) if m["role"] == "bot"] if status == 200 else []
-        return done if len(done) >= count else None
-
-    return await eventually(enough)
+    return await helpers.answered(http, d.url, "feishu", chat_id, count)
 
 
 @pytest.mark.parametrize("encrypted", [False, True])

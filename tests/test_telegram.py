@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from fake_telegram import BOT, TOKEN, FakeTelegram
 
+import helpers
 from core.images import sha256
 from helpers import eventually, get, loopback, png
 
@@ -55,18 +56,11 @@ def message(mid: int, *, text: str | None = None, caption: str | None = None, ph
 
 
 async def answers(d, http, chat_id: int = GROUP["id"]) -> list[dict[str, Any]]:
-    """The bot's answers as stored (delivered), oldest first."""
-    status, body = await get(http, d.url, f"/api/v1/history/telegram/{chat_id}")
-    assert status in (200, 404), body
-    return [e for e in body.get("messages", ()) if e["role"] == "bot"]
+    return await helpers.bot_answers(http, d.url, "telegram", str(chat_id))
 
 
 async def answered(d, http, count: int, chat_id: int = GROUP["id"]) -> list[dict[str, Any]]:
-    async def enough() -> list[dict[str, Any]] | None:
-        done = await answers(d, http, chat_id)
-        return done if len(done) >= count else None
-
-    return await eventually(enough)
+    return await helpers.answered(http, d.url, "telegram", str(chat_id), count)
 
 
 async def test_a_mentioned_screenshot_is_answered_as_a_reply_and_followed_up(fake, daemon, http):

@@ -8,7 +8,6 @@ while it is valid, else through the robot send API. PROTOCOLS.md §2.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
 from core.types import Host, ImageRef, Incoming, Reply
 
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _FRESH_MS = 3600 * 1000  # DingTalk's own validity window for a sign
 _WEBHOOK_MARGIN_MS = 30_000  # a session webhook this close to expiry is not used
-_TOKEN_MARGIN_S = 300.0
 _MAX_TEXT = 4_000  # characters per markdown message (the API allows 15000 bytes of parameters)
 _RATE_LIMITED = {90002, 410100}
 _LEADING_MENTION = re.compile(r"^\s*@\S+\s*")
@@ -67,8 +66,7 @@ class DingTalkAdapter:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._http: aiohttp.ClientSession | None = None
         self._host: Host | None = None
-        self._token: tuple[str, float] | None = None
-        self._token_lock = asyncio.Lock()
+        self._tokens = TokenCache(self._fetch_token)
 
     def mount(self, app: web.Application) -> None:
         app.router.add_post(self._path, self._on_callback)
@@ -76,7 +74,7 @@ class DingTalkAdapter:
     async def start(self, host: Host) -> None:
         self._host = host
         self._http = aiohttp.ClientSession(timeout=self._timeout)
-        await self._access_token()  # wrong credentials stop the daemon now, not at the first question
+        await self._tokens.get()  # wrong credentials stop the daemon now, not at the first question
         log.info("dingtalk robot %s started", self._robot_code)
 
     async def stop(self) -> None:
@@ -189,7 +187,7 @@ class DingTalkAdapter:
     # ---- the API ----------------------------------------------------------------------------
 
     async def _api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._post(self._base + path, body, token=await self._access_token())
+        return await self._post(self._base + path, body, token=await self._tokens.get())
 
     async def _post(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
         assert self._http is not None, "not started"
@@ -210,18 +208,12 @@ class DingTalkAdapter:
         raise AdapterError(self.name, f"POST {url.split('?')[0]}: HTTP {status} {errcode or ''} {detail}".strip(),
                            retryable=retryable)
 
-    async def _access_token(self) -> str:
-        async with self._token_lock:
-            if self._token is not None and time.monotonic() < self._token[1]:
-                return self._token[0]
-            answer = await self._post(f"{self._base}/v1.0/oauth2/accessToken",
-                                      {"appKey": self._app_key, "appSecret": self._app_secret}, token=None)
-            if not answer.get("accessToken"):
-                raise AdapterError(self.name, "access token refused (check app_key and app_secret)", retryable=False)
-            lifetime = float(answer.get("expireIn", 7200))
-            self._token = (str(answer["accessToken"]), time.monotonic() + max(0.0, lifetime - _TOKEN_MARGIN_S))
-            return self._token[0]
-
+    async def _fetch_token(self) -> tuple[str, float]:
+        answer = await self._post(f"{self._base}/v1.0/oauth2/accessToken",
+                                  {"appKey": self._app_key, "appSecret": self._app_secret}, token=None)
+        if not answer.get("accessToken"):
+            raise AdapterError(self.name, "access token refused (check app_key and app_secret)", retryable=False)
+        return str(answer["accessToken"]), float(answer.get("expireIn", 7200))
 
 def _content(payload: dict[str, Any]) -> tuple[str, list[str]]:
     """The text and the picture download codes of a robot message."""

@@ -8,7 +8,6 @@ event id and by message id. PROTOCOLS.md §1.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -21,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from adapters.feishu_crypto import decrypt, verify_signature
+from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
 from core.types import Host, ImageRef, Incoming, Reply
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 _TOKEN_EXPIRED = 99991663
 _RATE_LIMITED = {99991400, 230020}
-_TOKEN_MARGIN_S = 300.0  # refresh this long before the token's stated expiry
 _MAX_TEXT = 9_000  # characters per reply: a post may be 30 KB, and a CJK character is 3 bytes
 _DRAFT_EDITS = 18  # Feishu allows 20 edits per message; the last one is the answer
 
@@ -59,8 +58,7 @@ class FeishuAdapter:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._http: aiohttp.ClientSession | None = None
         self._host: Host | None = None
-        self._token: tuple[str, float] | None = None  # (token, monotonic time it expires)
-        self._token_lock = asyncio.Lock()
+        self._tokens = TokenCache(self._fetch_token)
         self.bot_open_id = ""
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
 
@@ -222,7 +220,7 @@ class FeishuAdapter:
     async def _call(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                     params: dict[str, str] | None = None, raw: bool = False) -> Any:
         for attempt in (1, 2):
-            token = await self._tenant_token(refresh=attempt == 2)
+            token = await self._tokens.get(refresh=attempt == 2)
             try:
                 assert self._http is not None, "not started"
                 async with self._http.request(method, self._base + path, json=json_body, params=params,
@@ -244,25 +242,19 @@ class FeishuAdapter:
                                retryable=retryable)
         raise AdapterError(self.name, f"{method} {path}: token refused twice", retryable=False)
 
-    async def _tenant_token(self, *, refresh: bool = False) -> str:
-        async with self._token_lock:
-            if self._token is not None and not refresh and time.monotonic() < self._token[1]:
-                return self._token[0]
-            assert self._http is not None, "not started"
-            try:
-                async with self._http.post(f"{self._base}/open-apis/auth/v3/tenant_access_token/internal",
-                                           json={"app_id": self._app_id, "app_secret": self._app_secret}) as resp:
-                    body = await resp.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                raise AdapterError(self.name, f"tenant token: {exc}", retryable=True) from exc
-            if not isinstance(body, dict) or body.get("code") != 0 or not body.get("tenant_access_token"):
-                message = body.get("msg", "") if isinstance(body, dict) else ""
-                raise AdapterError(self.name, f"tenant token refused: {message} (check app_id and app_secret)",
-                                   retryable=False)
-            lifetime = float(body.get("expire", 7200))
-            self._token = (str(body["tenant_access_token"]), time.monotonic() + max(0.0, lifetime - _TOKEN_MARGIN_S))
-            return self._token[0]
-
+    async def _fetch_token(self) -> tuple[str, float]:
+        assert self._http is not None, "not started"
+        try:
+            async with self._http.post(f"{self._base}/open-apis/auth/v3/tenant_access_token/internal",
+                                       json={"app_id": self._app_id, "app_secret": self._app_secret}) as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AdapterError(self.name, f"tenant token: {exc}", retryable=True) from exc
+        if not isinstance(body, dict) or body.get("code") != 0 or not body.get("tenant_access_token"):
+            message = body.get("msg", "") if isinstance(body, dict) else ""
+            raise AdapterError(self.name, f"tenant token refused: {message} (check app_id and app_secret)",
+                               retryable=False)
+        return str(body["tenant_access_token"]), float(body.get("expire", 7200))
 
 def _content(message_type: str, content: str) -> tuple[str, list[str]]:
     """The text and the image keys of a received message's ``content`` (a JSON string)."""

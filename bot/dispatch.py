@@ -89,7 +89,7 @@ class Dispatcher:
                     incoming.message_id, (), None, duplicate=True, pending=True)
             self._intake_later(inbox_id, incoming)
             return Accepted(incoming.message_id, (), None, pending=True)
-        async with self._chat(incoming):
+        async with self._chat(incoming.platform, incoming.chat_id):
             images = await asyncio.to_thread(self._check_and_keep, inline) if inline else []
             return await self._take_in(incoming, images)
 
@@ -111,7 +111,7 @@ class Dispatcher:
     async def _intake(self, inbox_id: int, incoming: Incoming) -> None:
         # The chat's lock is asked for first thing, so a chat's messages are taken in in the order
         # they came, even when a later one has no image to wait for.
-        async with self._chat(incoming):
+        async with self._chat(incoming.platform, incoming.chat_id):
             images = []
             problems = []
             for ref in incoming.images:
@@ -163,9 +163,9 @@ class Dispatcher:
         return infos
 
     @asynccontextmanager
-    async def _chat(self, incoming: Incoming) -> AsyncIterator[None]:
+    async def _chat(self, platform: str, chat_id: str) -> AsyncIterator[None]:
         """One intake at a time per chat, first come first served; the lock goes when unused."""
-        key = (incoming.platform, incoming.chat_id)
+        key = (platform, chat_id)
         lock, users = self._chat_locks.get(key, (asyncio.Lock(), 0))
         self._chat_locks[key] = (lock, users + 1)
         try:
@@ -203,7 +203,7 @@ class Dispatcher:
 
     async def forget(self, platform: str, chat_id: str) -> int | None:
         """Delete everything stored for one chat; ``None`` while one of its questions is being answered."""
-        async with self._chat(Incoming(platform, chat_id, "")):  # no intake of this chat meanwhile
+        async with self._chat(platform, chat_id):  # no intake of this chat meanwhile
             result = await self._store.forget_chat(platform, chat_id)
         if result is None:
             return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ThinkingFilter"]
+from collections.abc import AsyncIterable, AsyncIterator
+
+__all__ = ["ThinkingFilter", "without_thinking"]
 
 _THINK, _END_THINK = "<think>", "</think>"
 _ANSWER_TAGS = ("<answer>", "</answer>")
@@ -70,3 +72,13 @@ def _split_partial_tag(text: str) -> tuple[str, str]:
     if cut >= 0 and any(tag.startswith(text[cut:]) and tag != text[cut:] for tag in _ANSWER_TAGS):
         return text[:cut], text[cut:]
     return text, ""
+
+
+async def without_thinking(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+    """``chunks`` with a leading thought and answer tags left out (what every engine streams)."""
+    text = ThinkingFilter()
+    async for chunk in chunks:
+        if cleaned := text.feed(chunk):
+            yield cleaned
+    if tail := text.flush():
+        yield tail

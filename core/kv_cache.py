@@ -47,12 +47,9 @@ def crop_to(cache: Any, length: int) -> None:
 
 
 def cache_bytes(cache: Any) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None and hasattr(tensor, "numel"):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes of a KV cache's keys and values."""
+    return tensor_bytes([(getattr(layer, "keys", None), getattr(layer, "values", None))
+                         for layer in getattr(cache, "layers", ())])
 
 
 def copy_prefix_into(target: Any, source: Any, length: int, *, row: int | None = None, start: int = 0) -> None:

@@ -30,15 +30,14 @@ def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str]) -> 
     """Bytes of a model built on the meta device, once loaded with ``mode`` and ``skip`` unquantised."""
     import torch
 
-    quantised = 0
-    for name, module in meta_model.named_modules():
-        if mode != "none" and isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
-            n = module.weight.numel()
-            per_weight = _NF4_BYTES_PER_WEIGHT if mode == "nf4" else 1.0
-            quantised += int(n * per_weight) + module.out_features * 4  # per-row scale (int8) / state
-            quantised -= n * dtype_bytes  # counted below at full width; take it back out
-    full = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
-    weights = full + quantised
+    weights = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
+    if mode != "none":
+        per_weight = _NF4_BYTES_PER_WEIGHT if mode == "nf4" else 1.0
+        for name, module in meta_model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
+                n = module.weight.numel()
+                # The weight shrinks from full width to ``per_weight``; plus a scale per output row.
+                weights += int(n * per_weight) - n * dtype_bytes + module.out_features * 4
     return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from core.answer_text import ThinkingFilter
+from core.answer_text import without_thinking
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
 
@@ -84,14 +84,10 @@ class OpenAIEngine:
         messages = await asyncio.to_thread(chat_messages, images, turns, question)  # PNG encoding is CPU work
         body = {"model": self._model, "messages": messages, "stream": True,
                 "max_tokens": limits.max_new_tokens, "temperature": 0}
-        text = ThinkingFilter()
         resp = await self._post(body)
         try:
-            async for chunk in _sse_deltas(resp):
-                if cleaned := text.feed(chunk):
-                    yield cleaned
-            if tail := text.flush():
-                yield tail
+            async for text in without_thinking(_sse_deltas(resp)):
+                yield text
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineError(f"the model server at {self._url} broke off the answer: {_describe(exc)}") from exc
         finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.answer_text import ThinkingFilter
+from core.answer_text import without_thinking
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
 from core.kv_cache import (
@@ -209,16 +209,17 @@ class TransformersEngine:
         request = _Request(images, turns, question, limits,
                            lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event(),
                            remember=remember)
-        text = ThinkingFilter()
         self._requests.put(request)
-        try:
+
+        async def raw() -> AsyncIterator[str]:
             while (item := await chunks.get()) is not _DONE:
                 if isinstance(item, _Failed):
                     raise item.error
-                if cleaned := text.feed(str(item)):
-                    yield cleaned
-            if tail := text.flush():
-                yield tail
+                yield str(item)
+
+        try:
+            async for text in without_thinking(raw()):
+                yield text
         finally:
             request.cancelled.set()  # the consumer went away (cancelled or closed): stop generating
 

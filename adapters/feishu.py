@@ -193,15 +193,17 @@ class FeishuAdapter:
 
     async def send(self, reply: Reply) -> str:
         pieces = _pieces(reply.text or "(empty answer)")
-        state = self._drafts.get(reply.job_id)
+        state = None if reply.notice else self._drafts.get(reply.job_id)
+        kind = "notice" if reply.notice else "answer"
         first = ""
         if state is not None:  # the placeholder becomes the answer's first piece
             await self._api("PUT", f"/open-apis/im/v1/messages/{state.message_id}", json_body=_post(pieces[0]))
             first, pieces = state.message_id, pieces[1:]
         for n, piece in enumerate(pieces):
-            sent = await self._reply(reply, _post(piece), uuid=f"{reply.job_id}-{n}")
+            sent = await self._reply(reply, _post(piece), uuid=f"{reply.job_id}-{kind}-{n}")
             first = first or sent
-        self._drafts.pop(reply.job_id, None)
+        if not reply.notice:
+            self._drafts.pop(reply.job_id, None)
         return first
 
     async def _reply(self, reply: Reply, content: dict[str, str], *, uuid: str) -> str:

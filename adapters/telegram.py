@@ -347,7 +347,7 @@ class TelegramAdapter:
         bot = self._app.bot
         chat, thread = int(reply.chat_id), int(reply.thread_id) if reply.thread_id else None
         pieces = split_text(reply.text or "(empty answer)")
-        state = self._drafts.get(reply.job_id)
+        state = None if reply.notice else self._drafts.get(reply.job_id)
         try:
             if state is not None:  # the placeholder becomes the answer's first piece
                 with contextlib.suppress(BadRequest):  # "message is not modified"
@@ -366,7 +366,8 @@ class TelegramAdapter:
             raise _adapter_error("send", exc) from exc
         except TelegramError as exc:
             raise _adapter_error("send", exc) from exc
-        self._drafts.pop(reply.job_id, None)
+        if not reply.notice:
+            self._drafts.pop(reply.job_id, None)
         return first
 
     @staticmethod

@@ -112,20 +112,23 @@ class WebhookAdapter:
 
     async def send(self, reply: Reply) -> str:
         """POST the answer, signed, to the question's ``callback_url``; the id is ours either way."""
-        answer_id = f"ans_{reply.job_id}"  # stable: a retried callback carries the same webhook-id
+        # Stable: a retried callback carries the same webhook-id, the receiver's idempotency key.
+        answer_id = f"{'ntc' if reply.notice else 'ans'}_{reply.job_id}"
         callback = reply.meta.get("callback_url")
         if not callback:
             return answer_id
+        status = "queued" if reply.notice else "failed" if reply.failed else "done"
         body = json.dumps({
-            "type": "job.failed" if reply.failed else "job.done",
+            "type": "job.notice" if reply.notice else f"job.{status}",
             "job_id": reply.job_id,
-            "status": "failed" if reply.failed else "done",
+            "status": status,
             "conversation_id": reply.chat_id,
             "message_id": answer_id,
             "reply_to": reply.reply_to,
             "thread_id": reply.thread_id,
-            "answer": None if reply.failed else reply.text,
-            "error": reply.text if reply.failed else None,
+            "answer": reply.text if status == "done" else None,
+            "error": reply.text if status == "failed" else None,
+            "notice": reply.text if reply.notice else None,
             "images": list(reply.images),
         }, ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json"}
@@ -174,7 +177,7 @@ class WebhookAdapter:
             images=tuple(images),
             meta={"callback_url": str(message.callback_url)} if message.callback_url else {},
         )
-        accepted = await host.accept(incoming)
+        accepted = await host.accept(incoming, refuse_when_busy=True)  # the caller is told 429 and retries
         if accepted.job_id is None:
             return _json(200, {"status": "stored", "message_id": accepted.message_id,
                                "images": list(accepted.images)})

@@ -1,4 +1,4 @@
-"""The ``imsight`` command: run, ask, download-model, tiny-model, demo."""
+"""The ``imsight`` command: run, ask, download-model, tiny-model, demo, history purge."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("demo", help="start a daemon on a tiny test model and ask it two questions")
 
+    history = commands.add_parser("history", help="manage stored history")
+    history_commands = history.add_subparsers(dest="history_command", required=True)
+    purge = history_commands.add_parser(
+        "purge", help="delete stored messages, answers and images; never what a waiting question needs")
+    purge.add_argument("--config", type=Path, default=Path("config.toml"), help="for [storage] data_dir")
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--conversation", metavar="ID", help="one chat (its chat or conversation id)")
+    which.add_argument("--older-than", type=float, metavar="DAYS", help="everything older than DAYS days")
+    purge.add_argument("--platform", help="with --conversation: only this platform's chat (telegram, api, ...)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -56,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return download_model(args.config, args.model, args.local_dir, args.revision)
         if args.command == "tiny-model":
             return _tiny_model(args.dir)
+        if args.command == "history":
+            return asyncio.run(_purge(args.config, args.conversation, args.platform, args.older_than))
         from bot.demo import demo
 
         return asyncio.run(demo())
@@ -115,6 +127,30 @@ def _ask(path: Path | None, images: list[Path], question: str) -> int:
             await engine.stop()
 
     asyncio.run(answer())
+    return 0
+
+
+async def _purge(path: Path, conversation: str | None, platform: str | None, older_than: float | None) -> int:
+    import time
+
+    from bot.config import load
+    from bot.files import ImageFiles
+    from bot.retention import purge
+    from bot.store import Store
+
+    if older_than is not None and older_than < 0:
+        raise ConfigError("--older-than: must be 0 or more days")
+    config = load(path)
+    data_dir = config.storage.data_dir
+    if not (data_dir / "imsight.db").exists():
+        raise ImsightError(f"no history at {data_dir} ([storage] data_dir)")
+    async with Store.open(data_dir / "imsight.db", lock_timeout_s=config.storage.lock_timeout_seconds) as store:
+        before = None if older_than is None else time.time() - older_than * 86_400
+        purged = await purge(store, ImageFiles(data_dir / "images"), platform=platform, chat_id=conversation,
+                             before=before)
+    print(f"deleted {purged.messages} message(s) and {len(purged.orphans)} image file(s)")
+    if purged.kept:
+        print(f"kept {purged.kept} message(s) that questions still waiting for an answer need")
     return 0
 
 

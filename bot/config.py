@@ -29,6 +29,18 @@ class ServerConfig(_Section):
 
 class StorageConfig(_Section):
     data_dir: Path = Path("./data")
+    retention_days: float = Field(0, ge=0)  # delete messages and images older than this; 0 keeps them
+    max_bytes: int = Field(0, ge=0)  # image files over this total: oldest messages go first; 0 = no budget
+    lock_timeout_seconds: float = Field(5, gt=0)  # wait this long for a lock held by another process
+
+
+class LimitsConfig(_Section):
+    max_queued: int = Field(500, ge=0)  # questions waiting, all chats; more are told "busy"; 0 = no bound
+    max_queued_per_chat: int = Field(20, ge=0)  # waiting or running in one chat; 0 = no bound
+    questions_per_sender_per_minute: int = Field(10, ge=0)  # one person, all chats; 0 = no limit
+    job_timeout_seconds: float = Field(300, gt=0)  # one answer; longer is stopped and the asker told
+    engine_retry_minutes: float = Field(30, ge=0)  # model server unreachable: keep retrying a question this long
+    delivery_attempts: int = Field(8, ge=1)  # tries to send a reply (backoff 1 s, 2 s, 4 s ... 5 min)
 
 
 class ImagesConfig(_Section):
@@ -74,7 +86,6 @@ class WebhookConfig(_Section):
     allowed_image_hosts: list[str] = Field(default_factory=list)
     fetch_timeout_seconds: float = Field(10, gt=0)
     wait_seconds: float = Field(60, ge=0)  # longest a `wait: true` request is held open
-    callback_attempts: int = Field(5, ge=1)
 
 
 class TelegramConfig(_Section):
@@ -125,6 +136,7 @@ class Config(_Section):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
 
 

@@ -10,9 +10,12 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 
 from adapters.webhook import WebhookAdapter
+from bot.admission import Admission
 from bot.config import Config
 from bot.dispatch import Dispatcher
 from bot.files import ImageFiles
+from bot.outbox import Outbox
+from bot.retention import Retention
 from bot.store import Store
 from bot.watch import JobWatch
 from bot.web import WebServer
@@ -146,8 +149,12 @@ class Daemon:
 
         data_dir = cfg.storage.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = await stack.enter_async_context(Store.open(data_dir / "imsight.db"))
+        store = await stack.enter_async_context(
+            Store.open(data_dir / "imsight.db", lock_timeout_s=cfg.storage.lock_timeout_seconds))
         files = ImageFiles(data_dir / "images")
+        retention = Retention(store, files, days=cfg.storage.retention_days, max_bytes=cfg.storage.max_bytes)
+        await retention.start()
+        stack.push_async_callback(retention.stop)
 
         await engine.start()
         stack.push_async_callback(engine.stop)
@@ -156,16 +163,20 @@ class Daemon:
                         cfg.engine.workers, engine.max_batch, cfg.engine.workers)
 
         watch = JobWatch()
+        by_name = {a.name: a for a in adapters}
+        outbox = Outbox(store, by_name, watch, attempts=cfg.limits.delivery_attempts)
         workers = Workers(
-            store, files, engine, {a.name: a for a in adapters}, watch,
+            store, files, engine, by_name, outbox, watch,
             count=cfg.engine.workers, image_limits=limits,
             generation=GenerationLimits(max_new_tokens=cfg.engine.max_new_tokens),
             ask_for_image=cfg.context.no_image == "ask",
-            delivery_attempts=cfg.adapters.webhook.callback_attempts,
+            job_timeout_s=cfg.limits.job_timeout_seconds, engine_retry_s=cfg.limits.engine_retry_minutes * 60,
         )
         dispatcher = Dispatcher(
-            store, files, workers, watch, {a.name: a for a in adapters}, image_limits=limits,
+            store, files, workers, outbox, watch, by_name, image_limits=limits,
             window_s=cfg.context.window_minutes * 60, history_turns=cfg.context.history_turns,
+            admission=Admission(cfg.limits.max_queued, cfg.limits.max_queued_per_chat,
+                                cfg.limits.questions_per_sender_per_minute),
         )
         web = WebServer(cfg.server.host, cfg.server.port, max_body_bytes=int(cfg.server.max_body_mb * MB),
                         shutdown_timeout_s=5)
@@ -176,6 +187,8 @@ class Daemon:
         await dispatcher.start()
         stack.push_async_callback(dispatcher.stop)  # intakes download through the adapters
 
+        await outbox.start()
+        stack.push_async_callback(outbox.stop, cfg.server.shutdown_grace_seconds)  # after the workers
         await workers.start()
         stack.push_async_callback(workers.stop, cfg.server.shutdown_grace_seconds)
         await web.start()

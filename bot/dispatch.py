@@ -7,8 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
+from bot.admission import Admission
 from bot.context import OWN, resolve
 from bot.files import ImageFiles
+from bot.outbox import Outbox
 from bot.retry import with_retries
 from bot.store import NewJob, Store
 from bot.watch import JobWatch
@@ -39,19 +41,22 @@ class Dispatcher:
         store: Store,
         files: ImageFiles,
         workers: Workers,
+        outbox: Outbox,
         watch: JobWatch,
         adapters: Mapping[str, Adapter],
         *,
         image_limits: ImageLimits,
         window_s: float,
         history_turns: int,
+        admission: Admission | None = None,
         download_attempts: int = 3,
         retry_base_s: float = 1.0,
     ) -> None:
-        self._store, self._files, self._workers, self._watch = store, files, workers, watch
+        self._store, self._files, self._workers, self._outbox, self._watch = store, files, workers, outbox, watch
         self._adapters = adapters
         self._image_limits = image_limits
         self._window_s, self._history_turns = window_s, history_turns
+        self._admission = admission
         self._download_attempts, self._retry_base_s = download_attempts, retry_base_s
         self._intakes: set[asyncio.Task[None]] = set()
         self._chat_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
@@ -71,8 +76,8 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._intakes, return_exceptions=True)
 
-    async def accept(self, incoming: Incoming) -> Accepted:
-        """Take a message in; queue a job when it asks the bot something."""
+    async def accept(self, incoming: Incoming, *, refuse_when_busy: bool = False) -> Accepted:
+        """Take a message in; queue a job when it asks the bot something (``core.types.Host``)."""
         seen = await self._store.find_accepted(incoming)
         if seen is not None:
             log.info("duplicate %s event %s (chat %s message %s) ignored", incoming.platform,
@@ -91,7 +96,7 @@ class Dispatcher:
             return Accepted(incoming.message_id, (), None, pending=True)
         async with self._chat(incoming.platform, incoming.chat_id):
             images = await asyncio.to_thread(self._check_and_keep, inline) if inline else []
-            return await self._take_in(incoming, images)
+            return await self._take_in(incoming, images, refuse_when_busy=refuse_when_busy)
 
     def _intake_later(self, inbox_id: int, incoming: Incoming) -> None:
         key = (incoming.platform, incoming.chat_id)
@@ -137,7 +142,7 @@ class Dispatcher:
                                   base_s=self._retry_base_s, what=f"{platform} download of {ref.ref!r}")
 
     async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None,
-                       problems: Sequence[str] = ()) -> Accepted:
+                       problems: Sequence[str] = (), refuse_when_busy: bool = False) -> Accepted:
         job = None
         if incoming.addressed and problems and not images:
             # The asker sent images and none could be taken: say so, rather than answer about another one.
@@ -148,10 +153,15 @@ class Dispatcher:
                 window_s=self._window_s, max_turns=self._history_turns,
             )
             job = resolution.as_job()
-        accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
+        accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id, admission=self._admission,
+                                            refuse_when_busy=refuse_when_busy)
         log.info("%s chat %s message %s stored (%d image(s))%s", incoming.platform, incoming.chat_id,
-                 incoming.message_id, len(images), f", job {accepted.job_id}" if accepted.job_id else "")
-        if accepted.job_id and not accepted.duplicate:
+                 incoming.message_id, len(images),
+                 f", job {accepted.job_id}" + (f" refused ({accepted.refused})" if accepted.refused else "")
+                 if accepted.job_id else "")
+        if accepted.refused:
+            self._outbox.wake()  # the busy reply
+        elif accepted.job_id and not accepted.duplicate:
             self._workers.wake()
         return accepted
 
@@ -207,11 +217,10 @@ class Dispatcher:
             result = await self._store.forget_chat(platform, chat_id)
         if result is None:
             return None
-        forgotten, orphans = result
-        await asyncio.to_thread(self._delete_files, orphans)
-        log.info("%s chat %s forgotten: %d message(s), %d image file(s)", platform, chat_id, forgotten,
-                 len(orphans))
-        return forgotten
+        await asyncio.to_thread(self._delete_files, result.orphans)
+        log.info("%s chat %s forgotten: %d message(s), %d image file(s)", platform, chat_id, result.messages,
+                 len(result.orphans))
+        return result.messages
 
     def _delete_files(self, shas: Sequence[str]) -> None:
         for sha in shas:

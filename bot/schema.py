@@ -78,4 +78,34 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (job, position)
     );
     """,
+    # 2: outbox, fair turns between conversations, back-off, refusals, sender index
+    """
+    CREATE TABLE outbox (
+        id          INTEGER PRIMARY KEY,       -- send order
+        job         TEXT NOT NULL REFERENCES jobs (id),
+        kind        TEXT NOT NULL CHECK (kind IN ('answer', 'notice')),  -- a notice comes before the answer
+        conversation TEXT NOT NULL,            -- a conversation's replies are sent one at a time, in order
+        text        TEXT NOT NULL,
+        failed      INTEGER NOT NULL,          -- the reply says the question could not be answered
+        status      TEXT NOT NULL CHECK (status IN ('pending', 'sent', 'dead')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        next_at     REAL NOT NULL,             -- not sent before (back-off after a failed send)
+        sent_message_id TEXT,                  -- the platform's id for what it accepted
+        error       TEXT,
+        created_at  REAL NOT NULL,
+        sent_at     REAL,
+        UNIQUE (job, kind)
+    );
+    CREATE INDEX outbox_pending ON outbox (conversation, id) WHERE status = 'pending';
+    CREATE TABLE conversations (
+        conversation TEXT PRIMARY KEY,
+        last_served INTEGER NOT NULL           -- a counter: the least recently served goes first
+    );
+    CREATE INDEX conversations_served ON conversations (last_served);
+    ALTER TABLE jobs ADD COLUMN not_before REAL;   -- back-off while the model host is unreachable
+    ALTER TABLE jobs ADD COLUMN refused TEXT;      -- turned away (busy, rate limit): never ran
+    CREATE INDEX jobs_queued ON jobs (conversation, seq) WHERE status = 'queued';
+    CREATE INDEX jobs_running ON jobs (conversation) WHERE status = 'running';
+    CREATE INDEX messages_sender ON messages (platform, sender_id, created_at);
+    """,
 )

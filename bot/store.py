@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -15,12 +16,13 @@ from typing import Any
 
 import aiosqlite
 
+from bot.admission import Admission, busy_reply
 from bot.schema import MIGRATIONS
-from core.errors import StoreUnavailable
+from core.errors import Busy, StoreUnavailable
 from core.images import ImageInfo
 from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
-__all__ = ["JobRecord", "NewJob", "Store", "StoredMessage"]
+__all__ = ["JobRecord", "NewJob", "OutgoingReply", "Purged", "Store", "StoredMessage"]
 
 # The SHA-256 digests of a message's (or a job's) images, in order, as one comma-separated column.
 _MESSAGE_SHAS = ("(SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images "
@@ -67,6 +69,25 @@ class JobRecord:
     answer: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Purged:
+    messages: int  # deleted
+    kept: int  # matched, but an open question needs them
+    orphans: list[str]  # SHA-256 of images no message or job refers to any more: delete their files
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingReply:
+    """A reply waiting in the outbox."""
+
+    id: int
+    kind: str  # 'answer' closes its job once sent; a 'notice' does not
+    job: JobRecord
+    text: str
+    failed: bool
+    attempts: int
+
+
 class Store:
     """All SQL lives here. One connection; one lock keeps each call's statements together."""
 
@@ -76,15 +97,17 @@ class Store:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[Store]:
+    async def open(cls, path: Path, *, lock_timeout_s: float = 5.0) -> AsyncIterator[Store]:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created private before SQLite opens it; its -wal and -shm files take the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         async with aiosqlite.connect(path, isolation_level=None) as conn:
             conn.row_factory = aiosqlite.Row
             await conn.execute("PRAGMA journal_mode = WAL")
             # FULL: a message is acknowledged only once its commit is on disk.
             await conn.execute("PRAGMA synchronous = FULL")
             await conn.execute("PRAGMA foreign_keys = ON")
-            await conn.execute("PRAGMA busy_timeout = 5000")
+            await conn.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s * 1000)}")
             store = cls(conn)
             await store._migrate()
             yield store
@@ -162,13 +185,18 @@ class Store:
         return [(r["id"], _incoming_from_json(json.loads(r["payload"]))) for r in rows]
 
     async def record(
-        self, incoming: Incoming, images: Sequence[ImageInfo], job: NewJob | None, *, inbox_id: int | None = None
+        self, incoming: Incoming, images: Sequence[ImageInfo], job: NewJob | None, *, inbox_id: int | None = None,
+        admission: Admission | None = None, refuse_when_busy: bool = False,
     ) -> Accepted:
         """Store an event, its images, its message and its job in one transaction.
 
         ``inbox_id`` names the event's row when it was committed earlier by ``record_pending``.
+        A job that ``admission`` turns away is stored as refused, with its busy reply in the
+        outbox; with ``refuse_when_busy``, ``Busy`` is raised instead and nothing is stored.
         """
         now = time.time()
+        conversation = _conversation(incoming.platform, incoming.chat_id)
+        refused = None
         try:
             async with self._write() as db:
                 if inbox_id is None:
@@ -194,12 +222,19 @@ class Store:
                 )
                 job_id = None
                 if job is not None:
+                    if admission is not None:
+                        refused = await admission.refusal(db, conversation, incoming.platform, incoming.sender_id)
+                    if refused and refuse_when_busy:
+                        raise Busy(busy_reply(refused))
                     job_id = uuid.uuid4().hex
                     await db.execute(
-                        "INSERT INTO jobs (id, question, conversation, status, context, created_at) "
-                        "VALUES (?, ?, ?, 'queued', ?, ?)",
-                        (job_id, row, _conversation(incoming.platform, incoming.chat_id), json.dumps(job.context), now),
+                        "INSERT INTO jobs (id, question, conversation, status, context, created_at, refused, error) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, row, conversation, "failed" if refused else "queued", json.dumps(job.context), now,
+                         refused, f"refused: {refused}" if refused else None),
                     )
+                    if refused:
+                        await self._queue_reply(db, job_id, "answer", conversation, busy_reply(refused), failed=True)
                     if job.images:
                         await db.executemany(
                             "INSERT INTO job_images (job, position, sha256) VALUES (?, ?, ?)",
@@ -211,7 +246,7 @@ class Store:
             if again is None:
                 raise
             return again
-        return Accepted(incoming.message_id, tuple(i.sha256 for i in images), job_id)
+        return Accepted(incoming.message_id, tuple(i.sha256 for i in images), job_id, refused=refused)
 
     async def _insert_message(
         self, db: aiosqlite.Connection, platform: str, chat_id: str, message_id: str,
@@ -350,60 +385,154 @@ class Store:
         )
 
     async def requeue_running(self) -> int:
-        """After a restart, jobs that were running when the daemon stopped run again."""
-        async with self._write() as db:
-            cursor = await db.execute("UPDATE jobs SET status = 'queued' WHERE status = 'running'")
-            return cursor.rowcount
+        """After a restart, jobs that were running when the daemon stopped run again.
 
-    async def claim_next(self) -> JobRecord | None:
-        """Mark the oldest runnable job running and return it.
-
-        A job is runnable when it is the oldest queued job of its conversation and none of that
-        conversation's jobs is running: each conversation's answers come in the order asked.
+        Not those already answered: their reply is in the outbox and is sent from there.
         """
         async with self._write() as db:
             cursor = await db.execute(
+                "UPDATE jobs SET status = 'queued' WHERE status = 'running' "
+                "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job = jobs.id AND o.kind = 'answer')"
+            )
+            return cursor.rowcount
+
+    async def claim_next(self) -> JobRecord | None:
+        """Mark the next runnable job running and return it.
+
+        Runnable: the oldest queued job of its conversation, none of whose jobs is running (each
+        conversation's answers come in the order asked), and not backing off. Among conversations,
+        the one served least recently goes first, so a chatty one cannot starve the others.
+        """
+        now = time.time()
+        async with self._write() as db:
+            rows = list(await db.execute_fetchall(
+                "WITH heads AS (SELECT conversation, min(seq) AS seq FROM jobs WHERE status = 'queued' "
+                "GROUP BY conversation) "
+                "SELECT h.seq, h.conversation FROM heads h JOIN jobs j ON j.seq = h.seq "
+                "LEFT JOIN conversations c ON c.conversation = h.conversation "
+                "WHERE coalesce(j.not_before, 0) <= ? AND NOT EXISTS "
+                "(SELECT 1 FROM jobs r WHERE r.conversation = h.conversation AND r.status = 'running') "
+                "ORDER BY coalesce(c.last_served, 0), h.seq LIMIT 1",
+                (now,),
+            ))
+            if not rows:
+                return None
+            seq, conversation = rows[0]
+            cursor = await db.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ? "
-                "WHERE seq = (SELECT j.seq FROM jobs j WHERE j.status = 'queued' "
-                "AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.conversation = j.conversation "
-                "AND r.status = 'running') "
-                "AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.conversation = j.conversation "
-                "AND e.seq < j.seq AND e.status = 'queued') "
-                "ORDER BY j.seq LIMIT 1) RETURNING id",
-                (time.time(),),
+                "WHERE seq = ? RETURNING id",
+                (now, seq),
             )
-            row = await cursor.fetchone()
-        return await self.job(row["id"]) if row else None
-
-    async def save_answer(self, job_id: str, answer: str) -> None:
-        """Keep the model's answer, so a crash before delivery does not run the model again."""
-        async with self._write() as db:
-            await db.execute("UPDATE jobs SET answer = ? WHERE id = ?", (answer, job_id))
-
-    async def finish(
-        self, job: JobRecord, *, text: str, answer_message_id: str, error: str | None = None
-    ) -> None:
-        """Record the delivered answer (or failure notice) as the bot's message, and close the job."""
-        q = job.question
-        async with self._write() as db:
-            await self._insert_message(
-                db, q.platform, q.chat_id, answer_message_id, q.thread_id, q.message_id, "", "", "bot",
-                text, job.id, {}, time.time(), [],
-            )
+            (job_id,) = await cursor.fetchone() or (None,)
             await db.execute(
-                "UPDATE jobs SET status = ?, answer = ?, error = ?, answer_message_id = ?, finished_at = ? "
-                "WHERE id = ?",
-                ("failed" if error else "done", None if error else text, error, answer_message_id,
-                 time.time(), job.id),
+                "INSERT INTO conversations (conversation, last_served) "
+                "VALUES (?, (SELECT coalesce(max(last_served), 0) + 1 FROM conversations)) "
+                "ON CONFLICT (conversation) DO UPDATE SET last_served = excluded.last_served",
+                (conversation,),
             )
+        return await self.job(job_id) if job_id else None
 
-    async def fail_undelivered(self, job_id: str, error: str) -> None:
-        """Close a job whose reply could not be delivered at all."""
+    async def waiting_until(self) -> float | None:
+        """When the earliest job that is backing off may run again."""
+        rows = await self._rows("SELECT min(not_before) FROM jobs WHERE status = 'queued' AND not_before IS NOT NULL")
+        return rows[0][0] if rows else None
+
+    async def answered(self, job: JobRecord, text: str, *, error: str | None = None) -> None:
+        """Keep the reply (the answer or why there is none) in the outbox, from where it is sent.
+
+        The job stays running until the reply is sent: the conversation's next question waits,
+        and a crash in between does not run the model again.
+        """
+        async with self._write() as db:
+            await db.execute("UPDATE jobs SET answer = ?, error = ? WHERE id = ?",
+                             (None if error else text, error, job.id))
+            await self._queue_reply(db, job.id, "answer", _conversation(job.question.platform, job.question.chat_id),
+                                    text, failed=error is not None)
+
+    async def retry_later(self, job: JobRecord, delay_s: float, *, notice: str | None) -> None:
+        """Put a job back in the queue, not to run for ``delay_s``; tell the asker ``notice`` once."""
+        async with self._write() as db:
+            await db.execute("UPDATE jobs SET status = 'queued', not_before = ? WHERE id = ?",
+                             (time.time() + delay_s, job.id))
+            if notice is not None:
+                await self._queue_reply(db, job.id, "notice",
+                                        _conversation(job.question.platform, job.question.chat_id), notice,
+                                        failed=False)
+
+    async def fail(self, job_id: str, error: str) -> None:
+        """Close a job that cannot be answered or whose reply cannot be delivered."""
         async with self._write() as db:
             await db.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
                 (error, time.time(), job_id),
             )
+
+    # ---- outbox -------------------------------------------------------------------------
+
+    async def _queue_reply(
+        self, db: aiosqlite.Connection, job_id: str, kind: str, conversation: str, text: str, *, failed: bool
+    ) -> None:
+        # OR IGNORE: a notice is sent once per job however often the job is put back.
+        await db.execute(
+            "INSERT OR IGNORE INTO outbox (job, kind, conversation, text, failed, status, next_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, 'pending', 0, ?)",
+            (job_id, kind, conversation, text, int(failed), time.time()),
+        )
+
+    async def due_replies(self, limit: int) -> list[OutgoingReply]:
+        """Replies to send now: the oldest pending one of each conversation, if it is due."""
+        rows = await self._rows(
+            "SELECT o.* FROM outbox o WHERE o.status = 'pending' AND o.next_at <= ? AND o.id = "
+            "(SELECT min(p.id) FROM outbox p WHERE p.conversation = o.conversation AND p.status = 'pending') "
+            "ORDER BY o.id LIMIT ?",
+            time.time(), limit,
+        )
+        replies = []
+        for r in rows:
+            job = await self.job(r["job"])
+            if job is not None:
+                replies.append(OutgoingReply(r["id"], r["kind"], job, r["text"], bool(r["failed"]), r["attempts"]))
+        return replies
+
+    async def next_reply_at(self) -> float | None:
+        """When the earliest conversation's next reply is due."""
+        rows = await self._rows(
+            "SELECT min(o.next_at) FROM outbox o WHERE o.status = 'pending' AND o.id = "
+            "(SELECT min(p.id) FROM outbox p WHERE p.conversation = o.conversation AND p.status = 'pending')")
+        return rows[0][0] if rows else None
+
+    async def reply_sent(self, reply: OutgoingReply, message_id: str) -> None:
+        """Record the platform's id for a sent reply; an answer also closes its job, as the bot's message."""
+        job, now = reply.job, time.time()
+        q = job.question
+        async with self._write() as db:
+            await db.execute("UPDATE outbox SET status = 'sent', sent_message_id = ?, sent_at = ?, "
+                             "attempts = attempts + 1 WHERE id = ?", (message_id, now, reply.id))
+            if reply.kind != "answer":
+                return
+            await self._insert_message(
+                db, q.platform, q.chat_id, message_id, q.thread_id, q.message_id, "", "", "bot",
+                reply.text, job.id, {}, now, [],
+            )
+            await db.execute(
+                "UPDATE jobs SET status = ?, answer_message_id = ?, finished_at = ? WHERE id = ?",
+                ("failed" if reply.failed else "done", message_id, now, job.id),
+            )
+
+    async def reply_failed(self, reply: OutgoingReply, error: str, *, retry_at: float | None) -> None:
+        """A send failed: try again at ``retry_at``, or give up (None) and close an answer's job as failed."""
+        async with self._write() as db:
+            if retry_at is not None:
+                await db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, error = ? WHERE id = ?",
+                                 (retry_at, error, reply.id))
+                return
+            await db.execute("UPDATE outbox SET status = 'dead', attempts = attempts + 1, error = ? WHERE id = ?",
+                             (error, reply.id))
+            if reply.kind == "answer":
+                await db.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                    (f"reply not delivered: {error}", time.time(), reply.job.id),
+                )
 
     async def queue_counts(self) -> tuple[int, int]:
         """Jobs waiting and jobs being answered, over all chats."""
@@ -413,38 +542,99 @@ class Store:
 
     # ---- forgetting ---------------------------------------------------------------------
 
-    async def forget_chat(self, platform: str, chat_id: str) -> tuple[int, list[str]] | None:
-        """Delete a chat's messages, jobs and inbox entries; return how many messages, and the
-        SHA-256 of images no other chat still refers to (their files are the caller's to delete).
+    async def forget_chat(self, platform: str, chat_id: str) -> Purged | None:
+        """Delete a chat's messages, jobs, replies and inbox entries (``purge``).
 
-        ``None``, and nothing deleted, while a job of the chat is queued or running: it still needs them.
+        ``None``, and nothing deleted, while a question of the chat is open: it still needs them.
         """
-        chat = "SELECT id FROM messages WHERE platform = ? AND chat_id = ?"
-        async with self._write() as conn:
-            open_jobs = await conn.execute_fetchall(
-                f"SELECT count(*) FROM jobs WHERE question IN ({chat}) AND status IN ('queued', 'running')",
-                (platform, chat_id))
-            if next(iter(open_jobs))[0]:
-                return None
-            shas = [r[0] for r in await conn.execute_fetchall(
-                f"SELECT DISTINCT sha256 FROM message_images WHERE message IN ({chat}) "
-                f"UNION SELECT DISTINCT ji.sha256 FROM job_images ji JOIN jobs j ON j.id = ji.job "
-                f"WHERE j.question IN ({chat})", (platform, chat_id, platform, chat_id))]
-            await conn.execute(f"DELETE FROM job_images WHERE job IN (SELECT id FROM jobs WHERE question IN ({chat}))",
-                               (platform, chat_id))
-            await conn.execute(f"DELETE FROM jobs WHERE question IN ({chat})", (platform, chat_id))
-            cursor = await conn.execute("DELETE FROM messages WHERE platform = ? AND chat_id = ?", (platform, chat_id))
+        open_jobs = await self._rows(
+            f"SELECT count(*) FROM ({_OPEN_JOBS}) o JOIN jobs j ON j.id = o.id JOIN messages q ON q.id = j.question "
+            "WHERE q.platform = ? AND q.chat_id = ?", platform, chat_id)
+        if open_jobs[0][0]:
+            return None
+        return await self.purge(platform=platform, chat_id=chat_id)
+
+    async def purge(
+        self, *, platform: str | None = None, chat_id: str | None = None, before: float | None = None
+    ) -> Purged:
+        """Delete the messages of a chat and/or older than ``before``, with their jobs, replies and
+        inbox entries, and the answers to deleted questions; return the SHA-256 of images nothing
+        refers to any more (their files are the caller's to delete).
+
+        What an open question needs is kept: its message, its images and its earlier turns.
+        """
+        where, args = ["1"], list[object]()
+        if platform is not None:
+            where.append("m.platform = ?")
+            args.append(platform)
+        if chat_id is not None:
+            where.append("m.chat_id = ?")
+            args.append(chat_id)
+        if before is not None:
+            where.append("m.created_at < ?")
+            args.append(before)
+        async with self._write() as db:
+            await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id INTEGER PRIMARY KEY)")
+            await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed_jobs (id TEXT PRIMARY KEY)")
+            await db.execute("DELETE FROM doomed")
+            await db.execute("DELETE FROM doomed_jobs")
+            kept = await db.execute(
+                f"WITH open AS ({_OPEN_JOBS}), needed AS ("
+                "SELECT j.question AS id FROM jobs j JOIN open o ON o.id = j.id "
+                "UNION SELECT CAST(t.value AS INTEGER) FROM jobs j JOIN open o ON o.id = j.id, "
+                "json_each(j.context, '$.turns') t) "
+                f"SELECT count(*) FROM messages m WHERE {' AND '.join(where)} AND m.id IN needed", args)
+            (kept_count,) = await kept.fetchone() or (0,)
+            await db.execute(
+                f"WITH open AS ({_OPEN_JOBS}), needed AS ("
+                "SELECT j.question AS id FROM jobs j JOIN open o ON o.id = j.id "
+                "UNION SELECT CAST(t.value AS INTEGER) FROM jobs j JOIN open o ON o.id = j.id, "
+                "json_each(j.context, '$.turns') t) "
+                f"INSERT INTO doomed SELECT m.id FROM messages m WHERE {' AND '.join(where)} "
+                "AND m.id NOT IN needed", args)
+            await db.execute("INSERT INTO doomed_jobs SELECT id FROM jobs WHERE question IN doomed")
+            await db.execute("INSERT OR IGNORE INTO doomed SELECT id FROM messages WHERE job_id IN doomed_jobs")
+            shas = [r[0] for r in await db.execute_fetchall(
+                "SELECT sha256 FROM message_images WHERE message IN doomed "
+                "UNION SELECT sha256 FROM job_images WHERE job IN doomed_jobs")]
+            await db.execute("DELETE FROM outbox WHERE job IN doomed_jobs")
+            await db.execute("DELETE FROM job_images WHERE job IN doomed_jobs")
+            await db.execute("DELETE FROM jobs WHERE id IN doomed_jobs")
+            await db.execute("DELETE FROM inbox WHERE id IN (SELECT i.id FROM inbox i JOIN messages m ON "
+                             "m.platform = i.platform AND m.chat_id = i.chat_id AND m.message_id = i.message_id "
+                             "WHERE m.id IN doomed)")
+            cursor = await db.execute("DELETE FROM messages WHERE id IN doomed")  # message_images cascade
             forgotten = int(cursor.rowcount)
-            await conn.execute("DELETE FROM inbox WHERE platform = ? AND chat_id = ?", (platform, chat_id))
+            if chat_id is not None and before is None:  # events of the chat that never became messages
+                await db.execute("DELETE FROM inbox WHERE chat_id = ? AND (? IS NULL OR platform = ?) "
+                                 "AND processed_at IS NOT NULL", (chat_id, platform, platform))
             orphans = []
             for sha in shas:
-                used = await conn.execute_fetchall(
+                used = await db.execute_fetchall(
                     "SELECT 1 FROM message_images WHERE sha256 = ? UNION ALL SELECT 1 FROM job_images WHERE sha256 = ?"
                     " LIMIT 1", (sha, sha))
                 if not list(used):
-                    await conn.execute("DELETE FROM images WHERE sha256 = ?", (sha,))
+                    await db.execute("DELETE FROM images WHERE sha256 = ?", (sha,))
                     orphans.append(sha)
-        return forgotten, orphans
+        return Purged(forgotten, int(kept_count), orphans)
+
+    async def image_bytes(self) -> int:
+        rows = await self._rows("SELECT coalesce(sum(size), 0) FROM images")
+        return int(rows[0][0])
+
+    async def cutoff_for(self, excess: int) -> float | None:
+        """The time before which the oldest messages' images add up to ``excess`` bytes (shared images
+        counted at each message: an overestimate of what deleting them frees)."""
+        rows = await self._rows(
+            "SELECT created_at FROM (SELECT m.created_at, sum(i.size) OVER (ORDER BY m.created_at, m.id) AS total "
+            "FROM message_images mi JOIN messages m ON m.id = mi.message JOIN images i ON i.sha256 = mi.sha256) "
+            "WHERE total >= ? ORDER BY created_at LIMIT 1", excess)
+        return float(rows[0][0]) if rows else None
+
+
+# Jobs still to be answered or whose reply is not sent yet.
+_OPEN_JOBS = ("SELECT id FROM jobs WHERE status IN ('queued', 'running') "
+              "UNION SELECT job FROM outbox WHERE status = 'pending'")
 
 
 def _event_id(incoming: Incoming) -> str:

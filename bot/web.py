@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from core.errors import BadInput, ImsightError
+from core.errors import BadInput, Busy, ImsightError
 
 __all__ = ["WebServer"]
 
@@ -54,6 +54,10 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
     """Every refusal is a JSON body ``{"error": {"code", "message"}}`` with a fitting status."""
     try:
         return await handler(request)
+    except Busy as exc:
+        response = _error(exc.status, exc.code, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     except BadInput as exc:
         return _error(exc.status, exc.code, str(exc))
     except ImsightError as exc:  # the store or engine cannot take it now: nothing was half-written

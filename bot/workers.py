@@ -9,11 +9,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from bot.files import ImageFiles
-from bot.retry import with_retries
+from bot.outbox import Outbox
 from bot.store import JobRecord, Store
 from bot.watch import JobWatch
 from core.engine import Engine, GenerationLimits, PreparedImage, Turn
-from core.errors import AdapterError, EngineError, ImsightError
+from core.errors import EngineError, EngineOutOfMemory, EngineUnavailable, ImsightError
 from core.images import ImageLimits, prepare
 from core.types import Adapter, Drafting, Reply
 
@@ -22,11 +22,16 @@ __all__ = ["Workers"]
 log = logging.getLogger(__name__)
 
 ASK_FOR_IMAGE = "Which image do you mean? Send it with your question, or reply to it."
+ENGINE_AWAY = "The model server is not reachable at the moment. I'll answer as soon as it is back."
+ENGINE_GONE = "Sorry, the model server has been unreachable for too long. Please ask again later."
 _IDLE_POLL_S = 5.0  # a backstop only: new jobs wake the workers at once
 
 
 class Workers:
-    """A fixed number of tasks answering jobs; each conversation's jobs in order."""
+    """A fixed number of tasks answering jobs; each conversation's jobs in order.
+
+    A worker's part ends when the reply is committed to the outbox, which sends it.
+    """
 
     def __init__(
         self,
@@ -34,22 +39,24 @@ class Workers:
         files: ImageFiles,
         engine: Engine,
         adapters: Mapping[str, Adapter],
+        outbox: Outbox,
         watch: JobWatch,
         *,
         count: int,
         image_limits: ImageLimits,
         generation: GenerationLimits,
         ask_for_image: bool,
-        delivery_attempts: int = 5,
-        retry_base_s: float = 0.5,
+        job_timeout_s: float = 600.0,
+        engine_retry_s: float = 1800.0,
+        retry_base_s: float = 5.0,
         draft_every_s: float = 1.0,
     ) -> None:
         self._store, self._files, self._engine = store, files, engine
-        self._adapters, self._watch = adapters, watch
+        self._adapters, self._outbox, self._watch = adapters, outbox, watch
         self._count = count
         self._image_limits, self._generation = image_limits, generation
         self._ask_for_image = ask_for_image
-        self._delivery_attempts, self._retry_base_s = delivery_attempts, retry_base_s
+        self._job_timeout_s, self._engine_retry_s, self._retry_base_s = job_timeout_s, engine_retry_s, retry_base_s
         self._draft_every_s = draft_every_s
         self._wakeups: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -60,6 +67,7 @@ class Workers:
         if requeued:
             log.info("requeued %d job(s) that were running when the daemon last stopped", requeued)
         self._wakeups = [asyncio.Event() for _ in range(self._count)]
+        self._outbox.on_sent.extend(self._wakeups)  # a sent answer frees its conversation's next job
         self._tasks = [
             asyncio.create_task(self._loop(wakeup), name=f"imsight-worker-{n}")
             for n, wakeup in enumerate(self._wakeups)
@@ -94,12 +102,15 @@ class Workers:
             wakeup.clear()  # before looking, so a wake() during the look is not lost
             try:
                 job = await self._store.claim_next()
+                wait = _IDLE_POLL_S
+                if job is None and (until := await self._store.waiting_until()) is not None:
+                    wait = min(_IDLE_POLL_S, max(0.05, until - time.time()))  # a job backing off
             except ImsightError:
                 log.exception("cannot read the job queue; retrying")
-                job = None
+                job, wait = None, _IDLE_POLL_S
             if job is None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), _IDLE_POLL_S)
+                    await asyncio.wait_for(wakeup.wait(), wait)
                 continue
             try:
                 await self._process(job)
@@ -107,7 +118,7 @@ class Workers:
                 # A bug must not kill the worker, nor loop on the same job forever.
                 log.exception("job %s: unexpected error", job.id)
                 with contextlib.suppress(ImsightError):
-                    await self._store.fail_undelivered(job.id, "internal error")
+                    await self._store.fail(job.id, "internal error")
                 self._watch.notify(job.id)
             self.wake()  # the conversation's next job may run now
 
@@ -118,26 +129,34 @@ class Workers:
         try:
             answer = job.answer
             if answer is None:
-                answer = await self._ask(job)
-                await self._store.save_answer(job.id, answer)
+                async with asyncio.timeout(self._job_timeout_s):
+                    answer = await self._ask(job)
             text = _with_about(answer, job.context)
+        except EngineUnavailable as exc:
+            waited = time.time() - q.created_at
+            if waited < self._engine_retry_s:
+                delay = min(60.0, self._retry_base_s * 2 ** (job.attempts - 1))
+                log.warning("job %s (%s chat %s): %s; trying again in %.0fs", job.id, q.platform, q.chat_id, exc, delay)
+                await self._store.retry_later(job, delay, notice=ENGINE_AWAY)
+                self._outbox.wake()
+                return
+            error, text = str(exc), ENGINE_GONE
+        except TimeoutError:
+            error = f"no answer within {self._job_timeout_s:.0f}s"
+            text = (f"Sorry, answering took longer than {self._job_timeout_s:.0f} seconds, so I stopped. "
+                    "Please try again, perhaps with a shorter question.")
+        except EngineOutOfMemory as exc:
+            error, text = str(exc), ("Sorry, the model ran out of GPU memory on this, even with the image "
+                                     "scaled down. Please try a smaller image or fewer images.")
         except ImsightError as exc:
-            log.warning("job %s (%s chat %s message %s) failed: %s", job.id, q.platform, q.chat_id,
-                        q.message_id, exc)
-            error = str(exc)
-            text = "Sorry, I could not answer that. The model failed; please try again later."
-        reply = Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text, job.images,
-                      failed=error is not None, meta=job.question.meta)
-        try:
-            sent_id = await self._deliver(reply)
-        except AdapterError as exc:
-            log.warning("job %s: reply not delivered: %s", job.id, exc)
-            await self._store.fail_undelivered(job.id, f"reply not delivered: {exc}")
-        else:
-            await self._store.finish(job, text=text, answer_message_id=sent_id, error=error)
-            log.info("job %s %s in %.2fs (%s chat %s)", job.id, "failed" if error else "answered",
-                     time.monotonic() - started, q.platform, q.chat_id)
-        self._watch.notify(job.id)
+            error, text = str(exc), "Sorry, I could not answer that. The model failed; please try again later."
+        if error is not None:
+            log.warning("job %s (%s chat %s message %s) failed: %s", job.id, q.platform, q.chat_id, q.message_id,
+                        error)
+        await self._store.answered(job, text, error=error)
+        self._outbox.wake()
+        log.info("job %s %s in %.2fs (%s chat %s)", job.id, "failed" if error else "answered",
+                 time.monotonic() - started, q.platform, q.chat_id)
 
     async def _ask(self, job: JobRecord) -> str:
         if problems := job.context.get("image_problems"):
@@ -182,13 +201,6 @@ class Workers:
             return [PreparedImage(sha, prepare(self._files.read(sha), self._image_limits)) for sha in shas]
         except OSError as exc:
             raise EngineError(f"a stored image is missing: {exc}") from exc
-
-    async def _deliver(self, reply: Reply) -> str:
-        adapter = self._adapters.get(reply.platform)
-        if adapter is None:
-            raise AdapterError(reply.platform, "adapter is not enabled", retryable=False)
-        return await with_retries(lambda: adapter.send(reply), attempts=self._delivery_attempts,
-                                  base_s=self._retry_base_s, what=f"job {reply.job_id}: send")
 
 
 def _with_about(answer: str, context: Mapping[str, object]) -> str:

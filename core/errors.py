@@ -6,11 +6,14 @@
     │   ├── Unauthorized     401: missing, forged or replayed credentials
     │   ├── TooLarge         413: a body or image over a limit
     │   ├── NotAnImage       415: bytes that no supported image decoder accepts
-    │   └── NotFound         404: an unknown job or chat
+    │   ├── NotFound         404: an unknown job or chat
+    │   └── Busy             429: the question was turned away for now (queue full, rate limit)
     ├── StoreUnavailable     the history store cannot take writes (disk full, locked)
     ├── AdapterError         a platform call failed
     └── EngineError          the model could not answer
-        └── ModelUnavailable the model's files are not on this machine
+        ├── ModelUnavailable the model's files are not on this machine
+        ├── EngineUnavailable the model server cannot be reached now (may pass: retry later)
+        └── EngineOutOfMemory the GPU ran out of memory, even after a retry with smaller images
 
 This module and ``core.types`` are the neutral ground that ``bot``, ``adapters`` and ``core``
 all import; nothing here imports any of them.
@@ -21,8 +24,11 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "BadInput",
+    "Busy",
     "ConfigError",
     "EngineError",
+    "EngineOutOfMemory",
+    "EngineUnavailable",
     "ImsightError",
     "ModelUnavailable",
     "NotAnImage",
@@ -73,6 +79,12 @@ class NotFound(BadInput):
     code = "not_found"
 
 
+class Busy(BadInput):
+    status = 429
+    code = "busy"
+    retry_after_s = 60
+
+
 class StoreUnavailable(ImsightError):
     """The store refused a write; nothing was half-written."""
 
@@ -92,3 +104,11 @@ class EngineError(ImsightError):
 
 class ModelUnavailable(EngineError):
     """The configured model cannot be loaded here; the message says how to fix it."""
+
+
+class EngineUnavailable(EngineError):
+    """The model server cannot be reached or is overloaded; the question may be asked again later."""
+
+
+class EngineOutOfMemory(EngineError):
+    """Out of GPU memory even with smaller images."""

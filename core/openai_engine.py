@@ -19,7 +19,7 @@ import aiohttp
 
 from core.answer_text import without_thinking
 from core.engine import GenerationLimits, PreparedImage, Turn
-from core.errors import EngineError
+from core.errors import EngineError, EngineUnavailable
 
 __all__ = ["OpenAIEngine", "chat_messages"]
 
@@ -89,7 +89,7 @@ class OpenAIEngine:
             async for text in without_thinking(_sse_deltas(resp)):
                 yield text
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise EngineError(f"the model server at {self._url} broke off the answer: {_describe(exc)}") from exc
+            raise EngineUnavailable(f"the model server at {self._url} broke off the answer: {_describe(exc)}") from exc
         finally:
             resp.release()
 
@@ -103,7 +103,7 @@ class OpenAIEngine:
                 resp = await self._session.post(url, json=body)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if last:
-                    raise EngineError(
+                    raise EngineUnavailable(
                         f"cannot reach the model server at {self._url} ({_describe(exc)}) after {attempt} "
                         "tries; is it running? ([engine] base_url)"
                     ) from exc
@@ -115,7 +115,9 @@ class OpenAIEngine:
                 if resp.status in (401, 403):
                     raise EngineError(f"the model server at {self._url} refused the key ({resp.status}); "
                                       "check [engine] api_key or IMSIGHT_ENGINE_API_KEY")
-                if resp.status not in _RETRYABLE or last:
+                if resp.status in _RETRYABLE and last:
+                    raise EngineUnavailable(f"the model server at {self._url} answered {resp.status}: {detail}")
+                if resp.status not in _RETRYABLE:
                     raise EngineError(f"the model server at {self._url} answered {resp.status}: {detail}")
             delay = self._retry_base_s * 2 ** (attempt - 1)
             log.info("model server %s: try %d failed; again in %.1fs", self._url, attempt, delay)

@@ -21,7 +21,7 @@ from typing import Any
 
 from core.answer_text import without_thinking
 from core.engine import GenerationLimits, PreparedImage, Turn
-from core.errors import EngineError
+from core.errors import EngineError, EngineOutOfMemory
 from core.kv_cache import (
     cache_bytes,
     cache_keyword,
@@ -356,7 +356,7 @@ class TransformersEngine:
             try:
                 self._generate([request], None)
             except torch.OutOfMemoryError as exc:
-                raise EngineError("out of GPU memory, even with a smaller image; try a shorter question, "
+                raise EngineOutOfMemory("out of GPU memory, even with a smaller image; try a shorter question, "
                                   "fewer images, or [engine] quantization = \"nf4\"") from exc
 
     def _lookup(self, request: _Request) -> tuple[Prefix, int] | None:

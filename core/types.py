@@ -69,6 +69,7 @@ class Accepted:
     job_id: str | None  # set when the message asked the bot something
     duplicate: bool = False  # seen before: nothing new was stored
     pending: bool = False  # committed; images still downloading, the message and job come after
+    refused: str | None = None  # the question was turned away (busy, rate limit); the asker is told why
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class Reply:
     images: tuple[str, ...]  # SHA-256 of the images the answer is about
     failed: bool = False
     meta: Mapping[str, str] = field(default_factory=dict)  # the question's ``Incoming.meta``
+    notice: bool = False  # a word while the asker waits (the answer is late); the answer follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,13 @@ class Status:
 class Host(Protocol):
     """What the daemon offers adapters."""
 
-    async def accept(self, incoming: Incoming) -> Accepted: ...
+    async def accept(self, incoming: Incoming, *, refuse_when_busy: bool = False) -> Accepted:
+        """Take a message in; queue a job when it asks something.
+
+        When the question must be turned away (busy), a chat adapter's asker is told so in the chat;
+        with ``refuse_when_busy`` nothing is stored and ``Busy`` (HTTP 429) is raised instead.
+        """
+        ...
 
     async def job(self, job_id: str) -> JobView: ...
 

@@ -19,6 +19,8 @@ from aiohttp import web
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
+from bot.store import JobRecord, Store
+
 
 def png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48)) -> bytes:
     out = io.BytesIO()
@@ -103,3 +105,10 @@ async def eventually(check: Any, timeout_s: float = 30, step_s: float = 0.02) ->
             return result
         await asyncio.sleep(step_s)
     raise AssertionError(f"not true within {timeout_s}s: {check}")
+
+
+async def answer_and_send(store: Store, job: JobRecord, text: str, message_id: str) -> None:
+    """What a worker and the outbox record for a job whose reply the platform accepted as ``message_id``."""
+    await store.answered(job, text)
+    (reply,) = [r for r in await store.due_replies(1000) if r.job.id == job.id]
+    await store.reply_sent(reply, message_id)

@@ -12,7 +12,7 @@ from bot.store import Store
 from bot.workers import ASK_FOR_IMAGE
 from core.images import ImageLimits, inspect, sha256
 from core.types import ImageRef, Incoming
-from helpers import b64, png, post
+from helpers import answer_and_send, b64, png, post
 
 A, B, C = png((255, 0, 0)), png((0, 255, 0)), png((0, 0, 255))
 WINDOW_S = 600
@@ -53,7 +53,7 @@ class Chat:
         ids = []
         while (job := await self.store.claim_next()) is not None:
             ids.append(f"answer-{job.id}")
-            await self.store.finish(job, text=f"answer to {job.question.text}", answer_message_id=ids[-1])
+            await answer_and_send(self.store, job, f"answer to {job.question.text}", ids[-1])
         return ids
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
+from bot.admission import Admission
 from bot.schema import MIGRATIONS
 from bot.store import NewJob, Store
-from core.errors import StoreUnavailable
-from core.types import Incoming
+from core.errors import Busy, StoreUnavailable
+from core.types import Accepted, Incoming
+from helpers import answer_and_send
 
 _n = iter(range(10**6))
 
@@ -32,19 +35,102 @@ async def test_one_job_per_conversation_runs_at_a_time_in_order(store):
     a1, a2, b1, a3 = [await _ask(store, c) for c in ("a", "a", "b", "a")]
     first = [await store.claim_next() for _ in range(3)]  # three idle workers
     assert [j.id if j else None for j in first] == [a1, b1, None]
-    await store.finish(first[0], text="x", answer_message_id="ans-a1")
+    await answer_and_send(store, first[0], "x", "ans-a1")
     assert (await store.claim_next()).id == a2
     assert await store.claim_next() is None  # a3 waits for a2
     assert (await store.job(a3)).status == "queued"
 
 
-async def test_a_saved_answer_is_delivered_without_asking_again(store):
+async def test_an_answer_in_the_outbox_is_sent_after_a_crash_not_asked_again(store):
     job_id = await _ask(store, "a")
     claimed = await store.claim_next()
-    await store.save_answer(claimed.id, "the answer")
-    assert await store.requeue_running() == 1  # as after a crash before delivery
+    await store.answered(claimed, "the answer")
+    assert await store.requeue_running() == 0  # as after a crash before delivery: not run again
+    assert await store.claim_next() is None
+    (reply,) = await store.due_replies(10)
+    assert (reply.job.id, reply.text, reply.kind) == (job_id, "the answer", "answer")
+    await store.reply_sent(reply, "sent-1")
+    view = await store.job_view(job_id)
+    assert (view.status, view.answer, view.answer_message_id) == ("done", "the answer", "sent-1")
+    assert await store.due_replies(10) == []
+
+
+async def test_a_job_cut_off_before_its_answer_runs_again(store):
+    job_id = await _ask(store, "a")
+    await store.claim_next()
+    assert await store.requeue_running() == 1
     again = await store.claim_next()
-    assert (again.id, again.answer, again.attempts) == (job_id, "the answer", 2)
+    assert (again.id, again.attempts) == (job_id, 2)
+
+
+async def test_a_chatty_conversation_does_not_starve_the_others(store):
+    chatty = [await _ask(store, "chatty") for _ in range(5)]
+    quiet = await _ask(store, "quiet")
+    order = []
+    while (job := await store.claim_next()) is not None:  # one worker
+        order.append(job.id)
+        await answer_and_send(store, job, "x", f"sent-{job.id}")
+    assert order.index(quiet) == 1  # right after the chatty one's first, not after all five
+    assert [j for j in order if j != quiet] == chatty  # each conversation still in the order asked
+
+
+async def test_a_job_backing_off_holds_its_conversation_only_and_notices_go_once(store):
+    a1, a2, b1 = await _ask(store, "a"), await _ask(store, "a"), await _ask(store, "b")
+    job = await store.claim_next()
+    assert job.id == a1
+    await store.retry_later(job, 60, notice="model away")
+    assert (await store.claim_next()).id == b1  # a2 waits behind a1, which waits
+    assert await store.claim_next() is None
+    assert await store.waiting_until() > time.time() + 50
+    await store.retry_later(await store.job(a1), 60, notice="model away")  # put back again: no second notice
+    replies = await store.due_replies(10)
+    assert [(r.job.id, r.kind, r.text) for r in replies] == [(a1, "notice", "model away")]
+    assert (await store.job(a2)).status == "queued"
+
+
+async def test_a_failing_send_holds_back_its_conversation_only_and_can_give_up(store):
+    a1, a2, b1 = await _ask(store, "a"), await _ask(store, "a"), await _ask(store, "b")
+    for job_id in (a1, b1):
+        job = await store.claim_next()
+        assert job.id == job_id
+        await store.answered(job, f"answer {job_id}")
+    first, _ = await store.due_replies(10)
+    await store.reply_failed(first, "platform down", retry_at=time.time() + 60)
+    assert [r.job.id for r in await store.due_replies(10)] == [b1]  # a's reply waits; b's goes
+    await store.reply_failed(first, "platform gone", retry_at=None)
+    view = await store.job_view(a1)
+    assert (view.status, view.error) == ("failed", "reply not delivered: platform gone")
+    assert (await store.claim_next()).id == a2  # the conversation moves on
+
+
+async def test_admission_refuses_inside_the_transaction(store):
+    admission = Admission(max_queued=3, max_per_conversation=2, sender_per_minute=0)
+
+    async def ask(chat: str, *, refuse: bool = False) -> Accepted:
+        n = next(_n)
+        incoming = Incoming(platform="test", chat_id=chat, message_id=f"m{n}", event_id=f"e{n}", text="q",
+                            sender_id=f"s{n}", addressed=True)
+        return await store.record(incoming, [], NewJob(()), admission=admission, refuse_when_busy=refuse)
+
+    results = [await ask(c) for c in ("a", "a", "a", "b", "c")]
+    assert [r.refused for r in results] == [None, None, "conversation_full", None, "queue_full"]
+    busy = await store.job_view(results[2].job_id)
+    assert (busy.status, busy.error) == ("failed", "refused: conversation_full")
+    assert [r.job.id for r in await store.due_replies(10)] == [results[2].job_id, results[4].job_id]
+    before = await store.history("test", "d", 10)
+    with pytest.raises(Busy):
+        await ask("d", refuse=True)
+    assert await store.history("test", "d", 10) == before == []  # refused with nothing stored
+
+
+async def test_a_sender_over_the_rate_is_told_so(store):
+    admission = Admission(sender_per_minute=2)
+    refused = []
+    for n in range(4):
+        incoming = Incoming(platform="test", chat_id=f"c{n}", message_id=f"r{n}", text="q", sender_id="ann",
+                            addressed=True)
+        refused.append((await store.record(incoming, [], NewJob(()), admission=admission)).refused)
+    assert refused == [None, None, "rate_limited", "rate_limited"]
 
 
 async def test_files_are_durable_and_the_schema_is_versioned(tmp_path):
@@ -83,10 +169,11 @@ async def test_forgetting_a_chat_keeps_what_other_chats_still_use(store):
     job = await post("gone", "g1", [shared, own], ask=True)
     assert await store.forget_chat("test", "gone") is None  # its question is still queued
     claimed = await store.claim_next()
-    await store.finish(claimed, text="a", answer_message_id="g2")
+    await answer_and_send(store, claimed, "a", "g2")
     assert claimed.id == job
-    forgotten, orphans = await store.forget_chat("test", "gone")
-    assert forgotten == 2 and orphans == [own.sha256]  # the question and the answer; the shared image stays
+    purged = await store.forget_chat("test", "gone")
+    # the question and the answer; the shared image stays
+    assert purged.messages == 2 and purged.orphans == [own.sha256]
     assert await store.history("test", "gone", 10) == []
     assert [e.images for e in await store.history("test", "keep", 10)] == [(shared.sha256,)]
     assert await store.job(job) is None

@@ -1,0 +1,56 @@
+"""Who may queue a question now: the global queue bound, a per-conversation bound, a per-sender rate.
+
+The check runs inside the transaction that would queue the job, so concurrent questions cannot
+overshoot a bound together.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import aiosqlite
+
+__all__ = ["Admission", "busy_reply"]
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The bounds; 0 turns one off."""
+
+    max_queued: int = 0
+    max_per_conversation: int = 0
+    sender_per_minute: int = 0
+
+    async def refusal(self, db: aiosqlite.Connection, conversation: str, platform: str, sender_id: str) -> str | None:
+        """Why a new question must be turned away now, or None when it may be queued."""
+        if self.max_queued and await _count(db, "SELECT count(*) FROM jobs WHERE status = 'queued'") >= self.max_queued:
+            return "queue_full"
+        if self.max_per_conversation and await _count(
+            db, "SELECT count(*) FROM jobs WHERE conversation = ? AND status IN ('queued', 'running')", conversation,
+        ) >= self.max_per_conversation:
+            return "conversation_full"
+        if self.sender_per_minute and sender_id and await _count(
+            db,
+            "SELECT count(*) FROM messages m JOIN jobs j ON j.question = m.id WHERE m.platform = ? "
+            "AND m.sender_id = ? AND m.created_at > ? AND j.refused IS NULL",
+            platform, sender_id, time.time() - 60,
+        ) >= self.sender_per_minute:
+            return "rate_limited"
+        return None
+
+
+_REPLIES = {
+    "queue_full": "I'm busy right now with many questions. Please try again in a minute.",
+    "conversation_full": "I'm still working on earlier questions in this chat. Please try again in a minute.",
+    "rate_limited": "You're asking faster than I can answer. Please try again in a minute.",
+}
+
+
+def busy_reply(reason: str) -> str:
+    """What the asker is told when a question is turned away."""
+    return _REPLIES.get(reason, _REPLIES["queue_full"])
+
+
+async def _count(db: aiosqlite.Connection, sql: str, *args: object) -> int:
+    rows = list(await db.execute_fetchall(sql, args))
+    return int(rows[0][0])

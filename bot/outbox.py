@@ -1,0 +1,142 @@
+"""The outbox: replies are committed first, then sent, each conversation's in order.
+
+A failed send is retried with backoff on its own schedule, so a platform that is down holds up
+only its own conversations. A reply is marked sent, with the platform's message id, right after
+the platform accepts it; a crash between the two sends it once more on the next start (adapters
+pass the reply's stable id as an idempotency key where the platform takes one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from bot.store import OutgoingReply, Store
+from bot.watch import JobWatch
+from core.errors import AdapterError, ImsightError
+from core.types import Adapter, Reply
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 5.0  # a backstop only: new replies wake the sender at once
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        adapters: Mapping[str, Adapter],
+        watch: JobWatch,
+        *,
+        attempts: int,
+        retry_base_s: float = 1.0,
+        retry_max_s: float = 300.0,
+        concurrency: int = 32,
+    ) -> None:
+        self._store, self._adapters, self._watch = store, adapters, watch
+        self._attempts, self._retry_base_s, self._retry_max_s = attempts, retry_base_s, retry_max_s
+        self._concurrency = concurrency
+        self._wakeup = asyncio.Event()
+        self._sending: dict[int, asyncio.Task[None]] = {}
+        self._ended = 0  # sends ended so far
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.on_sent: list[asyncio.Event] = []  # set after each answer is sent (workers: next job may run)
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="imsight-outbox")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Send nothing new; give sends in flight ``grace_s``. Unsent replies wait for the next start."""
+        self._stopping = True
+        self.wake()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._sending:
+            _, pending = await asyncio.wait(list(self._sending.values()), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()  # before looking, so a wake() during the look is not lost
+            try:
+                ended = self._ended
+                due_now = await self._store.due_replies(self._concurrency)
+                if ended != self._ended:
+                    continue  # a send ended during the look: what was read may be sent already
+                for reply in due_now:
+                    if reply.id not in self._sending and len(self._sending) < self._concurrency:
+                        task = asyncio.create_task(self._send(reply), name=f"imsight-send-{reply.id}")
+                        self._sending[reply.id] = task
+                        task.add_done_callback(self._done)
+                due = await self._store.next_reply_at()
+            except ImsightError:
+                log.exception("cannot read the outbox; retrying")
+                due = None
+            # A head that is due now is being sent: its end wakes the loop.
+            wait = _IDLE_POLL_S if due is None or due <= time.time() else min(_IDLE_POLL_S, due - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._sending = {rid: t for rid, t in self._sending.items() if t is not task}
+        self._ended += 1
+        self.wake()  # the conversation's next reply may go now
+
+    async def _send(self, reply: OutgoingReply) -> None:
+        job, q = reply.job, reply.job.question
+        out = Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, reply.text, job.images,
+                    failed=reply.failed, meta=q.meta, notice=reply.kind != "answer")
+        try:
+            adapter = self._adapters.get(q.platform)
+            if adapter is None:
+                raise AdapterError(q.platform, "adapter is not enabled", retryable=False)
+            sent_id = await adapter.send(out)
+        except AdapterError as exc:
+            await self._failed(reply, exc, retryable=exc.retryable)
+            return
+        except Exception as exc:  # a bug in an adapter must not stop the outbox
+            log.exception("job %s: sending the reply failed unexpectedly", job.id)
+            await self._failed(reply, exc, retryable=False)
+            return
+        try:
+            await self._store.reply_sent(reply, sent_id)
+        except ImsightError:
+            # Sent but not recorded: it goes again after a restart (the one duplicate allowed).
+            log.exception("job %s: reply sent as %s but not recorded", job.id, sent_id)
+            return
+        if reply.kind == "answer":
+            log.info("job %s reply sent as %s (%s chat %s)", job.id, sent_id, q.platform, q.chat_id)
+            self._watch.notify(job.id)
+            for event in self.on_sent:
+                event.set()
+
+    async def _failed(self, reply: OutgoingReply, exc: Exception, *, retryable: bool) -> None:
+        job = reply.job
+        tries = reply.attempts + 1
+        retry_at = None
+        if retryable and tries < self._attempts:
+            delay = min(self._retry_max_s, self._retry_base_s * 2 ** (tries - 1))
+            retry_at = time.time() + delay
+            log.info("job %s: send failed (%s); try %d of %d in %.1fs", job.id, exc, tries + 1, self._attempts, delay)
+        else:
+            log.warning("job %s: reply not delivered after %d tries: %s", job.id, tries, exc)
+        try:
+            await self._store.reply_failed(reply, str(exc), retry_at=retry_at)
+        except ImsightError:
+            log.exception("job %s: cannot record the failed send; it is tried again", job.id)
+            return
+        if retry_at is None and reply.kind == "answer":
+            self._watch.notify(job.id)
+            for event in self.on_sent:
+                event.set()

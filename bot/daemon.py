@@ -127,6 +127,7 @@ class Daemon:
         self._extra_adapters = list(adapters)
         self._stack = AsyncExitStack()
         self.web: WebServer | None = None
+        self.store: Store | None = None  # while running
 
     @property
     def url(self) -> str:
@@ -149,8 +150,12 @@ class Daemon:
 
         data_dir = cfg.storage.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if data_dir.stat().st_mode & 0o077:
+            log.warning("%s was open to other users; making it private (0700)", data_dir)
+            data_dir.chmod(0o700)
         store = await stack.enter_async_context(
             Store.open(data_dir / "imsight.db", lock_timeout_s=cfg.storage.lock_timeout_seconds))
+        self.store = store
         files = ImageFiles(data_dir / "images")
         retention = Retention(store, files, days=cfg.storage.retention_days, max_bytes=cfg.storage.max_bytes)
         await retention.start()

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from bot.admission import Admission
+from bot.admission import Admission, busy_reply
 from bot.context import OWN, resolve
 from bot.files import ImageFiles
 from bot.outbox import Outbox
@@ -15,7 +15,7 @@ from bot.retry import with_retries
 from bot.store import NewJob, Store
 from bot.watch import JobWatch
 from bot.workers import Workers
-from core.errors import AdapterError, BadInput, ImsightError, NotFound
+from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound
 from core.images import ImageInfo, ImageLimits, inspect
 from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView, Status
 
@@ -94,6 +94,10 @@ class Dispatcher:
                     incoming.message_id, (), None, duplicate=True, pending=True)
             self._intake_later(inbox_id, incoming)
             return Accepted(incoming.message_id, (), None, pending=True)
+        if refuse_when_busy and incoming.addressed and self._admission is not None:
+            # Before any image is written: a refused question leaves no trace.
+            if refused := await self._store.refusal(self._admission, incoming):
+                raise Busy(busy_reply(refused))
         async with self._chat(incoming.platform, incoming.chat_id):
             images = await asyncio.to_thread(self._check_and_keep, inline) if inline else []
             return await self._take_in(incoming, images, refuse_when_busy=refuse_when_busy)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from core.errors import StoreUnavailable
 
 __all__ = ["ImageFiles"]
 
@@ -28,8 +32,17 @@ class ImageFiles:
         path = self.path(sha256)
         if path.exists():
             return path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{sha256}.{os.getpid()}.tmp")
+        try:
+            self._write(path, data)
+        except OSError as exc:  # disk full, read-only, quota: refuse the message, clearly
+            raise StoreUnavailable(f"cannot store the image: {exc.strerror or exc}") from exc
+        return path
+
+    def _write(self, path: Path, data: bytes) -> None:
+        # One level at a time: mkdir(parents=True) would create the missing parents with the umask's mode.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -41,10 +54,20 @@ class ImageFiles:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return path
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+    def older_than(self, age_s: float) -> Iterator[tuple[str | None, Path]]:
+        """Files (digest, path) last written over ``age_s`` ago; digest None for a write cut off by a crash."""
+        limit = time.time() - age_s
+        for path in self.root.glob("??/*"):
+            try:
+                if path.stat().st_mtime >= limit:
+                    continue
+            except FileNotFoundError:
+                continue
+            yield (path.name if _SHA256.fullmatch(path.name) else None), path
 
     def delete(self, sha256: str) -> None:
         """Remove an image no message refers to any more (gone already is fine)."""

@@ -10,12 +10,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bot.files import ImageFiles
 from bot.store import Purged, Store
 from core.errors import ImsightError
 
-__all__ = ["Retention", "Swept", "purge"]
+__all__ = ["Retention", "Swept", "purge", "sweep_stray_files"]
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +46,44 @@ def _delete(files: ImageFiles, shas: list[str]) -> None:
         files.delete(sha)
 
 
+async def sweep_stray_files(store: Store, files: ImageFiles, *, age_s: float = 3600) -> int:
+    """Delete image files no image row names: written for a message whose commit then failed (disk
+    full) or never came (a crash), and temporary files of cut-off writes. Only files older than
+    ``age_s``, so a message being taken in now keeps its file."""
+    stray = 0
+    batch: list[tuple[str | None, Path]] = []
+
+    async def settle() -> None:
+        nonlocal stray
+        known = await store.known_images([sha for sha, _ in batch if sha is not None])
+        doomed = [path for sha, path in batch if sha not in known]
+        await asyncio.to_thread(_unlink, doomed)
+        stray += len(doomed)
+        batch.clear()
+
+    for item in await asyncio.to_thread(lambda: list(files.older_than(age_s))):
+        batch.append(item)
+        if len(batch) >= 500:
+            await settle()
+    await settle()
+    return stray
+
+
+def _unlink(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 class Retention:
-    """Runs ``sweep`` now and every ``every_s``; does nothing when neither limit is set."""
+    """Runs ``sweep`` now and every ``every_s``; stray files are swept even when no limit is set."""
 
     def __init__(self, store: Store, files: ImageFiles, *, days: float, max_bytes: int, every_s: float = 3600) -> None:
         self._store, self._files = store, files
         self._days, self._max_bytes, self._every_s = days, max_bytes, every_s
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._days or self._max_bytes)
-
     async def start(self) -> None:
-        if self.enabled:
-            self._task = asyncio.create_task(self._loop(), name="imsight-retention")
+        self._task = asyncio.create_task(self._loop(), name="imsight-retention")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -74,6 +98,8 @@ class Retention:
                 if swept.messages or swept.images:
                     log.info("retention: deleted %d message(s) and %d image file(s)%s", swept.messages,
                              swept.images, f"; kept {swept.kept} an open question needs" if swept.kept else "")
+                if stray := await sweep_stray_files(self._store, self._files):
+                    log.info("deleted %d stray image file(s) (writes whose message was never stored)", stray)
             except ImsightError:
                 log.exception("retention sweep failed; trying again later")
             await asyncio.sleep(self._every_s)

@@ -164,6 +164,12 @@ class Store:
         pending = r["processed_at"] is None
         return Accepted(r["message_id"], _split(r["shas"]), r["job_id"], duplicate=True, pending=pending)
 
+    async def refusal(self, admission: Admission, incoming: Incoming) -> str | None:
+        """Why a question would be turned away now (``record`` decides again, in its transaction)."""
+        async with self._lock:
+            return await admission.refusal(self._conn, _conversation(incoming.platform, incoming.chat_id),
+                                           incoming.platform, incoming.sender_id)
+
     async def record_pending(self, incoming: Incoming) -> int | None:
         """Commit an event whose images are still to be downloaded; None if it came before."""
         payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
@@ -617,6 +623,13 @@ class Store:
                     await db.execute("DELETE FROM images WHERE sha256 = ?", (sha,))
                     orphans.append(sha)
         return Purged(forgotten, int(kept_count), orphans)
+
+    async def known_images(self, shas: Sequence[str]) -> set[str]:
+        """Which of these digests the store has an image row for."""
+        if not shas:
+            return set()
+        marks = ",".join("?" * len(shas))
+        return {r[0] for r in await self._rows(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", *shas)}
 
     async def image_bytes(self) -> int:
         rows = await self._rows("SELECT coalesce(sum(size), 0) FROM images")

@@ -142,8 +142,8 @@ class Workers:
                 return
             error, text = str(exc), ENGINE_GONE
         except TimeoutError:
-            error = f"no answer within {self._job_timeout_s:.0f}s"
-            text = (f"Sorry, answering took longer than {self._job_timeout_s:.0f} seconds, so I stopped. "
+            error = f"no answer within {self._job_timeout_s:g}s"
+            text = (f"Sorry, answering took longer than {self._job_timeout_s:g} seconds, so I stopped. "
                     "Please try again, perhaps with a shorter question.")
         except EngineOutOfMemory as exc:
             error, text = str(exc), ("Sorry, the model ran out of GPU memory on this, even with the image "

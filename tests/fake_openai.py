@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,6 +24,7 @@ class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
     fail_next: list[int] = field(default_factory=list)
     reply: str | None = None  # instead of the description of the request
+    delay_s: float = 0.0  # before the answer starts: a slow model
     url: str = ""
 
     def app(self) -> web.Application:
@@ -41,6 +43,7 @@ class FakeOpenAI:
         self.requests.append(body)
         if self.fail_next:
             return web.json_response({"error": {"message": "busy"}}, status=self.fail_next.pop(0))
+        await asyncio.sleep(self.delay_s)
         try:
             sizes, question = _validate(body)
         except (AssertionError, KeyError, TypeError, ValueError) as exc:

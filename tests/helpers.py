@@ -6,6 +6,7 @@ import asyncio
 import base64
 import inspect
 import io
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -32,12 +33,19 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def free_port() -> int:
+    """A port nothing listens on (until something is started there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def counts(data_dir: Path) -> dict[str, int]:
     """Rows per table and image files on disk: what 'changes nothing' is checked against."""
     db = data_dir / "imsight.db"
     result = {}
     with sqlite3.connect(db) as conn:
-        for table in ("images", "messages", "message_images", "inbox", "jobs", "job_images"):
+        for table in ("images", "messages", "message_images", "inbox", "jobs", "job_images", "outbox"):
             result[table] = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     result["files"] = sum(1 for p in (data_dir / "images").rglob("*") if p.is_file()) if (
         data_dir / "images").exists() else 0
@@ -66,12 +74,12 @@ def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -
 
 
 @asynccontextmanager
-async def loopback(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a free port) for the duration of the block; yields its base URL."""
+async def loopback(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 (a free port unless given) for the duration of the block; yields its base URL."""
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:

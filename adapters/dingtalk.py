@@ -98,7 +98,12 @@ class DingTalkAdapter:
             raise BadInput(f"callback body is not JSON: {exc}", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise BadInput("callback body is not a JSON object", code="invalid_json")
-        incoming = self._incoming(payload)
+        try:
+            incoming = self._incoming(payload)
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            # Signed by DingTalk, but not the shape its documentation gives: refused, not guessed at.
+            raise BadInput(f"message has an unexpected shape ({type(exc).__name__}: {exc})",
+                           code="invalid_message") from None
         if incoming is not None and self._host is not None:
             await self._host.accept(incoming)  # committed (deduplicated by msgId) before DingTalk hears 200
         return web.json_response({"msgtype": "empty"})

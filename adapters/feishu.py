@@ -91,8 +91,11 @@ class FeishuAdapter:
             raise BadInput(f"callback body is not JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise BadInput("callback body is not a JSON object", code="invalid_json")
-        header = body.get("header") or {}
-        token = str(body.get("token") or header.get("token") or "")
+        try:
+            header = body.get("header") or {}
+            token = str(body.get("token") or header.get("token") or "")
+        except AttributeError:
+            raise BadInput("callback body is not a Feishu event", code="invalid_event") from None
         if not hmac.compare_digest(token.encode(), self._verification_token.encode()):
             raise Unauthorized("verification token does not match")
         if body.get("type") == "url_verification":
@@ -102,7 +105,12 @@ class FeishuAdapter:
                              request.headers.get("X-Lark-Request-Nonce", ""),
                              request.headers.get("X-Lark-Signature", ""), self._encrypt_key, raw)
         if header.get("event_type") == "im.message.receive_v1" and self._host is not None:
-            incoming = await self._incoming(str(header.get("event_id", "")), body.get("event") or {})
+            try:
+                incoming = await self._incoming(str(header.get("event_id", "")), body.get("event") or {})
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                # Signed by Feishu, but not the shape its documentation gives: refused, not guessed at.
+                raise BadInput(f"event has an unexpected shape ({type(exc).__name__}: {exc})",
+                               code="invalid_event") from None
             if incoming is not None:
                 await self._host.accept(incoming)  # committed before Feishu hears 200
         return web.json_response({"msg": "success"})
@@ -112,7 +120,9 @@ class FeishuAdapter:
         chat_id = str(message.get("chat_id", ""))
         if not chat_id or (self._allowed and chat_id not in self._allowed):
             return None
-        message_id = str(message.get("message_id", ""))
+        message_id = str(message.get("message_id") or "")
+        if not message_id:
+            raise ValueError("message without a message_id")
         text, image_keys = _content(str(message.get("message_type", "")), message.get("content") or "{}")
         mentions = message.get("mentions") or []
         mentioned = False

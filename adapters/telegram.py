@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
-from core.errors import AdapterError
+from core.errors import AdapterError, BadInput, Forbidden
 from core.types import Host, ImageRef, Incoming, Reply
 
 __all__ = ["TelegramAdapter", "split_text"]
@@ -135,15 +136,16 @@ class TelegramAdapter:
     async def _on_webhook(self, request: web.Request) -> web.Response:
         given = request.headers.get(_SECRET_HEADER, "")
         if self._secret is None or not hmac.compare_digest(given.encode(), self._secret.encode()):
-            return web.json_response({"error": "forbidden", "message": "wrong secret token"}, status=403)
+            raise Forbidden("wrong secret token")
         if self._app is None:
-            return web.json_response({"error": "unavailable", "message": "not started"}, status=503)
+            raise web.HTTPServiceUnavailable(text="not started")
         from telegram import Update
 
+        raw = await request.read()  # over the server's body limit: 413 before it is read whole
         try:
-            update = Update.de_json(await request.json(), self._app.bot)
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": "bad_request", "message": "body is not an update"}, status=400)
+            update = Update.de_json(json.loads(raw), self._app.bot)
+        except Exception as exc:  # PTB's parser raises whatever the junk leads it to
+            raise BadInput(f"body is not a Telegram update: {type(exc).__name__}", code="invalid_update") from None
         # Called directly, not through the application's queue: the update is taken in (committed)
         # before Telegram hears 200, and a failure becomes a 5xx that Telegram delivers again.
         await self._on_message(update, None)
@@ -232,7 +234,7 @@ class TelegramAdapter:
             thread_id=str(message.message_thread_id) if topic else None,
             reply_to=str(replied.message_id) if replied is not None else None,
             sender_id=str(sender.id) if sender else str(getattr(message.sender_chat, "id", "")),
-            sender_name=sender.full_name if sender else str(getattr(message.sender_chat, "title", "")),
+            sender_name=(sender.full_name if sender else getattr(message.sender_chat, "title", None)) or "",
             text=text,
             addressed=(direct or mentioned or to_bot) if addressed is None else addressed,
             images=_images(message),

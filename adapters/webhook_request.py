@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from pydantic import (
     BaseModel,
@@ -121,11 +122,11 @@ async def _read_multipart(body: bytes, content_type_header: str) -> tuple[dict[s
     stream = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
     stream.feed_data(body)
     stream.feed_eof()
-    reader = MultipartReader(CIMultiDict({"Content-Type": content_type_header}), stream)
     fields: dict[str, Any] = {}
     urls: list[dict[str, str]] = []
     files: list[bytes] = []
     try:
+        reader = MultipartReader(CIMultiDict({"Content-Type": content_type_header}), stream)  # no boundary: raises
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadInput("nested multipart is not supported", code="malformed_multipart")
@@ -146,7 +147,7 @@ async def _read_multipart(body: bytes, content_type_header: str) -> tuple[dict[s
                 urls.append({"url": value})
     except BadInput:
         raise
-    except (ValueError, AssertionError, RuntimeError) as exc:  # what aiohttp's parser raises on junk
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # aiohttp's parser on junk
         raise BadInput(f"malformed multipart body: {exc}", code="malformed_multipart") from None
     if urls:
         fields["images"] = urls

@@ -94,13 +94,15 @@ class Dispatcher:
                     incoming.message_id, (), None, duplicate=True, pending=True)
             self._intake_later(inbox_id, incoming)
             return Accepted(incoming.message_id, (), None, pending=True)
-        if refuse_when_busy and incoming.addressed and self._admission is not None:
-            # Before any image is written: a refused question leaves no trace.
-            if refused := await self._store.refusal(self._admission, incoming):
-                raise Busy(busy_reply(refused))
+        # Checked before any image is written: a refused question leaves no trace.
+        if refuse_when_busy and incoming.addressed and (refused := await self._refusal(incoming)):
+            raise Busy(busy_reply(refused))
         async with self._chat(incoming.platform, incoming.chat_id):
             images = await asyncio.to_thread(self._check_and_keep, inline) if inline else []
             return await self._take_in(incoming, images, refuse_when_busy=refuse_when_busy)
+
+    async def _refusal(self, incoming: Incoming) -> str | None:
+        return None if self._admission is None else await self._store.refusal(self._admission, incoming)
 
     def _intake_later(self, inbox_id: int, incoming: Incoming) -> None:
         key = (incoming.platform, incoming.chat_id)

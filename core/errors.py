@@ -4,6 +4,7 @@
     ├── ConfigError          bad configuration; only the entry point exits on it
     ├── BadInput             a caller sent something we refuse (HTTP status carried as data)
     │   ├── Unauthorized     401: missing, forged or replayed credentials
+    │   ├── Forbidden        403: a credential that does not match (Telegram's secret token)
     │   ├── TooLarge         413: a body or image over a limit
     │   ├── NotAnImage       415: bytes that no supported image decoder accepts
     │   ├── NotFound         404: an unknown job or chat
@@ -29,6 +30,7 @@ __all__ = [
     "EngineError",
     "EngineOutOfMemory",
     "EngineUnavailable",
+    "Forbidden",
     "ImsightError",
     "ModelUnavailable",
     "NotAnImage",
@@ -62,6 +64,11 @@ class BadInput(ImsightError):
 class Unauthorized(BadInput):
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(BadInput):
+    status = 403
+    code = "forbidden"
 
 
 class TooLarge(BadInput):

@@ -42,16 +42,16 @@ def left_padded(rendered: list[Any], pad_id: int) -> dict[str, Any]:
     import torch
 
     width = max(r["input_ids"].shape[1] for r in rendered)
+    keys = list(dict.fromkeys(key for r in rendered for key in r))  # a text-only row has no pixel keys
     batch: dict[str, Any] = {}
-    for key in rendered[0]:
-        values = [r[key] for r in rendered]
-        if all(v.dim() == 2 and v.shape[1] == r["input_ids"].shape[1] for v, r in zip(values, rendered, strict=True)):
+    for key in keys:
+        having = [r for r in rendered if key in r]
+        if all(r[key].dim() == 2 and r[key].shape[1] == r["input_ids"].shape[1] for r in having):
             fill = pad_id if key == "input_ids" else 0
-            batch[key] = torch.cat([
-                torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values
-            ])
+            rows = [r[key] if key in r else torch.zeros_like(r["input_ids"]) for r in rendered]
+            batch[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in rows])
         else:
-            batch[key] = torch.cat(values)  # pixel values, image grids: one row per image
+            batch[key] = torch.cat([r[key] for r in having])  # pixel values, image grids: one row per image
     return batch
 
 

@@ -93,6 +93,15 @@ async def test_questions_that_arrive_together_are_answered_in_one_batch(make_eng
     assert single.stats.batches == 0
 
 
+async def test_a_batch_may_mix_questions_with_and_without_images(make_engine):
+    batching = await make_engine(max_batch=8, batch_window_s=0.5, prefix_cache_bytes=0)
+    single = await make_engine(max_batch=1, prefix_cache_bytes=0)
+    asks = [([], "Hello?"), ([_image(30)], "What is this?"), ([], "And you?"), ([_image(31), _image(32)], "Both?")]
+    together = await asyncio.gather(*[_answer(batching, images, [], q) for images, q in asks])
+    assert batching.stats.batches == 1
+    assert list(together) == [await _answer(single, images, [], q) for images, q in asks]
+
+
 async def test_each_question_of_a_batch_streams_on_its_own(make_engine):
     engine = await make_engine(max_batch=4, batch_window_s=0.5)
     long_stream = engine.answer([_image(20)], [], "long", GenerationLimits(max_new_tokens=100_000))

@@ -103,14 +103,13 @@ async def test_a_model_server_that_goes_away_is_waited_for_and_the_asker_told_on
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    async with loopback(app) as hook_url:
-        async with daemon(engine=openai(f"http://127.0.0.1:{port}/v1")) as d:
-            _, queued = await post(http, d.url, {"conversation_id": "a", "text": "Still there?",
-                                                 "callback_url": f"{hook_url}/hook"})
-            notice = await eventually(lambda: callbacks, timeout_s=10)
-            assert [(c["type"], c["notice"]) for c in notice] == [("job.notice", ENGINE_AWAY)]
-            async with loopback(model.app(), port):  # the server is back; the job's back-off is 5 s
-                job = await job_when_ended(http, d.url, queued["job_id"])
+    async with loopback(app) as hook_url, daemon(engine=openai(f"http://127.0.0.1:{port}/v1")) as d:
+        _, queued = await post(http, d.url, {"conversation_id": "a", "text": "Still there?",
+                                             "callback_url": f"{hook_url}/hook"})
+        notice = await eventually(lambda: callbacks, timeout_s=10)
+        assert [(c["type"], c["notice"]) for c in notice] == [("job.notice", ENGINE_AWAY)]
+        async with loopback(model.app(), port):  # the server is back; the job's back-off is 5 s
+            job = await job_when_ended(http, d.url, queued["job_id"])
     assert job["status"] == "done" and "Still there?" in job["answer"]
     assert [c["type"] for c in callbacks] == ["job.notice", "job.done"]
 

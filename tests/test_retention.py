@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import answer_and_send, png
 
 from bot.cli import main
 from bot.files import ImageFiles
@@ -16,6 +15,7 @@ from bot.retention import Retention, purge, sweep_stray_files
 from bot.store import NewJob, Store
 from core.images import ImageInfo, ImageLimits, inspect
 from core.types import Incoming
+from helpers import answer_and_send, png
 
 DAY = 86_400.0
 

@@ -191,19 +191,28 @@ class FeishuAdapter:
             raise AdapterError(self.name, f"image {key}: the API answered JSON, not the image", retryable=False)
         return data
 
-    async def draft(self, reply: Reply) -> None:
+    async def draft(self, reply: Reply) -> str | None:
         """A placeholder reply, edited as the answer grows (Feishu allows 20 edits of a message)."""
-        state = self._drafts.get(reply.job_id)
+        state = self._placeholder(reply)
         if state is None:
             sent = await self._reply(reply, _post("…"), uuid=f"{reply.job_id}-draft")
-            self._drafts[reply.job_id] = _Draft(sent)
+            state = self._drafts[reply.job_id] = _Draft(sent)
         elif reply.text and state.edits < _DRAFT_EDITS:
             state.edits += 1
             await self._api("PUT", f"/open-apis/im/v1/messages/{state.message_id}", json_body=_post(reply.text + " …"))
+        return state.message_id
+
+    def _placeholder(self, reply: Reply) -> _Draft | None:
+        """This job's placeholder: in memory, or the one a run before a restart left (``reply.draft_id``)."""
+        state = self._drafts.get(reply.job_id)
+        if state is None and reply.draft_id:
+            # Its edits before the restart are unknown: leave room for the final one.
+            state = self._drafts[reply.job_id] = _Draft(reply.draft_id, edits=_DRAFT_EDITS - 1)
+        return state
 
     async def send(self, reply: Reply) -> str:
         pieces = _pieces(reply.text or "(empty answer)")
-        state = None if reply.notice else self._drafts.get(reply.job_id)
+        state = None if reply.notice else self._placeholder(reply)
         kind = "notice" if reply.notice else "answer"
         first = ""
         if state is not None:  # the placeholder becomes the answer's first piece

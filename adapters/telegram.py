@@ -320,14 +320,14 @@ class TelegramAdapter:
         except TelegramError as exc:
             raise _adapter_error("download", exc) from exc
 
-    async def draft(self, reply: Reply) -> None:
+    async def draft(self, reply: Reply) -> str | None:
         """A placeholder reply with a typing status, edited as the answer grows (callers pace it)."""
         from telegram.error import BadRequest
 
         assert self._app is not None, "not started"
         bot, now = self._app.bot, time.monotonic()
         chat, thread = int(reply.chat_id), int(reply.thread_id) if reply.thread_id else None
-        state = self._drafts.get(reply.job_id)
+        state = self._placeholder(reply)
         if state is None or now - state.typing_at >= _TYPING_LASTS_S:
             await bot.send_chat_action(chat, "typing", message_thread_id=thread)
             if state is not None:
@@ -336,11 +336,19 @@ class TelegramAdapter:
             sent = await bot.send_message(chat, _preview(reply.text), message_thread_id=thread,
                                           reply_parameters=self._reply_to(reply))
             self._drafts[reply.job_id] = _Draft(sent.message_id, reply.text, now)
-            return
+            return str(sent.message_id)
         if reply.text != state.text:
             state.text = reply.text
             with contextlib.suppress(BadRequest):  # "message is not modified"
                 await bot.edit_message_text(_preview(reply.text), chat_id=chat, message_id=state.message_id)
+        return str(state.message_id)
+
+    def _placeholder(self, reply: Reply) -> _Draft | None:
+        """This job's placeholder: in memory, or the one a run before a restart left (``reply.draft_id``)."""
+        state = self._drafts.get(reply.job_id)
+        if state is None and reply.draft_id and reply.draft_id.isdigit():
+            state = self._drafts[reply.job_id] = _Draft(int(reply.draft_id), "\0", 0.0)  # text unknown: edit it
+        return state
 
     async def send(self, reply: Reply) -> str:
         from telegram.error import BadRequest, RetryAfter, TelegramError
@@ -349,7 +357,7 @@ class TelegramAdapter:
         bot = self._app.bot
         chat, thread = int(reply.chat_id), int(reply.thread_id) if reply.thread_id else None
         pieces = split_text(reply.text or "(empty answer)")
-        state = None if reply.notice else self._drafts.get(reply.job_id)
+        state = None if reply.notice else self._placeholder(reply)
         try:
             if state is not None:  # the placeholder becomes the answer's first piece
                 with contextlib.suppress(BadRequest):  # "message is not modified"

@@ -95,8 +95,9 @@ class Outbox:
 
     async def _send(self, reply: OutgoingReply) -> None:
         job, q = reply.job, reply.job.question
+        notice = reply.kind != "answer"
         out = Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, reply.text, job.images,
-                    failed=reply.failed, meta=q.meta, notice=reply.kind != "answer")
+                    failed=reply.failed, meta=q.meta, notice=notice, draft_id=None if notice else job.draft_id)
         try:
             adapter = self._adapters.get(q.platform)
             if adapter is None:

@@ -104,6 +104,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX conversations_served ON conversations (last_served);
     ALTER TABLE jobs ADD COLUMN not_before REAL;   -- back-off while the model host is unreachable
     ALTER TABLE jobs ADD COLUMN refused TEXT;      -- turned away (busy, rate limit): never ran
+    ALTER TABLE jobs ADD COLUMN draft_message_id TEXT;  -- the placeholder shown while answering
     CREATE INDEX jobs_queued ON jobs (conversation, seq) WHERE status = 'queued';
     CREATE INDEX jobs_running ON jobs (conversation) WHERE status = 'running';
     CREATE INDEX messages_sender ON messages (platform, sender_id, created_at);

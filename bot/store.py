@@ -67,6 +67,7 @@ class JobRecord:
     images: tuple[str, ...]
     context: dict[str, Any]
     answer: str | None
+    draft_id: str | None = None  # the placeholder the platform shows while it is answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,7 +375,8 @@ class Store:
         j = rows[0]
         (question,) = await self.messages_by_row([j["question"]])
         return JobRecord(
-            j["id"], j["status"], j["attempts"], question, _split(j["shas"]), json.loads(j["context"]), j["answer"]
+            j["id"], j["status"], j["attempts"], question, _split(j["shas"]), json.loads(j["context"]), j["answer"],
+            j["draft_message_id"],
         )
 
     async def job_view(self, job_id: str) -> JobView | None:
@@ -464,6 +466,11 @@ class Store:
                 await self._queue_reply(db, job.id, "notice",
                                         _conversation(job.question.platform, job.question.chat_id), notice,
                                         failed=False)
+
+    async def drafted(self, job_id: str, message_id: str) -> None:
+        """Keep the id of the placeholder shown while the job is answered."""
+        async with self._write() as db:
+            await db.execute("UPDATE jobs SET draft_message_id = ? WHERE id = ?", (message_id, job_id))
 
     async def fail(self, job_id: str, error: str) -> None:
         """Close a job that cannot be answered or whose reply cannot be delivered."""

@@ -184,13 +184,18 @@ class Workers:
         """Shows the answer so far where the platform can (best effort: the final send still delivers)."""
         adapter = self._adapters.get(job.question.platform)
         q = job.question
+        draft_id = job.draft_id
 
         async def draft(text: str) -> None:
+            nonlocal draft_id
             if not isinstance(adapter, Drafting):
                 return
             try:
-                await adapter.draft(Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text,
-                                          job.images, meta=q.meta))
+                shown = await adapter.draft(Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text,
+                                                  job.images, meta=q.meta, draft_id=draft_id))
+                if shown is not None and shown != draft_id:
+                    draft_id = shown
+                    await self._store.drafted(job.id, shown)
             except Exception as exc:
                 log.info("job %s: draft not shown: %s", job.id, exc)
 

@@ -86,6 +86,7 @@ class Reply:
     failed: bool = False
     meta: Mapping[str, str] = field(default_factory=dict)  # the question's ``Incoming.meta``
     notice: bool = False  # a word while the asker waits (the answer is late); the answer follows
+    draft_id: str | None = None  # the placeholder shown while answering (``Drafting``), if any: it becomes the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +177,10 @@ class Adapter(Protocol):
 class Drafting(Protocol):
     """An adapter that can show an answer while it is being written (a placeholder it edits)."""
 
-    async def draft(self, reply: Reply) -> None:
+    async def draft(self, reply: Reply) -> str | None:
         """Show ``reply.text``, the answer so far ("" before the first words); ``send`` delivers the end.
 
+        Returns the placeholder's message id; it is kept with the job, so that after a restart the
+        same placeholder is edited (``reply.draft_id``) rather than a second one left behind.
         Best effort: a failure here must not lose the answer, which ``send`` still delivers.
         """

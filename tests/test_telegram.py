@@ -306,3 +306,19 @@ async def test_chats_outside_allowed_chats_are_ignored(fake, daemon, http):
         await answered(d, http, 1)
         status, _ = await get(http, d.url, f"/api/v1/history/telegram/{other['id']}")
     assert status == 404 and len(fake.results) == 1 and int(fake.sent[0]["chat_id"]) == GROUP["id"]
+
+
+async def test_a_placeholder_cut_off_by_a_restart_becomes_the_answer(fake, daemon, http):
+    from fake_openai import KEY, MODEL, FakeOpenAI
+
+    model = FakeOpenAI(delay_s=30)  # the first run never finishes the answer
+    async with loopback(model.app()) as model_url:
+        engine = {"kind": "openai", "base_url": f"{model_url}/v1", "model": MODEL, "api_key": KEY}
+        async with daemon(adapters=telegram_config(fake), engine=engine, server={"shutdown_grace_seconds": 0}):
+            fake.push(message(401, text=f"{MENTION} still there?"))
+            await eventually(lambda: fake.sent)  # the placeholder is up
+        model.delay_s = 0
+        async with daemon(adapters=telegram_config(fake), engine=engine) as d:
+            await answered(d, http, 1)
+    assert len(fake.sent) == 1  # no second placeholder, no new message: the first one was edited
+    assert fake.text_of(0).endswith("still there?")

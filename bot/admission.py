@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-__all__ = ["Admission", "busy_reply"]
+from core.errors import Busy
+
+__all__ = ["Admission", "busy", "busy_reply"]
 
 @dataclass(frozen=True, slots=True)
 class Admission:
@@ -46,9 +48,18 @@ _REPLIES = {
 }
 
 
+# When to ask again (HTTP Retry-After): a full queue drains in seconds at GPU speed; the rate is per minute.
+_RETRY_AFTER_S = {"queue_full": 10, "conversation_full": 10, "rate_limited": 60}
+
+
 def busy_reply(reason: str) -> str:
     """What the asker is told when a question is turned away."""
     return _REPLIES.get(reason, _REPLIES["queue_full"])
+
+
+def busy(reason: str) -> Busy:
+    """The refusal for a caller that can be answered at once (HTTP 429)."""
+    return Busy(busy_reply(reason), retry_after_s=_RETRY_AFTER_S.get(reason, 60))
 
 
 async def _count(db: aiosqlite.Connection, sql: str, *args: object) -> int:

@@ -16,9 +16,9 @@ from typing import Any
 
 import aiosqlite
 
-from bot.admission import Admission, busy_reply
+from bot.admission import Admission, busy, busy_reply
 from bot.schema import MIGRATIONS
-from core.errors import Busy, StoreUnavailable
+from core.errors import StoreUnavailable
 from core.images import ImageInfo
 from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
@@ -232,7 +232,7 @@ class Store:
                     if admission is not None:
                         refused = await admission.refusal(db, conversation, incoming.platform, incoming.sender_id)
                     if refused and refuse_when_busy:
-                        raise Busy(busy_reply(refused))
+                        raise busy(refused)
                     job_id = uuid.uuid4().hex
                     await db.execute(
                         "INSERT INTO jobs (id, question, conversation, status, context, created_at, refused, error) "

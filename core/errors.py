@@ -89,7 +89,10 @@ class NotFound(BadInput):
 class Busy(BadInput):
     status = 429
     code = "busy"
-    retry_after_s = 60
+
+    def __init__(self, message: str, *, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StoreUnavailable(ImsightError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -65,3 +67,29 @@ def test_animated_images_use_the_first_frame():
     out = io.BytesIO()
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
     assert prepare(out.getvalue(), LIMITS).getpixel((8, 8))[0] > 200
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with one tiny compressed row."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _gif_claiming(width: int, height: int) -> bytes:
+    """An animated-GIF header with a huge logical screen and one 1x1 frame."""
+    screen = b"GIF89a" + struct.pack("<HH", width, height) + b"\x80\x00\x00" + b"\x00" * 6
+    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00\x02\x02\x44\x01\x00"
+    return screen + frame + b"\x3b"
+
+
+@pytest.mark.parametrize("data", [_png_claiming(100_000, 100_000), _png_claiming(2**31 - 1, 1),
+                                  _gif_claiming(65_535, 65_535)])
+def test_decompression_bombs_are_refused_from_the_header_alone(data):
+    assert len(data) < 200  # the point of a bomb: tiny file, gigapixels claimed
+    with pytest.raises(BadInput) as refused:
+        inspect(data, LIMITS)
+    assert refused.value.code == "image_bomb"

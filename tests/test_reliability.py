@@ -70,7 +70,7 @@ async def test_a_full_queue_is_429_on_the_api_and_stores_nothing(model, daemon, 
         async with http.post(f"{d.url}/api/v1/messages", json={"conversation_id": "c", "text": "Q?",
                                                                "images": [{"data": b64(png())}]}) as resp:
             status, body, retry = resp.status, await resp.json(), resp.headers.get("Retry-After")
-        assert (status, body["error"]["code"], retry) == (429, "busy", "60")
+        assert (status, body["error"]["code"], retry) == (429, "busy", "10")
         assert counts(data_dir) == before
 
 

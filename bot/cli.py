@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for chatty in ("httpx", "httpx2", "httpcore"):  # one line per HTTP request of huggingface_hub
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)  # at DEBUG: every statement with its values
     try:
         if args.command == "run":
             return _run(args.config)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from core.errors import ConfigError
 
-__all__ = ["ENV_SECRETS", "Config", "load", "parse"]
+__all__ = ["ENV_SECRETS", "Config", "configured_secrets", "load", "parse"]
 
 
 class _Section(BaseModel):
@@ -152,6 +152,18 @@ ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
     "IMSIGHT_FEISHU_ENCRYPT_KEY": ("adapters", "feishu", "encrypt_key"),
     "IMSIGHT_DINGTALK_APP_SECRET": ("adapters", "dingtalk", "app_secret"),
 }
+
+
+def configured_secrets(config: Config) -> list[str]:
+    """The values of every secret the config holds (for keeping them out of logs)."""
+    values = []
+    for keys in ENV_SECRETS.values():
+        node: Any = config
+        for key in keys:
+            node = getattr(node, key, None)
+        if isinstance(node, SecretStr):
+            values.append(node.get_secret_value())
+    return values
 
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:

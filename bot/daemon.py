@@ -11,10 +11,11 @@ from types import TracebackType
 
 from adapters.webhook import WebhookAdapter
 from bot.admission import Admission
-from bot.config import Config
+from bot.config import Config, configured_secrets
 from bot.dispatch import Dispatcher
 from bot.files import ImageFiles
 from bot.outbox import Outbox
+from bot.redaction import redact_in_logs
 from bot.retention import Retention
 from bot.store import Store
 from bot.watch import JobWatch
@@ -143,6 +144,7 @@ class Daemon:
 
     async def _start(self) -> None:
         cfg, stack = self.config, self._stack
+        redact_in_logs(configured_secrets(cfg))
         # Everything that can fail on configuration fails before the model is loaded or a port bound.
         engine = self._engine or build_engine(cfg)
         adapters = [*build_adapters(cfg), *self._extra_adapters]

@@ -21,6 +21,7 @@ class FakeDingTalk:
         self.webhook_posts: list[dict[str, Any]] = []
         self.api_sends: list[dict[str, Any]] = []
         self.tokens_issued = 0
+        self.app_secret = APP_SECRET
         self._keys = itertools.count(1)
         self.url = ""
 
@@ -40,7 +41,7 @@ class FakeDingTalk:
         return None
 
     async def _token(self, request: web.Request) -> web.Response:
-        if await request.json() != {"appKey": APP_KEY, "appSecret": APP_SECRET}:
+        if await request.json() != {"appKey": APP_KEY, "appSecret": self.app_secret}:
             return web.json_response({"code": "invalidClientIdOrSecret", "message": "no"}, status=400)
         self.tokens_issued += 1
         return web.json_response({"accessToken": f"token-{self.tokens_issued}", "expireIn": 7200})

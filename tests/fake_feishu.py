@@ -25,6 +25,7 @@ class FakeFeishu:
         self.edits: list[dict[str, Any]] = []
         self.tokens_issued = 0
         self.expire_token = False  # answer the next call with "token expired" (99991663)
+        self.app_secret = APP_SECRET
         self._ids = itertools.count(1)
         self.url = ""
 
@@ -48,7 +49,7 @@ class FakeFeishu:
 
     async def _token(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if body != {"app_id": APP_ID, "app_secret": APP_SECRET}:
+        if body != {"app_id": APP_ID, "app_secret": self.app_secret}:
             return web.json_response({"code": 10015, "msg": "wrong secret"})
         self.tokens_issued += 1
         return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": f"t-{self.tokens_issued}",

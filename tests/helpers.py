@@ -76,7 +76,7 @@ def signed_headers(secret: str, msg_id: str, body: bytes, *, age_s: float = 0) -
 @asynccontextmanager
 async def loopback(app: web.Application, port: int = 0) -> AsyncIterator[str]:
     """Serve ``app`` on 127.0.0.1 (a free port unless given) for the duration of the block; yields its base URL."""
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log=None)  # fake platforms' URLs may hold test tokens
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", port)

@@ -21,6 +21,7 @@ __all__ = ["Retention", "Swept", "purge", "sweep_stray_files"]
 log = logging.getLogger(__name__)
 
 _DAY_S = 86_400.0
+_TOMBSTONE_DAYS = 7  # a purged event's ids are kept this long, so a replay of it stays a duplicate
 _BUDGET_ROUNDS = 5  # shared images make each round's estimate high; a few rounds get under the budget
 
 
@@ -98,6 +99,7 @@ class Retention:
                 if swept.messages or swept.images:
                     log.info("retention: deleted %d message(s) and %d image file(s)%s", swept.messages,
                              swept.images, f"; kept {swept.kept} an open question needs" if swept.kept else "")
+                await self._store.drop_tombstones(time.time() - _TOMBSTONE_DAYS * _DAY_S)
                 if stray := await sweep_stray_files(self._store, self._files):
                     log.info("deleted %d stray image file(s) (writes whose message was never stored)", stray)
             except ImsightError:

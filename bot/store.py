@@ -613,13 +613,14 @@ class Store:
             await db.execute("DELETE FROM outbox WHERE job IN doomed_jobs")
             await db.execute("DELETE FROM job_images WHERE job IN doomed_jobs")
             await db.execute("DELETE FROM jobs WHERE id IN doomed_jobs")
-            await db.execute("DELETE FROM inbox WHERE id IN (SELECT i.id FROM inbox i JOIN messages m ON "
-                             "m.platform = i.platform AND m.chat_id = i.chat_id AND m.message_id = i.message_id "
+            # The inbox keeps the event's ids, not its content: a replayed event stays a duplicate.
+            await db.execute("UPDATE inbox SET payload = '{}' WHERE id IN (SELECT i.id FROM inbox i JOIN messages m "
+                             "ON m.platform = i.platform AND m.chat_id = i.chat_id AND m.message_id = i.message_id "
                              "WHERE m.id IN doomed)")
             cursor = await db.execute("DELETE FROM messages WHERE id IN doomed")  # message_images cascade
             forgotten = int(cursor.rowcount)
             if chat_id is not None and before is None:  # events of the chat that never became messages
-                await db.execute("DELETE FROM inbox WHERE chat_id = ? AND (? IS NULL OR platform = ?) "
+                await db.execute("UPDATE inbox SET payload = '{}' WHERE chat_id = ? AND (? IS NULL OR platform = ?) "
                                  "AND processed_at IS NOT NULL", (chat_id, platform, platform))
             orphans = []
             for sha in shas:
@@ -637,6 +638,12 @@ class Store:
             return set()
         marks = ",".join("?" * len(shas))
         return {r[0] for r in await self._rows(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", *shas)}
+
+    async def drop_tombstones(self, before: float) -> int:
+        """Forget the ids of purged events received before ``before`` (platforms redeliver for hours, not days)."""
+        async with self._write() as db:
+            cursor = await db.execute("DELETE FROM inbox WHERE payload = '{}' AND received_at < ?", (before,))
+            return int(cursor.rowcount)
 
     async def image_bytes(self) -> int:
         rows = await self._rows("SELECT coalesce(sum(size), 0) FROM images")

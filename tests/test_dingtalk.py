@@ -115,3 +115,18 @@ async def test_a_webhook_url_on_another_host_is_never_posted_to(fake, daemon, ht
         await deliver(http, d, payload)
         await answered(d, http, 1)
     assert fake.webhook_posts == [] and len(fake.api_sends) == 1
+
+
+async def test_conversations_and_callers_outside_the_allowlists_store_nothing(fake, daemon, http, data_dir):
+    fake.pictures["dlc-9"] = SHOT
+    allowed = {**dingtalk_config(fake)["dingtalk"], "allowed_conversations": ["cidG1"]}
+    async with daemon(adapters={"dingtalk": allowed}) as d:
+        assert await deliver(http, d, callback(fake, "p1", rich=("why?", "dlc-9"), group=False)) == 200  # cidP1
+        assert await deliver(http, d, callback(fake, "g1", text="hello")) == 200
+        await answered(d, http, 1)
+        status, _ = await get(http, d.url, "/api/v1/history/dingtalk/cidP1")
+        assert status == 404 and len(fake.webhook_posts) == 1
+    only_other_ip = {**dingtalk_config(fake)["dingtalk"], "allowed_ips": ["10.9.8.7"]}
+    async with daemon(adapters={"dingtalk": only_other_ip}) as d:
+        assert await deliver(http, d, callback(fake, "g2", text="hello again")) == 401  # we call from 127.0.0.1
+    assert helpers.counts(data_dir)["messages"] == 2  # g1 and its answer; nothing from p1 or g2

@@ -145,3 +145,18 @@ async def test_a_follow_up_after_a_restart(fake, daemon, http):
         await deliver(http, d, event("om_r2", text="and why?", parent=fake.replies[0]["message_id"]))
         done = await answered(d, http, 2)
     assert [a["used_images"] for a in done] == [[sha256(SHOT)], [sha256(SHOT)]]
+
+
+async def test_chats_outside_allowed_chats_store_nothing(fake, daemon, http, data_dir):
+    fake.files[("om_x", "img_x")] = SHOT
+    config = feishu_config(fake)
+    config["feishu"]["allowed_chats"] = ["oc_g1"]
+    async with daemon(adapters=config) as d:
+        assert (await deliver(http, d, event("om_x", "oc_other", image="img_x")))[0] == 200
+        assert (await deliver(http, d, event("om_y", "oc_other", text="what?", mention_bot=True)))[0] == 200
+        assert (await deliver(http, d, event("om_z", text="hello", mention_bot=True)))[0] == 200
+        await answered(d, http, 1)
+    stored = helpers.counts(data_dir)
+    # om_z and its answer only
+    assert (stored["inbox"], stored["messages"], stored["images"], stored["files"]) == (1, 2, 0, 0)
+    assert len(fake.replies) == 1

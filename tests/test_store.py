@@ -186,3 +186,16 @@ async def test_messages_without_an_event_id_are_not_one_event(store):
     again = await store.record(Incoming(platform="test", chat_id="c", message_id="m2"), [], None)
     assert again.duplicate  # the same message twice is still recognised
     assert [e.message_id for e in await store.history("test", "c", 10)] == ["m1", "m2"]
+
+
+async def test_a_replayed_event_stays_a_duplicate_after_its_chat_was_forgotten(store, tmp_path):
+    incoming = Incoming(platform="test", chat_id="c", message_id="m1", event_id="e1", text="q", addressed=True)
+    first = await store.record(incoming, [], NewJob(()))
+    await answer_and_send(store, await store.claim_next(), "a", "a1")
+    assert (await store.forget_chat("test", "c")).messages == 2
+    again = await store.record(incoming, [], NewJob(()))  # the same signed event, captured and sent again
+    assert again.duplicate and again.job_id is None and first.job_id
+    assert await store.history("test", "c", 10) == []
+    with sqlite3.connect(tmp_path / "imsight.db") as db:  # only ids are left of it
+        assert db.execute("SELECT payload FROM inbox").fetchall() == [("{}",)]
+    assert await store.drop_tombstones(time.time() + 1) == 1

@@ -86,6 +86,7 @@ class TelegramAdapter:
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
         self._forget_asked: dict[str, float] = {}  # chat id -> until when "/forget yes" confirms
         self._app: Any = None
+        self._poller: asyncio.Task[None] | None = None
         self._host: Host | None = None
         self._me: Any = None
 
@@ -94,28 +95,77 @@ class TelegramAdapter:
             app.router.add_post(urlsplit(self._webhook_url or "").path or WEBHOOK_PATH, self._on_webhook)
 
     async def start(self, host: Host) -> None:
-        from telegram.ext import ApplicationBuilder, MessageHandler, filters
+        from telegram.ext import ApplicationBuilder
 
         self._host = host
-        builder = ApplicationBuilder().token(self._token)
+        builder = ApplicationBuilder().token(self._token).updater(None)  # updates: our own loop or server
         if self._base_url:
             builder = builder.base_url(self._base_url).base_file_url(self._base_file_url or "")
-        if self._mode == "webhook":
-            builder = builder.updater(None)  # updates come through our own server
         self._app = builder.build()
-        self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
-        self._app.add_error_handler(self._on_error)
         await self._app.initialize()  # getMe
         self._me = self._app.bot.bot
         if not self._me.can_read_all_group_messages:
             log.warning("telegram bot @%s has privacy mode on: in groups it sees only messages that mention "
                         "or reply to it (see the README to turn it off)", self._me.username)
         if self._mode == "polling":
-            await self._app.updater.start_polling(timeout=self._poll_timeout_s, allowed_updates=["message"])
+            await self._app.bot.delete_webhook()  # getUpdates is refused while a webhook is set
+            self._poller = asyncio.create_task(self._poll(), name="imsight-telegram-poll")
         else:
             await self._app.bot.set_webhook(self._webhook_url, secret_token=self._secret, allowed_updates=["message"])
-        await self._app.start()
         log.info("telegram bot @%s started (%s)", self._me.username, self._mode)
+
+    async def _poll(self) -> None:
+        """Long polling that confirms an update (asks for the next offset) only once it is taken in.
+
+        PTB's own updater confirms updates as soon as it has fetched them: a crash before they are
+        stored would lose them. Albums are held until complete, so their updates stay unconfirmed
+        (and are skipped when they come again) until the album is taken in.
+        """
+        from telegram.error import RetryAfter, TelegramError
+
+        assert self._app is not None
+        bot = self._app.bot
+        offset: int | None = None
+        handled: set[int] = set()  # taken in this run, perhaps not confirmed yet
+        failures = 0
+        while True:
+            try:
+                updates = await bot.get_updates(
+                    offset=offset, timeout=0 if self._albums else self._poll_timeout_s, allowed_updates=["message"],
+                    read_timeout=self._poll_timeout_s + 10)
+                failures = 0
+            except RetryAfter as exc:
+                await asyncio.sleep(_seconds(exc.retry_after))
+                continue
+            except TelegramError as exc:  # network, server errors, another instance polling (Conflict)
+                failures += 1
+                log.warning("telegram getUpdates failed (%s); again in %ds", exc, min(30, 2**failures))
+                await asyncio.sleep(min(30, 2**failures))
+                continue
+            failed: int | None = None
+            for update in updates:
+                if update.update_id in handled:
+                    continue
+                try:
+                    await self._on_message(update, None)
+                except Exception:
+                    log.exception("telegram update %s not taken in; it is fetched again", update.update_id)
+                    failed = update.update_id
+                    break
+                handled.add(update.update_id)
+            offset = self._confirmable(offset, handled, failed)
+            handled = {h for h in handled if offset is None or h >= offset}
+            if failed is not None or self._albums:
+                await asyncio.sleep(1.0 if failed is not None else min(0.2, self._album_wait_s))
+
+    def _confirmable(self, offset: int | None, handled: set[int], failed: int | None) -> int | None:
+        """The next offset: past everything taken in, but not past a failed update or a gathering album."""
+        held = [update_id for album in self._albums.values() for update_id, _ in album.items]
+        if failed is not None:
+            held.append(failed)
+        if held:
+            return min(held)
+        return max(handled) + 1 if handled else offset
 
     async def stop(self) -> None:
         if self._app is None:
@@ -126,10 +176,11 @@ class TelegramAdapter:
                 album.timer.cancel()
             await self._take_album(key)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._app.updater is not None and self._app.updater.running:
-            await self._app.updater.stop()
-        if self._app.running:
-            await self._app.stop()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
         await self._app.shutdown()
         self._app = None
 
@@ -150,10 +201,6 @@ class TelegramAdapter:
         # before Telegram hears 200, and a failure becomes a 5xx that Telegram delivers again.
         await self._on_message(update, None)
         return web.json_response({"ok": True})
-
-    async def _on_error(self, update: Any, context: Any) -> None:
-        update_id = getattr(update, "update_id", None)
-        log.error("telegram update %s not taken in: %s", update_id, context.error, exc_info=context.error)
 
     async def _on_message(self, update: Any, context: Any) -> None:
         message = update.message

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from bot.admission import Admission, busy, busy_reply
-from bot.schema import MIGRATIONS
-from core.errors import StoreUnavailable
+from bot.database import conversation_key, split_shas
+from bot.store_retention import Purged, RetentionQueries
 from core.images import ImageInfo
 from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
@@ -71,13 +67,6 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Purged:
-    messages: int  # deleted
-    kept: int  # matched, but an open question needs them
-    orphans: list[str]  # SHA-256 of images no message or job refers to any more: delete their files
-
-
-@dataclass(frozen=True, slots=True)
 class OutgoingReply:
     """A reply waiting in the outbox."""
 
@@ -89,63 +78,8 @@ class OutgoingReply:
     attempts: int
 
 
-class Store:
-    """All SQL lives here. One connection; one lock keeps each call's statements together."""
-
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, path: Path, *, lock_timeout_s: float = 5.0) -> AsyncIterator[Store]:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Created private before SQLite opens it; its -wal and -shm files take the same mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        async with aiosqlite.connect(path, isolation_level=None) as conn:
-            conn.row_factory = aiosqlite.Row
-            await conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a message is acknowledged only once its commit is on disk.
-            await conn.execute("PRAGMA synchronous = FULL")
-            await conn.execute("PRAGMA foreign_keys = ON")
-            await conn.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s * 1000)}")
-            store = cls(conn)
-            await store._migrate()
-            yield store
-
-    async def _migrate(self) -> None:
-        await self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        rows = list(await self._conn.execute_fetchall("SELECT version FROM schema_version"))
-        version = rows[0][0] if rows else 0
-        if version > len(MIGRATIONS):
-            raise StoreUnavailable(f"the database is from a newer imsight (schema {version})")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self._conn.executescript(
-                f"BEGIN; {script}; DELETE FROM schema_version; "
-                f"INSERT INTO schema_version VALUES ({number}); COMMIT;"
-            )
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One transaction: all of it is committed, or none of it."""
-        async with self._lock:
-            try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"history store refuses writes: {exc}") from exc
-            try:
-                yield self._conn
-                await self._conn.execute("COMMIT")
-            except BaseException as exc:
-                if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
-                    await self._conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O error, locked
-                    raise StoreUnavailable(f"history store refused a write: {exc}") from exc
-                raise
-
-    async def _rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
-        async with self._lock:
-            return list(await self._conn.execute_fetchall(sql, args))
+class Store(RetentionQueries):
+    """All SQL lives here (retention's in ``bot.store_retention``), on one ``Database`` connection."""
 
     # ---- intake -------------------------------------------------------------------------
 
@@ -163,12 +97,12 @@ class Store:
             return None
         r = rows[0]
         pending = r["processed_at"] is None
-        return Accepted(r["message_id"], _split(r["shas"]), r["job_id"], duplicate=True, pending=pending)
+        return Accepted(r["message_id"], split_shas(r["shas"]), r["job_id"], duplicate=True, pending=pending)
 
     async def refusal(self, admission: Admission, incoming: Incoming) -> str | None:
         """Why a question would be turned away now (``record`` decides again, in its transaction)."""
         async with self._lock:
-            return await admission.refusal(self._conn, _conversation(incoming.platform, incoming.chat_id),
+            return await admission.refusal(self._conn, conversation_key(incoming.platform, incoming.chat_id),
                                            incoming.platform, incoming.sender_id)
 
     async def record_pending(self, incoming: Incoming) -> int | None:
@@ -202,7 +136,7 @@ class Store:
         outbox; with ``refuse_when_busy``, ``Busy`` is raised instead and nothing is stored.
         """
         now = time.time()
-        conversation = _conversation(incoming.platform, incoming.chat_id)
+        conversation = conversation_key(incoming.platform, incoming.chat_id)
         refused = None
         try:
             async with self._write() as db:
@@ -320,7 +254,7 @@ class Store:
             StoredMessage(
                 r["id"], r["platform"], r["chat_id"], r["message_id"], r["thread_id"], r["reply_to"],
                 r["sender_id"], r["sender_name"], r["role"], r["text"], r["created_at"],
-                _split(r["shas"]), r["job_id"], json.loads(r["meta"]),
+                split_shas(r["shas"]), r["job_id"], json.loads(r["meta"]),
             )
             for r in rows
         ]
@@ -337,8 +271,8 @@ class Store:
         return [
             HistoryEntry(
                 r["message_id"], "bot" if r["role"] == "bot" else "user", r["thread_id"], r["reply_to"],
-                r["sender_id"], r["sender_name"], r["text"], _split(r["shas"]), r["created_at"],
-                r["answers"], _split(r["used"]),
+                r["sender_id"], r["sender_name"], r["text"], split_shas(r["shas"]), r["created_at"],
+                r["answers"], split_shas(r["used"]),
             )
             for r in rows
         ]
@@ -360,7 +294,7 @@ class Store:
             "SELECT j.id FROM jobs j JOIN messages q ON q.id = j.question "
             "WHERE j.conversation = ? AND j.status = 'done' AND (? IS NULL OR q.thread_id = ?) "
             f"AND {_JOB_SHAS.format('j.id')} = ? ORDER BY j.seq DESC LIMIT 1",
-            _conversation(platform, chat_id), thread_id, thread_id, ",".join(images),
+            conversation_key(platform, chat_id), thread_id, thread_id, ",".join(images),
         )
         return await self.job(rows[0]["id"]) if rows else None
 
@@ -375,7 +309,7 @@ class Store:
         j = rows[0]
         (question,) = await self.messages_by_row([j["question"]])
         return JobRecord(
-            j["id"], j["status"], j["attempts"], question, _split(j["shas"]), json.loads(j["context"]), j["answer"],
+            j["id"], j["status"], j["attempts"], question, split_shas(j["shas"]), json.loads(j["context"]), j["answer"],
             j["draft_message_id"],
         )
 
@@ -389,7 +323,7 @@ class Store:
         j = rows[0]
         return JobView(
             j["id"], j["status"], j["platform"], j["chat_id"], j["question_id"], j["answer"],
-            j["answer_message_id"], _split(j["shas"]), j["error"],
+            j["answer_message_id"], split_shas(j["shas"]), j["error"],
         )
 
     async def requeue_running(self) -> int:
@@ -454,7 +388,7 @@ class Store:
         async with self._write() as db:
             await db.execute("UPDATE jobs SET answer = ?, error = ? WHERE id = ?",
                              (None if error else text, error, job.id))
-            await self._queue_reply(db, job.id, "answer", _conversation(job.question.platform, job.question.chat_id),
+            await self._queue_reply(db, job.id, "answer", conversation_key(job.question.platform, job.question.chat_id),
                                     text, failed=error is not None)
 
     async def retry_later(self, job: JobRecord, delay_s: float, *, notice: str | None) -> None:
@@ -464,21 +398,13 @@ class Store:
                              (time.time() + delay_s, job.id))
             if notice is not None:
                 await self._queue_reply(db, job.id, "notice",
-                                        _conversation(job.question.platform, job.question.chat_id), notice,
+                                        conversation_key(job.question.platform, job.question.chat_id), notice,
                                         failed=False)
 
     async def drafted(self, job_id: str, message_id: str) -> None:
         """Keep the id of the placeholder shown while the job is answered."""
         async with self._write() as db:
             await db.execute("UPDATE jobs SET draft_message_id = ? WHERE id = ?", (message_id, job_id))
-
-    async def fail(self, job_id: str, error: str) -> None:
-        """Close a job that cannot be answered or whose reply cannot be delivered."""
-        async with self._write() as db:
-            await db.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                (error, time.time(), job_id),
-            )
 
     # ---- outbox -------------------------------------------------------------------------
 
@@ -553,115 +479,6 @@ class Store:
                                 "count(*) FILTER (WHERE status = 'running') FROM jobs")
         return int(rows[0][0]), int(rows[0][1])
 
-    # ---- forgetting ---------------------------------------------------------------------
-
-    async def forget_chat(self, platform: str, chat_id: str) -> Purged | None:
-        """Delete a chat's messages, jobs, replies and inbox entries (``purge``).
-
-        ``None``, and nothing deleted, while a question of the chat is open: it still needs them.
-        """
-        open_jobs = await self._rows(
-            f"SELECT count(*) FROM ({_OPEN_JOBS}) o JOIN jobs j ON j.id = o.id JOIN messages q ON q.id = j.question "
-            "WHERE q.platform = ? AND q.chat_id = ?", platform, chat_id)
-        if open_jobs[0][0]:
-            return None
-        return await self.purge(platform=platform, chat_id=chat_id)
-
-    async def purge(
-        self, *, platform: str | None = None, chat_id: str | None = None, before: float | None = None
-    ) -> Purged:
-        """Delete the messages of a chat and/or older than ``before``, with their jobs, replies and
-        inbox entries, and the answers to deleted questions; return the SHA-256 of images nothing
-        refers to any more (their files are the caller's to delete).
-
-        What an open question needs is kept: its message, its images and its earlier turns.
-        """
-        where, args = ["1"], list[object]()
-        if platform is not None:
-            where.append("m.platform = ?")
-            args.append(platform)
-        if chat_id is not None:
-            where.append("m.chat_id = ?")
-            args.append(chat_id)
-        if before is not None:
-            where.append("m.created_at < ?")
-            args.append(before)
-        async with self._write() as db:
-            await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id INTEGER PRIMARY KEY)")
-            await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed_jobs (id TEXT PRIMARY KEY)")
-            await db.execute("DELETE FROM doomed")
-            await db.execute("DELETE FROM doomed_jobs")
-            kept = await db.execute(
-                f"WITH open AS ({_OPEN_JOBS}), needed AS ("
-                "SELECT j.question AS id FROM jobs j JOIN open o ON o.id = j.id "
-                "UNION SELECT CAST(t.value AS INTEGER) FROM jobs j JOIN open o ON o.id = j.id, "
-                "json_each(j.context, '$.turns') t) "
-                f"SELECT count(*) FROM messages m WHERE {' AND '.join(where)} AND m.id IN needed", args)
-            (kept_count,) = await kept.fetchone() or (0,)
-            await db.execute(
-                f"WITH open AS ({_OPEN_JOBS}), needed AS ("
-                "SELECT j.question AS id FROM jobs j JOIN open o ON o.id = j.id "
-                "UNION SELECT CAST(t.value AS INTEGER) FROM jobs j JOIN open o ON o.id = j.id, "
-                "json_each(j.context, '$.turns') t) "
-                f"INSERT INTO doomed SELECT m.id FROM messages m WHERE {' AND '.join(where)} "
-                "AND m.id NOT IN needed", args)
-            await db.execute("INSERT INTO doomed_jobs SELECT id FROM jobs WHERE question IN doomed")
-            await db.execute("INSERT OR IGNORE INTO doomed SELECT id FROM messages WHERE job_id IN doomed_jobs")
-            shas = [r[0] for r in await db.execute_fetchall(
-                "SELECT sha256 FROM message_images WHERE message IN doomed "
-                "UNION SELECT sha256 FROM job_images WHERE job IN doomed_jobs")]
-            await db.execute("DELETE FROM outbox WHERE job IN doomed_jobs")
-            await db.execute("DELETE FROM job_images WHERE job IN doomed_jobs")
-            await db.execute("DELETE FROM jobs WHERE id IN doomed_jobs")
-            # The inbox keeps the event's ids, not its content: a replayed event stays a duplicate.
-            await db.execute("UPDATE inbox SET payload = '{}' WHERE id IN (SELECT i.id FROM inbox i JOIN messages m "
-                             "ON m.platform = i.platform AND m.chat_id = i.chat_id AND m.message_id = i.message_id "
-                             "WHERE m.id IN doomed)")
-            cursor = await db.execute("DELETE FROM messages WHERE id IN doomed")  # message_images cascade
-            forgotten = int(cursor.rowcount)
-            if chat_id is not None and before is None:  # events of the chat that never became messages
-                await db.execute("UPDATE inbox SET payload = '{}' WHERE chat_id = ? AND (? IS NULL OR platform = ?) "
-                                 "AND processed_at IS NOT NULL", (chat_id, platform, platform))
-            orphans = []
-            for sha in shas:
-                used = await db.execute_fetchall(
-                    "SELECT 1 FROM message_images WHERE sha256 = ? UNION ALL SELECT 1 FROM job_images WHERE sha256 = ?"
-                    " LIMIT 1", (sha, sha))
-                if not list(used):
-                    await db.execute("DELETE FROM images WHERE sha256 = ?", (sha,))
-                    orphans.append(sha)
-        return Purged(forgotten, int(kept_count), orphans)
-
-    async def known_images(self, shas: Sequence[str]) -> set[str]:
-        """Which of these digests the store has an image row for."""
-        if not shas:
-            return set()
-        marks = ",".join("?" * len(shas))
-        return {r[0] for r in await self._rows(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", *shas)}
-
-    async def drop_tombstones(self, before: float) -> int:
-        """Forget the ids of purged events received before ``before`` (platforms redeliver for hours, not days)."""
-        async with self._write() as db:
-            cursor = await db.execute("DELETE FROM inbox WHERE payload = '{}' AND received_at < ?", (before,))
-            return int(cursor.rowcount)
-
-    async def image_bytes(self) -> int:
-        rows = await self._rows("SELECT coalesce(sum(size), 0) FROM images")
-        return int(rows[0][0])
-
-    async def cutoff_for(self, excess: int) -> float | None:
-        """The time before which the oldest messages' images add up to ``excess`` bytes (shared images
-        counted at each message: an overestimate of what deleting them frees)."""
-        rows = await self._rows(
-            "SELECT created_at FROM (SELECT m.created_at, sum(i.size) OVER (ORDER BY m.created_at, m.id) AS total "
-            "FROM message_images mi JOIN messages m ON m.id = mi.message JOIN images i ON i.sha256 = mi.sha256) "
-            "WHERE total >= ? ORDER BY created_at LIMIT 1", excess)
-        return float(rows[0][0]) if rows else None
-
-
-# Jobs still to be answered or whose reply is not sent yet.
-_OPEN_JOBS = ("SELECT id FROM jobs WHERE status IN ('queued', 'running') "
-              "UNION SELECT job FROM outbox WHERE status = 'pending'")
 
 
 def _event_id(incoming: Incoming) -> str:
@@ -686,11 +503,3 @@ def _incoming_json(incoming: Incoming) -> dict[str, Any]:
 def _incoming_from_json(raw: dict[str, Any]) -> Incoming:
     refs = tuple(ImageRef(ref=ref) for ref in raw.pop("image_refs"))
     return Incoming(**raw, images=refs)
-
-
-def _split(shas: str | None) -> tuple[str, ...]:
-    return tuple(shas.split(",")) if shas else ()
-
-
-def _conversation(platform: str, chat_id: str) -> str:
-    return f"{platform}\x1f{chat_id}"  # a separator no platform id contains

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 ASK_FOR_IMAGE = "Which image do you mean? Send it with your question, or reply to it."
 ENGINE_AWAY = "The model server is not reachable at the moment. I'll answer as soon as it is back."
+SORRY = "Sorry, I could not answer that. The model failed; please try again later."
 ENGINE_GONE = "Sorry, the model server has been unreachable for too long. Please ask again later."
 _IDLE_POLL_S = 5.0  # a backstop only: new jobs wake the workers at once
 
@@ -115,11 +116,11 @@ class Workers:
             try:
                 await self._process(job)
             except Exception:
-                # A bug must not kill the worker, nor loop on the same job forever.
+                # A bug must not kill the worker, nor loop on the same job forever; the asker hears of it.
                 log.exception("job %s: unexpected error", job.id)
                 with contextlib.suppress(ImsightError):
-                    await self._store.fail(job.id, "internal error")
-                self._watch.notify(job.id)
+                    await self._store.answered(job, SORRY, error="internal error")
+                    self._outbox.wake()
             self.wake()  # the conversation's next job may run now
 
     async def _process(self, job: JobRecord) -> None:
@@ -149,7 +150,7 @@ class Workers:
             error, text = str(exc), ("Sorry, the model ran out of GPU memory on this, even with the image "
                                      "scaled down. Please try a smaller image or fewer images.")
         except ImsightError as exc:
-            error, text = str(exc), "Sorry, I could not answer that. The model failed; please try again later."
+            error, text = str(exc), SORRY
         if error is not None:
             log.warning("job %s (%s chat %s message %s) failed: %s", job.id, q.platform, q.chat_id, q.message_id,
                         error)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from fake_openai import KEY, MODEL, FakeOpenAI
 from PIL import Image
@@ -11,7 +9,7 @@ from PIL import Image
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
 from core.openai_engine import OpenAIEngine
-from helpers import b64, loopback, png, post
+from helpers import b64, free_port, loopback, png, post
 
 LIMITS = GenerationLimits(max_new_tokens=64)
 IMAGE = PreparedImage("c" * 64, Image.new("RGB", (64, 48), (1, 2, 3)))
@@ -86,10 +84,7 @@ async def test_a_wrong_key_says_which_setting_to_fix(server, make_engine):
 
 
 async def test_a_server_that_is_down_is_a_clear_error(make_engine, caplog):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     engine = await make_engine(url, attempts=2)  # starting is fine: the server may come up later
     assert "not reachable yet" in caplog.text
     with pytest.raises(EngineError, match=rf"cannot reach the model server at {url}.*after 2 tries"):

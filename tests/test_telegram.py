@@ -322,3 +322,21 @@ async def test_a_placeholder_cut_off_by_a_restart_becomes_the_answer(fake, daemo
             await answered(d, http, 1)
     assert len(fake.sent) == 1  # no second placeholder, no new message: the first one was edited
     assert fake.text_of(0).endswith("still there?")
+
+
+async def test_polling_confirms_an_update_only_once_it_is_stored(fake, daemon, http, data_dir):
+    import sqlite3
+
+    async with daemon(adapters=telegram_config(fake), storage={"lock_timeout_seconds": 0.1}) as d:
+        other = sqlite3.connect(data_dir / "imsight.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # the store cannot take writes: as if the disk were full
+        try:
+            update_id = fake.push(message(501, text=f"{MENTION} are you there?"))["update_id"]
+            await eventually(lambda: fake.calls.count("getUpdates") >= 4)  # fetched, failed, fetched again
+            assert [u["update_id"] for u in fake.updates] == [update_id]  # still not confirmed
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        done = await answered(d, http, 1)
+        await eventually(lambda: not fake.updates)  # confirmed once stored
+    assert done[0]["answers"] == "501" and len(fake.sent) == 1

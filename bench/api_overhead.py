@@ -18,36 +18,15 @@ import multiprocessing as mp
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
 import aiohttp
 from aiohttp import web
 from PIL import Image
+from stand_in import StandInEngine
 
 from bot.config import parse
 from bot.daemon import Daemon
-from core.engine import GenerationLimits, PreparedImage, Turn
-
-
-class InstantEngine:
-    """Answers at once: the benchmark measures the daemon, not a model."""
-
-    name = "instant"
-    max_batch = 1
-    supports_images = True
-    model = "instant"
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def answer(
-        self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str, limits: GenerationLimits
-    ) -> AsyncIterator[str]:
-        yield f"{len(images)} image(s)"
 
 
 async def _bare(request: web.Request) -> web.Response:
@@ -65,7 +44,7 @@ async def _serve(pipe: Connection) -> None:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         bare_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with Daemon(config, engine=InstantEngine()) as daemon:
+        async with Daemon(config, engine=StandInEngine()) as daemon:
             pipe.send((daemon.url, bare_url))
             await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # until told to stop
         await runner.cleanup()

@@ -26,43 +26,16 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
 import aiohttp
 from aiohttp import web
+from stand_in import StandInEngine
 
 from bot.config import parse
 from bot.daemon import Daemon
-from core.engine import GenerationLimits, PreparedImage, Turn
 
 TOKEN = "soak"
-
-
-class SlowEngine:
-    """Takes ``delay_s`` per answer, ``max_batch`` answers at a time, like a busy GPU."""
-
-    name = "slow stand-in"
-    model = "stand-in"
-    supports_images = True
-
-    def __init__(self, delay_s: float, max_batch: int) -> None:
-        self.max_batch = max_batch
-        self._delay_s = delay_s
-        self._slots = asyncio.Semaphore(max_batch)
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def answer(
-        self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str, limits: GenerationLimits
-    ) -> AsyncIterator[str]:
-        async with self._slots:
-            await asyncio.sleep(self._delay_s)
-        yield f"answer to {question}"
 
 
 async def _serve(pipe: Connection, delay_s: float) -> None:
@@ -71,7 +44,7 @@ async def _serve(pipe: Connection, delay_s: float) -> None:
         config = parse({"server": {"port": 0}, "storage": {"data_dir": tmp},
                         "limits": {"questions_per_sender_per_minute": 0},
                         "adapters": {"webhook": {"token": TOKEN}}}, environ={})
-        engine = SlowEngine(delay_s, config.engine.max_batch)
+        engine = StandInEngine(delay_s, config.engine.max_batch)
         async with Daemon(config, engine=engine) as daemon:
             pipe.send((daemon.url, config.limits.model_dump()))
             await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # until told to stop

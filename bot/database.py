@@ -15,7 +15,7 @@ import aiosqlite
 from bot.schema import MIGRATIONS
 from core.errors import StoreUnavailable
 
-__all__ = ["Database", "conversation_key", "split_shas"]
+__all__ = ["Database", "conditions", "conversation_key", "split_shas"]
 
 
 class Database:
@@ -76,6 +76,21 @@ class Database:
         async with self._lock:
             return list(await self._conn.execute_fetchall(sql, args))
 
+
+
+def conditions(*clauses: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A ``WHERE`` text and its arguments from (condition, value) pairs.
+
+    A pair whose value is None is left out; a tuple fills several ``?`` (``()``: a condition without any).
+    """
+    text: list[str] = []
+    args: list[Any] = []
+    for condition, value in clauses:
+        if value is None:
+            continue
+        text.append(condition)
+        args.extend(value if isinstance(value, tuple) else (value,))
+    return " AND ".join(text) or "1", args
 
 
 def split_shas(shas: str | None) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from typing import Any
 import aiosqlite
 
 from bot.admission import Admission, busy, busy_reply
-from bot.database import conversation_key, split_shas
+from bot.database import conditions, conversation_key, split_shas
 from bot.store_retention import Purged, RetentionQueries
 from core.images import ImageInfo
 from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
@@ -228,21 +228,14 @@ class Store(RetentionQueries):
         between: tuple[float, float] | None = None, sender_id: str | None = None,
     ) -> StoredMessage | None:
         """The newest user message with images in a chat, in a thread or a time window."""
-        where = ["m.platform = ?", "m.chat_id = ?", "m.role = 'user'",
-                 "EXISTS (SELECT 1 FROM message_images x WHERE x.message = m.id)"]
-        args: list[Any] = [platform, chat_id]
-        if thread_id is not None:
-            where.append("m.thread_id = ?")
-            args.append(thread_id)
-        if between is not None:
-            where.append("m.created_at BETWEEN ? AND ?")
-            args.extend(between)
-        if sender_id is not None:
-            where.append("m.sender_id = ?")
-            args.append(sender_id)
+        where, args = conditions(
+            ("m.platform = ?", platform), ("m.chat_id = ?", chat_id), ("m.role = 'user'", ()),
+            ("EXISTS (SELECT 1 FROM message_images x WHERE x.message = m.id)", ()),
+            ("m.thread_id = ?", thread_id), ("m.created_at BETWEEN ? AND ?", between), ("m.sender_id = ?", sender_id),
+        )
         # Newest first along an index, so the scan stops at the first match (or the window's edge).
         order = "m.created_at DESC, m.id DESC" if between is not None else "m.id DESC"
-        found = await self._messages(" AND ".join(where) + f" ORDER BY {order} LIMIT 1", *args)
+        found = await self._messages(f"{where} ORDER BY {order} LIMIT 1", *args)
         return found[0] if found else None
 
     async def _messages(self, where: str, *args: Any) -> list[StoredMessage]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.database import Database
+from bot.database import Database, conditions
 
 __all__ = ["Purged", "RetentionQueries"]
 
@@ -45,35 +45,24 @@ class RetentionQueries(Database):
 
         What an open question needs is kept: its message, its images and its earlier turns.
         """
-        where, args = ["1"], list[object]()
-        if platform is not None:
-            where.append("m.platform = ?")
-            args.append(platform)
-        if chat_id is not None:
-            where.append("m.chat_id = ?")
-            args.append(chat_id)
-        if before is not None:
-            where.append("m.created_at < ?")
-            args.append(before)
+        where, args = conditions(("m.platform = ?", platform), ("m.chat_id = ?", chat_id),
+                                 ("m.created_at < ?", before))
         async with self._write() as db:
             await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id INTEGER PRIMARY KEY)")
             await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed_jobs (id TEXT PRIMARY KEY)")
             await db.execute("DELETE FROM doomed")
             await db.execute("DELETE FROM doomed_jobs")
-            kept = await db.execute(
-                f"WITH open AS ({_OPEN_JOBS}), needed AS ("
-                "SELECT j.question AS id FROM jobs j JOIN open o ON o.id = j.id "
-                "UNION SELECT CAST(t.value AS INTEGER) FROM jobs j JOIN open o ON o.id = j.id, "
-                "json_each(j.context, '$.turns') t) "
-                f"SELECT count(*) FROM messages m WHERE {' AND '.join(where)} AND m.id IN needed", args)
-            (kept_count,) = await kept.fetchone() or (0,)
+            cursor = await db.execute(f"SELECT count(*) FROM messages m WHERE {where}", args)
+            (matched,) = await cursor.fetchone() or (0,)
             await db.execute(
                 f"WITH open AS ({_OPEN_JOBS}), needed AS ("
                 "SELECT j.question AS id FROM jobs j JOIN open o ON o.id = j.id "
                 "UNION SELECT CAST(t.value AS INTEGER) FROM jobs j JOIN open o ON o.id = j.id, "
                 "json_each(j.context, '$.turns') t) "
-                f"INSERT INTO doomed SELECT m.id FROM messages m WHERE {' AND '.join(where)} "
-                "AND m.id NOT IN needed", args)
+                f"INSERT INTO doomed SELECT m.id FROM messages m WHERE {where} AND m.id NOT IN needed", args)
+            cursor = await db.execute("SELECT count(*) FROM doomed")
+            (doomed,) = await cursor.fetchone() or (0,)
+            kept_count = int(matched) - int(doomed)
             await db.execute("INSERT INTO doomed_jobs SELECT id FROM jobs WHERE question IN doomed")
             await db.execute("INSERT OR IGNORE INTO doomed SELECT id FROM messages WHERE job_id IN doomed_jobs")
             shas = [r[0] for r in await db.execute_fetchall(

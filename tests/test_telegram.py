@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any
 
@@ -308,15 +309,20 @@ async def test_chats_outside_allowed_chats_are_ignored(fake, daemon, http):
     assert status == 404 and len(fake.results) == 1 and int(fake.sent[0]["chat_id"]) == GROUP["id"]
 
 
-async def test_a_placeholder_cut_off_by_a_restart_becomes_the_answer(fake, daemon, http):
+async def test_a_placeholder_cut_off_by_a_restart_becomes_the_answer(fake, daemon, http, data_dir):
     from fake_openai import KEY, MODEL, FakeOpenAI
 
-    model = FakeOpenAI(delay_s=30)  # the first run never finishes the answer
+    model = FakeOpenAI(delay_s=3)  # the first run is stopped before the answer comes
     async with loopback(model.app()) as model_url:
         engine = {"kind": "openai", "base_url": f"{model_url}/v1", "model": MODEL, "api_key": KEY}
         async with daemon(adapters=telegram_config(fake), engine=engine, server={"shutdown_grace_seconds": 0}):
             fake.push(message(401, text=f"{MENTION} still there?"))
-            await eventually(lambda: fake.sent)  # the placeholder is up
+
+            def placeholder_kept() -> bool:  # sent, and its id stored with the job
+                with sqlite3.connect(data_dir / "imsight.db") as db:
+                    return bool(db.execute("SELECT 1 FROM jobs WHERE draft_message_id IS NOT NULL").fetchall())
+
+            await eventually(placeholder_kept)
         model.delay_s = 0
         async with daemon(adapters=telegram_config(fake), engine=engine) as d:
             await answered(d, http, 1)
@@ -325,8 +331,6 @@ async def test_a_placeholder_cut_off_by_a_restart_becomes_the_answer(fake, daemo
 
 
 async def test_polling_confirms_an_update_only_once_it_is_stored(fake, daemon, http, data_dir):
-    import sqlite3
-
     async with daemon(adapters=telegram_config(fake), storage={"lock_timeout_seconds": 0.1}) as d:
         other = sqlite3.connect(data_dir / "imsight.db", isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")  # the store cannot take writes: as if the disk were full

@@ -9,12 +9,17 @@ import os
 import sys
 from pathlib import Path
 
+from bot.logs import TEXT_FORMAT
 from core.errors import ConfigError, ImsightError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    return _run_command(build_parser().parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imsight", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,18 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--conversation", metavar="ID", help="one chat (its chat or conversation id)")
     which.add_argument("--older-than", type=float, metavar="DAYS", help="everything older than DAYS days")
     purge.add_argument("--platform", help="with --conversation: only this platform's chat (telegram, api, ...)")
+    return parser
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+
+def _run_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=TEXT_FORMAT)
     for chatty in ("httpx", "httpx2", "httpcore"):  # one line per HTTP request of huggingface_hub
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    logging.getLogger("aiosqlite").setLevel(logging.INFO)  # at DEBUG: every statement with its values
     try:
         if args.command == "run":
-            return _run(args.config)
+            return _run(args.config, verbose=args.verbose)
         if args.command == "ask":
             return _ask(args.config, args.images, args.question)
         if args.command == "download-model":
@@ -82,18 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-
 def _offline_unless_allowed(allow_download: bool) -> None:
     # Set before transformers is imported: huggingface_hub reads it once, at import.
     if not allow_download:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _run(path: Path) -> int:
+def _run(path: Path, *, verbose: bool) -> int:
     from bot.config import load
     from bot.daemon import serve
+    from bot.logs import setup_logging
 
     config = load(path)
+    setup_logging("DEBUG" if verbose else config.logging.level, config.logging.format)
     _offline_unless_allowed(config.engine.allow_download)
     asyncio.run(serve(config))
     return 0

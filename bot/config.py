@@ -123,6 +123,11 @@ class DingTalkConfig(_Section):
     allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
 
 
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # json: one object per line, for a log pipeline
+
+
 class AdaptersConfig(_Section):
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     telegram: TelegramConfig = Field(default_factory=TelegramConfig)
@@ -137,6 +142,7 @@ class Config(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     context: ContextConfig = Field(default_factory=ContextConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
 
 

@@ -9,11 +9,14 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 
+from aiohttp import web
+
 from adapters.webhook import WebhookAdapter
 from bot.admission import Admission
 from bot.config import Config, configured_secrets
 from bot.dispatch import Dispatcher
 from bot.files import ImageFiles
+from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.redaction import redact_in_logs
 from bot.retention import Retention
@@ -21,8 +24,8 @@ from bot.store import Store
 from bot.watch import JobWatch
 from bot.web import WebServer
 from bot.workers import Workers
-from core.engine import Engine, GenerationLimits
-from core.errors import AdapterError, ConfigError
+from core.engine import Engine, GenerationLimits, Measured
+from core.errors import AdapterError, ConfigError, ImsightError
 from core.images import ImageLimits
 from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
@@ -129,6 +132,7 @@ class Daemon:
         self._stack = AsyncExitStack()
         self.web: WebServer | None = None
         self.store: Store | None = None  # while running
+        self._ready = False
 
     @property
     def url(self) -> str:
@@ -170,23 +174,36 @@ class Daemon:
                         cfg.engine.workers, engine.max_batch, cfg.engine.workers)
 
         watch = JobWatch()
+        metrics = Metrics()
         by_name = {a.name: a for a in adapters}
-        outbox = Outbox(store, by_name, watch, attempts=cfg.limits.delivery_attempts)
+        outbox = Outbox(store, by_name, watch, attempts=cfg.limits.delivery_attempts, metrics=metrics)
         workers = Workers(
             store, files, engine, by_name, outbox, watch,
             count=cfg.engine.workers, image_limits=limits,
             generation=GenerationLimits(max_new_tokens=cfg.engine.max_new_tokens),
             ask_for_image=cfg.context.no_image == "ask",
             job_timeout_s=cfg.limits.job_timeout_seconds, engine_retry_s=cfg.limits.engine_retry_minutes * 60,
+            metrics=metrics,
         )
         dispatcher = Dispatcher(
             store, files, workers, outbox, watch, by_name, image_limits=limits,
             window_s=cfg.context.window_minutes * 60, history_turns=cfg.context.history_turns,
             admission=Admission(cfg.limits.max_queued, cfg.limits.max_queued_per_chat,
                                 cfg.limits.questions_per_sender_per_minute),
+            metrics=metrics,
         )
+        metrics.probe(lambda: _stored(store))
+        if isinstance(engine, Measured):
+            measured = engine
+
+            async def engine_values() -> dict[str, float]:
+                return {f"engine:{name}": value for name, value in measured.measurements().items()}
+
+            metrics.probe(engine_values)
         web = WebServer(cfg.server.host, cfg.server.port, max_body_bytes=int(cfg.server.max_body_mb * MB),
                         shutdown_timeout_s=5)
+        web.app.router.add_get("/metrics", metrics.handle)
+        web.app.router.add_get("/readyz", self._readyz)
         for adapter in adapters:
             adapter.mount(web.app)
             await adapter.start(dispatcher)
@@ -202,9 +219,24 @@ class Daemon:
         self.web = web
         stack.push_async_callback(web.stop)  # stop taking requests before anything else stops
         stack.callback(watch.close)  # first of all: requests waiting for answers return now (202)
+        self._ready = True  # the engine is loaded, every adapter started, the server listening
 
     async def stop(self) -> None:
+        self._ready = False
         await self._stack.aclose()
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        """200 once everything has started and the store answers; 503 with what is not ready."""
+        checks = {"started": self._ready, "store": False}
+        if self.store is not None:
+            try:
+                await self.store.queue_counts()
+                checks["store"] = True
+            except ImsightError:
+                pass
+        ready = all(checks.values())
+        return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                                 status=200 if ready else 503)
 
     async def __aenter__(self) -> Daemon:
         await self.start()
@@ -214,6 +246,12 @@ class Daemon:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def _stored(store: Store) -> dict[str, float]:
+    queued, running = await store.queue_counts()
+    images, image_bytes = await store.image_stats()
+    return {"queued": queued, "running": running, "images": images, "image_bytes": image_bytes}
 
 
 async def serve(config: Config) -> None:

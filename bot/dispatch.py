@@ -11,12 +11,13 @@ from contextlib import asynccontextmanager
 from bot.admission import Admission, busy
 from bot.context import OWN, resolve
 from bot.files import ImageFiles
+from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.retry import with_retries
 from bot.store import NewJob, Store
 from bot.watch import JobWatch
 from bot.workers import Workers
-from core.errors import AdapterError, BadInput, ImsightError, NotFound
+from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound
 from core.images import ImageInfo, ImageLimits, inspect
 from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView, Status
 
@@ -51,6 +52,7 @@ class Dispatcher:
         window_s: float,
         history_turns: int,
         admission: Admission | None = None,
+        metrics: Metrics | None = None,
         download_attempts: int = 3,
         retry_base_s: float = 1.0,
     ) -> None:
@@ -59,6 +61,7 @@ class Dispatcher:
         self._image_limits = image_limits
         self._window_s, self._history_turns = window_s, history_turns
         self._admission = admission
+        self._metrics = metrics or Metrics()
         self._refused: dict[str, float] = {}  # what was refused (queue, chat, sender) -> until when, monotonic
         self._download_attempts, self._retry_base_s = download_attempts, retry_base_s
         self._intakes: set[asyncio.Task[None]] = set()
@@ -81,6 +84,21 @@ class Dispatcher:
 
     async def accept(self, incoming: Incoming, *, refuse_when_busy: bool = False) -> Accepted:
         """Take a message in; queue a job when it asks the bot something (``core.types.Host``)."""
+        started = time.monotonic()
+        try:
+            accepted = await self._accept(incoming, refuse_when_busy=refuse_when_busy)
+        except Busy:
+            self._metrics.events.labels(incoming.platform, "refused").inc()
+            self._metrics.jobs.labels("refused").inc()
+            raise
+        outcome = "duplicate" if accepted.duplicate else "refused" if accepted.refused else "stored"
+        self._metrics.events.labels(incoming.platform, outcome).inc()
+        if accepted.refused:
+            self._metrics.jobs.labels("refused").inc()
+        self._metrics.ack_seconds.labels(incoming.platform).observe(time.monotonic() - started)
+        return accepted
+
+    async def _accept(self, incoming: Incoming, *, refuse_when_busy: bool) -> Accepted:
         seen = await self._store.find_accepted(incoming)
         if seen is not None:
             log.info("duplicate %s event %s (chat %s message %s) ignored", incoming.platform,

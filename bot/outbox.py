@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from bot.metrics import Metrics
 from bot.store import OutgoingReply, Store
 from bot.watch import JobWatch
 from core.errors import AdapterError, ImsightError
@@ -37,10 +38,12 @@ class Outbox:
         retry_base_s: float = 1.0,
         retry_max_s: float = 300.0,
         concurrency: int = 32,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store, self._adapters, self._watch = store, adapters, watch
         self._attempts, self._retry_base_s, self._retry_max_s = attempts, retry_base_s, retry_max_s
         self._concurrency = concurrency
+        self._metrics = metrics or Metrics()
         self._wakeup = asyncio.Event()
         self._sending: dict[int, asyncio.Task[None]] = {}
         self._ended = 0  # sends ended so far
@@ -117,6 +120,8 @@ class Outbox:
             log.exception("job %s: reply sent as %s but not recorded", job.id, sent_id)
             return
         if reply.kind == "answer":
+            if job.status != "failed":  # a refusal was counted when it was refused
+                self._metrics.jobs.labels("failed" if reply.failed else "done").inc()
             log.info("job %s reply sent as %s (%s chat %s)", job.id, sent_id, q.platform, q.chat_id)
             self._watch.notify(job.id)
             for event in self.on_sent:
@@ -138,6 +143,8 @@ class Outbox:
             log.exception("job %s: cannot record the failed send; it is tried again", job.id)
             return
         if retry_at is None and reply.kind == "answer":
+            if job.status != "failed":
+                self._metrics.jobs.labels("failed").inc()
             self._watch.notify(job.id)
             for event in self.on_sent:
                 event.set()

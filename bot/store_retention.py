@@ -103,6 +103,11 @@ class RetentionQueries(Database):
             cursor = await db.execute("DELETE FROM inbox WHERE payload = '{}' AND received_at < ?", (before,))
             return int(cursor.rowcount)
 
+    async def image_stats(self) -> tuple[int, int]:
+        """How many distinct images are stored, and their bytes."""
+        rows = await self._rows("SELECT count(*), coalesce(sum(size), 0) FROM images")
+        return int(rows[0][0]), int(rows[0][1])
+
     async def image_bytes(self) -> int:
         rows = await self._rows("SELECT coalesce(sum(size), 0) FROM images")
         return int(rows[0][0])

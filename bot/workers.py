@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from bot.files import ImageFiles
+from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.store import JobRecord, Store
 from bot.watch import JobWatch
@@ -51,6 +52,7 @@ class Workers:
         engine_retry_s: float = 1800.0,
         retry_base_s: float = 5.0,
         draft_every_s: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store, self._files, self._engine = store, files, engine
         self._adapters, self._outbox, self._watch = adapters, outbox, watch
@@ -59,6 +61,7 @@ class Workers:
         self._ask_for_image = ask_for_image
         self._job_timeout_s, self._engine_retry_s, self._retry_base_s = job_timeout_s, engine_retry_s, retry_base_s
         self._draft_every_s = draft_every_s
+        self._metrics = metrics or Metrics()
         self._wakeups: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -172,13 +175,17 @@ class Workers:
         ]
         draft = self._drafter(job)
         chunks: list[str] = []
-        shown = time.monotonic()
+        started = shown = time.monotonic()
         await draft("")
         async for chunk in self._engine.answer(images, turns, job.question.text, self._generation):
+            if not chunks:
+                self._metrics.first_token_seconds.observe(time.monotonic() - started)
             chunks.append(chunk)
+            self._metrics.answer_chunks.inc()
             if time.monotonic() - shown >= self._draft_every_s:
                 shown = time.monotonic()
                 await draft("".join(chunks).strip())
+        self._metrics.answer_seconds.observe(time.monotonic() - started)
         return "".join(chunks).strip() or "(the model gave an empty answer)"
 
     def _drafter(self, job: JobRecord) -> Callable[[str], Awaitable[None]]:

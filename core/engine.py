@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
-__all__ = ["Engine", "GenerationLimits", "PreparedImage", "Turn"]
+__all__ = ["Engine", "GenerationLimits", "Measured", "PreparedImage", "Turn"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,4 +53,13 @@ class Engine(Protocol):
         limits: GenerationLimits,
     ) -> AsyncIterator[str]:
         """Stream the answer as text chunks. Earlier ``turns`` come first, oldest first."""
+        ...
+
+
+@runtime_checkable
+class Measured(Protocol):
+    """An engine that reports its own counters (for ``/metrics``)."""
+
+    def measurements(self) -> Mapping[str, float]:
+        """Counters since start and current sizes, by name; cheap, callable from the event loop."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import gc
 import logging
 import queue
@@ -289,6 +290,18 @@ class TransformersEngine:
                 self._answer_safely([request], hit, features)
         for start in range(0, len(fresh), self.max_batch):
             self._answer_safely(fresh[start:start + self.max_batch], None)
+
+    def measurements(self) -> dict[str, float]:
+        """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
+        values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
+        values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
+        values["features_cache_bytes"] = float(self._features.nbytes)
+        if self.device == "cuda":
+            import torch
+
+            values["gpu_memory_allocated_bytes"] = float(torch.cuda.memory_allocated())
+            values["gpu_memory_reserved_bytes"] = float(torch.cuda.memory_reserved())
+        return values
 
     def _clear_caches(self) -> None:
         self._prefixes.clear()

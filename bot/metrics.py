@@ -1,0 +1,63 @@
+"""Prometheus metrics (prometheus-client), served at ``/metrics``; ``/readyz`` beside it.
+
+Counters and histograms are updated where things happen; queue depth, stored images and the
+engine's own counters are read when Prometheus scrapes, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics"]
+
+# Seconds: from milliseconds (an acknowledgement) to minutes (a long answer on a busy GPU).
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+Probe = Callable[[], Awaitable[Mapping[str, float]]]
+
+
+class Metrics:
+    """One registry per daemon (several daemons may share a process, as in the tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("imsight_events", "Events received, by platform and outcome "
+                              "(stored, duplicate)", ["platform", "outcome"], registry=r)
+        self.jobs = Counter("imsight_jobs", "Questions ended, by outcome (done, failed, refused)", ["outcome"],
+                            registry=r)
+        self.ack_seconds = Histogram("imsight_ack_seconds", "Time to take an event in (what the platform "
+                                     "waits for)", ["platform"], buckets=_BUCKETS, registry=r)
+        self.first_token_seconds = Histogram("imsight_first_token_seconds", "From a job's start to the "
+                                             "first words of its answer", buckets=_BUCKETS, registry=r)
+        self.answer_seconds = Histogram("imsight_answer_seconds", "From a job's start to its whole answer",
+                                        buckets=_BUCKETS, registry=r)
+        self.answer_chunks = Counter("imsight_answer_chunks", "Pieces of answer text streamed by the engine "
+                                     "(about one per token for the in-process engine)", registry=r)
+        self.queued = Gauge("imsight_queue_depth", "Questions waiting", registry=r)
+        self.running = Gauge("imsight_jobs_running", "Questions being answered or delivered", registry=r)
+        self.images = Gauge("imsight_images_stored", "Distinct images stored", registry=r)
+        self.image_bytes = Gauge("imsight_image_bytes", "Bytes of stored image files", registry=r)
+        self.engine = Gauge("imsight_engine", "The engine's own counters and gauges (cache hits, misses and "
+                            "bytes, tokens generated, GPU memory)", ["name"], registry=r)
+        self._probes: list[Probe] = []
+
+    def probe(self, read: Probe) -> None:
+        """Read ``read()`` into gauges at every scrape: {gauge attribute or "engine:<name>": value}."""
+        self._probes.append(read)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        for read in self._probes:
+            for name, value in (await read()).items():
+                if name.startswith("engine:"):
+                    self.engine.labels(name.removeprefix("engine:")).set(value)
+                else:
+                    gauge = getattr(self, name)
+                    assert isinstance(gauge, Gauge)
+                    gauge.set(value)
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

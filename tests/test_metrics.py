@@ -1,0 +1,49 @@
+"""/metrics (Prometheus text format, read back with prometheus-client's own parser) and /readyz."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import b64, get, png, post
+
+
+async def scrape(http: Any, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with http.get(f"{url}/metrics") as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_metrics_count_what_happened(daemon, http):
+    async with daemon(limits={"max_queued_per_chat": 1}) as d:
+        before = await scrape(http, d.url)
+        assert before[("imsight_queue_depth", ())] == 0
+        _, body = await post(http, d.url, {"conversation_id": "m", "text": "What is it?", "wait": True,
+                                           "images": [{"data": b64(png())}]})
+        assert body["status"] == "done"
+        await post(http, d.url, {"conversation_id": "m", "text": "again?"})  # stored
+        await post(http, d.url, {"conversation_id": "m", "text": "and again?"})  # the chat is full: 429
+        await post(http, d.url, {"conversation_id": "m", "message_id": "x", "text": ""})
+        await post(http, d.url, {"conversation_id": "m", "message_id": "x", "text": ""})  # duplicate
+        after = await scrape(http, d.url)
+    events = {outcome: after.get(("imsight_events_total", (("outcome", outcome), ("platform", "api"))), 0)
+              for outcome in ("stored", "duplicate", "refused")}
+    assert events == {"stored": 3, "duplicate": 1, "refused": 1}
+    assert after[("imsight_jobs_total", (("outcome", "done"),))] >= 1
+    assert after[("imsight_jobs_total", (("outcome", "refused"),))] == 1
+    assert after[("imsight_first_token_seconds_count", ())] >= 1
+    assert after[("imsight_ack_seconds_count", (("platform", "api"),))] == 4  # the 429 is not an acknowledgement
+    assert (after[("imsight_images_stored", ())], after[("imsight_image_bytes", ())]) == (1, len(png()))
+    assert after[("imsight_engine", (("name", "tokens_generated"),))] > 0  # the engine's own counters
+    assert ("imsight_engine", (("name", "prefix_cache_bytes"),)) in after
+
+
+async def test_readyz_says_ready_once_everything_started(daemon, http):
+    async with daemon() as d:
+        status, body = await get(http, d.url, "/readyz")
+        health, _ = await get(http, d.url, "/healthz")
+    assert (status, body) == (200, {"status": "ready", "checks": {"started": True, "store": True}})
+    assert health == 200

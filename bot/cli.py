@@ -1,4 +1,4 @@
-"""The ``imsight`` command: run, ask, download-model, tiny-model, demo, history purge."""
+"""The ``imsight`` command: run, doctor, ask, download-model, tiny-model, demo, history purge."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="start a daemon on a tiny test model and ask it two questions")
 
+    doctor = commands.add_parser("doctor", help="check this host and the config; each failure with its fix")
+    doctor.add_argument("--config", type=Path, default=Path("config.toml"))
+    doctor.add_argument("--online", action="store_true", help="also try the model server and platform credentials")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+
     history = commands.add_parser("history", help="manage stored history")
     history_commands = history.add_subparsers(dest="history_command", required=True)
     purge = history_commands.add_parser(
@@ -70,6 +75,8 @@ def _run_command(args: argparse.Namespace) -> int:
             return download_model(args.config, args.model, args.local_dir, args.revision)
         if args.command == "tiny-model":
             return _tiny_model(args.dir)
+        if args.command == "doctor":
+            return _doctor(args.config, online=args.online, as_json=args.json)
         if args.command == "history":
             return asyncio.run(_purge(args.config, args.conversation, args.platform, args.older_than))
         from bot.demo import demo
@@ -157,6 +164,14 @@ async def _purge(path: Path, conversation: str | None, platform: str | None, old
     if purged.kept:
         print(f"kept {purged.kept} message(s) that questions still waiting for an answer need")
     return 0
+
+
+def _doctor(path: Path, *, online: bool, as_json: bool) -> int:
+    from bot.doctor import diagnose, report
+
+    checks = diagnose(path, online=online)
+    print(report(checks, as_json=as_json))
+    return 1 if any(c.status == "fail" for c in checks) else 0
 
 
 def _tiny_model(out: Path) -> int:

@@ -13,7 +13,7 @@ from core.model_files import ModelSource, unavailable
 from core.quantization import Mode, bnb_config, pick_mode, unquantised_modules
 from core.tiny_model import MARKER
 
-__all__ = ["LoadedModel", "load", "pick_device", "pick_dtype", "vision_dtype"]
+__all__ = ["LoadPlan", "LoadedModel", "load", "pick_device", "pick_dtype", "plan", "vision_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +38,18 @@ def load(
     cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load ``source``; raise ``ModelUnavailable`` with what to do when it cannot be."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    where = pick_device(device, torch.cuda.is_available())
-    torch_dtype = pick_dtype(dtype, where)
-    mode = pick_mode(quantization, where)
+    planned = plan(source, device=device, dtype=dtype, quantization=quantization, cache_dir=cache_dir)
+    where, torch_dtype, mode, keep, need = planned.device, planned.dtype, planned.mode, planned.keep, planned.need
     if mode != "none":
         _require_bitsandbytes(mode)
     name = source.name_or_path
+    if planned.free is not None:
+        ensure_fits(need, planned.free, where=where, model=name, mode=mode)
     common: dict[str, Any] = {"local_files_only": source.local_files_only, "cache_dir": cache_dir}
-    try:
-        config = AutoConfig.from_pretrained(name, **common)
-        with torch.device("meta"):  # shapes only: no memory, no weights read
-            skeleton = AutoModelForImageTextToText.from_config(config)
-    except (OSError, ValueError) as exc:
-        raise unavailable(name, str(exc).splitlines()[0]) from exc
-    keep = unquantised_modules(skeleton)
-    need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
-    free = available_bytes(where)
-    if free is not None:
-        ensure_fits(need, free, where=where, model=name, mode=mode)
-    del skeleton
     try:
         processor = AutoProcessor.from_pretrained(name, **common)
         model = AutoModelForImageTextToText.from_pretrained(
@@ -76,6 +64,41 @@ def load(
     log.info("model %s loaded on %s: %s, quantization %s, about %.1f GiB", name, where, torch_dtype, mode,
              need.weights / 2**30)
     return LoadedModel(model, processor, where, torch_dtype, mode, vision_dtype(model, keep), need)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    """How a model would be loaded here, and the memory it would need: found before any weight is read."""
+
+    device: str
+    dtype: Any
+    mode: Mode
+    keep: list[str]  # modules left unquantised
+    need: Estimate
+    free: int | None  # bytes free where it would live (None: unknown)
+
+
+def plan(
+    source: ModelSource, *, device: str = "auto", dtype: str = "auto", quantization: str = "auto",
+    cache_dir: Path | None = None,
+) -> LoadPlan:
+    """Read the model's config and build it on the meta device; raise ``ModelUnavailable`` when it cannot be."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    where = pick_device(device, torch.cuda.is_available())
+    torch_dtype = pick_dtype(dtype, where)
+    mode = pick_mode(quantization, where)
+    name = source.name_or_path
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=source.local_files_only, cache_dir=cache_dir)
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            skeleton = AutoModelForImageTextToText.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise unavailable(name, str(exc).splitlines()[0]) from exc
+    keep = unquantised_modules(skeleton)
+    need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
+    return LoadPlan(where, torch_dtype, mode, keep, need, available_bytes(where))
 
 
 def vision_dtype(model: Any, unquantised: list[str]) -> Any:

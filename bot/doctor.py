@@ -1,0 +1,269 @@
+"""``imsight doctor``: what works and what does not on this host, each with its fix.
+
+Offline by default: nothing here reaches the network unless ``online`` is set, and then only the
+configured model server and the enabled platforms' token endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from bot.config import Config, configured_secrets, load
+from core.errors import ImsightError
+
+__all__ = ["Check", "diagnose", "report"]
+
+GiB = 2**30
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def diagnose(config_path: Path, *, online: bool = False) -> list[Check]:
+    """Every check, in the order an operator would fix them."""
+    try:
+        config = load(config_path)
+    except ImsightError as exc:
+        return [_python(), Check("config", "fail", str(exc), f"edit {config_path} (config.example.toml "
+                                 "shows every key)")]
+    checks = [_python(), Check("config", "ok", f"{config_path} is valid")]
+    checks += list(_gpu_and_model(config))
+    checks += list(_data_dir(config))
+    checks += list(_platforms(config))
+    if online:
+        checks += asyncio.run(_online(config))
+    return checks
+
+
+def report(checks: list[Check], *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps([asdict(c) for c in checks], ensure_ascii=False, indent=2)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status.upper():<4}  {check.name:<22} {check.detail}")
+        if check.fix and check.status != "ok":
+            lines.append(f"{'':<6}{'':<22} fix: {check.fix}")
+    failed = sum(c.status == "fail" for c in checks)
+    warned = sum(c.status == "warn" for c in checks)
+    lines.append(f"\n{len(checks)} checks: {failed} failed, {warned} warning(s)")
+    return "\n".join(lines)
+
+
+def _python() -> Check:
+    # An older Python cannot import imsight at all (pyproject says >=3.11): this line is for the record.
+    return Check("python", "ok", f"Python {'.'.join(map(str, sys.version_info[:3]))} at {sys.executable}")
+
+
+def _gpu_and_model(config: Config) -> Iterator[Check]:
+    engine = config.engine
+    if engine.kind == "openai":
+        yield Check("engine", "ok", f"model server at {engine.base_url}, model {engine.model!r} "
+                    "(reached only with --online)")
+        return
+    try:
+        import torch
+    except ImportError:
+        yield Check("torch", "fail", "torch is not installed", "make run (or pip install torch)")
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        free, total = torch.cuda.mem_get_info()
+        yield Check("gpu", "ok", f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, torch "
+                    f"{torch.__version__}, {free / GiB:.1f} of {total / GiB:.1f} GiB free")
+    elif engine.device == "cuda":
+        yield Check("gpu", "fail", f"[engine] device = \"cuda\" but torch {torch.__version__} sees no GPU",
+                    "check nvidia-smi and the driver; install a CUDA build of torch")
+    else:
+        yield Check("gpu", "warn", f"no CUDA GPU (torch {torch.__version__}): the model runs on the CPU, slowly",
+                    "on a GPU host: check nvidia-smi and install a CUDA build of torch")
+    from core.quantization import pick_mode
+
+    mode = pick_mode(engine.quantization, "cuda" if cuda and engine.device != "cpu" else "cpu")
+    if mode != "none":
+        try:
+            import bitsandbytes
+
+            yield Check("bitsandbytes", "ok", f"bitsandbytes {bitsandbytes.__version__} for {mode}")
+        except Exception as exc:  # its import probes CUDA libraries and may fail in many ways
+            yield Check("bitsandbytes", "fail", f"cannot import bitsandbytes for {mode}: {exc}",
+                        "pip install bitsandbytes (a build for this CUDA), or [engine] quantization = \"none\"")
+    yield from _model(config)
+
+
+def _model(config: Config) -> Iterator[Check]:
+    from core.model_files import resolve
+    from core.model_loading import plan
+
+    engine = config.engine
+    try:
+        source = resolve(engine.model, engine.model_path, allow_download=False, cache_dir=engine.cache_dir)
+        planned = plan(source, device=engine.device, dtype=engine.dtype, quantization=engine.quantization,
+                       cache_dir=engine.cache_dir)
+    except ImsightError as exc:
+        yield Check("model files", "fail", str(exc).split(". ")[0], _after_first_sentence(str(exc)))
+        return
+    need = planned.need
+    yield Check("model files", "ok", f"{source.name_or_path}: about {need.weights / GiB:.1f} GiB of weights as "
+                f"{planned.mode} on {planned.device}")
+    if planned.free is None:
+        yield Check("memory", "warn", f"free memory on {planned.device} unknown", "")
+    elif need.total > planned.free:
+        fix = "[engine] quantization = \"nf4\"" if planned.mode != "nf4" else "free the GPU or use a smaller model"
+        yield Check("memory", "fail", f"needs about {need.total / GiB:.1f} GiB, {planned.free / GiB:.1f} GiB free "
+                    f"on {planned.device}", fix)
+    else:
+        yield Check("memory", "ok", f"needs about {need.total / GiB:.1f} GiB, {planned.free / GiB:.1f} GiB free "
+                    f"on {planned.device}")
+
+
+def _after_first_sentence(text: str) -> str:
+    _, _, rest = text.partition(". ")
+    return rest or "see the README: A real model"
+
+
+def _data_dir(config: Config) -> Iterator[Check]:
+    data_dir = config.storage.data_dir.expanduser()
+    probe = data_dir if data_dir.exists() else next((p for p in data_dir.parents if p.exists()), Path("/"))
+    if not os.access(probe, os.W_OK):
+        yield Check("data dir", "fail", f"{data_dir}: cannot write in {probe}",
+                    f"create it for the daemon's user: install -d -m 0700 -o $USER {data_dir}")
+        return
+    if data_dir.exists() and data_dir.stat().st_mode & 0o077:
+        yield Check("data dir", "warn", f"{data_dir} is open to other users ({oct(data_dir.stat().st_mode & 0o777)})",
+                    f"chmod 0700 {data_dir} (the daemon also does at start)")
+    else:
+        yield Check("data dir", "ok", f"{data_dir} " + ("exists, private" if data_dir.exists() else "will be created"))
+    free = shutil.disk_usage(probe).free
+    yield Check("disk", "ok" if free >= GiB else "warn", f"{free / GiB:.1f} GiB free at {probe}",
+                "free disk space, or set [storage] retention_days / max_bytes")
+
+
+_TELEGRAM_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]{20,}")
+
+
+def _platforms(config: Config) -> Iterator[Check]:
+    def missing(name: str, keys: list[str], env: str) -> Check:
+        return Check(name, "fail", "missing " + ", ".join(keys), f"set them in the config or the environment ({env})")
+
+    hook = config.adapters.webhook
+    if hook.enabled:
+        if hook.token or hook.secret:
+            yield Check("api", "ok", "generic API: " + " and ".join(
+                n for n, v in (("bearer token", hook.token), ("signing secret", hook.secret)) if v))
+        else:
+            level: Status = "warn" if config.server.host in {"127.0.0.1", "::1", "localhost"} else "fail"
+            yield Check("api", level, f"generic API open to anyone who reaches {config.server.host}",
+                        "set [adapters.webhook] token (or IMSIGHT_WEBHOOK_TOKEN)")
+    telegram = config.adapters.telegram
+    if telegram.enabled:
+        if telegram.token is None:
+            yield missing("telegram", ["token"], "IMSIGHT_TELEGRAM_TOKEN")
+        elif not _TELEGRAM_TOKEN.fullmatch(telegram.token.get_secret_value()):
+            yield Check("telegram", "fail", "token does not look like a Bot API token (digits:letters)",
+                        "copy it again from @BotFather")
+        elif telegram.mode == "webhook" and not (telegram.webhook_url and telegram.secret_token):
+            yield missing("telegram", ["webhook_url", "secret_token"], "IMSIGHT_TELEGRAM_SECRET_TOKEN")
+        else:
+            yield Check("telegram", "ok", f"token set, {telegram.mode}")
+    feishu = config.adapters.feishu
+    if feishu.enabled:
+        lacking = [k for k, v in (("app_id", feishu.app_id), ("app_secret", feishu.app_secret),
+                                  ("verification_token", feishu.verification_token)) if not v]
+        yield missing("feishu", lacking, "IMSIGHT_FEISHU_APP_SECRET, IMSIGHT_FEISHU_VERIFICATION_TOKEN") \
+            if lacking else Check("feishu", "ok", "app credentials set" + (
+                ", bodies encrypted" if feishu.encrypt_key else " (no encrypt_key: bodies in plain text)"))
+    dingtalk = config.adapters.dingtalk
+    if dingtalk.enabled:
+        lacking = [k for k, v in (("app_key", dingtalk.app_key), ("app_secret", dingtalk.app_secret)) if not v]
+        yield missing("dingtalk", lacking, "IMSIGHT_DINGTALK_APP_SECRET") if lacking else Check(
+            "dingtalk", "ok", "app credentials set" + ("" if dingtalk.allowed_ips else
+                                                      " (no allowed_ips: anyone with a captured sign may post)"))
+
+
+async def _online(config: Config) -> list[Check]:
+    """Each enabled platform's credentials and the model server, tried for real."""
+    import aiohttp
+
+    checks: list[Check] = []
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        async def attempt(name: str, call: Callable[[], Awaitable[str]], fix: str) -> None:
+            try:
+                checks.append(Check(f"{name} (online)", "ok", await call()))
+            except Exception as exc:  # whatever the network or the platform does: reported, not raised
+                checks.append(Check(f"{name} (online)", "fail", _scrubbed(f"{type(exc).__name__}: {exc}", config),
+                                    fix))
+
+        engine = config.engine
+        if engine.kind == "openai":
+            async def models() -> str:
+                headers = {"Authorization": f"Bearer {engine.api_key.get_secret_value()}"} if engine.api_key else {}
+                async with http.get(f"{engine.base_url.rstrip('/')}/models", headers=headers) as resp:
+                    resp.raise_for_status()
+                    served = [m.get("id") for m in (await resp.json()).get("data", [])]
+                if engine.model not in served:
+                    raise ImsightError(f"the server does not serve {engine.model!r}; it serves {served}")
+                return f"serves {engine.model!r}"
+
+            await attempt("model server", models, "start the server, or fix [engine] base_url / model / api_key")
+        telegram = config.adapters.telegram
+        if telegram.enabled and telegram.token is not None:
+            base = (telegram.base_url or "https://api.telegram.org/bot") + telegram.token.get_secret_value()
+
+            async def get_me() -> str:
+                async with http.post(f"{base}/getMe") as resp:
+                    body = await resp.json(content_type=None)
+                if not body.get("ok"):
+                    raise ImsightError(f"Telegram said: {body.get('description', resp.status)}")
+                return f"@{body['result']['username']}"
+
+            await attempt("telegram", get_me, "copy the token again from @BotFather")
+        feishu = config.adapters.feishu
+        if feishu.enabled and feishu.app_secret is not None:
+            feishu_secret = feishu.app_secret.get_secret_value()
+
+            async def tenant_token() -> str:
+                async with http.post(f"{feishu.base_url}/open-apis/auth/v3/tenant_access_token/internal",
+                                     json={"app_id": feishu.app_id, "app_secret": feishu_secret}) as resp:
+                    body = await resp.json(content_type=None)
+                if body.get("code") != 0:
+                    raise ImsightError(f"Feishu said: {body.get('msg')}")
+                return "tenant token issued"
+
+            await attempt("feishu", tenant_token, "check app_id and app_secret in the developer console")
+        dingtalk = config.adapters.dingtalk
+        if dingtalk.enabled and dingtalk.app_secret is not None:
+            dingtalk_secret = dingtalk.app_secret.get_secret_value()
+
+            async def access_token() -> str:
+                async with http.post(f"{dingtalk.base_url}/v1.0/oauth2/accessToken",
+                                     json={"appKey": dingtalk.app_key, "appSecret": dingtalk_secret}) as resp:
+                    body = await resp.json(content_type=None)
+                if not body.get("accessToken"):
+                    raise ImsightError(f"DingTalk said: {body.get('message', resp.status)}")
+                return "access token issued"
+
+            await attempt("dingtalk", access_token, "check app_key and app_secret in the developer console")
+    return checks
+
+
+def _scrubbed(text: str, config: Config) -> str:
+    """An error may quote a URL with a token in it (Telegram's): never print a secret."""
+    for secret in configured_secrets(config):
+        text = text.replace(secret, "<redacted>")
+    return text

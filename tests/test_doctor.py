@@ -1,0 +1,121 @@
+"""`imsight doctor`: one screen of what works and what does not, each failure with its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fake_dingtalk import APP_KEY, FakeDingTalk
+from fake_dingtalk import APP_SECRET as DINGTALK_SECRET
+from fake_feishu import APP_ID, VERIFICATION_TOKEN, FakeFeishu
+from fake_openai import KEY, MODEL, FakeOpenAI
+from fake_telegram import TOKEN, FakeTelegram
+
+from helpers import free_port, loopback
+
+
+async def doctor(config: Path, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "doctor", "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
+
+
+def by_name(output: str) -> dict[str, dict[str, Any]]:
+    return {check["name"]: check for check in json.loads(output)}
+
+
+async def test_a_healthy_cpu_host_passes_with_warnings(tmp_path, tiny_model):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[engine]\nmodel_path = "{tiny_model}"\n'
+                      '[adapters.webhook]\ntoken = "doctor-token"\n')
+    status, out = await doctor(config, "--json")
+    checks = by_name(out)
+    assert status == 0, out
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "python": "ok", "config": "ok", "gpu": "warn", "model files": "ok", "memory": "ok", "data dir": "ok",
+        "disk": "ok", "api": "ok"}
+    assert "nvidia-smi" in checks["gpu"]["fix"]
+    status, text = await doctor(config)  # the same, for people
+    assert status == 0 and "WARN  gpu" in text and "0 failed, 1 warning(s)" in text
+
+
+async def test_each_failure_says_how_to_fix_it(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+[engine]
+model_path = "{tmp_path / 'no-such-model'}"
+[adapters.telegram]
+enabled = true
+token = "not-a-token"
+[adapters.feishu]
+enabled = true
+app_id = "cli_x"
+[adapters.dingtalk]
+enabled = true
+app_key = "ding"
+app_secret = "s"
+""")
+    status, out = await doctor(config, "--json")
+    checks = by_name(out)
+    assert status == 1
+    failed = {name for name, c in checks.items() if c["status"] == "fail"}
+    assert failed == {"model files", "telegram", "feishu"}
+    assert all(checks[name]["fix"] for name in failed)
+    assert "missing app_secret, verification_token" in checks["feishu"]["detail"]
+    assert checks["dingtalk"]["status"] == "ok" and "allowed_ips" in checks["dingtalk"]["detail"]
+    (tmp_path / "bad.toml").write_text("[engine]\nmax_new_tokns = 5\n")
+    status, out = await doctor(tmp_path / "bad.toml", "--json")
+    assert status == 1 and "max_new_tokns: unknown key" in by_name(out)["config"]["detail"]
+
+
+async def test_online_tries_each_credential_and_prints_no_secret(tmp_path):
+    telegram, feishu, dingtalk, model = FakeTelegram(), FakeFeishu(), FakeDingTalk(), FakeOpenAI()
+    async with loopback(telegram.app()) as tg, loopback(feishu.app()) as fs, loopback(dingtalk.app()) as dt, \
+            loopback(model.app()) as engine:
+        config = tmp_path / "config.toml"
+        config.write_text(f"""
+[storage]
+data_dir = "{tmp_path / 'data'}"
+[engine]
+kind = "openai"
+base_url = "{engine}/v1"
+model = "{MODEL}"
+api_key = "{KEY}"
+[adapters.webhook]
+enabled = false
+[adapters.telegram]
+enabled = true
+token = "{TOKEN[:-4]}WXYZwrong-but-well-formed"
+base_url = "{tg}/bot"
+[adapters.feishu]
+enabled = true
+app_id = "{APP_ID}"
+app_secret = "feishu-wrong-secret"
+verification_token = "{VERIFICATION_TOKEN}"
+base_url = "{fs}"
+[adapters.dingtalk]
+enabled = true
+app_key = "{APP_KEY}"
+app_secret = "{DINGTALK_SECRET}"
+base_url = "{dt}"
+""")
+        status, out = await doctor(config, "--json", "--online")
+        offline_port = free_port()
+        (tmp_path / "down.toml").write_text(config.read_text().replace(f"{engine}/v1",
+                                                                         f"http://127.0.0.1:{offline_port}/v1"))
+        down_status, down = await doctor(tmp_path / "down.toml", "--json", "--online")
+    checks = by_name(out)
+    assert status == 1
+    assert {name: c["status"] for name, c in checks.items() if name.endswith("(online)")} == {
+        "model server (online)": "ok", "telegram (online)": "fail", "feishu (online)": "fail",
+        "dingtalk (online)": "ok"}
+    assert "wrong-but-well-formed" not in out and "feishu-wrong-secret" not in out
+    assert by_name(down)["model server (online)"]["status"] == "fail" and down_status == 1

@@ -43,6 +43,7 @@ HELP = """I answer questions about images.
 - Post a screenshot with @{bot} and your question in the caption.
 - Reply to an image (or to my answer) and mention @{bot} to ask about it; replies to my answers need no mention.
 - /ask <question> asks about the latest image here.
+- /images lists the images I remember here; /use N makes the next questions about image N.
 - /forget deletes what I stored for this chat (group admins only).
 - /status says which model answers and how many questions are waiting.
 - In a private chat, just send the image and the question."""
@@ -223,6 +224,9 @@ class TelegramAdapter:
                                      f"{status.running}; waiting: {status.queued}.")
             return
         if command == _NOT_FOR_US:
+            return
+        if command in ("/images", "/use"):  # the daemon's own chat commands, for every platform
+            await self._host.accept(self._incoming(message, event_id=str(update.update_id), addressed=True))
             return
         if command not in (None, "/ask"):
             await self._say(message, f"I don't know {command}. /help says what I understand.")

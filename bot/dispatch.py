@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from bot.admission import Admission, busy
+from bot.commands import HELP as COMMANDS_HELP
+from bot.commands import Command, Commands
+from bot.commands import parse as parse_command
 from bot.context import OWN, resolve
 from bot.files import ImageFiles
 from bot.metrics import Metrics
@@ -26,6 +29,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger(__name__)
 
 _TERMINAL = frozenset({"done", "failed"})
+API = "api"  # the generic API: its callers have the history API, not chat commands
 _REFUSAL_MEMORY_S = 0.5
 
 
@@ -61,6 +65,7 @@ class Dispatcher:
         self._image_limits = image_limits
         self._window_s, self._history_turns = window_s, history_turns
         self._admission = admission
+        self._commands = Commands(store)
         self._metrics = metrics or Metrics()
         self._refused: dict[str, float] = {}  # what was refused (queue, chat, sender) -> until when, monotonic
         self._download_attempts, self._retry_base_s = download_attempts, retry_base_s
@@ -187,6 +192,9 @@ class Dispatcher:
 
     async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None,
                        problems: Sequence[str] = (), refuse_when_busy: bool = False) -> Accepted:
+        command = parse_command(incoming.text) if incoming.addressed and incoming.platform != API else None
+        if command is not None:
+            return await self._command(incoming, images, command, inbox_id)
         job = None
         if incoming.addressed and problems and not images:
             # The asker sent images and none could be taken: say so, rather than answer about another one.
@@ -207,6 +215,33 @@ class Dispatcher:
             self._outbox.wake()  # the busy reply
         elif accepted.job_id and not accepted.duplicate:
             self._workers.wake()
+        return accepted
+
+    async def _command(self, incoming: Incoming, images: Sequence[ImageInfo], command: Command,
+                       inbox_id: int | None) -> Accepted:
+        """A chat command, answered at once; the caller holds the chat's lock."""
+        name, argument = command.name, command.argument
+        if name == "/images":
+            reply = await self._commands.images(incoming)
+        elif name == "/use":
+            reply, chosen = await self._commands.chosen(incoming, argument)
+            # The command carries the chosen image, so "the latest image here" is that one from now on.
+            # Its row exists already: the zero sizes are never written (INSERT OR IGNORE).
+            images = [*images, *(ImageInfo(sha, "", 0, 0, 0) for sha in chosen)]
+        elif name == "/forget" and self._commands.forget_confirmed(incoming, argument):
+            forgotten = await self._forget_unlocked(incoming.platform, incoming.chat_id)
+            reply = ("A question here is still being answered; send /forget again when it is done."
+                     if forgotten is None else f"Done: I forgot {forgotten} message(s) of this chat and their images.")
+        elif name == "/forget":
+            reply = ("This deletes everything I stored for this chat: its messages, images and my answers. "
+                     "Send /forget yes within 5 minutes to confirm.")
+        else:
+            reply = COMMANDS_HELP
+        job = NewJob((), {"command": name}, reply=reply)
+        accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
+        log.info("%s chat %s message %s: command %s answered", incoming.platform, incoming.chat_id,
+                 incoming.message_id, name)
+        self._outbox.wake()
         return accepted
 
     def _check_and_keep(self, blobs: list[bytes]) -> list[ImageInfo]:
@@ -258,7 +293,10 @@ class Dispatcher:
     async def forget(self, platform: str, chat_id: str) -> int | None:
         """Delete everything stored for one chat; ``None`` while one of its questions is being answered."""
         async with self._chat(platform, chat_id):  # no intake of this chat meanwhile
-            result = await self._store.forget_chat(platform, chat_id)
+            return await self._forget_unlocked(platform, chat_id)
+
+    async def _forget_unlocked(self, platform: str, chat_id: str) -> int | None:
+        result = await self._store.forget_chat(platform, chat_id)
         if result is None:
             return None
         await asyncio.to_thread(self._delete_files, result.orphans)

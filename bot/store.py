@@ -50,6 +50,7 @@ class NewJob:
 
     images: tuple[str, ...]
     context: dict[str, Any] = field(default_factory=dict)
+    reply: str | None = None  # answered already (a chat command): goes straight to the outbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,19 +164,22 @@ class Store(RetentionQueries):
                 )
                 job_id = None
                 if job is not None:
-                    if admission is not None:
+                    if admission is not None and job.reply is None:
                         refused = await admission.refusal(db, conversation, incoming.platform, incoming.sender_id)
                     if refused and refuse_when_busy:
                         raise busy(refused)
                     job_id = uuid.uuid4().hex
+                    # Refused: closed now; answered already: running until its reply is sent; else queued.
+                    status = "failed" if refused else "running" if job.reply is not None else "queued"
                     await db.execute(
-                        "INSERT INTO jobs (id, question, conversation, status, context, created_at, refused, error) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job_id, row, conversation, "failed" if refused else "queued", json.dumps(job.context), now,
-                         refused, f"refused: {refused}" if refused else None),
+                        "INSERT INTO jobs (id, question, conversation, status, context, created_at, refused, error, "
+                        "answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, row, conversation, status, json.dumps(job.context), now,
+                         refused, f"refused: {refused}" if refused else None, job.reply),
                     )
-                    if refused:
-                        await self._queue_reply(db, job_id, "answer", conversation, busy_reply(refused), failed=True)
+                    if refused or job.reply is not None:
+                        reply = busy_reply(refused) if refused else str(job.reply)
+                        await self._queue_reply(db, job_id, "answer", conversation, reply, failed=bool(refused))
                     if job.images:
                         await db.executemany(
                             "INSERT INTO job_images (job, position, sha256) VALUES (?, ?, ?)",
@@ -251,6 +255,21 @@ class Store(RetentionQueries):
             )
             for r in rows
         ]
+
+    async def recent_images(
+        self, platform: str, chat_id: str, thread_id: str | None, limit: int
+    ) -> list[tuple[str, StoredMessage]]:
+        """The chat's (or thread's) distinct images from its newest ``limit`` messages with images, oldest
+        first, each with the message that brought it first among those."""
+        where, args = conditions(("m.platform = ?", platform), ("m.chat_id = ?", chat_id), ("m.role = 'user'", ()),
+                                 ("m.thread_id = ?", thread_id),
+                                 ("EXISTS (SELECT 1 FROM message_images x WHERE x.message = m.id)", ()))
+        newest = await self._messages(f"{where} ORDER BY m.id DESC LIMIT ?", *args, limit)
+        seen: dict[str, StoredMessage] = {}
+        for message in reversed(newest):
+            for sha in message.images:
+                seen.setdefault(sha, message)
+        return list(seen.items())
 
     async def history(self, platform: str, chat_id: str, limit: int) -> list[HistoryEntry]:
         """The newest ``limit`` messages of a chat, oldest first; answers with what they answer."""

@@ -130,3 +130,21 @@ async def test_conversations_and_callers_outside_the_allowlists_store_nothing(fa
     async with daemon(adapters={"dingtalk": only_other_ip}) as d:
         assert await deliver(http, d, callback(fake, "g2", text="hello again")) == 401  # we call from 127.0.0.1
     assert helpers.counts(data_dir)["messages"] == 2  # g1 and its answer; nothing from p1 or g2
+
+
+async def test_images_and_use_commands(fake, daemon, http):
+    fake.pictures["dlc-a"], fake.pictures["dlc-b"] = SHOT, OTHER
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        for msg_id, code in (("a1", "dlc-a"), ("a2", "dlc-b")):
+            assert await deliver(http, d, callback(fake, msg_id, picture=code, group=False)) == 200
+        await answered(d, http, 2, "cidP1")  # a picture alone in a 1:1 chat is described
+        await deliver(http, d, callback(fake, "a3", text="/images", group=False))
+        await answered(d, http, 3, "cidP1")
+        await deliver(http, d, callback(fake, "a4", text="/use 1", group=False))
+        await answered(d, http, 4, "cidP1")
+        await deliver(http, d, callback(fake, "a5", text="and this one?", group=False))
+        done = await answered(d, http, 5, "cidP1")
+    texts = [p["markdown"]["text"] for p in fake.webhook_posts]
+    assert "1. " in texts[2] and "2. " in texts[2]
+    assert texts[3].startswith("OK: the next questions here are about image 1")
+    assert done[-1]["used_images"] == [sha256(SHOT)]

@@ -10,7 +10,7 @@ from fake_feishu import APP_ID, APP_SECRET, ENCRYPT_KEY, VERIFICATION_TOKEN, Fak
 
 import helpers
 from core.images import sha256
-from helpers import get, loopback, png
+from helpers import eventually, get, loopback, png
 
 SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
 
@@ -160,3 +160,24 @@ async def test_chats_outside_allowed_chats_store_nothing(fake, daemon, http, dat
     # om_z and its answer only
     assert (stored["inbox"], stored["messages"], stored["images"], stored["files"]) == (1, 2, 0, 0)
     assert len(fake.replies) == 1
+
+
+async def test_chat_commands_list_images_and_forget_after_confirmation(fake, daemon, http, data_dir):
+    fake.files[("om_i", "img_i")] = SHOT
+    async with daemon(adapters=feishu_config(fake)) as d:
+        await deliver(http, d, event("om_i", image="img_i"))  # stored, not addressed
+        await deliver(http, d, event("om_c1", text="/images", mention_bot=True))
+        await answered(d, http, 1)
+        await deliver(http, d, event("om_c2", text="/help", mention_bot=True))
+        await answered(d, http, 2)
+        await deliver(http, d, event("om_c3", text="/forget", mention_bot=True))
+        await answered(d, http, 3)
+        await deliver(http, d, event("om_c4", text="/forget yes", mention_bot=True))
+        await eventually(lambda: len(fake.replies) == 4)
+        _, history = await get(http, d.url, "/api/v1/history/feishu/oc_g1")
+    texts = [text_of(r) for r in fake.replies]
+    assert texts[0].startswith("Images I remember here") and "1. " in texts[0]
+    assert "/use N" in texts[1] and "Send /forget yes" in texts[2]
+    assert texts[3].startswith("Done: I forgot 7 message(s)")  # 1 image, 3 commands and their 3 replies
+    assert [m["text"] for m in history["messages"]] == ["/forget yes", texts[3]]  # all that is left
+    assert helpers.counts(data_dir)["files"] == 0

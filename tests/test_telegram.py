@@ -344,3 +344,31 @@ async def test_polling_confirms_an_update_only_once_it_is_stored(fake, daemon, h
         done = await answered(d, http, 1)
         await eventually(lambda: not fake.updates)  # confirmed once stored
     assert done[0]["answers"] == "501" and len(fake.sent) == 1
+
+
+async def test_images_lists_what_is_remembered_and_use_picks_one(fake, daemon, http):
+    fake.add_file("first", SHOT)
+    fake.add_file("second", OTHER)
+
+    def command(mid: int, text: str) -> dict[str, Any]:
+        m = message(mid, text=text)
+        m["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        return m
+
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(601, photo="first"))
+        fake.push(message(602, photo="second"))
+        await eventually(lambda: helpers.counts(d.config.storage.data_dir)["message_images"] == 2)
+        fake.push(command(603, "/images"))
+        await answered(d, http, 1)
+        listing = fake.text_of(0)
+        fake.push(command(604, "/use 1"))
+        await answered(d, http, 2)
+        fake.push(command(605, "/use 7"))
+        await answered(d, http, 3)
+        fake.push(message(606, text=f"{MENTION} what is this?"))
+        done = await answered(d, http, 4)
+    assert listing.startswith("Images I remember here") and "1. " in listing and "2. " in listing
+    assert fake.text_of(1).startswith("OK: the next questions here are about image 1")
+    assert fake.text_of(2).startswith("There is no image 7")
+    assert done[-1]["used_images"] == [sha256(SHOT)]  # not the later one: /use 1 chose the first

@@ -123,6 +123,11 @@ class DingTalkConfig(_Section):
     allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
 
 
+class AdminConfig(_Section):
+    enabled: bool = False  # the history page at /admin, on the daemon's server
+    token: SecretStr | None = None  # required when enabled; or IMSIGHT_ADMIN_TOKEN
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"  # json: one object per line, for a log pipeline
@@ -143,6 +148,7 @@ class Config(_Section):
     context: ContextConfig = Field(default_factory=ContextConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
     adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
 
 
@@ -157,6 +163,7 @@ ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
     "IMSIGHT_FEISHU_VERIFICATION_TOKEN": ("adapters", "feishu", "verification_token"),
     "IMSIGHT_FEISHU_ENCRYPT_KEY": ("adapters", "feishu", "encrypt_key"),
     "IMSIGHT_DINGTALK_APP_SECRET": ("adapters", "dingtalk", "app_secret"),
+    "IMSIGHT_ADMIN_TOKEN": ("admin", "token"),
 }
 
 

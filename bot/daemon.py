@@ -12,6 +12,7 @@ from types import TracebackType
 from aiohttp import web
 
 from adapters.webhook import WebhookAdapter
+from bot.admin import AdminPages
 from bot.admission import Admission
 from bot.config import Config, configured_secrets
 from bot.dispatch import Dispatcher
@@ -150,6 +151,8 @@ class Daemon:
         cfg, stack = self.config, self._stack
         redact_in_logs(configured_secrets(cfg))
         # Everything that can fail on configuration fails before the model is loaded or a port bound.
+        if cfg.admin.enabled and cfg.admin.token is None:
+            raise ConfigError("admin.token: required when [admin] enabled (or IMSIGHT_ADMIN_TOKEN)")
         engine = self._engine or build_engine(cfg)
         adapters = [*build_adapters(cfg), *self._extra_adapters]
         limits = image_limits(cfg)
@@ -204,6 +207,9 @@ class Daemon:
                         shutdown_timeout_s=5)
         web.app.router.add_get("/metrics", metrics.handle)
         web.app.router.add_get("/readyz", self._readyz)
+        if cfg.admin.enabled:
+            assert cfg.admin.token is not None  # checked with the rest of the config, below
+            AdminPages(store, files, cfg.admin.token.get_secret_value(), dispatcher.forget).mount(web.app)
         for adapter in adapters:
             adapter.mount(web.app)
             await adapter.start(dispatcher)

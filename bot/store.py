@@ -18,7 +18,7 @@ from bot.store_retention import Purged, RetentionQueries
 from core.images import ImageInfo
 from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
-__all__ = ["JobRecord", "NewJob", "OutgoingReply", "Purged", "Store", "StoredMessage"]
+__all__ = ["ChatSummary", "JobRecord", "NewJob", "OutgoingReply", "Purged", "QuestionView", "Store", "StoredMessage"]
 
 # The SHA-256 digests of a message's (or a job's) images, in order, as one comma-separated column.
 _MESSAGE_SHAS = ("(SELECT group_concat(sha256) FROM (SELECT sha256 FROM message_images "
@@ -65,6 +65,27 @@ class JobRecord:
     context: dict[str, Any]
     answer: str | None
     draft_id: str | None = None  # the placeholder the platform shows while it is answered
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSummary:
+    platform: str
+    chat_id: str
+    messages: int
+    images: int
+    last_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionView:
+    text: str
+    asker: str
+    asked_at: float
+    status: str
+    images: tuple[str, ...]  # what it was about
+    answer: str | None  # as delivered
+    error: str | None
+    answered_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +291,26 @@ class Store(RetentionQueries):
             for sha in message.images:
                 seen.setdefault(sha, message)
         return list(seen.items())
+
+    async def chats(self, limit: int) -> list[ChatSummary]:
+        """The chats with stored messages, most recently active first."""
+        rows = await self._rows(
+            "SELECT m.platform, m.chat_id, count(DISTINCT m.id) AS messages, count(DISTINCT mi.sha256) AS images, "
+            "max(m.created_at) AS last FROM messages m LEFT JOIN message_images mi ON mi.message = m.id "
+            "GROUP BY m.platform, m.chat_id ORDER BY last DESC LIMIT ?", limit)
+        return [ChatSummary(r["platform"], r["chat_id"], r["messages"], r["images"], r["last"]) for r in rows]
+
+    async def questions(self, platform: str, chat_id: str, limit: int) -> list[QuestionView]:
+        """A chat's newest ``limit`` questions, oldest first: what was asked, about which images, and the answer."""
+        rows = await self._rows(
+            f"SELECT * FROM (SELECT q.text, q.sender_name, q.sender_id, q.created_at, j.status, j.error, "
+            f"j.finished_at, a.text AS answer, {_JOB_SHAS.format('j.id')} AS used, j.seq "
+            "FROM jobs j JOIN messages q ON q.id = j.question "
+            "LEFT JOIN messages a ON a.job_id = j.id AND a.role = 'bot' "
+            "WHERE q.platform = ? AND q.chat_id = ? ORDER BY j.seq DESC LIMIT ?) ORDER BY seq",
+            platform, chat_id, limit)
+        return [QuestionView(r["text"], r["sender_name"] or r["sender_id"], r["created_at"], r["status"],
+                             split_shas(r["used"]), r["answer"], r["error"], r["finished_at"]) for r in rows]
 
     async def history(self, platform: str, chat_id: str, limit: int) -> list[HistoryEntry]:
         """The newest ``limit`` messages of a chat, oldest first; answers with what they answer."""

@@ -131,6 +131,7 @@ class AdminConfig(_Section):
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"  # json: one object per line, for a log pipeline
+    message_text: bool = False  # true: each stored message's line at INFO shows its text (200 characters)
 
 
 class AdaptersConfig(_Section):

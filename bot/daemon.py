@@ -193,7 +193,7 @@ class Daemon:
             window_s=cfg.context.window_minutes * 60, history_turns=cfg.context.history_turns,
             admission=Admission(cfg.limits.max_queued, cfg.limits.max_queued_per_chat,
                                 cfg.limits.questions_per_sender_per_minute),
-            metrics=metrics,
+            metrics=metrics, log_text=cfg.logging.message_text,
         )
         metrics.probe(lambda: _stored(store))
         if isinstance(engine, Measured):

@@ -57,6 +57,7 @@ class Dispatcher:
         history_turns: int,
         admission: Admission | None = None,
         metrics: Metrics | None = None,
+        log_text: bool = False,
         download_attempts: int = 3,
         retry_base_s: float = 1.0,
     ) -> None:
@@ -66,6 +67,7 @@ class Dispatcher:
         self._window_s, self._history_turns = window_s, history_turns
         self._admission = admission
         self._commands = Commands(store)
+        self._log_text = log_text  # what people write stays out of the log unless the operator says so
         self._metrics = metrics or Metrics()
         self._refused: dict[str, float] = {}  # what was refused (queue, chat, sender) -> until when, monotonic
         self._download_attempts, self._retry_base_s = download_attempts, retry_base_s
@@ -207,10 +209,11 @@ class Dispatcher:
             job = resolution.as_job()
         accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id, admission=self._admission,
                                             refuse_when_busy=refuse_when_busy)
-        log.info("%s chat %s message %s stored (%d image(s))%s", incoming.platform, incoming.chat_id,
+        log.info("%s chat %s message %s stored (%d image(s))%s%s", incoming.platform, incoming.chat_id,
                  incoming.message_id, len(images),
                  f", job {accepted.job_id}" + (f" refused ({accepted.refused})" if accepted.refused else "")
-                 if accepted.job_id else "")
+                 if accepted.job_id else "",
+                 f": {incoming.text[:200]!r}" if self._log_text and incoming.text else "")
         if accepted.refused:
             self._outbox.wake()  # the busy reply
         elif accepted.job_id and not accepted.duplicate:

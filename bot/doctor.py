@@ -83,8 +83,8 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
     cuda = torch.cuda.is_available()
     if cuda:
         free, total = torch.cuda.mem_get_info()
-        yield Check("gpu", "ok", f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, torch "
-                    f"{torch.__version__}, {free / GiB:.1f} of {total / GiB:.1f} GiB free")
+        yield Check("gpu", "ok", f"{torch.cuda.get_device_name(0)}, driver {_driver()}, CUDA {torch.version.cuda}, "
+                    f"torch {torch.__version__}, {free / GiB:.1f} of {total / GiB:.1f} GiB free")
     elif engine.device == "cuda":
         yield Check("gpu", "fail", f"[engine] device = \"cuda\" but torch {torch.__version__} sees no GPU",
                     "check nvidia-smi and the driver; install a CUDA build of torch")
@@ -103,6 +103,21 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
             yield Check("bitsandbytes", "fail", f"cannot import bitsandbytes for {mode}: {exc}",
                         "pip install bitsandbytes (a build for this CUDA), or [engine] quantization = \"none\"")
     yield from _model(config)
+
+
+def _driver() -> str:
+    """The NVIDIA driver's version, as nvidia-smi reports it ("unknown" without nvidia-smi)."""
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "unknown"
+    try:
+        done = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.splitlines()[0].strip() if done.stdout.strip() else "unknown"
 
 
 def _model(config: Config) -> Iterator[Check]:
@@ -133,7 +148,7 @@ def _model(config: Config) -> Iterator[Check]:
 
 def _after_first_sentence(text: str) -> str:
     _, _, rest = text.partition(". ")
-    return rest or "see the README: A real model"
+    return rest.removeprefix("Fix: ").removeprefix("fix: ") or "see the README: A real model"
 
 
 def _data_dir(config: Config) -> Iterator[Check]:

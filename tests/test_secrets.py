@@ -78,3 +78,14 @@ def test_a_secret_in_an_exception_s_message_is_scrubbed_too(caplog):
         log.exception("call failed for %s", "SECRET-in-a-traceback")
     assert "SECRET-in-a-traceback" not in caplog.text
     assert "ValueError: cannot reach https://api.example/bot<redacted>/getMe" in caplog.text
+
+
+@pytest.mark.parametrize("shown", [False, True])
+async def test_message_text_stays_out_of_the_log_unless_configured(shown, daemon, http, caplog):
+    caplog.set_level(logging.INFO)
+    async with daemon(logging={"message_text": shown}) as d:
+        await post(http, d.url, {"conversation_id": "t", "text": "the launch code is 0000", "wait": True})
+    stored = [r.getMessage() for r in caplog.records if "api chat t message" in r.getMessage()]
+    assert stored  # the event's line is there, with its ids
+    assert any("the launch code is 0000" in line for line in stored) is shown
+    assert ("the launch code is 0000" in caplog.text) is shown  # nowhere else either

@@ -88,6 +88,7 @@ class TelegramAdapter:
         self._forget_asked: dict[str, float] = {}  # chat id -> until when "/forget yes" confirms
         self._app: Any = None
         self._poller: asyncio.Task[None] | None = None
+        self._poll_failures = 0  # getUpdates failures in a row
         self._host: Host | None = None
         self._me: Any = None
 
@@ -115,6 +116,11 @@ class TelegramAdapter:
             await self._app.bot.set_webhook(self._webhook_url, secret_token=self._secret, allowed_updates=["message"])
         log.info("telegram bot @%s started (%s)", self._me.username, self._mode)
 
+    @property
+    def connected(self) -> bool:
+        """``core.types.Connected``: started, and (polling) getUpdates not failing twice in a row."""
+        return self._app is not None and self._poll_failures < 2
+
     async def _poll(self) -> None:
         """Long polling that confirms an update (asks for the next offset) only once it is taken in.
 
@@ -128,20 +134,21 @@ class TelegramAdapter:
         bot = self._app.bot
         offset: int | None = None
         handled: set[int] = set()  # taken in this run, perhaps not confirmed yet
-        failures = 0
+        self._poll_failures = 0
         while True:
             try:
                 updates = await bot.get_updates(
                     offset=offset, timeout=0 if self._albums else self._poll_timeout_s, allowed_updates=["message"],
                     read_timeout=self._poll_timeout_s + 10)
-                failures = 0
+                self._poll_failures = 0
             except RetryAfter as exc:
                 await asyncio.sleep(_seconds(exc.retry_after))
                 continue
             except TelegramError as exc:  # network, server errors, another instance polling (Conflict)
-                failures += 1
-                log.warning("telegram getUpdates failed (%s); again in %ds", exc, min(30, 2**failures))
-                await asyncio.sleep(min(30, 2**failures))
+                self._poll_failures += 1
+                wait = min(30, 2**self._poll_failures)
+                log.warning("telegram getUpdates failed (%s); again in %ds", exc, wait)
+                await asyncio.sleep(wait)
                 continue
             failed: int | None = None
             for update in updates:

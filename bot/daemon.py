@@ -30,7 +30,7 @@ from core.errors import AdapterError, ConfigError, ImsightError
 from core.images import ImageLimits
 from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
-from core.types import Adapter
+from core.types import Adapter, Connected
 
 __all__ = ["Daemon", "build_engine", "serve"]
 
@@ -134,6 +134,7 @@ class Daemon:
         self.web: WebServer | None = None
         self.store: Store | None = None  # while running
         self._ready = False
+        self._adapters: list[Adapter] = []
 
     @property
     def url(self) -> str:
@@ -155,6 +156,7 @@ class Daemon:
             raise ConfigError("admin.token: required when [admin] enabled (or IMSIGHT_ADMIN_TOKEN)")
         engine = self._engine or build_engine(cfg)
         adapters = [*build_adapters(cfg), *self._extra_adapters]
+        self._adapters = adapters
         limits = image_limits(cfg)
 
         data_dir = cfg.storage.data_dir
@@ -234,6 +236,9 @@ class Daemon:
     async def _readyz(self, request: web.Request) -> web.Response:
         """200 once everything has started and the store answers; 503 with what is not ready."""
         checks = {"started": self._ready, "store": False}
+        for adapter in self._adapters:
+            if isinstance(adapter, Connected):
+                checks[adapter.name] = adapter.connected
         if self.store is not None:
             try:
                 await self.store.queue_counts()

@@ -184,3 +184,11 @@ class Drafting(Protocol):
         same placeholder is edited (``reply.draft_id``) rather than a second one left behind.
         Best effort: a failure here must not lose the answer, which ``send`` still delivers.
         """
+
+
+@runtime_checkable
+class Connected(Protocol):
+    """An adapter that can tell whether its platform is reachable now (for ``/readyz``)."""
+
+    @property
+    def connected(self) -> bool: ...

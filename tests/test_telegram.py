@@ -372,3 +372,23 @@ async def test_images_lists_what_is_remembered_and_use_picks_one(fake, daemon, h
     assert fake.text_of(1).startswith("OK: the next questions here are about image 1")
     assert fake.text_of(2).startswith("There is no image 7")
     assert done[-1]["used_images"] == [sha256(SHOT)]  # not the later one: /use 1 chose the first
+
+
+async def test_readyz_reports_telegram_while_polling_fails(fake, daemon, http):
+    async with daemon(adapters=telegram_config(fake)) as d:
+        status, body = await get(http, d.url, "/readyz")
+        assert status == 200 and body["checks"]["telegram"] is True
+        fake.fail_next["getUpdates"] = [(502, {}), (502, {})]  # Telegram unreachable for a while
+
+        async def readiness() -> tuple[int, Any]:
+            return await get(http, d.url, "/readyz")
+
+        down = await eventually(lambda: _when(readiness, 503), timeout_s=15)
+        up = await eventually(lambda: _when(readiness, 200), timeout_s=15)  # polling recovers by itself
+    assert down["checks"]["telegram"] is False and down["status"] == "not ready"
+    assert up["checks"]["telegram"] is True
+
+
+async def _when(probe: Any, status: int) -> Any:
+    got, body = await probe()
+    return body if got == status else None

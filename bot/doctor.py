@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bot.config import Config, configured_secrets, load
 from core.errors import ImsightError
@@ -241,10 +241,9 @@ async def _online(config: Config) -> list[Check]:
             base = (telegram.base_url or "https://api.telegram.org/bot") + telegram.token.get_secret_value()
 
             async def get_me() -> str:
-                async with http.post(f"{base}/getMe") as resp:
-                    body = await resp.json(content_type=None)
+                body = await _post(http, f"{base}/getMe", {})
                 if not body.get("ok"):
-                    raise ImsightError(f"Telegram said: {body.get('description', resp.status)}")
+                    raise ImsightError(f"Telegram said: {body.get('description')}")
                 return f"@{body['result']['username']}"
 
             await attempt("telegram", get_me, "copy the token again from @BotFather")
@@ -253,9 +252,8 @@ async def _online(config: Config) -> list[Check]:
             feishu_secret = feishu.app_secret.get_secret_value()
 
             async def tenant_token() -> str:
-                async with http.post(f"{feishu.base_url}/open-apis/auth/v3/tenant_access_token/internal",
-                                     json={"app_id": feishu.app_id, "app_secret": feishu_secret}) as resp:
-                    body = await resp.json(content_type=None)
+                body = await _post(http, f"{feishu.base_url}/open-apis/auth/v3/tenant_access_token/internal",
+                                   {"app_id": feishu.app_id, "app_secret": feishu_secret})
                 if body.get("code") != 0:
                     raise ImsightError(f"Feishu said: {body.get('msg')}")
                 return "tenant token issued"
@@ -266,15 +264,23 @@ async def _online(config: Config) -> list[Check]:
             dingtalk_secret = dingtalk.app_secret.get_secret_value()
 
             async def access_token() -> str:
-                async with http.post(f"{dingtalk.base_url}/v1.0/oauth2/accessToken",
-                                     json={"appKey": dingtalk.app_key, "appSecret": dingtalk_secret}) as resp:
-                    body = await resp.json(content_type=None)
+                body = await _post(http, f"{dingtalk.base_url}/v1.0/oauth2/accessToken",
+                                   {"appKey": dingtalk.app_key, "appSecret": dingtalk_secret})
                 if not body.get("accessToken"):
-                    raise ImsightError(f"DingTalk said: {body.get('message', resp.status)}")
+                    raise ImsightError(f"DingTalk said: {body.get('message')}")
                 return "access token issued"
 
             await attempt("dingtalk", access_token, "check app_key and app_secret in the developer console")
     return checks
+
+
+async def _post(http: Any, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """POST JSON, answer as a dict (whatever the status: the platforms put the reason in the body)."""
+    async with http.post(url, json=payload) as resp:
+        body = await resp.json(content_type=None)
+    if not isinstance(body, dict):
+        raise ImsightError(f"{url.split('/bot')[0]} answered {resp.status} without a JSON object")
+    return body
 
 
 def _scrubbed(text: str, config: Config) -> str:

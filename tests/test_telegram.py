@@ -56,6 +56,13 @@ def message(mid: int, *, text: str | None = None, caption: str | None = None, ph
     return m
 
 
+def command(mid: int, text: str) -> dict[str, Any]:
+    """A message that starts with a bot command, as Telegram marks it."""
+    m = message(mid, text=text)
+    m["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+    return m
+
+
 async def answers(d, http, chat_id: int = GROUP["id"]) -> list[dict[str, Any]]:
     return await helpers.bot_answers(http, d.url, "telegram", str(chat_id))
 
@@ -229,11 +236,6 @@ def test_telegram_settings_are_checked_before_anything_starts():
 async def test_commands_help_ask_and_commands_for_other_bots(fake, daemon, http):
     fake.add_file("shot", SHOT)
 
-    def command(mid: int, text: str) -> dict[str, Any]:
-        m = message(mid, text=text)
-        m["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
-        return m
-
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(command(1, f"/help@{BOT['username']}"))
         await eventually(lambda: len(fake.sent) == 1)
@@ -349,11 +351,6 @@ async def test_polling_confirms_an_update_only_once_it_is_stored(fake, daemon, h
 async def test_images_lists_what_is_remembered_and_use_picks_one(fake, daemon, http):
     fake.add_file("first", SHOT)
     fake.add_file("second", OTHER)
-
-    def command(mid: int, text: str) -> dict[str, Any]:
-        m = message(mid, text=text)
-        m["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
-        return m
 
     async with daemon(adapters=telegram_config(fake)) as d:
         fake.push(message(601, photo="first"))

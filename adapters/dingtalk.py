@@ -67,6 +67,7 @@ class DingTalkAdapter:
         self._http: aiohttp.ClientSession | None = None
         self._host: Host | None = None
         self._tokens = TokenCache(self._fetch_token)
+        self._failures = 0  # API calls failed in a row (network, 5xx, rate limits)
 
     def mount(self, app: web.Application) -> None:
         app.router.add_post(self._path, self._on_callback)
@@ -194,7 +195,22 @@ class DingTalkAdapter:
     async def _api(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._post(self._base + path, body, token=await self._tokens.get())
 
+    @property
+    def connected(self) -> bool:
+        """``core.types.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row."""
+        return self._http is not None and self._failures < 2
+
     async def _post(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
+        try:
+            answer = await self._request(url, body, token=token)
+        except AdapterError as exc:
+            if exc.retryable:
+                self._failures += 1
+            raise
+        self._failures = 0
+        return answer
+
+    async def _request(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
         assert self._http is not None, "not started"
         headers = {"x-acs-dingtalk-access-token": token} if token else {}
         try:

@@ -22,6 +22,7 @@ class FakeDingTalk:
         self.api_sends: list[dict[str, Any]] = []
         self.tokens_issued = 0
         self.app_secret = APP_SECRET
+        self.down = False  # session webhooks answer 503
         self._keys = itertools.count(1)
         self.url = ""
 
@@ -59,6 +60,8 @@ class FakeDingTalk:
         return web.Response(body=data, content_type="application/octet-stream") if data else web.Response(status=404)
 
     async def _webhook(self, request: web.Request) -> web.Response:
+        if self.down:
+            return web.json_response({"errcode": -1, "errmsg": "system busy"}, status=503)
         body = await request.json()
         body["session"] = request.query.get("session")
         self.webhook_posts.append(body)

@@ -26,6 +26,7 @@ class FakeFeishu:
         self.tokens_issued = 0
         self.expire_token = False  # answer the next call with "token expired" (99991663)
         self.app_secret = APP_SECRET
+        self.down = False  # every API call but the token answers 503
         self._ids = itertools.count(1)
         self.url = ""
 
@@ -40,6 +41,8 @@ class FakeFeishu:
         return app
 
     def _authorized(self, request: web.Request) -> web.Response | None:
+        if self.down:
+            return web.json_response({"code": 99991400, "msg": "service unavailable"}, status=503)
         if self.expire_token:
             self.expire_token = False
             return web.json_response({"code": 99991663, "msg": "invalid access token"}, status=400)

@@ -11,7 +11,7 @@ from fake_dingtalk import APP_KEY, APP_SECRET, FakeDingTalk, callback, signed_he
 import helpers
 from adapters.dingtalk import sign
 from core.images import sha256
-from helpers import get, loopback, png
+from helpers import eventually, get, loopback, png
 
 SHOT, OTHER = png((200, 30, 30), (80, 60)), png((20, 30, 200), (60, 80))
 
@@ -148,3 +148,20 @@ async def test_images_and_use_commands(fake, daemon, http):
     assert "1. " in texts[2] and "2. " in texts[2]
     assert texts[3].startswith("OK: the next questions here are about image 1")
     assert done[-1]["used_images"] == [sha256(SHOT)]
+
+
+async def test_readyz_reports_dingtalk_while_its_api_fails(fake, daemon, http):
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        assert (await get(http, d.url, "/readyz"))[1]["checks"]["dingtalk"] is True
+        fake.down = True
+        await deliver(http, d, callback(fake, "r1", text="still up?"))  # its reply cannot go out
+
+        async def readiness(status: int) -> Any:
+            got, body = await get(http, d.url, "/readyz")
+            return body if got == status else None
+
+        down = await eventually(lambda: readiness(503), timeout_s=15)
+        fake.down = False
+        up = await eventually(lambda: readiness(200), timeout_s=15)
+        await answered(d, http, 1)
+    assert down["checks"]["dingtalk"] is False and up["checks"]["dingtalk"] is True

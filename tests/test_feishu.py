@@ -181,3 +181,20 @@ async def test_chat_commands_list_images_and_forget_after_confirmation(fake, dae
     assert texts[3].startswith("Done: I forgot 7 message(s)")  # 1 image, 3 commands and their 3 replies
     assert [m["text"] for m in history["messages"]] == ["/forget yes", texts[3]]  # all that is left
     assert helpers.counts(data_dir)["files"] == 0
+
+
+async def test_readyz_reports_feishu_while_its_api_fails(fake, daemon, http):
+    async with daemon(adapters=feishu_config(fake)) as d:
+        assert (await get(http, d.url, "/readyz"))[1]["checks"]["feishu"] is True
+        fake.down = True
+        await deliver(http, d, event("om_r", text="still up?", mention_bot=True))  # its reply cannot go out
+
+        async def readiness(status: int) -> Any:
+            got, body = await get(http, d.url, "/readyz")
+            return body if got == status else None
+
+        down = await eventually(lambda: readiness(503), timeout_s=15)
+        fake.down = False
+        up = await eventually(lambda: readiness(200), timeout_s=15)  # the outbox's next try gets through
+        await answered(d, http, 1, "oc_g1")
+    assert down["checks"]["feishu"] is False and up["checks"]["feishu"] is True

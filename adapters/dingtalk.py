@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
 from core.types import Host, ImageRef, Incoming, Reply
@@ -67,7 +68,7 @@ class DingTalkAdapter:
         self._http: aiohttp.ClientSession | None = None
         self._host: Host | None = None
         self._tokens = TokenCache(self._fetch_token)
-        self._failures = 0  # API calls failed in a row (network, 5xx, rate limits)
+        self._reachability = Reachability()
 
     def mount(self, app: web.Application) -> None:
         app.router.add_post(self._path, self._on_callback)
@@ -198,17 +199,10 @@ class DingTalkAdapter:
     @property
     def connected(self) -> bool:
         """``core.types.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row."""
-        return self._http is not None and self._failures < 2
+        return self._http is not None and self._reachability.reachable
 
     async def _post(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
-        try:
-            answer = await self._request(url, body, token=token)
-        except AdapterError as exc:
-            if exc.retryable:
-                self._failures += 1
-            raise
-        self._failures = 0
-        return answer
+        return await self._reachability.track(self._request(url, body, token=token))
 
     async def _request(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
         assert self._http is not None, "not started"

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from adapters.feishu_crypto import decrypt, verify_signature
+from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
 from core.types import Host, ImageRef, Incoming, Reply
@@ -59,7 +60,7 @@ class FeishuAdapter:
         self._http: aiohttp.ClientSession | None = None
         self._host: Host | None = None
         self._tokens = TokenCache(self._fetch_token)
-        self._failures = 0  # Open API calls failed in a row (network, 5xx, rate limits)
+        self._reachability = Reachability()
         self.bot_open_id = ""
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
 
@@ -242,18 +243,11 @@ class FeishuAdapter:
     @property
     def connected(self) -> bool:
         """``core.types.Connected``: the Open API did not fail (network, 5xx, 429) twice in a row."""
-        return self._http is not None and self._failures < 2
+        return self._http is not None and self._reachability.reachable
 
     async def _call(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                     params: dict[str, str] | None = None, raw: bool = False) -> Any:
-        try:
-            result = await self._request(method, path, json_body=json_body, params=params, raw=raw)
-        except AdapterError as exc:
-            if exc.retryable:
-                self._failures += 1
-            raise
-        self._failures = 0
-        return result
+        return await self._reachability.track(self._request(method, path, json_body=json_body, params=params, raw=raw))
 
     async def _request(self, method: str, path: str, *, json_body: dict[str, Any] | None,
                        params: dict[str, str] | None, raw: bool) -> Any:

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from adapters.reachability import Reachability
 from core.errors import AdapterError, BadInput, Forbidden
 from core.types import Host, ImageRef, Incoming, Reply
 
@@ -88,7 +89,7 @@ class TelegramAdapter:
         self._forget_asked: dict[str, float] = {}  # chat id -> until when "/forget yes" confirms
         self._app: Any = None
         self._poller: asyncio.Task[None] | None = None
-        self._poll_failures = 0  # getUpdates failures in a row
+        self._polling = Reachability()  # getUpdates
         self._host: Host | None = None
         self._me: Any = None
 
@@ -119,7 +120,7 @@ class TelegramAdapter:
     @property
     def connected(self) -> bool:
         """``core.types.Connected``: started, and (polling) getUpdates not failing twice in a row."""
-        return self._app is not None and self._poll_failures < 2
+        return self._app is not None and self._polling.reachable
 
     async def _poll(self) -> None:
         """Long polling that confirms an update (asks for the next offset) only once it is taken in.
@@ -134,19 +135,18 @@ class TelegramAdapter:
         bot = self._app.bot
         offset: int | None = None
         handled: set[int] = set()  # taken in this run, perhaps not confirmed yet
-        self._poll_failures = 0
         while True:
             try:
                 updates = await bot.get_updates(
                     offset=offset, timeout=0 if self._albums else self._poll_timeout_s, allowed_updates=["message"],
                     read_timeout=self._poll_timeout_s + 10)
-                self._poll_failures = 0
+                self._polling.succeeded()
             except RetryAfter as exc:
                 await asyncio.sleep(_seconds(exc.retry_after))
                 continue
             except TelegramError as exc:  # network, server errors, another instance polling (Conflict)
-                self._poll_failures += 1
-                wait = min(30, 2**self._poll_failures)
+                self._polling.failed()  # PTB raises its own errors, not AdapterError: counted here
+                wait = min(30, 2**self._polling.failures)
                 log.warning("telegram getUpdates failed (%s); again in %ds", exc, wait)
                 await asyncio.sleep(wait)
                 continue

@@ -134,7 +134,7 @@ class AdminPages:
         self._check(request)
         sha = request.match_info["sha"]
         try:
-            data = await asyncio.to_thread(_thumbnail, self._files.read(sha))
+            data = await asyncio.to_thread(lambda: _thumbnail(self._files.read(sha)))  # read off the loop too
         except (ValueError, OSError):  # not a digest, or no such file
             raise NotFound("no such image") from None
         return web.Response(body=data, content_type="image/png",

@@ -117,8 +117,9 @@ async def test_a_model_server_that_goes_away_is_waited_for_and_the_asker_told_on
 async def test_a_model_server_gone_too_long_gets_a_clear_failure(daemon, http):
     async with daemon(engine=openai(f"http://127.0.0.1:{free_port()}/v1"), limits={"engine_retry_minutes": 0}) as d:
         _, body = await post(http, d.url, {"conversation_id": "a", "text": "Hello?", "wait": True})
-    assert body["status"] == "failed" and "cannot reach the model server" in body["error"]
-    assert ENGINE_GONE  # what the asker reads; the API shows the cause
+        _, history = await get(http, d.url, "/api/v1/history/api/a")
+    assert body["status"] == "failed" and "cannot reach the model server" in body["error"]  # the cause, for the API
+    assert [m["text"] for m in history["messages"] if m["role"] == "bot"] == [ENGINE_GONE]  # what the asker reads
 
 
 async def test_a_failing_platform_holds_up_only_its_own_conversation(model, daemon, http):

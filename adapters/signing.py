@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from core.errors import ConfigError, Unauthorized
 
-__all__ = ["TOLERANCE_S", "StandardWebhookSigner"]
+__all__ = ["TOLERANCE_S", "StandardWebhookSigner", "Verification"]
 
 TOLERANCE_S = 300  # timestamps more than 5 minutes old (or ahead) are refused: replay protection
 
@@ -44,6 +44,12 @@ class StandardWebhookSigner:
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float | None = None) -> str:
         """Return the verified ``webhook-id``; raise ``Unauthorized`` otherwise."""
+        check = self.verification(headers, now)
+        check.update(body)
+        return check.finish()
+
+    def verification(self, headers: Mapping[str, str], now: float | None = None) -> Verification:
+        """Check the headers now (before any of the body is read); the body is fed to the result."""
         msg_id = headers.get("webhook-id", "")
         stamp = headers.get("webhook-timestamp", "")
         signatures = headers.get("webhook-signature", "")
@@ -56,8 +62,23 @@ class StandardWebhookSigner:
         current = time.time() if now is None else now
         if abs(current - timestamp) > TOLERANCE_S:
             raise Unauthorized("webhook-timestamp is outside the 5-minute window (replayed or clock skew)")
-        expected = self.signature(msg_id, timestamp, body).encode()
+        mac = hmac.new(self._key, f"{msg_id}.{timestamp}.".encode(), hashlib.sha256)
+        return Verification(msg_id, mac, signatures.split())
+
+
+class Verification:
+    """A signature being checked over a body that streams in."""
+
+    def __init__(self, msg_id: str, mac: hmac.HMAC, candidates: list[str]) -> None:
+        self._msg_id, self._mac, self._candidates = msg_id, mac, candidates
+
+    def update(self, chunk: bytes) -> None:
+        self._mac.update(chunk)
+
+    def finish(self) -> str:
+        """The verified ``webhook-id``, or ``Unauthorized``."""
+        expected = ("v1," + base64.b64encode(self._mac.digest()).decode()).encode()
         # Several space-separated signatures may be sent while a secret is rotated.
-        if any(hmac.compare_digest(expected, candidate.encode("utf-8", "replace")) for candidate in signatures.split()):
-            return msg_id
+        if any(hmac.compare_digest(expected, c.encode("utf-8", "replace")) for c in self._candidates):
+            return self._msg_id
         raise Unauthorized("webhook-signature does not match")

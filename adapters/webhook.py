@@ -8,11 +8,12 @@ Routes (on the daemon's aiohttp app):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,8 +21,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from adapters.signing import StandardWebhookSigner
-from adapters.webhook_request import decode_base64_image, off_loop, parse_body
+from adapters.signing import StandardWebhookSigner, Verification
+from adapters.webhook_request import Body, decode_base64_image, off_loop, refuse_unknown
 from core.errors import AdapterError, BadInput, NotFound, TooLarge, Unauthorized
 from core.types import Host, ImageRef, Incoming, JobView, Reply
 
@@ -30,6 +31,7 @@ __all__ = ["WebhookAdapter"]
 log = logging.getLogger(__name__)
 
 PLATFORM = "api"
+_CHUNK = 256 * 1024
 
 
 class WebhookAdapter:
@@ -96,10 +98,12 @@ class WebhookAdapter:
                     raise BadInput(f"image URL answered HTTP {resp.status}", code="image_fetch_failed")
                 if resp.content_length is not None and resp.content_length > self._max_image:
                     raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
-                data = await resp.content.read(self._max_image + 1)
-                if len(data) > self._max_image:
-                    raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
-                return data
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(_CHUNK):  # to the end: servers send pieces
+                    data += chunk
+                    if len(data) > self._max_image:
+                        raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
+                return bytes(data)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BadInput(f"could not fetch image URL: {exc or type(exc).__name__}",
                            code="image_fetch_failed") from None
@@ -151,8 +155,10 @@ class WebhookAdapter:
 
     async def _post_message(self, request: web.Request) -> web.Response:
         host = self._ready()
-        event_id = await self._authenticate(request, body := await self._read_body(request))
-        message, files = await parse_body(body, request.content_type, request.headers.get("Content-Type", ""))
+        refuse_unknown(request.query, (), "query parameter")
+        body = Body(request.content_type, request.headers.get("Content-Type", ""))
+        event_id, digest = await self._receive(request, body.feed)
+        message, files = await body.message()
         images = [ImageRef(ref="upload", data=data) for data in files]
         for image in message.images:
             if image.data is not None:
@@ -176,6 +182,7 @@ class WebhookAdapter:
             addressed=bool(text),
             images=tuple(images),
             meta={"callback_url": str(message.callback_url)} if message.callback_url else {},
+            fingerprint=digest if event_id else "",
         )
         accepted = await host.accept(incoming, refuse_when_busy=True)  # the caller is told 429 and retries
         if accepted.job_id is None:
@@ -189,12 +196,14 @@ class WebhookAdapter:
 
     async def _get_job(self, request: web.Request) -> web.Response:
         host = self._ready()
-        await self._authenticate(request, b"")
+        await self._authenticate(request)
+        refuse_unknown(request.query, (), "query parameter")
         return _json(200, _job_json(await host.job(request.match_info["job_id"])))
 
     async def _get_history(self, request: web.Request) -> web.Response:
         host = self._ready()
-        await self._authenticate(request, b"")
+        await self._authenticate(request)
+        refuse_unknown(request.query, ("limit",), "query parameter")
         try:
             limit = int(request.query.get("limit", "200"))
         except ValueError:
@@ -213,31 +222,53 @@ class WebhookAdapter:
             raise web.HTTPServiceUnavailable(text="starting or stopping")
         return self._host
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        # Refuse on the declared length before reading a byte; read() enforces it for chunked bodies.
+    async def _receive(self, request: web.Request, sink: Callable[[bytes], None]) -> tuple[str | None, str]:
+        """Check credentials, then stream the body into ``sink`` within the size limit.
+
+        Returns the ``webhook-id`` (verified when the request was signed) and the body's SHA-256.
+        A bearer token is checked before a byte of the body is read; a signature covers the body,
+        so it is checked as the body streams in, and nothing is used before it verifies.
+        """
+        # Refuse on the declared length before reading a byte; counted again for chunked bodies.
         if request.content_length is not None and request.content_length > self._max_body:
             raise TooLarge(f"body is over the {self._max_body}-byte limit")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise TooLarge(f"body is over the {self._max_body}-byte limit") from None
+        verification = self._credentials(request.headers)
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > self._max_body:
+                raise TooLarge(f"body is over the {self._max_body}-byte limit")
+            digest.update(chunk)
+            if verification is not None:
+                verification.update(chunk)
+            sink(chunk)
+        if verification is not None:
+            return verification.finish(), digest.hexdigest()
+        return request.headers.get("webhook-id") or None, digest.hexdigest()
 
-    async def _authenticate(self, request: web.Request, body: bytes) -> str | None:
-        """Check credentials; return the verified ``webhook-id`` when the request was signed.
+    async def _authenticate(self, request: web.Request) -> None:
+        """For requests without a body (GET): a token, or a signature over the empty body."""
+        verification = self._credentials(request.headers)
+        if verification is not None:
+            verification.finish()
+
+    def _credentials(self, headers: Mapping[str, str]) -> Verification | None:
+        """Check what the headers alone can prove; a signed request's check goes on over its body.
 
         A signed request must verify even when a bearer token is also configured: a bad signature
         is never rescued by something else.
         """
-        if "webhook-signature" in request.headers:
+        if "webhook-signature" in headers:
             if self._signer is None:
                 raise Unauthorized("signed request, but no secret is configured")
-            return self._signer.verify(request.headers, body)
+            return self._signer.verification(headers)
         if self.open:
-            return request.headers.get("webhook-id") or None
+            return None
         if self._token is not None:
-            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+            scheme, _, credential = headers.get("Authorization", "").partition(" ")
             if scheme.lower() == "bearer" and _equal(credential.strip(), self._token):
-                return request.headers.get("webhook-id") or None
+                return None
         raise Unauthorized("missing or wrong credentials: send Authorization: Bearer or a signature")
 
 

@@ -111,6 +111,11 @@ class Dispatcher:
             log.info("duplicate %s event %s (chat %s message %s) ignored", incoming.platform,
                      incoming.event_id, incoming.chat_id, incoming.message_id)
             return seen
+        if (incoming.platform == API and incoming.reply_to
+                and await self._store.message(API, incoming.chat_id, incoming.reply_to) is None):
+            # A caller names the message it means; a guess (the latest image) would answer about another.
+            raise NotFound(f"reply_to: no message {incoming.reply_to!r} in conversation {incoming.chat_id!r}",
+                           code="unknown_message")
         key = (incoming.platform, incoming.chat_id)
         inline = [image.data for image in incoming.images if image.data is not None]
         # Defer what must be downloaded, and what must wait its turn behind a download in its chat:

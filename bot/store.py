@@ -15,6 +15,7 @@ import aiosqlite
 from bot.admission import Admission, busy, busy_reply
 from bot.database import conditions, conversation_key, split_shas
 from bot.store_retention import Purged, RetentionQueries
+from core.errors import Conflict
 from core.images import ImageInfo
 from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
@@ -108,7 +109,8 @@ class Store(RetentionQueries):
     async def find_accepted(self, incoming: Incoming) -> Accepted | None:
         """What was made of this event or message when it first came, if it came before."""
         rows = await self._rows(
-            f"SELECT i.message_id, i.processed_at, {_MESSAGE_SHAS} AS shas, "
+            "SELECT i.message_id, i.processed_at, i.event_id, "
+            f"json_extract(i.payload, '$.fingerprint') AS fingerprint, {_MESSAGE_SHAS} AS shas, "
             "(SELECT id FROM jobs WHERE question = m.id ORDER BY seq LIMIT 1) AS job_id "
             "FROM inbox i LEFT JOIN messages m ON m.platform = i.platform AND m.chat_id = i.chat_id "
             "AND m.message_id = i.message_id "
@@ -118,6 +120,10 @@ class Store(RetentionQueries):
         if not rows:
             return None
         r = rows[0]
+        reused = incoming.fingerprint and r["event_id"] == incoming.event_id
+        if reused and r["fingerprint"] not in (None, incoming.fingerprint):
+            raise Conflict(f"event id {incoming.event_id!r} was used before for another message: "
+                           "send a new id for a new message")
         pending = r["processed_at"] is None
         return Accepted(r["message_id"], split_shas(r["shas"]), r["job_id"], duplicate=True, pending=pending)
 
@@ -550,6 +556,7 @@ def _incoming_json(incoming: Incoming) -> dict[str, Any]:
         "reply_to": incoming.reply_to, "sender_id": incoming.sender_id, "sender_name": incoming.sender_name,
         "text": incoming.text, "addressed": incoming.addressed, "meta": dict(incoming.meta),
         "image_refs": [image.ref for image in incoming.images], "received_at": incoming.received_at,
+        "fingerprint": incoming.fingerprint,
     }
 
 

@@ -8,6 +8,7 @@
     │   ├── TooLarge         413: a body or image over a limit
     │   ├── NotAnImage       415: bytes that no supported image decoder accepts
     │   ├── NotFound         404: an unknown job or chat
+    │   ├── Conflict         409: an id reused for something else
     │   └── Busy             429: the question was turned away for now (queue full, rate limit)
     ├── StoreUnavailable     the history store cannot take writes (disk full, locked)
     ├── AdapterError         a platform call failed
@@ -27,6 +28,7 @@ __all__ = [
     "BadInput",
     "Busy",
     "ConfigError",
+    "Conflict",
     "EngineError",
     "EngineOutOfMemory",
     "EngineUnavailable",
@@ -84,6 +86,11 @@ class NotAnImage(BadInput):
 class NotFound(BadInput):
     status = 404
     code = "not_found"
+
+
+class Conflict(BadInput):
+    status = 409
+    code = "conflict"
 
 
 class Busy(BadInput):

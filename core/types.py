@@ -58,6 +58,9 @@ class Incoming:
     # Adapter-private facts the adapter needs again when it replies (a callback URL, say).
     meta: Mapping[str, str] = field(default_factory=dict)
     received_at: float = field(default_factory=time.time)
+    # A digest of what the event said, where the sender picks its event ids (the generic API's
+    # webhook-id): the same id again with another fingerprint is a conflict, not a redelivery.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ class DingTalkAdapter:
     ) -> None:
         self._app_key, self._app_secret, self._robot_code = app_key, app_secret, robot_code
         self._base = base_url.rstrip("/")
+        self.endpoint = self._base  # named in start-up errors
         self._legacy = legacy_base_url.rstrip("/")
         self._path = path
         self._allowed = set(allowed_conversations)

@@ -54,6 +54,7 @@ class FeishuAdapter:
         self._verification_token = verification_token
         self._encrypt_key = encrypt_key or None
         self._base = base_url.rstrip("/")
+        self.endpoint = self._base  # named in start-up errors
         self._path = path
         self._allowed = set(allowed_chats)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -262,7 +263,7 @@ class FeishuAdapter:
                     body = await resp.json(content_type=None)
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                raise AdapterError(self.name, f"{method} {path}: {exc}", retryable=True) from exc
+                raise AdapterError(self.name, f"{method} {path}: {exc or type(exc).__name__}", retryable=True) from exc
             code = int(body.get("code", 0)) if isinstance(body, dict) else -1
             if code == _TOKEN_EXPIRED and attempt == 1:
                 continue  # the token ran out early: get a new one, once
@@ -281,7 +282,7 @@ class FeishuAdapter:
                                        json={"app_id": self._app_id, "app_secret": self._app_secret}) as resp:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise AdapterError(self.name, f"tenant token: {exc}", retryable=True) from exc
+            raise AdapterError(self.name, f"tenant token: {exc or type(exc).__name__}", retryable=True) from exc
         if not isinstance(body, dict) or body.get("code") != 0 or not body.get("tenant_access_token"):
             message = body.get("msg", "") if isinstance(body, dict) else ""
             raise AdapterError(self.name, f"tenant token refused: {message} (check app_id and app_secret)",

@@ -80,6 +80,7 @@ class TelegramAdapter:
         self._secret = secret_token
         self._allowed = {str(c) for c in allowed_chats}
         self._base_url = base_url
+        self.endpoint = base_url or "https://api.telegram.org"  # named in start-up errors (no token in it)
         self._base_file_url = base_file_url or (default_file_url(base_url) if base_url else None)
         self._poll_timeout_s = poll_timeout_s
         self._album_wait_s = album_wait_s

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_mb: float = Field(32, gt=0)
     shutdown_grace_seconds: float = Field(30, ge=0)
+    # Reverse proxies (their addresses as the daemon sees them) whose X-Forwarded-* headers are believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
 
 
 class StorageConfig(_Section):
@@ -125,7 +128,8 @@ class DingTalkConfig(_Section):
 
 class AdminConfig(_Section):
     enabled: bool = False  # the history page at /admin, on the daemon's server
-    token: SecretStr | None = None  # required when enabled; or IMSIGHT_ADMIN_TOKEN
+    token: SecretStr | None = None  # required when enabled, 16 characters or more; or IMSIGHT_ADMIN_TOKEN
+    session_hours: float = Field(8, gt=0)  # a login lasts this long
 
 
 class LoggingConfig(_Section):
@@ -181,20 +185,29 @@ def configured_secrets(config: Config) -> list[str]:
 
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, overlay secrets from the environment, and validate; raise ``ConfigError``."""
+    """Read, overlay secrets from the environment, and validate; raise ``ConfigError``.
+
+    Relative paths in the file (``data_dir``, ``model_path``, ``cache_dir``) are relative to the
+    file's folder, not to wherever the command was started.
+    """
     try:
         text = path.read_text("utf-8")
+    except FileNotFoundError:
+        hint = " (cp config.example.toml config.toml, then edit it; or pass --config FILE)" if (
+            path.name == "config.toml") else ""
+        raise ConfigError(f"{path}: no such file{hint}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(raw, environ, source=str(path))
+    return parse(raw, environ, source=str(path), base=path.resolve().parent)
 
 
-def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None, *, source: str = "config") -> Config:
-    """Validate an already-parsed mapping (the TOML document)."""
+def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None, *, source: str = "config",
+          base: Path | None = None) -> Config:
+    """Validate an already-parsed mapping (the TOML document); every problem is reported at once."""
     env = os.environ if environ is None else environ
     for name, keys in ENV_SECRETS.items():
         if env.get(name):
@@ -202,8 +215,52 @@ def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None, *, sour
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_first_problem(exc)}") from None
-    return config
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in _problems(exc))) from None
+    if problems := list(_incomplete(config)):
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+    return _relative_to(config, base) if base is not None else config
+
+
+def _incomplete(config: Config) -> Iterator[str]:
+    """What each enabled part needs besides its defaults: one check, for ``run`` and ``doctor`` alike."""
+    telegram = config.adapters.telegram
+    if telegram.enabled:
+        if telegram.token is None:
+            yield "adapters.telegram.token: required when telegram is enabled (or IMSIGHT_TELEGRAM_TOKEN)"
+        if telegram.mode == "webhook" and not (telegram.webhook_url and telegram.secret_token):
+            yield ("adapters.telegram: mode = \"webhook\" needs webhook_url and secret_token "
+                   "(or IMSIGHT_TELEGRAM_SECRET_TOKEN)")
+        if telegram.secret_token and not _SECRET_TOKEN.fullmatch(telegram.secret_token.get_secret_value()):
+            yield "adapters.telegram.secret_token: must be 1-256 characters of A-Z, a-z, 0-9, _ and -"
+    feishu = config.adapters.feishu
+    if feishu.enabled:
+        for key in ("app_id", "app_secret", "verification_token"):
+            if not getattr(feishu, key):
+                env = f" (or IMSIGHT_FEISHU_{key.upper()})" if key != "app_id" else ""
+                yield f"adapters.feishu.{key}: required when feishu is enabled{env}"
+    dingtalk = config.adapters.dingtalk
+    if dingtalk.enabled:
+        for key in ("app_key", "app_secret"):
+            if not getattr(dingtalk, key):
+                env = " (or IMSIGHT_DINGTALK_APP_SECRET)" if key == "app_secret" else ""
+                yield f"adapters.dingtalk.{key}: required when dingtalk is enabled{env}"
+    if config.admin.enabled and config.admin.token is None:
+        yield "admin.token: required when [admin] enabled (or IMSIGHT_ADMIN_TOKEN)"
+    elif config.admin.enabled and config.admin.token and len(config.admin.token.get_secret_value()) < 16:
+        yield "admin.token: at least 16 characters (try: python3 -c 'import secrets; print(secrets.token_urlsafe())')"
+
+
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def _relative_to(config: Config, base: Path) -> Config:
+    def resolved(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base / path
+
+    storage = config.storage.model_copy(update={"data_dir": resolved(config.storage.data_dir)})
+    engine = config.engine.model_copy(update={"model_path": resolved(config.engine.model_path),
+                                              "cache_dir": resolved(config.engine.cache_dir)})
+    return config.model_copy(update={"storage": storage, "engine": engine})
 
 
 def _put(raw: dict[str, Any], keys: tuple[str, ...], value: str) -> None:
@@ -216,16 +273,20 @@ def _put(raw: dict[str, Any], keys: tuple[str, ...], value: str) -> None:
     node[keys[-1]] = value
 
 
-def _first_problem(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{key}: unknown key"
-    if kind == "missing":
-        return f"{key}: required value missing"
-    value = error.get("input")
-    secret = error["loc"][-1] in {"token", "secret", "api_key", "secret_token", "app_secret",
-                                   "verification_token", "encrypt_key"}  # never echo what may be a credential
-    shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
-    return f"{key}: {error['msg']}{shown}"
+_SECRET_KEYS = frozenset({key for keys in ENV_SECRETS.values() for key in keys[-1:]})
+
+
+def _problems(exc: ValidationError) -> Iterator[str]:
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            yield f"{key}: unknown key"
+            continue
+        if kind == "missing":
+            yield f"{key}: required value missing"
+            continue
+        value = error.get("input")
+        secret = error["loc"][-1] in _SECRET_KEYS  # never echo what may be a credential
+        shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
+        yield f"{key}: {error['msg']}{shown}"

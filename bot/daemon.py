@@ -11,6 +11,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from adapters.startup import explain
 from adapters.webhook import WebhookAdapter
 from bot.admin import AdminPages
 from bot.admission import Admission
@@ -26,7 +27,7 @@ from bot.watch import JobWatch
 from bot.web import WebServer
 from bot.workers import Workers
 from core.engine import Engine, GenerationLimits, Measured
-from core.errors import AdapterError, ConfigError, ImsightError
+from core.errors import AdapterError, ConfigError, ImsightError, StartupError
 from core.images import ImageLimits
 from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
@@ -83,8 +84,7 @@ def build_adapters(config: Config) -> list[Adapter]:
     if telegram.enabled:
         from adapters.telegram import TelegramAdapter
 
-        if telegram.token is None:
-            raise ConfigError("adapters.telegram.token: required when telegram is enabled (or IMSIGHT_TELEGRAM_TOKEN)")
+        assert telegram.token is not None  # bot.config checked what each enabled platform needs
         try:
             adapters.append(TelegramAdapter(
                 telegram.token.get_secret_value(), mode=telegram.mode, webhook_url=telegram.webhook_url,
@@ -98,9 +98,8 @@ def build_adapters(config: Config) -> list[Adapter]:
     if feishu.enabled:
         from adapters.feishu import FeishuAdapter
 
-        if not (feishu.app_id and feishu.app_secret and feishu.verification_token):
-            raise ConfigError("adapters.feishu: app_id, app_secret and verification_token are required "
-                              "(or IMSIGHT_FEISHU_APP_SECRET / IMSIGHT_FEISHU_VERIFICATION_TOKEN)")
+        assert feishu.app_secret is not None
+        assert feishu.verification_token is not None
         adapters.append(FeishuAdapter(
             feishu.app_id, feishu.app_secret.get_secret_value(), feishu.verification_token.get_secret_value(),
             encrypt_key=feishu.encrypt_key.get_secret_value() if feishu.encrypt_key else None,
@@ -110,8 +109,7 @@ def build_adapters(config: Config) -> list[Adapter]:
     if dingtalk.enabled:
         from adapters.dingtalk import DingTalkAdapter
 
-        if not (dingtalk.app_key and dingtalk.app_secret):
-            raise ConfigError("adapters.dingtalk: app_key and app_secret are required (or IMSIGHT_DINGTALK_APP_SECRET)")
+        assert dingtalk.app_secret is not None
         adapters.append(DingTalkAdapter(
             dingtalk.app_key, dingtalk.app_secret.get_secret_value(), dingtalk.robot_code or dingtalk.app_key,
             base_url=dingtalk.base_url, legacy_base_url=dingtalk.legacy_base_url, path=dingtalk.path,
@@ -135,6 +133,24 @@ class Daemon:
         self.store: Store | None = None  # while running
         self._ready = False
         self._adapters: list[Adapter] = []
+        self.engine: Engine | None = None  # once started
+
+    def banner(self) -> str:
+        """What a person starting the daemon wants to see first: where it is, what is on, a first try."""
+        cfg = self.config
+        lines = [f"imsight is running on {self.url}"]
+        lines.append("  platforms  " + ", ".join(a.name for a in self._adapters) if self._adapters
+                     else "  platforms  none enabled")
+        if self.engine is not None:
+            where = getattr(self.engine, "device", cfg.engine.base_url if cfg.engine.kind == "openai" else "")
+            lines.append(f"  model      {self.engine.model} ({self.engine.name}{', ' + where if where else ''})")
+        if cfg.admin.enabled:
+            lines.append(f"  history    {self.url}/admin")
+        if cfg.adapters.webhook.enabled:
+            auth = "" if cfg.adapters.webhook.token is None else ' -H "Authorization: Bearer $TOKEN"'
+            lines.append(f"  try        curl{auth} -F conversation_id=try -F 'text=What is on this screen?' "
+                         f"-F wait=true -F image=@docs/sample-screenshot.png {self.url}/api/v1/messages")
+        return "\n".join(lines)
 
     @property
     def url(self) -> str:
@@ -145,16 +161,18 @@ class Daemon:
         try:
             await self._start()
         except BaseException:
-            await self._stack.aclose()
+            try:
+                await self._stack.aclose()
+            except Exception:  # the reason the start failed is what the operator must see
+                log.exception("error while stopping after a failed start")
             raise
 
     async def _start(self) -> None:
         cfg, stack = self.config, self._stack
         redact_in_logs(configured_secrets(cfg))
         # Everything that can fail on configuration fails before the model is loaded or a port bound.
-        if cfg.admin.enabled and cfg.admin.token is None:
-            raise ConfigError("admin.token: required when [admin] enabled (or IMSIGHT_ADMIN_TOKEN)")
         engine = self._engine or build_engine(cfg)
+        self.engine = engine
         adapters = [*build_adapters(cfg), *self._extra_adapters]
         self._adapters = adapters
         limits = image_limits(cfg)
@@ -171,12 +189,6 @@ class Daemon:
         retention = Retention(store, files, days=cfg.storage.retention_days, max_bytes=cfg.storage.max_bytes)
         await retention.start()
         stack.push_async_callback(retention.stop)
-
-        await engine.start()
-        stack.push_async_callback(engine.stop)
-        if engine.max_batch > cfg.engine.workers:
-            log.warning("[engine] workers = %d < max_batch = %d: batches never hold more than %d questions",
-                        cfg.engine.workers, engine.max_batch, cfg.engine.workers)
 
         watch = JobWatch()
         metrics = Metrics()
@@ -210,12 +222,26 @@ class Daemon:
         web.app.router.add_get("/metrics", metrics.handle)
         web.app.router.add_get("/readyz", self._readyz)
         if cfg.admin.enabled:
-            assert cfg.admin.token is not None  # checked with the rest of the config, below
-            AdminPages(store, files, cfg.admin.token.get_secret_value(), dispatcher.forget).mount(web.app)
+            assert cfg.admin.token is not None  # checked with the rest of the config
+            AdminPages(store, files, cfg.admin.token.get_secret_value(), dispatcher.forget,
+                       session_s=cfg.admin.session_hours * 3600, trusted_proxies=cfg.server.trusted_proxies,
+                       ).mount(web.app)
         for adapter in adapters:
             adapter.mount(web.app)
-            await adapter.start(dispatcher)
-            stack.push_async_callback(adapter.stop)  # after the workers: they deliver through it
+            # Stopped after the workers (they deliver through it), and after a start that failed
+            # half-way (its HTTP session is open).
+            stack.push_async_callback(adapter.stop)
+            try:
+                await adapter.start(dispatcher)
+            except Exception as exc:  # one line with the fix; the library's text may hold a token
+                raise StartupError(explain(adapter.name, exc, getattr(adapter, "endpoint", ""))) from exc
+        # The model loads after the platforms said yes: a wrong token fails in seconds, not after a
+        # minute of loading. Messages that arrive meanwhile wait in the queue.
+        await engine.start()
+        stack.push_async_callback(engine.stop)
+        if engine.max_batch > cfg.engine.workers:
+            log.warning("[engine] workers = %d < max_batch = %d: batches never hold more than %d questions",
+                        cfg.engine.workers, engine.max_batch, cfg.engine.workers)
         await dispatcher.start()
         stack.push_async_callback(dispatcher.stop)  # intakes download through the adapters
 
@@ -271,7 +297,8 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Daemon(config):
+    async with Daemon(config) as daemon:
+        print(daemon.banner(), flush=True)
         await stop.wait()
         log.info("stopping: no new requests; the running answer gets %.0fs to finish",
                  config.server.shutdown_grace_seconds)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -56,18 +57,27 @@ class Database:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One transaction: all of it is committed, or none of it."""
+        """One transaction: all of it is committed, or none of it.
+
+        BEGIN, COMMIT and ROLLBACK run to the end even when the task is cancelled meanwhile (a stop
+        cancels the retention sweep mid-write): the statement runs on aiosqlite's thread either way,
+        and a cancelled await would leave the connection's state unknown to the next writer.
+        """
         async with self._lock:
             try:
-                await self._conn.execute("BEGIN IMMEDIATE")
+                await _settled(self._conn.execute("BEGIN IMMEDIATE"))
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(f"history store refuses writes: {exc}") from exc
+            except asyncio.CancelledError:
+                if self._conn.in_transaction:
+                    await _settled(self._conn.execute("ROLLBACK"))
+                raise
             try:
                 yield self._conn
-                await self._conn.execute("COMMIT")
+                await _settled(self._conn.execute("COMMIT"))
             except BaseException as exc:
                 if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
-                    await self._conn.execute("ROLLBACK")
+                    await _settled(self._conn.execute("ROLLBACK"))
                 if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O error, locked
                     raise StoreUnavailable(f"history store refused a write: {exc}") from exc
                 raise
@@ -76,6 +86,17 @@ class Database:
         async with self._lock:
             return list(await self._conn.execute_fetchall(sql, args))
 
+
+
+async def _settled(statement: Awaitable[Any]) -> Any:
+    """Await ``statement`` to its end even if cancelled meanwhile; then pass the cancellation on."""
+    task = asyncio.ensure_future(statement)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def conditions(*clauses: tuple[str, Any]) -> tuple[str, list[Any]]:

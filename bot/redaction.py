@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["redact_in_logs"]
+__all__ = ["redact_in_logs", "scrub"]
 
 _MASK = "<redacted>"
 _secrets: set[str] = set()
@@ -40,6 +40,11 @@ def redact_in_logs(secrets: Iterable[str]) -> None:
 
     logging.setLogRecordFactory(scrubbed)
     _installed = True
+
+
+def scrub(text: str) -> str:
+    """``text`` with every secret registered by ``redact_in_logs`` masked (for what is printed, not logged)."""
+    return str(_scrub(text))
 
 
 def _scrub(value: Any) -> Any:

@@ -318,6 +318,11 @@ class Store(RetentionQueries):
         return [QuestionView(r["text"], r["sender_name"] or r["sender_id"], r["created_at"], r["status"],
                              split_shas(r["used"]), r["answer"], r["error"], r["finished_at"]) for r in rows]
 
+    async def has_chat(self, chat_id: str, platform: str | None = None) -> bool:
+        """Whether anything is stored for this chat (of any platform, unless one is named)."""
+        where, args = conditions(("chat_id = ?", chat_id), ("platform = ?", platform))
+        return bool(await self._rows(f"SELECT 1 FROM messages WHERE {where} LIMIT 1", *args))
+
     async def history(self, platform: str, chat_id: str, limit: int) -> list[HistoryEntry]:
         """The newest ``limit`` messages of a chat, oldest first; answers with what they answer."""
         rows = await self._rows(

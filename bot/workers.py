@@ -15,7 +15,7 @@ from bot.store import JobRecord, Store
 from bot.watch import JobWatch
 from core.engine import Engine, GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError, EngineOutOfMemory, EngineUnavailable, ImsightError
-from core.images import ImageLimits, prepare
+from core.images import FORMATS_NOTE, NOT_AN_IMAGE, ImageLimits, prepare
 from core.types import Adapter, Drafting, Reply
 
 __all__ = ["Workers"]
@@ -164,6 +164,8 @@ class Workers:
 
     async def _ask(self, job: JobRecord) -> str:
         if problems := job.context.get("image_problems"):
+            if str(problems[0]).startswith(NOT_AN_IMAGE):
+                return f"I could not read the file you sent as an image. {FORMATS_NOTE}"
             return f"I could not take the image you sent ({problems[0]}). Please send it again."
         if not job.images and self._ask_for_image:
             return ASK_FOR_IMAGE

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
-__all__ = ["ThinkingFilter", "without_thinking"]
+__all__ = ["CUT_NOTE", "ThinkingFilter", "without_thinking"]
+
+# Said after an answer that hit its token limit ([engine] max_new_tokens), so a half sentence is not
+# taken for the whole answer.
+CUT_NOTE = "\n\n… (answer cut at the length limit)"
 
 _THINK, _END_THINK = "<think>", "</think>"
 _ANSWER_TAGS = ("<answer>", "</answer>")

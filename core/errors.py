@@ -12,6 +12,7 @@
     │   └── Busy             429: the question was turned away for now (queue full, rate limit)
     ├── StoreUnavailable     the history store cannot take writes (disk full, locked)
     ├── AdapterError         a platform call failed
+    ├── StartupError         a part of the daemon could not start; the message says what to fix
     └── EngineError          the model could not answer
         ├── ModelUnavailable the model's files are not on this machine
         ├── EngineUnavailable the model server cannot be reached now (may pass: retry later)
@@ -37,6 +38,7 @@ __all__ = [
     "ModelUnavailable",
     "NotAnImage",
     "NotFound",
+    "StartupError",
     "StoreUnavailable",
     "TooLarge",
     "Unauthorized",
@@ -113,6 +115,10 @@ class AdapterError(ImsightError):
         super().__init__(f"{platform}: {message}")
         self.platform = platform
         self.retryable = retryable
+
+
+class StartupError(ImsightError):
+    """A part of the daemon could not start; the message is one line with the fix, no secret."""
 
 
 class EngineError(ImsightError):

@@ -14,7 +14,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import BadInput, NotAnImage, TooLarge
 
-__all__ = ["ImageInfo", "ImageLimits", "inspect", "prepare", "sha256"]
+__all__ = ["FORMATS_NOTE", "NOT_AN_IMAGE", "ImageInfo", "ImageLimits", "inspect", "prepare", "sha256"]
+
+NOT_AN_IMAGE = "not a PNG, JPEG, WebP, GIF or BMP image"
+# What a person can do about a file we cannot read (iPhones save photos as HEIC).
+FORMATS_NOTE = ("I can read PNG, JPEG, WebP, GIF and BMP images. A HEIC photo from an iPhone: send a "
+                "screenshot of it, or share it as JPEG (Settings > Camera > Formats > Most Compatible).")
 
 # Raster formats screenshots and photos come in. Anything else (SVG, PDF, ICO, EPS ...) is refused:
 # fewer decoders reachable from the network, and none that runs code or fetches URLs.
@@ -72,7 +77,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_FORMATS))
     except UnidentifiedImageError:
-        raise NotAnImage("not a PNG, JPEG, WebP, GIF or BMP image") from None
+        raise NotAnImage(NOT_AN_IMAGE) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadInput("image has too many pixels (decompression bomb?)", code="image_bomb") from None
     except (OSError, SyntaxError, ValueError) as exc:

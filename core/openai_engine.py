@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from core.answer_text import without_thinking
+from core.answer_text import CUT_NOTE, without_thinking
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError, EngineUnavailable
 
@@ -86,7 +86,7 @@ class OpenAIEngine:
                 "max_tokens": limits.max_new_tokens, "temperature": 0}
         resp = await self._post(body)
         try:
-            async for text in without_thinking(_sse_deltas(resp)):
+            async for text in without_thinking(_deltas(resp)):
                 yield text
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(f"the model server at {self._url} broke off the answer: {_describe(exc)}") from exc
@@ -146,8 +146,18 @@ def data_url(image: PreparedImage) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def _sse_deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The text of each streamed chunk of a chat completion (Server-Sent Events, ``data:`` lines)."""
+async def _deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The answer's text as it comes: streamed chunks (SSE ``data:`` lines), or one JSON answer from a
+    server that ignores ``stream``; ``CUT_NOTE`` after an answer stopped at its token limit."""
+    if resp.content_type == "application/json":
+        body = await resp.json(content_type=None)
+        choice = _first_choice(body)
+        text = (choice.get("message") or {}).get("content")
+        if text:
+            yield str(text)
+        if choice.get("finish_reason") == "length":
+            yield CUT_NOTE
+        return
     async for raw in resp.content:
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
@@ -158,13 +168,26 @@ async def _sse_deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
         try:
             event = json.loads(data)
         except ValueError as exc:
-            raise EngineError(f"the model server sent something that is not JSON: {data[:100]!r}") from exc
-        if "error" in event:
+            raise EngineError(f"the model server sent something unreadable (not JSON): {data[:100]!r}") from exc
+        if isinstance(event, dict) and "error" in event:
             raise EngineError(f"the model server failed: {event['error']}")
-        for choice in event.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                yield content
+        if isinstance(event, dict) and not event.get("choices"):
+            continue  # a usage-only chunk
+        choice = _first_choice(event)
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            yield str(content)
+        if choice.get("finish_reason") == "length":
+            yield CUT_NOTE
+
+
+def _first_choice(event: Any) -> dict[str, Any]:
+    """``choices[0]`` of a chat completion or chunk; EngineError naming what came instead."""
+    choices = event.get("choices") if isinstance(event, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(choice, dict) or not isinstance(choice.get("delta") or choice.get("message") or {}, dict):
+        raise EngineError(f"the model server sent something unreadable (no chat completion): {str(event)[:100]!r}")
+    return choice
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,8 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from core.answer_text import CUT_NOTE
+
 __all__ = ["RowStopper", "RowStreamer"]
 
 # Text goes out at most this often per question: chats show it in pieces anyway, and every wake-up
@@ -53,6 +55,7 @@ class RowStreamer(BaseStreamer):
         for row, tokens in enumerate(value.reshape(len(self._emits), -1).tolist()):
             if self._finished[row]:
                 continue
+            cut = False
             for token in tokens:
                 self.generated[row] += 1
                 if token in self._eos:
@@ -60,9 +63,13 @@ class RowStreamer(BaseStreamer):
                     break
                 if token not in self._drop:
                     self._tokens[row].append(token)
-            if self.generated[row] >= self._limits[row]:
+            else:
+                cut = self.generated[row] >= self._limits[row]
+            if cut:
                 self._finished[row] = True
             self._flush(row, final=self._finished[row])
+            if cut:
+                self._emits[row](CUT_NOTE)
             if self._finished[row]:
                 # The rest of the batch may generate on: this question's asker need not wait for it.
                 self._on_row_done(row)

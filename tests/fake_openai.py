@@ -25,6 +25,9 @@ class FakeOpenAI:
     fail_next: list[int] = field(default_factory=list)
     reply: str | None = None  # instead of the description of the request
     delay_s: float = 0.0  # before the answer starts: a slow model
+    plain_json: bool = False  # answer as one JSON completion, ignoring "stream" (some servers do)
+    junk: bytes | None = None  # sent as the first streamed chunk (a broken server)
+    cut: bool = False  # finish_reason "length": the answer hit max_tokens
     url: str = ""
 
     def app(self) -> web.Application:
@@ -49,11 +52,18 @@ class FakeOpenAI:
         except (AssertionError, KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": {"message": f"bad request: {exc!r}"}}, status=400)
         text = self.reply or f"I see {len(sizes)} image(s) {' '.join(sizes)}; turns {len(body['messages'])}; {question}"
+        finish = "length" if self.cut else "stop"
+        if self.plain_json:
+            return web.json_response({"id": "c1", "object": "chat.completion", "model": MODEL, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if self.junk is not None:
+            await resp.write(self.junk)
         await resp.write(_event({"role": "assistant", "content": ""}))
         async for piece in _pieces(text):
             await resp.write(_event({"content": piece}))
+        await resp.write(_event({}, finish))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -86,9 +96,9 @@ def _validate(body: dict[str, Any]) -> tuple[list[str], str]:
     return sizes, question
 
 
-def _event(delta: dict[str, str]) -> bytes:
+def _event(delta: dict[str, str], finish: str | None = None) -> bytes:
     chunk = {"id": "c1", "object": "chat.completion.chunk", "model": MODEL,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 

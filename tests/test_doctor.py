@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,6 @@ model_path = "{tmp_path / 'no-such-model'}"
 [adapters.telegram]
 enabled = true
 token = "not-a-token"
-[adapters.feishu]
-enabled = true
-app_id = "cli_x"
 [adapters.dingtalk]
 enabled = true
 app_key = "ding"
@@ -67,13 +65,28 @@ app_secret = "s"
     checks = by_name(out)
     assert status == 1
     failed = {name for name, c in checks.items() if c["status"] == "fail"}
-    assert failed == {"model files", "telegram", "feishu"}
+    assert failed == {"model files", "telegram"}
     assert all(checks[name]["fix"] for name in failed)
-    assert "missing app_secret, verification_token" in checks["feishu"]["detail"]
     assert checks["dingtalk"]["status"] == "ok" and "allowed_ips" in checks["dingtalk"]["detail"]
-    (tmp_path / "bad.toml").write_text("[engine]\nmax_new_tokns = 5\n")
+
+
+async def test_doctor_calls_a_config_valid_exactly_when_run_does(tmp_path):
+    (tmp_path / "bad.toml").write_text("[engine]\nmax_new_tokns = 5\n[server]\nport = 'x'\n"
+                                       "[adapters.feishu]\nenabled = true\n")
     status, out = await doctor(tmp_path / "bad.toml", "--json")
-    assert status == 1 and "max_new_tokns: unknown key" in by_name(out)["config"]["detail"]
+    detail = by_name(out)["config"]["detail"]
+    assert status == 1 and "max_new_tokns: unknown key" in detail and "server.port" in detail
+    (tmp_path / "incomplete.toml").write_text("[adapters.feishu]\nenabled = true\napp_id = 'cli_x'\n")
+    status, out = await doctor(tmp_path / "incomplete.toml", "--json")
+    detail = by_name(out)["config"]["detail"]
+    assert status == 1
+    assert "adapters.feishu.app_secret: required" in detail and "adapters.feishu.verification_token" in detail
+    run = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bot.cli", "run", "--config", str(tmp_path / "incomplete.toml")],
+        capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert [line.split(".toml: ", 1)[-1] for line in run.stderr.strip().splitlines()] == [
+        line.split(".toml: ", 1)[-1] for line in detail.splitlines()]
 
 
 async def test_online_tries_each_credential_and_prints_no_secret(tmp_path):

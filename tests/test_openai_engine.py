@@ -6,6 +6,7 @@ import pytest
 from fake_openai import KEY, MODEL, FakeOpenAI
 from PIL import Image
 
+from core.answer_text import CUT_NOTE
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
 from core.openai_engine import OpenAIEngine
@@ -103,3 +104,27 @@ async def test_the_daemon_answers_through_a_model_server(server, daemon, http):
                                                 "images": [{"data": b64(png(size=(40, 30)))}]})
     assert status == 200, body
     assert body["answer"] == "I see 1 image(s) 40x30; turns 1; What broke?"
+
+
+async def test_a_server_that_ignores_stream_still_answers(server, make_engine):
+    server.plain_json = True
+    engine = await make_engine(server.url)
+    assert await _answer(engine, [IMAGE], [], "What?") == "I see 1 image(s) 64x48; turns 1; What?"
+
+
+async def test_an_answer_cut_at_its_token_limit_says_so(server, make_engine):
+    engine = await make_engine(server.url)
+    server.cut = True
+    assert (await _answer(engine, [IMAGE], [], "What?")).endswith(CUT_NOTE)
+    server.plain_json = True
+    assert (await _answer(engine, [IMAGE], [], "What?")).endswith(CUT_NOTE)
+    server.cut = server.plain_json = False
+    assert not (await _answer(engine, [IMAGE], [], "What?")).endswith(CUT_NOTE)
+
+
+@pytest.mark.parametrize("junk", [b"data: 1\n\n", b"data: {\"choices\": 7}\n\n", b"data: not json\n\n"])
+async def test_an_unreadable_chunk_is_named_not_an_internal_error(server, make_engine, junk):
+    server.junk = junk
+    engine = await make_engine(server.url)
+    with pytest.raises(EngineError, match="the model server sent something unreadable"):
+        await _answer(engine, [IMAGE], [], "What?")

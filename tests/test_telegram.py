@@ -157,6 +157,17 @@ async def test_an_image_sent_as_a_file_is_an_image(fake, daemon, http):
     assert done[0]["used_images"] == [sha256(SHOT)]
 
 
+async def test_a_heic_file_gets_told_which_formats_work(fake, daemon, http):
+    fake.add_file("heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200))
+    private = {"id": 5002, "type": "private", "first_name": "Ann"}
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(6, document="heic", caption="what is this?", chat=private))
+        await answered(d, http, 1, private["id"])
+    text = fake.text_of(0)
+    assert "PNG, JPEG, WebP, GIF and BMP" in text and "HEIC" in text, text
+    assert "send it again" not in text
+
+
 async def test_an_image_over_the_download_limit_gets_a_clear_reply(fake, daemon, http):
     fake.add_file("huge", SHOT)
     fake.sizes["huge"] = 25 * 2**20
@@ -224,7 +235,7 @@ def test_telegram_settings_are_checked_before_anything_starts():
     webhook = {"enabled": True, "mode": "webhook", "webhook_url": "https://x.example/telegram/webhook"}
     with pytest.raises(ConfigError, match="needs webhook_url and secret_token"):
         build_adapters(parse({"adapters": {"telegram": webhook}}, environ={"IMSIGHT_TELEGRAM_TOKEN": TOKEN}))
-    with pytest.raises(ConfigError, match="secret_token must be") as caught:
+    with pytest.raises(ConfigError, match="secret_token: must be") as caught:
         build_adapters(parse({"adapters": {"telegram": {**webhook, "secret_token": "has spaces!"}}},
                              environ={"IMSIGHT_TELEGRAM_TOKEN": TOKEN}))
     assert "has spaces" not in str(caught.value) and TOKEN not in str(caught.value)

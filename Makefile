@@ -19,9 +19,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	@# The example config points at the tiny test model; build it on first use.
-	@if [ "$(CONFIG)" = config.example.toml ] && [ ! -d data/tiny-model ]; then \
-		$(BIN)/imsight tiny-model data/tiny-model; fi
+	@# A config that points at the tiny test model (the example does) gets it built on first use.
+	@$(BIN)/imsight tiny-model --config $(CONFIG)
 	$(BIN)/imsight run --config $(CONFIG)
 
 test: $(VENV)/.installed

@@ -49,7 +49,6 @@ HELP = """I answer questions about images.
 - /status says which model answers and how many questions are waiting.
 - In a private chat, just send the image and the question."""
 _TYPING_LASTS_S = 4.0
-_FORGET_CONFIRM_S = 300.0
 _NOT_FOR_US = "(a command for another bot)"  # a chat action shows for 5 s at most: renew it before then
 
 
@@ -87,7 +86,6 @@ class TelegramAdapter:
         self._albums: dict[str, _Album] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
-        self._forget_asked: dict[str, float] = {}  # chat id -> until when "/forget yes" confirms
         self._app: Any = None
         self._poller: asyncio.Task[None] | None = None
         self._polling = Reachability()  # getUpdates
@@ -223,9 +221,6 @@ class TelegramAdapter:
         if command in ("/help", "/start"):
             await self._say(message, HELP.format(bot=self._me.username))
             return
-        if command == "/forget":
-            await self._forget(message)
-            return
         if command == "/status":
             status = await self._host.status()
             await self._say(message, f"Model: {status.model} ({status.engine}). Questions being answered: "
@@ -233,7 +228,7 @@ class TelegramAdapter:
             return
         if command == _NOT_FOR_US:
             return
-        if command in ("/images", "/use"):  # the daemon's own chat commands, for every platform
+        if command in ("/images", "/use", "/forget"):  # the daemon's own chat commands, for every platform
             await self._host.accept(self._incoming(message, event_id=str(update.update_id), addressed=True))
             return
         if command not in (None, "/ask"):
@@ -325,35 +320,18 @@ class TelegramAdapter:
     def _is_me(self, username: str) -> bool:
         return username.lstrip("@").lower() == (self._me.username or "").lower()
 
-    async def _forget(self, message: Any) -> None:
-        """``/forget`` asks for confirmation; ``/forget yes`` within five minutes deletes the chat's history."""
-        assert self._host is not None
-        chat = str(message.chat.id)
-        if message.chat.type != "private" and not await self._is_admin(message):
-            await self._say(message, "Only the group's admins can make me forget this chat.")
-            return
-        confirmed = (message.text or "").split()[1:2] == ["yes"]
-        if not confirmed or self._forget_asked.get(chat, 0.0) < time.monotonic():
-            self._forget_asked[chat] = time.monotonic() + _FORGET_CONFIRM_S
-            await self._say(message, "This deletes everything I stored for this chat: its messages, images and "
-                                     "my answers. Send /forget yes within 5 minutes to confirm.")
-            return
-        del self._forget_asked[chat]
-        forgotten = await self._host.forget(self.name, chat)
-        if forgotten is None:
-            await self._say(message, "I am still answering a question here; send /forget again when I am done.")
-        else:
-            await self._say(message, f"Done: I forgot this chat ({forgotten} stored message(s) and their images).")
-
-    async def _is_admin(self, message: Any) -> bool:
+    async def is_admin(self, incoming: Incoming) -> bool:
+        """``core.types.Moderated``: a group's creator and administrators; anyone in a private chat."""
         from telegram.error import TelegramError
 
-        if message.from_user is None:
+        if incoming.chat_kind == "direct":
+            return True
+        if self._app is None or not incoming.sender_id:
             return False
         try:
-            member = await message.chat.get_member(message.from_user.id)
-        except TelegramError as exc:
-            log.warning("telegram chat %s: cannot check admin rights: %s", message.chat.id, exc)
+            member = await self._app.bot.get_chat_member(incoming.chat_id, int(incoming.sender_id))
+        except (TelegramError, ValueError) as exc:
+            log.warning("telegram chat %s: cannot check admin rights: %s", incoming.chat_id, exc)
             return False
         return member.status in ("creator", "administrator")
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from adapters.outbound import CallbackRefused, HostList, PinnedResolver
 from adapters.signing import StandardWebhookSigner, Verification
 from adapters.webhook_request import Body, decode_base64_image, off_loop, refuse_unknown
 from core.errors import AdapterError, BadInput, NotFound, TooLarge, Unauthorized
@@ -45,6 +46,7 @@ class WebhookAdapter:
         token: str | None,
         secret: str | None,
         allowed_image_hosts: Sequence[str],
+        allowed_callback_hosts: Sequence[str] = (),
         max_body_bytes: int,
         max_image_bytes: int,
         fetch_timeout_s: float,
@@ -52,12 +54,14 @@ class WebhookAdapter:
     ) -> None:
         self._token = token
         self._signer = StandardWebhookSigner(secret) if secret else None
-        self._allowed_hosts = [h.lower() for h in allowed_image_hosts]
+        self._image_hosts = HostList(allowed_image_hosts, "allowed_image_hosts")
+        self._callback_hosts = HostList(allowed_callback_hosts, "[adapters.webhook] allowed_callback_hosts")
         self._max_body, self._max_image = max_body_bytes, max_image_bytes
         self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
         self._wait_s = wait_s
         self._host: Host | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._callbacks: aiohttp.ClientSession | None = None  # its connector reaches only checked addresses
 
     @property
     def open(self) -> bool:
@@ -71,15 +75,18 @@ class WebhookAdapter:
 
     async def start(self, host: Host) -> None:
         self._session = aiohttp.ClientSession()
+        self._callbacks = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=PinnedResolver(self._callback_hosts), limit_per_host=8))
         self._host = host
         if self.open:
             log.warning("the generic API has no token and no secret: anyone who reaches it may use it")
 
     async def stop(self) -> None:
         self._host = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._callbacks):
+            if session is not None:
+                await session.close()
+        self._session = self._callbacks = None
 
     async def download(self, image: ImageRef) -> bytes:
         """Fetch an image URL, from an allowed host only, within the size limit and timeout."""
@@ -88,7 +95,7 @@ class WebhookAdapter:
         host = (parts.hostname or "").lower()
         if parts.scheme not in {"http", "https"}:
             raise BadInput(f"image URL must be http(s): {url!r}", code="image_url_refused")
-        if not self._host_allowed(host):
+        if not self._image_hosts.allows(host):
             raise BadInput(f"image host {host!r} is not in allowed_image_hosts", code="image_url_refused")
         assert self._session is not None
         try:
@@ -107,12 +114,6 @@ class WebhookAdapter:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BadInput(f"could not fetch image URL: {exc or type(exc).__name__}",
                            code="image_fetch_failed") from None
-
-    def _host_allowed(self, host: str) -> bool:
-        for allowed in self._allowed_hosts:
-            if host == allowed or (allowed.startswith(".") and host.endswith(allowed)):
-                return True
-        return False
 
     async def send(self, reply: Reply) -> str:
         """POST the answer, signed, to the question's ``callback_url``; the id is ours either way."""
@@ -138,17 +139,28 @@ class WebhookAdapter:
         headers = {"Content-Type": "application/json"}
         if self._signer is not None:
             headers |= self._signer.headers(answer_id, body)
-        if self._session is None:
+        if self._callbacks is None:
             raise AdapterError(PLATFORM, "adapter is stopped")
         try:
-            async with self._session.post(callback, data=body, headers=headers,
-                                          timeout=self._fetch_timeout) as resp:
+            self._callback_hosts.check_url(callback)  # again: the config may have changed since it was stored
+            # No redirects: a 307 from an allowed host must not lead anywhere else.
+            async with self._callbacks.post(callback, data=body, headers=headers, allow_redirects=False,
+                                            timeout=self._fetch_timeout) as resp:
                 if resp.status >= 300:
                     # Client errors other than timeouts and rate limits will not heal on retry.
                     retryable = resp.status >= 500 or resp.status in {408, 429}
-                    raise AdapterError(PLATFORM, f"callback answered HTTP {resp.status}", retryable=retryable)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AdapterError(PLATFORM, f"callback failed: {exc or type(exc).__name__}") from exc
+                    log.warning("job %s: callback to %s answered HTTP %d", reply.job_id, _origin(callback),
+                                resp.status)
+                    raise AdapterError(PLATFORM, "callback delivery failed", retryable=retryable)
+        except BadInput as exc:
+            log.warning("job %s: callback refused: %s", reply.job_id, exc)
+            raise AdapterError(PLATFORM, "callback delivery failed", retryable=False) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # What failed stays in the log: told to the caller, it would map the internal network.
+            log.warning("job %s: callback to %s failed: %s", reply.job_id, _origin(callback),
+                        exc or type(exc).__name__)
+            refused = isinstance(getattr(exc, "os_error", exc), CallbackRefused)
+            raise AdapterError(PLATFORM, "callback delivery failed", retryable=not refused) from exc
         return answer_id
 
     # ---- handlers -----------------------------------------------------------------------
@@ -159,6 +171,8 @@ class WebhookAdapter:
         body = Body(request.content_type, request.headers.get("Content-Type", ""))
         event_id, digest = await self._receive(request, body.feed)
         message, files = await body.message()
+        if message.callback_url is not None:
+            self._callback_hosts.check_url(str(message.callback_url))  # before anything is stored
         images = [ImageRef(ref="upload", data=data) for data in files]
         for image in message.images:
             if image.data is not None:
@@ -270,6 +284,11 @@ class WebhookAdapter:
             if scheme.lower() == "bearer" and _equal(credential.strip(), self._token):
                 return None
         raise Unauthorized("missing or wrong credentials: send Authorization: Bearer or a signature")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _equal(a: str, b: str) -> bool:

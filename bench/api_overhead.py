@@ -5,7 +5,7 @@ runs with an instant in-memory engine, so what is measured is everything but the
 parsing, image validation, the content-addressed file write, the SQLite transaction (fsync'd,
 synchronous=FULL) and, for questions, queueing and the background worker.
 
-    python bench/api_overhead.py [--requests 2000] [--concurrency 8]
+    python bench/api_overhead.py [--requests 2000] [--concurrency 8] [--quick]
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ async def _bare(request: web.Request) -> web.Response:
 
 async def _serve(pipe: Connection) -> None:
     with tempfile.TemporaryDirectory(prefix="imsight-bench-") as tmp:
-        config = parse({"server": {"port": 0}, "storage": {"data_dir": tmp}, "adapters": {"webhook": {
-            "token": "bench"}}}, environ={})
+        # No queue bounds or sender rate: this measures the cost of a request, not the refusals.
+        limits = {"max_queued": 0, "max_queued_per_chat": 0, "questions_per_sender_per_minute": 0}
+        config = parse({"server": {"port": 0}, "storage": {"data_dir": tmp}, "limits": limits,
+                        "adapters": {"webhook": {"token": "bench"}}}, environ={})
         app = web.Application(client_max_size=32 * 2**20)
         app.router.add_post("/api/v1/messages", _bare)
         runner = web.AppRunner(app, access_log=None)
@@ -121,7 +123,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="a few seconds on a small load (the test suite runs it)")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.concurrency = 60, 4
     ours, theirs = mp.Pipe()
     server = mp.get_context("spawn").Process(target=_server_process, args=(theirs,))
     server.start()

@@ -6,8 +6,8 @@ prints: parameters, weight bytes, peak GPU memory, time to first token for a 102
 a follow-up with and without the prefix cache, decode tokens/s at batch 1, 8 questions batched vs
 one after another, and decode speed against the HBM-bandwidth bound. Modes: bf16, nf4, and
 bf16-static / nf4-static (``static_cache_tokens = 2048``: compiled decode for single questions).
-``--size tiny`` runs the same measurements on a small GLM-shaped model (quick check of the
-script; figures mean nothing).
+``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
+tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
     python bench/engine_bench.py --size 9b --modes nf4,bf16,bf16-static --json results.json
 """
@@ -249,7 +249,16 @@ async def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", action="store_true", help="profile one question and follow-up first")
     parser.add_argument("--model-dir", type=Path, help="measure this model directory instead of building one")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds on the CPU, tiny test model (the tests run it; figures mean nothing)")
     args = parser.parse_args()
+    if args.quick:
+        from core.tiny_model import build_tiny_model
+
+        args.modes, args.new_tokens, args.reps = "bf16", 4, 1
+        args.model_dir = args.model_dir or args.work / "tiny-llava"
+        if not (args.model_dir / "config.json").exists():
+            build_tiny_model(args.model_dir)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     model_dir = args.model_dir or args.work / f"glm-{args.size}"

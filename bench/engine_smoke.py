@@ -32,7 +32,7 @@ async def main() -> None:
         engine = TransformersEngine(resolve("unused", path, allow_download=False), device="auto")
         start = time.perf_counter()
         await engine.start()
-        model = engine._model
+        model = engine.loaded.model
         print(f"loaded in {time.perf_counter() - start:.2f}s on {engine.device}, "
               f"weights {next(model.parameters()).dtype}, vision tower "
               f"{next(model.model.vision_tower.parameters()).dtype}")

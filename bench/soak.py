@@ -11,7 +11,7 @@ Prints throughput, time to acknowledge (p50/p99), the daemon's peak RSS, and wha
 lost answers (acknowledged, never delivered), duplicated answers (delivered twice), and
 per-conversation order violations (an answer delivered before the answer to an earlier question).
 
-    python bench/soak.py [--questions 10000] [--conversations 500] [--engine-ms 20]
+    python bench/soak.py [--questions 10000] [--conversations 500] [--engine-ms 20] [--quick]
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ async def _serve(pipe: Connection, delay_s: float) -> None:
         # Default bounds, but no per-sender rate: it would pace the whole run at senders x 10/min.
         config = parse({"server": {"port": 0}, "storage": {"data_dir": tmp},
                         "limits": {"questions_per_sender_per_minute": 0},
-                        "adapters": {"webhook": {"token": TOKEN}}}, environ={})
+                        "adapters": {"webhook": {"token": TOKEN, "allowed_callback_hosts": ["127.0.0.1"]}}},
+                       environ={})
         engine = StandInEngine(delay_s, config.engine.max_batch)
         async with Daemon(config, engine=engine) as daemon:
             pipe.send((daemon.url, config.limits.model_dump()))
@@ -158,7 +159,10 @@ def main() -> None:
     parser.add_argument("--engine-ms", type=float, default=20)
     parser.add_argument("--busy-wait-ms", type=float, help="on 429, wait this long (default: Retry-After)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds; the run stops by itself")
+    parser.add_argument("--quick", action="store_true", help="a few seconds on a small load (the test suite runs it)")
     args = parser.parse_args()
+    if args.quick:
+        args.questions, args.conversations, args.engine_ms, args.timeout = 200, 20, 2, 60
     ours, theirs = mp.Pipe()
     server = mp.get_context("spawn").Process(target=_server_process, args=(theirs, args.engine_ms / 1000))
     server.start()

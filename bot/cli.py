@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--revision", help="branch, tag or commit; default: main")
 
     tiny = command("tiny-model", "write a tiny random test model (answers are noise)")
-    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("dir", type=Path, nargs="?", help="where to write it")
+    tiny.add_argument("--config", type=Path,
+                      help="instead of DIR: the config's [engine] model_path, when it names a tiny-model "
+                           "directory that is not there yet (what `make run` does)")
 
     command("demo", "start a daemon on a tiny test model and ask it two questions")
 
@@ -93,7 +96,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
             return download_model(args.config, args.model, args.local_dir, args.revision)
         if args.command == "tiny-model":
-            return _tiny_model(args.dir)
+            return _tiny_model(args.dir, args.config)
         if args.command == "doctor":
             return _doctor(args.config, online=args.online, as_json=args.json)
         if args.command == "history":
@@ -213,9 +216,20 @@ def _doctor(path: Path, *, online: bool, as_json: bool) -> int:
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
-def _tiny_model(out: Path) -> int:
+def _tiny_model(out: Path | None, config_path: Path | None) -> int:
     from core.tiny_model import build_tiny_model
 
+    if config_path is not None:
+        from bot.config import load
+
+        model_path = load(config_path).engine.model_path
+        if model_path is None or "tiny-model" not in model_path.name or (model_path / "config.json").exists():
+            return 0  # a real model, or the tiny one is there already
+        out = model_path
+    if out is None:
+        raise ConfigError("tiny-model: give a directory, or --config")
+    # Its folder is usually the data dir (data/tiny-model): private from the start.
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     build_tiny_model(out)
     print(f"wrote a tiny random test model to {out} (plumbing tests only: its answers are noise)")
     return 0

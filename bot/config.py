@@ -87,6 +87,7 @@ class WebhookConfig(_Section):
     token: SecretStr | None = None
     secret: SecretStr | None = None  # Standard Webhooks secret, "whsec_" + base64
     allowed_image_hosts: list[str] = Field(default_factory=list)
+    allowed_callback_hosts: list[str] = Field(default_factory=list)  # empty: callback_url is refused
     fetch_timeout_seconds: float = Field(10, gt=0)
     wait_seconds: float = Field(60, ge=0)  # longest a `wait: true` request is held open
 

@@ -75,6 +75,7 @@ def build_adapters(config: Config) -> list[Adapter]:
             token=hook.token.get_secret_value() if hook.token else None,
             secret=hook.secret.get_secret_value() if hook.secret else None,
             allowed_image_hosts=hook.allowed_image_hosts,
+            allowed_callback_hosts=hook.allowed_callback_hosts,
             max_body_bytes=int(config.server.max_body_mb * MB),
             max_image_bytes=int(config.images.max_mb * MB),
             fetch_timeout_s=hook.fetch_timeout_seconds,

@@ -22,7 +22,7 @@ from bot.watch import JobWatch
 from bot.workers import Workers
 from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound
 from core.images import ImageInfo, ImageLimits, inspect
-from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView, Status
+from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView, Moderated, Status
 
 __all__ = ["Dispatcher"]
 
@@ -236,6 +236,10 @@ class Dispatcher:
             # The command carries the chosen image, so "the latest image here" is that one from now on.
             # Its row exists already: the zero sizes are never written (INSERT OR IGNORE).
             images = [*images, *(ImageInfo(sha, "", 0, 0, 0) for sha in chosen)]
+        elif name == "/forget" and not await self._may_administer(incoming):
+            # Checked here, for every form a command can take (/forget, @bot /forget, /forget@bot, a
+            # reply to the bot, a caption): there is no other way in to the command.
+            reply = "Only the group's admins can make me forget this chat."
         elif name == "/forget" and self._commands.forget_confirmed(incoming, argument):
             forgotten = await self._forget_unlocked(incoming.platform, incoming.chat_id)
             reply = ("A question here is still being answered; send /forget again when it is done."
@@ -251,6 +255,12 @@ class Dispatcher:
                  incoming.message_id, name)
         self._outbox.wake()
         return accepted
+
+    async def _may_administer(self, incoming: Incoming) -> bool:
+        adapter = self._adapters.get(incoming.platform)
+        if isinstance(adapter, Moderated):
+            return await adapter.is_admin(incoming)
+        return True  # the platform names no admins (Feishu, DingTalk): /forget asks for a confirmation
 
     def _check_and_keep(self, blobs: list[bytes]) -> list[ImageInfo]:
         """Decode every image (CPU work, so on a thread), then write them: all or, if one is bad, none."""

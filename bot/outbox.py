@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 from bot.metrics import Metrics
@@ -37,7 +38,7 @@ class Outbox:
         attempts: int,
         retry_base_s: float = 1.0,
         retry_max_s: float = 300.0,
-        concurrency: int = 32,
+        concurrency: int = 16,
         metrics: Metrics | None = None,
     ) -> None:
         self._store, self._adapters, self._watch = store, adapters, watch
@@ -45,7 +46,7 @@ class Outbox:
         self._concurrency = concurrency
         self._metrics = metrics or Metrics()
         self._wakeup = asyncio.Event()
-        self._sending: dict[int, asyncio.Task[None]] = {}
+        self._sending: dict[int, tuple[str, asyncio.Task[None]]] = {}  # reply id -> (platform, its send)
         self._ended = 0  # sends ended so far
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -64,7 +65,7 @@ class Outbox:
         if self._loop_task is not None:
             await self._loop_task
         if self._sending:
-            _, pending = await asyncio.wait(list(self._sending.values()), timeout=grace_s)
+            _, pending = await asyncio.wait([task for _, task in self._sending.values()], timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -74,13 +75,19 @@ class Outbox:
             self._wakeup.clear()  # before looking, so a wake() during the look is not lost
             try:
                 ended = self._ended
-                due_now = await self._store.due_replies(self._concurrency)
+                # Slots are per platform: callbacks that hang, or a platform that is down, cannot hold
+                # up the answers of another.
+                per_platform = Counter(p for p, _ in self._sending.values())
+                full = [p for p, n in per_platform.items() if n >= self._concurrency]
+                due_now = await self._store.due_replies(self._concurrency * 4, skip=list(self._sending), full=full)
                 if ended != self._ended:
                     continue  # a send ended during the look: what was read may be sent already
                 for reply in due_now:
-                    if reply.id not in self._sending and len(self._sending) < self._concurrency:
+                    platform = reply.job.question.platform
+                    if reply.id not in self._sending and per_platform[platform] < self._concurrency:
+                        per_platform[platform] += 1
                         task = asyncio.create_task(self._send(reply), name=f"imsight-send-{reply.id}")
-                        self._sending[reply.id] = task
+                        self._sending[reply.id] = (platform, task)
                         task.add_done_callback(self._done)
                 due = await self._store.next_reply_at()
             except ImsightError:
@@ -92,7 +99,7 @@ class Outbox:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._sending = {rid: t for rid, t in self._sending.items() if t is not task}
+        self._sending = {rid: sent for rid, sent in self._sending.items() if sent[1] is not task}
         self._ended += 1
         self.wake()  # the conversation's next reply may go now
 

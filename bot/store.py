@@ -6,7 +6,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -482,13 +482,20 @@ class Store(RetentionQueries):
             (job_id, kind, conversation, text, int(failed), time.time()),
         )
 
-    async def due_replies(self, limit: int) -> list[OutgoingReply]:
-        """Replies to send now: the oldest pending one of each conversation, if it is due."""
+    async def due_replies(self, limit: int, *, skip: Collection[int] = (), full: Collection[str] = ()
+                          ) -> list[OutgoingReply]:
+        """Replies to send now: the oldest pending one of each conversation, if it is due.
+
+        ``skip``: replies being sent already; ``full``: platforms with no free sending slot.
+        """
+        skipped = ", ".join("?" * len(skip))
+        platforms = " AND ".join("substr(o.conversation, 1, ?) != ?" for _ in full)
         rows = await self._rows(
             "SELECT o.* FROM outbox o WHERE o.status = 'pending' AND o.next_at <= ? AND o.id = "
             "(SELECT min(p.id) FROM outbox p WHERE p.conversation = o.conversation AND p.status = 'pending') "
-            "ORDER BY o.id LIMIT ?",
-            time.time(), limit,
+            + (f"AND o.id NOT IN ({skipped}) " if skip else "") + (f"AND {platforms} " if full else "")
+            + "ORDER BY o.id LIMIT ?",
+            time.time(), *skip, *[x for platform in full for x in (len(platform) + 1, f"{platform}\x1f")], limit,
         )
         replies = []
         for r in rows:

@@ -22,6 +22,7 @@ __all__ = [
     "ImageRef",
     "Incoming",
     "JobView",
+    "Moderated",
     "Reply",
     "Status",
 ]
@@ -187,6 +188,15 @@ class Drafting(Protocol):
         same placeholder is edited (``reply.draft_id``) rather than a second one left behind.
         Best effort: a failure here must not lose the answer, which ``send`` still delivers.
         """
+
+
+@runtime_checkable
+class Moderated(Protocol):
+    """An adapter whose platform says who administers a chat (for commands such as /forget)."""
+
+    async def is_admin(self, incoming: Incoming) -> bool:
+        """Whether the sender of ``incoming`` may administer its chat (a direct chat's one person may)."""
+        ...
 
 
 @runtime_checkable

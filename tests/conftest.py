@@ -44,7 +44,8 @@ def make_config(data_dir: Path, tiny_model: Path) -> Callable[..., Config]:
             "server": {"port": 0, "shutdown_grace_seconds": 10},
             "storage": {"data_dir": str(data_dir)},
             "engine": {"model_path": str(tiny_model), "max_new_tokens": 8},
-            "adapters": {"webhook": {"wait_seconds": 30}},
+            # Callbacks go to recorder servers the tests start on loopback.
+            "adapters": {"webhook": {"wait_seconds": 30, "allowed_callback_hosts": ["127.0.0.1"]}},
         }
         return parse(_merge(raw, sections), environ={})
 

@@ -143,6 +143,12 @@ def test_imsight_ask_answers_from_the_command_line(tiny_model, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+    direct = subprocess.run(  # no config: the model directory on the command line, and no warm-up answer
+        [sys.executable, "-m", "bot.cli", "-v", "ask", "--model-path", str(tiny_model), str(image), "-q", "What?"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout.strip() and "warm" not in direct.stderr.lower()
 
 
 def test_imsight_run_without_the_model_exits_with_the_fix(tmp_path):

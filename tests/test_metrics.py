@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,7 +39,9 @@ async def test_metrics_count_what_happened(daemon, http):
     assert after[("imsight_first_token_seconds_count", ())] >= 1
     assert after[("imsight_ack_seconds_count", (("platform", "api"),))] == 4  # the 429 is not an acknowledgement
     assert (after[("imsight_images_stored", ())], after[("imsight_image_bytes", ())]) == (1, len(png()))
-    assert after[("imsight_engine", (("name", "tokens_generated"),))] > 0  # the engine's own counters
+    tokens = after[("imsight_engine", (("name", "tokens_generated"),))]
+    assert tokens > 0  # the engine's own counters
+    assert after[("imsight_tokens_generated_total", ())] == tokens  # a counter: rate() gives tokens/s
     assert ("imsight_engine", (("name", "prefix_cache_bytes"),)) in after
 
 
@@ -47,3 +51,16 @@ async def test_readyz_says_ready_once_everything_started(daemon, http):
         health, _ = await get(http, d.url, "/healthz")
     assert (status, body) == (200, {"status": "ready", "checks": {"started": True, "store": True}})
     assert health == 200
+
+
+OPERATING = Path(__file__).resolve().parents[1] / "docs" / "operating.md"
+
+
+async def test_the_docs_describe_every_metric_there_is(daemon, http):
+    readme = OPERATING.read_text()
+    documented = set(re.findall(r"`(imsight_[a-z_]+)", readme))
+    async with daemon() as d, http.get(f"{d.url}/metrics") as resp:
+        families = {f.name for f in text_string_to_metric_families(await resp.text()) if f.name.startswith("imsight")}
+    counters = {f"{name}_total" for name in families}  # the client names counter families without _total
+    assert documented - families - counters == set()  # nothing documented that does not exist
+    assert {name for name in families if name not in documented and f"{name}_total" not in documented} == set()

@@ -290,13 +290,47 @@ async def test_forget_needs_an_admin_and_a_confirmation_then_deletes_the_chat(fa
         fake.push(forget(3, "/forget yes"))  # "yes" before being asked is not a confirmation
         await eventually(lambda: len(fake.results) == 3)
         assert "Send /forget yes" in fake.text_of(2)
-        assert len(await answers(d, http)) == 1
+        assert any(a["reply_to"] == "1" for a in await answers(d, http))  # the answer is still there
         fake.push(forget(4, "/forget yes"))
         await eventually(lambda: len(fake.results) == 4)
-        assert "Done: I forgot this chat (2 stored message(s)" in fake.text_of(3)
-        status, _ = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
-    assert status == 404
+        assert "Done: I forgot" in fake.text_of(3) and "message(s) of this chat" in fake.text_of(3)
+        _, body = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
+    assert [m["text"] for m in body["messages"] if m["role"] == "user"] == ["/forget yes"]  # only the command itself
     assert not image_file.exists()  # no other chat used it
+
+
+def _addressed_forms(mid: int, words: str, bot_answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """One command in every form that reaches the bot: plain, @bot /cmd, /cmd@bot, a reply to the bot, a caption."""
+    name, _, rest = words.partition(" ")
+    plain = command(mid, words)
+    mention = message(mid + 1, text=f"{MENTION} {words}")
+    targeted = message(mid + 2, text=f"{name}@{BOT['username']} {rest}".strip())
+    targeted["entities"] = [{"type": "bot_command", "offset": 0, "length": len(f"{name}@{BOT['username']}")}]
+    reply = command(mid + 3, words)
+    reply["reply_to_message"] = bot_answer
+    caption = message(mid + 4, caption=words, photo="shot")
+    caption["caption_entities"] = [{"type": "bot_command", "offset": 0, "length": len(name)}]
+    return [plain, mention, targeted, reply, caption]
+
+
+async def test_every_form_of_a_command_checks_the_same_permission(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(1, photo="shot", caption=f"{MENTION} what is this?"))
+        await answered(d, http, 1)
+        bot_answer = fake.results[-1]
+        forms = _addressed_forms(10, "/forget", bot_answer) + _addressed_forms(20, "/forget yes", bot_answer)
+        for form in forms:
+            fake.push(form)
+        await eventually(lambda: len(fake.results) == 1 + len(forms))
+        refused = [fake.text_of(n) for n in range(1, 1 + len(forms))]
+        assert all("Only the group's admins" in text for text in refused), refused
+        assert len(await answers(d, http)) >= 1  # nothing was forgotten
+        for form in _addressed_forms(30, "/images", bot_answer):
+            fake.push(form)
+        await eventually(lambda: len(fake.results) == 1 + len(forms) + 5)
+        listed = [fake.text_of(n) for n in range(1 + len(forms), 1 + len(forms) + 5)]
+        assert all("Images I remember here" in text for text in listed), listed
 
 
 def test_long_answers_are_split_at_paragraphs_and_within_the_limit():

@@ -1,0 +1,118 @@
+"""What an attacker on the same network tries, against running daemons on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+from fake_telegram import TOKEN, FakeTelegram
+
+from helpers import answered, eventually, get, loopback, post
+
+GROUP = {"id": -100555, "type": "supergroup", "title": "Ops"}
+ANN = {"id": 5001, "is_bot": False, "first_name": "Ann"}
+
+
+class Recorder:
+    """An HTTP server on loopback that records what reaches it; ``hang`` makes it never answer."""
+
+    def __init__(self, *, hang: bool = False, redirect_to: str | None = None) -> None:
+        self.hits: list[str] = []
+        self.hang, self.redirect_to = hang, redirect_to
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        return app
+
+    async def _any(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(request.path)
+        if self.hang:
+            await asyncio.sleep(8)  # longer than the daemon's callback timeout below
+        if self.redirect_to:
+            raise web.HTTPTemporaryRedirect(self.redirect_to)
+        return web.Response(status=204)
+
+
+async def _job(http: Any, url: str, job_id: str) -> dict[str, Any]:
+    async def ended() -> dict[str, Any] | None:
+        _, job = await get(http, url, f"/api/v1/jobs/{job_id}")
+        return job if job["status"] in ("done", "failed") else None
+
+    return await eventually(ended)  # type: ignore[no-any-return]
+
+
+async def test_callbacks_go_only_to_allowed_hosts(daemon, http):
+    internal = Recorder()
+    async with loopback(internal.app()) as internal_url:
+        port = internal_url.rsplit(":", 1)[1]
+        async with daemon(adapters={"webhook": {"allowed_callback_hosts": []}}) as d:
+            status, body = await post(http, d.url, {"conversation_id": "c", "text": "hi?",
+                                                    "callback_url": f"{internal_url}/latest/meta-data/"})
+            assert (status, body["error"]["code"]) == (400, "callback_url_refused")
+            assert "allowed_callback_hosts" in body["error"]["message"]
+        async with daemon(adapters={"webhook": {"allowed_callback_hosts": ["hooks.example.com", "localhost",
+                                                                           "169.254.169.254"]}}) as d:
+            for target in (f"{internal_url}/admin", f"http://169.254.169.254:{port}/latest/meta-data/"):
+                status, body = await post(http, d.url, {"conversation_id": "c", "text": "hi?", "callback_url": target})
+                assert status == 400, (target, body)  # a host not listed; an address never reachable
+            # Listed by name, but the name resolves to loopback: refused after resolving, detail only in the log.
+            status, body = await post(http, d.url, {"conversation_id": "d", "text": "hi?",
+                                                    "callback_url": f"http://localhost:{port}/admin"})
+            assert status == 202
+            delivery = await eventually(lambda: _delivery_error(d))
+            job = await _job(http, d.url, body["job_id"])  # not retried: it cannot heal
+    assert internal.hits == []
+    assert delivery == "api: callback delivery failed"
+    assert job["answer"]  # the answer is kept (GET /jobs has it); only its delivery failed
+
+
+async def test_a_redirect_from_an_allowed_host_is_not_followed_and_the_caller_learns_nothing(daemon, http):
+    internal = Recorder()
+    async with loopback(internal.app()) as internal_url:
+        bouncer = Recorder(redirect_to=f"{internal_url}/private")
+        async with loopback(bouncer.app()) as bouncer_url, daemon() as d:
+            _, body = await post(http, d.url, {"conversation_id": "c", "text": "hi?",
+                                               "callback_url": f"{bouncer_url}/hook"})
+            await eventually(lambda: bouncer.hits)
+            await asyncio.sleep(0.5)
+            delivery = await eventually(lambda: _delivery_error(d))
+    assert internal.hits == []
+    assert delivery == "api: callback delivery failed"  # not "answered HTTP 307", not a host or port
+
+
+async def _delivery_error(d: Any) -> str | None:
+    import sqlite3
+
+    with sqlite3.connect(d.config.storage.data_dir / "imsight.db") as db:
+        row = db.execute("SELECT error FROM outbox WHERE error IS NOT NULL").fetchone()
+    return row[0] if row else None
+
+
+@pytest.fixture
+async def fake_telegram() -> Any:
+    server = FakeTelegram()
+    async with loopback(server.app()) as url:
+        server.url = url
+        yield server
+
+
+async def test_callbacks_that_hang_do_not_hold_up_another_platform(daemon, http, fake_telegram):
+    hanging = Recorder(hang=True)
+    telegram = {"enabled": True, "token": TOKEN, "base_url": f"{fake_telegram.url}/bot"}
+    async with loopback(hanging.app()) as hook, daemon(
+            adapters={"telegram": telegram, "webhook": {"fetch_timeout_seconds": 5}},
+            server={"shutdown_grace_seconds": 1},
+            limits={"max_queued_per_chat": 0, "questions_per_sender_per_minute": 0}) as d:
+        for n in range(40):
+            await post(http, d.url, {"conversation_id": f"slow{n}", "text": "hi?", "callback_url": f"{hook}/h{n}"})
+        await eventually(lambda: len(hanging.hits) >= 16)  # every API sending slot is taken
+        asked = time.monotonic()
+        fake_telegram.push({"message_id": 1, "date": int(time.time()), "chat": {"id": 42, "type": "private",
+                            "first_name": "Ann"}, "from": ANN, "text": "what is up?"})
+        await answered(http, d.url, "telegram", "42", 1)
+        took = time.monotonic() - asked
+    assert took < 10, took  # answered at once, while 40 callbacks hang

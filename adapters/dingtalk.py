@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
@@ -170,7 +171,7 @@ class DingTalkAdapter:
         ours = webhook.startswith(self._legacy + "/")
         usable = ours and expires - _WEBHOOK_MARGIN_MS > time.time() * 1000
         first = ""
-        for n, piece in enumerate(_pieces(reply.text or "(empty answer)")):
+        for n, piece in enumerate(_pieces(defanged(reply.text or "(empty answer)"))):
             if usable:
                 # The asker is mentioned in groups; DingTalk renders the @ only when the id is in the text too.
                 text = f"@{staff} {piece}" if group and staff and n == 0 else piece

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from adapters.feishu_crypto import decrypt, verify_signature
+from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
@@ -328,7 +329,7 @@ class _Draft:
 
 def _post(markdown: str) -> dict[str, str]:
     """A rich-text message whose one element is Markdown, which Feishu renders (headings, lists, code)."""
-    content = {"zh_cn": {"title": "", "content": [[{"tag": "md", "text": markdown}]]}}
+    content = {"zh_cn": {"title": "", "content": [[{"tag": "md", "text": defanged(markdown)}]]}}
     return {"msg_type": "post", "content": json.dumps(content, ensure_ascii=False)}
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from core.errors import AdapterError, BadInput, Forbidden
 from core.types import Host, ImageRef, Incoming, Reply
@@ -393,7 +394,7 @@ class TelegramAdapter:
         assert self._app is not None, "not started"
         bot = self._app.bot
         chat, thread = int(reply.chat_id), int(reply.thread_id) if reply.thread_id else None
-        pieces = split_text(reply.text or "(empty answer)")
+        pieces = split_text(defanged(reply.text or "(empty answer)"))
         state = None if reply.notice else self._placeholder(reply)
         try:
             if state is not None:  # the placeholder becomes the answer's first piece
@@ -475,7 +476,7 @@ def _images(message: Any) -> tuple[ImageRef, ...]:
 
 def _preview(text: str) -> str:
     """The answer so far, marked unfinished, within one message."""
-    return (text[: MAX_TEXT - 2] + " …") if text else "…"
+    return defanged(text[: MAX_TEXT - 2] + " …") if text else "…"
 
 
 def _seconds(value: int | timedelta) -> float:

@@ -24,7 +24,7 @@ from aiohttp import web
 from adapters.outbound import CallbackRefused, HostList, PinnedResolver
 from adapters.signing import StandardWebhookSigner, Verification
 from adapters.webhook_request import Body, decode_base64_image, off_loop, refuse_unknown
-from core.errors import AdapterError, BadInput, NotFound, TooLarge, Unauthorized
+from core.errors import AdapterError, BadInput, Forbidden, NotFound, TooLarge, Unauthorized
 from core.types import Host, ImageRef, Incoming, JobView, Reply
 
 __all__ = ["WebhookAdapter"]
@@ -47,12 +47,14 @@ class WebhookAdapter:
         secret: str | None,
         allowed_image_hosts: Sequence[str],
         allowed_callback_hosts: Sequence[str] = (),
+        admin_token: str | None = None,
         max_body_bytes: int,
         max_image_bytes: int,
         fetch_timeout_s: float,
         wait_s: float,
     ) -> None:
         self._token = token
+        self._admin_token = admin_token  # reads what came through other platforms (the API's own do not)
         self._signer = StandardWebhookSigner(secret) if secret else None
         self._image_hosts = HostList(allowed_image_hosts, "allowed_image_hosts")
         self._callback_hosts = HostList(allowed_callback_hosts, "[adapters.webhook] allowed_callback_hosts")
@@ -210,13 +212,22 @@ class WebhookAdapter:
 
     async def _get_job(self, request: web.Request) -> web.Response:
         host = self._ready()
-        await self._authenticate(request)
+        admin = self._is_admin(request)
+        if not admin:
+            await self._authenticate(request)
         refuse_unknown(request.query, (), "query parameter")
-        return _json(200, _job_json(await host.job(request.match_info["job_id"])))
+        view = await host.job(request.match_info["job_id"])
+        if view.platform != PLATFORM and not admin:
+            raise NotFound(f"no job {view.job_id!r}")  # API credentials see only the API's jobs
+        return _json(200, _job_json(view))
 
     async def _get_history(self, request: web.Request) -> web.Response:
         host = self._ready()
-        await self._authenticate(request)
+        platform, chat_id = request.match_info["platform"], request.match_info["chat_id"]
+        if not self._is_admin(request):
+            await self._authenticate(request)
+            if platform != PLATFORM:
+                raise Forbidden(f"{platform} chats are read with the admin token ([admin] token), not the API's")
         refuse_unknown(request.query, ("limit",), "query parameter")
         try:
             limit = int(request.query.get("limit", "200"))
@@ -224,7 +235,6 @@ class WebhookAdapter:
             raise BadInput("limit must be an integer", code="invalid_field") from None
         if not 1 <= limit <= 1000:
             raise BadInput("limit must be between 1 and 1000", code="invalid_field")
-        platform, chat_id = request.match_info["platform"], request.match_info["chat_id"]
         entries = await host.history(platform, chat_id, limit)
         if not entries:
             raise NotFound(f"no stored messages for {platform} chat {chat_id!r}")
@@ -260,6 +270,12 @@ class WebhookAdapter:
         if verification is not None:
             return verification.finish(), digest.hexdigest()
         return request.headers.get("webhook-id") or None, digest.hexdigest()
+
+    def _is_admin(self, request: web.Request) -> bool:
+        """The admin token reads every platform's chats; the API's own credentials only the API's."""
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        return bool(self._admin_token) and scheme.lower() == "bearer" and _equal(credential.strip(),
+                                                                                 self._admin_token or "")
 
     async def _authenticate(self, request: web.Request) -> None:
         """For requests without a body (GET): a token, or a signature over the empty body."""

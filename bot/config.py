@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from core.errors import ConfigError
 
-__all__ = ["ENV_SECRETS", "Config", "configured_secrets", "load", "parse"]
+__all__ = ["ENV_SECRETS", "Config", "allowed_hosts", "configured_secrets", "is_loopback", "load", "parse"]
 
 
 class _Section(BaseModel):
@@ -28,6 +28,9 @@ class ServerConfig(_Section):
     shutdown_grace_seconds: float = Field(30, ge=0)
     # Reverse proxies (their addresses as the daemon sees them) whose X-Forwarded-* headers are believed.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # Host names requests may be addressed to (the Host header); others get 421, which stops DNS
+    # rebinding. Empty: host, localhost, 127.0.0.1 and ::1. Add your public name behind a proxy; "*": any.
+    allowed_hosts: list[str] = Field(default_factory=list)
 
 
 class StorageConfig(_Section):
@@ -88,6 +91,7 @@ class WebhookConfig(_Section):
     secret: SecretStr | None = None  # Standard Webhooks secret, "whsec_" + base64
     allowed_image_hosts: list[str] = Field(default_factory=list)
     allowed_callback_hosts: list[str] = Field(default_factory=list)  # empty: callback_url is refused
+    open: bool = False  # no token and no secret on a non-loopback host: refused unless this says so
     fetch_timeout_seconds: float = Field(10, gt=0)
     wait_seconds: float = Field(60, ge=0)  # longest a `wait: true` request is held open
 
@@ -245,6 +249,10 @@ def _incomplete(config: Config) -> Iterator[str]:
             if not getattr(dingtalk, key):
                 env = " (or IMSIGHT_DINGTALK_APP_SECRET)" if key == "app_secret" else ""
                 yield f"adapters.dingtalk.{key}: required when dingtalk is enabled{env}"
+    hook, host = config.adapters.webhook, config.server.host
+    if hook.enabled and hook.token is None and hook.secret is None and not hook.open and not is_loopback(host):
+        yield (f"adapters.webhook: no token and no secret while [server] host = {host!r} is reachable from other "
+               "machines: set token (or IMSIGHT_WEBHOOK_TOKEN), or open = true to allow anyone who reaches it")
     if config.admin.enabled and config.admin.token is None:
         yield "admin.token: required when [admin] enabled (or IMSIGHT_ADMIN_TOKEN)"
     elif config.admin.enabled and config.admin.token and len(config.admin.token.get_secret_value()) < 16:
@@ -252,6 +260,15 @@ def _incomplete(config: Config) -> Iterator[str]:
 
 
 _SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
+def allowed_hosts(config: Config) -> list[str]:
+    """The Host header values the server answers (``[server] allowed_hosts``, or its defaults)."""
+    return config.server.allowed_hosts or [config.server.host, "localhost", "127.0.0.1", "::1"]
 
 
 def _relative_to(config: Config, base: Path) -> Config:

@@ -15,7 +15,7 @@ from adapters.startup import explain
 from adapters.webhook import WebhookAdapter
 from bot.admin import AdminPages
 from bot.admission import Admission
-from bot.config import Config, configured_secrets
+from bot.config import Config, allowed_hosts, configured_secrets
 from bot.dispatch import Dispatcher
 from bot.files import ImageFiles
 from bot.metrics import Metrics
@@ -76,6 +76,7 @@ def build_adapters(config: Config) -> list[Adapter]:
             secret=hook.secret.get_secret_value() if hook.secret else None,
             allowed_image_hosts=hook.allowed_image_hosts,
             allowed_callback_hosts=hook.allowed_callback_hosts,
+            admin_token=config.admin.token.get_secret_value() if config.admin.token else None,
             max_body_bytes=int(config.server.max_body_mb * MB),
             max_image_bytes=int(config.images.max_mb * MB),
             fetch_timeout_s=hook.fetch_timeout_seconds,
@@ -219,7 +220,7 @@ class Daemon:
 
             metrics.probe(engine_values)
         web = WebServer(cfg.server.host, cfg.server.port, max_body_bytes=int(cfg.server.max_body_mb * MB),
-                        shutdown_timeout_s=5)
+                        shutdown_timeout_s=5, allowed_hosts=allowed_hosts(cfg))
         web.app.router.add_get("/metrics", metrics.handle)
         web.app.router.add_get("/readyz", self._readyz)
         if cfg.admin.enabled:

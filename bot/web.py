@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -14,13 +15,16 @@ __all__ = ["WebServer"]
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 class WebServer:
     """Routes are added before ``start()``; ``stop()`` stops taking requests first."""
 
-    def __init__(self, host: str, port: int, *, max_body_bytes: int, shutdown_timeout_s: float) -> None:
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors_as_json])
+    def __init__(self, host: str, port: int, *, max_body_bytes: int, shutdown_timeout_s: float,
+                 allowed_hosts: Sequence[str] = ("*",)) -> None:
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=[_errors_as_json, _same_site_only(allowed_hosts)])  # type: ignore[list-item]
         self.app.router.add_get("/healthz", _healthz)
         self._host, self._port = host, port
         self._shutdown_timeout_s = shutdown_timeout_s
@@ -70,6 +74,32 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, "internal", "internal error; see the daemon's log")
+
+
+def _same_site_only(allowed_hosts: Sequence[str]) -> Middleware:
+    """421 for a Host not ours (DNS rebinding: a page on attacker.example that resolves to us);
+    403 for a state-changing request a browser sent from another site (a cross-site form)."""
+    allowed = {h.lower().strip("[]") for h in allowed_hosts}
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = (urlsplit(f"//{request.host}").hostname or "").lower()
+        if "*" not in allowed and host not in allowed:
+            raise _Refused(421, "misdirected_request", f"this server does not answer for host {host!r} "
+                                                       "([server] allowed_hosts)")
+        origin = request.headers.get("Origin")
+        if request.method not in {"GET", "HEAD", "OPTIONS"} and origin and origin != "null" and (
+                urlsplit(origin).netloc.lower() != request.host.lower()):
+            raise _Refused(403, "cross_site", f"cross-site request from {origin} refused")
+        return await handler(request)
+
+    return check
+
+
+class _Refused(BadInput):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+        self.status = status
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

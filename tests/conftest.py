@@ -16,6 +16,7 @@ from core.engine import Engine
 from core.model_files import resolve
 from core.tiny_model import build_tiny_model
 from core.transformers_engine import TransformersEngine
+from helpers import ADMIN_TOKEN
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,7 @@ def make_config(data_dir: Path, tiny_model: Path) -> Callable[..., Config]:
             "server": {"port": 0, "shutdown_grace_seconds": 10},
             "storage": {"data_dir": str(data_dir)},
             "engine": {"model_path": str(tiny_model), "max_new_tokens": 8},
+            "admin": {"token": ADMIN_TOKEN},  # the page stays off; the token reads other platforms' history
             # Callbacks go to recorder servers the tests start on loopback.
             "adapters": {"webhook": {"wait_seconds": 30, "allowed_callback_hosts": ["127.0.0.1"]}},
         }

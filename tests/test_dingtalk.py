@@ -165,3 +165,13 @@ async def test_readyz_reports_dingtalk_while_its_api_fails(fake, daemon, http):
         up = await eventually(lambda: readiness(200), timeout_s=15)
         await answered(d, http, 1)
     assert down["checks"]["dingtalk"] is False and up["checks"]["dingtalk"] is True
+
+
+async def test_mass_mentions_and_remote_images_are_defanged_in_what_the_bot_posts(fake, daemon, http):
+    async with daemon(adapters=dingtalk_config(fake)) as d:
+        await deliver(http, d, callback(fake, "m1", text="/use @all @所有人 ![x](http://evil.example/p.png)",
+                                        group=False))
+        await eventually(lambda: fake.webhook_posts)
+    text = fake.webhook_posts[0]["markdown"]["text"]
+    assert "@all" not in text and "@所有人" not in text and "![x](" not in text
+    assert "[image: x] (http://evil.example/p.png)" in text

@@ -198,3 +198,15 @@ async def test_readyz_reports_feishu_while_its_api_fails(fake, daemon, http):
         up = await eventually(lambda: readiness(200), timeout_s=15)  # the outbox's next try gets through
         await answered(d, http, 1, "oc_g1")
     assert down["checks"]["feishu"] is False and up["checks"]["feishu"] is True
+
+
+async def test_mass_mentions_and_remote_images_are_defanged_in_what_the_bot_posts(fake, daemon, http):
+    async with daemon(adapters=feishu_config(fake)) as d:
+        await deliver(http, d, event("om_m1", text='/use <at user_id="all"></at> @all ![x](http://evil.example/p.png)',
+                                     mention_bot=True))
+        await eventually(lambda: fake.replies)
+    posted = json.dumps(fake.replies)
+    text = text_of(fake.replies[0])
+    assert '<at user_id=\\"all\\">' not in posted and "<at" not in text.replace("<\u200bat", "")
+    assert "@all" not in text and "![x]" not in text
+    assert "[image: x] (http://evil.example/p.png)" in text  # still readable, not loaded

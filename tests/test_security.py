@@ -75,7 +75,7 @@ async def test_a_redirect_from_an_allowed_host_is_not_followed_and_the_caller_le
     async with loopback(internal.app()) as internal_url:
         bouncer = Recorder(redirect_to=f"{internal_url}/private")
         async with loopback(bouncer.app()) as bouncer_url, daemon() as d:
-            _, body = await post(http, d.url, {"conversation_id": "c", "text": "hi?",
+            _, _body = await post(http, d.url, {"conversation_id": "c", "text": "hi?",
                                                "callback_url": f"{bouncer_url}/hook"})
             await eventually(lambda: bouncer.hits)
             await asyncio.sleep(0.5)
@@ -116,3 +116,53 @@ async def test_callbacks_that_hang_do_not_hold_up_another_platform(daemon, http,
         await answered(http, d.url, "telegram", "42", 1)
         took = time.monotonic() - asked
     assert took < 10, took  # answered at once, while 40 callbacks hang
+
+
+async def test_api_credentials_read_only_what_came_through_the_api(daemon, http, fake_telegram):
+    from helpers import ADMIN_TOKEN
+
+    telegram = {"enabled": True, "token": TOKEN, "base_url": f"{fake_telegram.url}/bot"}
+    api = {"Authorization": "Bearer api-token-1234567"}
+    async with daemon(adapters={"telegram": telegram, "webhook": {"token": "api-token-1234567"}}) as d:
+        fake_telegram.push({"message_id": 1, "date": int(time.time()), "chat": {"id": -100, "type": "group",
+                            "title": "Ops"}, "from": ANN, "text": "private group talk"})
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        await eventually(lambda: _history_status(http, d.url, "telegram/-100", admin, 200))
+        assert await _history_status(http, d.url, "telegram/-100", api, 403)
+        assert await _history_status(http, d.url, "telegram/-100", {}, 401)
+        _, _body = await post(http, d.url, {"conversation_id": "c", "text": "hi"}, headers=api)
+        assert await _history_status(http, d.url, "api/c", api, 200)
+
+
+async def _history_status(http: Any, url: str, path: str, headers: dict[str, str], expected: int) -> bool:
+    async with http.get(f"{url}/api/v1/history/{path}", headers=headers) as resp:
+        return resp.status == expected
+
+
+async def test_a_web_page_cannot_drive_the_api(daemon, http, data_dir):
+    from helpers import counts
+
+    async with daemon() as d:
+        port = d.url.rsplit(":", 1)[1]
+        # DNS rebinding: the page's own name, now resolving to us.
+        async with http.get(f"{d.url}/api/v1/history/api/c", headers={"Host": f"rebind.attacker.example:{port}"}
+                            ) as resp:
+            assert resp.status == 421
+        # A cross-site form post.
+        async with http.post(f"{d.url}/api/v1/messages", data={"conversation_id": "c", "text": "hi?"},
+                             headers={"Origin": "https://attacker.example"}) as resp:
+            assert resp.status == 403
+        async with http.post(f"{d.url}/api/v1/messages", data={"conversation_id": "c", "text": "hi?"},
+                             headers={"Origin": d.url}) as resp:
+            assert resp.status == 202  # the same site is fine
+    assert counts(data_dir)["jobs"] == 1  # only the same-site question
+
+
+def test_an_open_api_on_a_reachable_address_must_be_asked_for():
+    from bot.config import parse
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="open = true"):
+        parse({"server": {"host": "0.0.0.0"}}, environ={})
+    assert parse({"server": {"host": "0.0.0.0"}, "adapters": {"webhook": {"open": True}}}, environ={})
+    assert parse({"server": {"host": "0.0.0.0"}}, environ={"IMSIGHT_WEBHOOK_TOKEN": "t" * 20})

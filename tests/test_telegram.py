@@ -434,3 +434,11 @@ async def test_readyz_reports_telegram_while_polling_fails(fake, daemon, http):
 async def _when(probe: Any, status: int) -> Any:
     got, body = await probe()
     return body if got == status else None
+
+
+async def test_mass_mentions_are_defanged_in_what_the_bot_posts(fake, daemon, http):
+    async with daemon(adapters=telegram_config(fake)):
+        fake.push(command(1, "/use @everyone @all"))
+        await eventually(lambda: fake.results)
+    text = fake.text_of(0)
+    assert "@everyone" not in text and "@all" not in text and "@\u200beveryone" in text

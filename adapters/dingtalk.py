@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from adapters.http_body import EVENT_LIMIT, client_address, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
@@ -89,17 +90,15 @@ class DingTalkAdapter:
     # ---- receiving ----------------------------------------------------------------------
 
     async def _on_callback(self, request: web.Request) -> web.Response:
-        if self._allowed_ips and request.remote not in self._allowed_ips:
-            raise Unauthorized(f"{request.remote} is not in allowed_ips")
+        caller = client_address(request)
+        if self._allowed_ips and caller not in self._allowed_ips:
+            raise Unauthorized(f"{caller} is not in allowed_ips")
         timestamp, given = request.headers.get("timestamp", ""), request.headers.get("sign", "")
         if not timestamp.isdigit() or abs(time.time() * 1000 - int(timestamp)) > _FRESH_MS:
             raise Unauthorized("timestamp missing or more than an hour away")
         if not hmac.compare_digest(given.encode(), sign(timestamp, self._app_secret).encode()):
             raise Unauthorized("sign does not match")
-        try:
-            payload = json.loads(await request.read())
-        except ValueError as exc:
-            raise BadInput(f"callback body is not JSON: {exc}", code="invalid_json") from None
+        payload = await parse_json(await read_limited(request, EVENT_LIMIT))  # read only once signed
         if not isinstance(payload, dict):
             raise BadInput("callback body is not a JSON object", code="invalid_json")
         try:

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from adapters.feishu_crypto import decrypt, verify_signature
+from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
@@ -34,6 +35,7 @@ _TOKEN_EXPIRED = 99991663
 _RATE_LIMITED = {99991400, 230020}
 _MAX_TEXT = 9_000  # characters per reply: a post may be 30 KB, and a CJK character is 3 bytes
 _DRAFT_EDITS = 18  # Feishu allows 20 edits per message; the last one is the answer
+_FRESH_S = 3600  # signed callbacks older (or newer) than this are refused
 
 
 class FeishuAdapter:
@@ -84,15 +86,24 @@ class FeishuAdapter:
     # ---- receiving ----------------------------------------------------------------------
 
     async def _on_callback(self, request: web.Request) -> web.Response:
-        raw = await request.read()
+        stamp = request.headers.get("X-Lark-Request-Timestamp", "")
+        signed = self._encrypt_key is not None and "X-Lark-Signature" in request.headers
+        if signed and not (stamp.isdigit() and abs(time.time() - int(stamp)) <= _FRESH_S):
+            # Checked before the body is read. Feishu documents no window; an hour allows for clock skew
+            # and its retries, each of which is signed anew.
+            raise Unauthorized("X-Lark-Request-Timestamp missing or more than an hour away")
+        raw = await read_limited(request, EVENT_LIMIT)
+        if signed and self._encrypt_key is not None:  # before the body is parsed or decrypted
+            verify_signature(stamp, request.headers.get("X-Lark-Request-Nonce", ""),
+                             request.headers.get("X-Lark-Signature", ""), self._encrypt_key, raw)
+        body = await parse_json(raw)
         try:
-            body = json.loads(raw)
-            if "encrypt" in body:
+            if isinstance(body, dict) and "encrypt" in body:
                 if self._encrypt_key is None:
                     raise BadInput("encrypted callback, but no encrypt_key is configured", code="not_encrypted")
-                body = json.loads(decrypt(self._encrypt_key, str(body["encrypt"])))
+                body = await parse_json(decrypt(self._encrypt_key, str(body["encrypt"])))
         except (ValueError, TypeError) as exc:
-            raise BadInput(f"callback body is not JSON: {exc}", code="invalid_json") from None
+            raise BadInput(f"callback body cannot be decrypted: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise BadInput("callback body is not a JSON object", code="invalid_json")
         try:
@@ -104,10 +115,8 @@ class FeishuAdapter:
             raise Unauthorized("verification token does not match")
         if body.get("type") == "url_verification":
             return web.json_response({"challenge": body.get("challenge", "")})
-        if self._encrypt_key is not None:
-            verify_signature(request.headers.get("X-Lark-Request-Timestamp", ""),
-                             request.headers.get("X-Lark-Request-Nonce", ""),
-                             request.headers.get("X-Lark-Signature", ""), self._encrypt_key, raw)
+        if self._encrypt_key is not None and not signed:  # only the URL check may come unsigned
+            raise Unauthorized("X-Lark-Signature missing: events must be signed when encrypt_key is set")
         if header.get("event_type") == "im.message.receive_v1" and self._host is not None:
             try:
                 incoming = await self._incoming(str(header.get("event_id", "")), body.get("event") or {})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from core.errors import AdapterError, BadInput, Forbidden
@@ -200,9 +200,10 @@ class TelegramAdapter:
             raise web.HTTPServiceUnavailable(text="not started")
         from telegram import Update
 
-        raw = await request.read()  # over the server's body limit: 413 before it is read whole
+        raw = await read_limited(request, EVENT_LIMIT)
+        data = await parse_json(raw)
         try:
-            update = Update.de_json(json.loads(raw), self._app.bot)
+            update = Update.de_json(data, self._app.bot)
         except Exception as exc:  # PTB's parser raises whatever the junk leads it to
             raise BadInput(f"body is not a Telegram update: {type(exc).__name__}", code="invalid_update") from None
         # Called directly, not through the application's queue: the update is taken in (committed)

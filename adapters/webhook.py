@@ -8,6 +8,7 @@ Routes (on the daemon's aiohttp app):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from adapters.http_body import BODY_TIMEOUT, RequestTimeout
 from adapters.outbound import CallbackRefused, HostList, PinnedResolver
 from adapters.signing import StandardWebhookSigner, Verification
 from adapters.webhook_request import Body, decode_base64_image, off_loop, refuse_unknown
@@ -259,14 +261,18 @@ class WebhookAdapter:
         verification = self._credentials(request.headers)
         digest = hashlib.sha256()
         size = 0
-        async for chunk in request.content.iter_chunked(_CHUNK):
-            size += len(chunk)
-            if size > self._max_body:
-                raise TooLarge(f"body is over the {self._max_body}-byte limit")
-            digest.update(chunk)
-            if verification is not None:
-                verification.update(chunk)
-            sink(chunk)
+        try:
+            async with asyncio.timeout(request.app.get(BODY_TIMEOUT, 60.0)):
+                async for chunk in request.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > self._max_body:
+                        raise TooLarge(f"body is over the {self._max_body}-byte limit")
+                    digest.update(chunk)
+                    if verification is not None:
+                        verification.update(chunk)
+                    sink(chunk)
+        except TimeoutError:
+            raise RequestTimeout("the body did not arrive in time ([server] body_timeout_seconds)") from None
         if verification is not None:
             return verification.finish(), digest.hexdigest()
         return request.headers.get("webhook-id") or None, digest.hexdigest()

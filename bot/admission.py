@@ -23,18 +23,23 @@ class Admission:
     max_per_conversation: int = 0
     sender_per_minute: int = 0
 
-    async def refusal(self, db: aiosqlite.Connection, conversation: str, platform: str, sender_id: str) -> str | None:
-        """Why a new question must be turned away now, or None when it may be queued."""
-        if self.max_queued and await _count(db, "SELECT count(*) FROM jobs WHERE status = 'queued'") >= self.max_queued:
+    async def refusal(self, db: aiosqlite.Connection, conversation: str, platform: str, sender_id: str, *,
+                      question: bool = True) -> str | None:
+        """Why a new question (or, ``question`` False, a message that only stores images) must be turned
+        away now, or None when it may be taken. Stored images count toward the sender's rate too: each
+        one costs disk."""
+        if question and self.max_queued and await _count(
+                db, "SELECT count(*) FROM jobs WHERE status = 'queued'") >= self.max_queued:
             return "queue_full"
-        if self.max_per_conversation and await _count(
+        if question and self.max_per_conversation and await _count(
             db, "SELECT count(*) FROM jobs WHERE conversation = ? AND status IN ('queued', 'running')", conversation,
         ) >= self.max_per_conversation:
             return "conversation_full"
         if self.sender_per_minute and sender_id and await _count(
             db,
-            "SELECT count(*) FROM messages m JOIN jobs j ON j.question = m.id WHERE m.platform = ? "
-            "AND m.sender_id = ? AND m.created_at > ? AND j.refused IS NULL",
+            "SELECT count(*) FROM messages m WHERE m.platform = ? AND m.sender_id = ? AND m.created_at > ? AND ("
+            "EXISTS (SELECT 1 FROM jobs j WHERE j.question = m.id AND j.refused IS NULL) OR "
+            "EXISTS (SELECT 1 FROM message_images i WHERE i.message = m.id))",
             platform, sender_id, time.time() - 60,
         ) >= self.sender_per_minute:
             return "rate_limited"

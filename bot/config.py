@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from core.errors import ConfigError
 
-__all__ = ["ENV_SECRETS", "Config", "allowed_hosts", "configured_secrets", "is_loopback", "load", "parse"]
+__all__ = [
+    "ENV_SECRETS", "Config", "allowed_hosts", "configured_secrets", "image_budget", "is_loopback", "load", "parse",
+]
 
 
 class _Section(BaseModel):
@@ -24,7 +27,10 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    max_body_mb: float = Field(32, gt=0)
+    max_body_mb: float = Field(32, gt=0)  # the generic API's bodies; platform events are held to 1 MB
+    max_connections: int = Field(512, ge=1)  # open at once; more are refused (each costs a file descriptor)
+    header_timeout_seconds: float = Field(10, gt=0)  # a connection must send its request headers this fast
+    body_timeout_seconds: float = Field(60, gt=0)  # and a request its whole body
     shutdown_grace_seconds: float = Field(30, ge=0)
     # Reverse proxies (their addresses as the daemon sees them) whose X-Forwarded-* headers are believed.
     trusted_proxies: list[str] = Field(default_factory=list)
@@ -36,7 +42,9 @@ class ServerConfig(_Section):
 class StorageConfig(_Section):
     data_dir: Path = Path("./data")
     retention_days: float = Field(0, ge=0)  # delete messages and images older than this; 0 keeps them
-    max_bytes: int = Field(0, ge=0)  # image files over this total: oldest messages go first; 0 = no budget
+    # Image files over this total: the oldest messages go first. "auto": half of the disk space free
+    # (plus what images take already) when the daemon starts; 0: no budget.
+    max_bytes: int | Literal["auto"] = Field("auto", union_mode="left_to_right")
     lock_timeout_seconds: float = Field(5, gt=0)  # wait this long for a lock held by another process
 
 
@@ -260,6 +268,17 @@ def _incomplete(config: Config) -> Iterator[str]:
 
 
 _SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def image_budget(config: Config) -> int:
+    """``[storage] max_bytes`` in bytes, "auto" worked out from the disk the data dir is on now."""
+    budget = config.storage.max_bytes
+    if budget != "auto":
+        return budget
+    probe = next((p for p in (config.storage.data_dir, *config.storage.data_dir.parents) if p.exists()), Path("/"))
+    images = probe / "images" if probe == config.storage.data_dir else None
+    used = sum(f.stat().st_size for f in images.rglob("*") if f.is_file()) if images and images.exists() else 0
+    return (shutil.disk_usage(probe).free + used) // 2
 
 
 def is_loopback(host: str) -> bool:

@@ -15,7 +15,7 @@ from adapters.startup import explain
 from adapters.webhook import WebhookAdapter
 from bot.admin import AdminPages
 from bot.admission import Admission
-from bot.config import Config, allowed_hosts, configured_secrets
+from bot.config import Config, allowed_hosts, configured_secrets, image_budget
 from bot.dispatch import Dispatcher
 from bot.files import ImageFiles
 from bot.metrics import Metrics
@@ -188,7 +188,10 @@ class Daemon:
             Store.open(data_dir / "imsight.db", lock_timeout_s=cfg.storage.lock_timeout_seconds))
         self.store = store
         files = ImageFiles(data_dir / "images")
-        retention = Retention(store, files, days=cfg.storage.retention_days, max_bytes=cfg.storage.max_bytes)
+        budget = await asyncio.to_thread(image_budget, cfg)  # "auto" walks images/: off the loop
+        if cfg.storage.max_bytes == "auto":
+            log.info("image files may take %.1f GB ([storage] max_bytes = \"auto\": half the free disk)", budget / 1e9)
+        retention = Retention(store, files, days=cfg.storage.retention_days, max_bytes=budget)
         await retention.start()
         stack.push_async_callback(retention.stop)
 
@@ -219,8 +222,10 @@ class Daemon:
                 return {f"engine:{name}": value for name, value in measured.measurements().items()}
 
             metrics.probe(engine_values)
-        web = WebServer(cfg.server.host, cfg.server.port, max_body_bytes=int(cfg.server.max_body_mb * MB),
-                        shutdown_timeout_s=5, allowed_hosts=allowed_hosts(cfg))
+        server = cfg.server
+        web = WebServer(server.host, server.port, shutdown_timeout_s=5, allowed_hosts=allowed_hosts(cfg),
+                        max_connections=server.max_connections, header_timeout_s=server.header_timeout_seconds,
+                        body_timeout_s=server.body_timeout_seconds, trusted_proxies=server.trusted_proxies)
         web.app.router.add_get("/metrics", metrics.handle)
         web.app.router.add_get("/readyz", self._readyz)
         if cfg.admin.enabled:

@@ -128,7 +128,7 @@ class Dispatcher:
             self._intake_later(inbox_id, incoming)
             return Accepted(incoming.message_id, (), None, pending=True)
         # Checked before any image is written: a refused question leaves no trace.
-        if refuse_when_busy and incoming.addressed and (refused := await self._refusal(incoming)):
+        if refuse_when_busy and (incoming.addressed or incoming.images) and (refused := await self._refusal(incoming)):
             raise busy(refused)
         async with self._chat(incoming.platform, incoming.chat_id):
             images = await asyncio.to_thread(self._check_and_keep, inline) if inline else []
@@ -144,6 +144,8 @@ class Dispatcher:
         keys = {"queue_full": "*", "conversation_full": f"c:{incoming.platform}:{incoming.chat_id}",
                 "rate_limited": f"s:{incoming.platform}:{incoming.sender_id}"}
         for reason, key in keys.items():
+            if reason != "rate_limited" and not incoming.addressed:
+                continue  # a message that only stores images is held to the sender's rate alone
             until = self._refused.get(key, 0.0)
             if until > now:
                 return reason

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bot.config import Config, configured_secrets, load
+from bot.config import Config, configured_secrets, image_budget, load
 from core.errors import ImsightError
 
 __all__ = ["Check", "diagnose", "report"]
@@ -164,7 +164,9 @@ def _data_dir(config: Config) -> Iterator[Check]:
     else:
         yield Check("data dir", "ok", f"{data_dir} " + ("exists, private" if data_dir.exists() else "will be created"))
     free = shutil.disk_usage(probe).free
-    yield Check("disk", "ok" if free >= GiB else "warn", f"{free / GiB:.1f} GiB free at {probe}",
+    budget = image_budget(config)
+    yield Check("disk", "ok" if free >= GiB else "warn", f"{free / GiB:.1f} GiB free at {probe}; images may take "
+                + (f"{budget / GiB:.1f} GiB ([storage] max_bytes)" if budget else "all of it (max_bytes = 0)"),
                 "free disk space, or set [storage] retention_days / max_bytes")
 
 

@@ -19,10 +19,11 @@ _formatter = logging.Formatter()
 
 
 def redact_in_logs(secrets: Iterable[str]) -> None:
-    """From now on, replace each of ``secrets`` (those of 6 characters or more) in every log record."""
+    """From now on, replace each of ``secrets`` (those of 6 characters or more) in every log record, and
+    escape control characters in its arguments (an id with a newline would forge a log line)."""
     global _installed
     _secrets.update(s for s in secrets if len(s) >= 6)  # shorter ones would mask ordinary words
-    if _installed or not _secrets:
+    if _installed:
         return
     make = logging.getLogRecordFactory()
 
@@ -30,9 +31,9 @@ def redact_in_logs(secrets: Iterable[str]) -> None:
         record = make(*args, **kwargs)
         record.msg = _scrub(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(_scrub(a) for a in record.args)
+            record.args = tuple(_escaped(_scrub(a)) for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {k: _scrub(v) for k, v in record.args.items()}
+            record.args = {k: _escaped(_scrub(v)) for k, v in record.args.items()}
         if record.exc_info and record.exc_info[0] is not None:
             # Formatters reuse exc_text once set: an exception's message may hold a URL with a token.
             record.exc_text = _scrub(_formatter.formatException(record.exc_info))
@@ -40,6 +41,16 @@ def redact_in_logs(secrets: Iterable[str]) -> None:
 
     logging.setLogRecordFactory(scrubbed)
     _installed = True
+
+
+_CONTROL = {n: f"\\x{n:02x}" for n in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _escaped(value: Any) -> Any:
+    """Strings of a log line's arguments come from requests: no character in them may start a new line."""
+    if isinstance(value, str):
+        return value.translate(_CONTROL)
+    return value
 
 
 def scrub(text: str) -> str:

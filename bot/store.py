@@ -131,7 +131,7 @@ class Store(RetentionQueries):
         """Why a question would be turned away now (``record`` decides again, in its transaction)."""
         async with self._lock:
             return await admission.refusal(self._conn, conversation_key(incoming.platform, incoming.chat_id),
-                                           incoming.platform, incoming.sender_id)
+                                           incoming.platform, incoming.sender_id, question=incoming.addressed)
 
     async def record_pending(self, incoming: Incoming) -> int | None:
         """Commit an event whose images are still to be downloaded; None if it came before."""

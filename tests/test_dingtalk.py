@@ -175,3 +175,14 @@ async def test_mass_mentions_and_remote_images_are_defanged_in_what_the_bot_post
     text = fake.webhook_posts[0]["markdown"]["text"]
     assert "@all" not in text and "@所有人" not in text and "![x](" not in text
     assert "[image: x] (http://evil.example/p.png)" in text
+
+
+async def test_allowed_ips_behind_a_trusted_proxy_use_its_forwarded_address(fake, daemon, http):
+    only = {**dingtalk_config(fake)["dingtalk"], "allowed_ips": ["10.9.8.7"]}
+    forwarded = {**signed_headers(), "X-Forwarded-For": "203.0.113.9, 10.9.8.7"}
+    async with daemon(adapters={"dingtalk": only}) as d:
+        assert await deliver(http, d, callback(fake, "x1", text="hi"), forwarded) == 401  # not from a trusted proxy
+    async with daemon(adapters={"dingtalk": only}, server={"trusted_proxies": ["127.0.0.1"]}) as d:
+        assert await deliver(http, d, callback(fake, "x2", text="hi"), forwarded) == 200
+        spoofed = {**signed_headers(), "X-Forwarded-For": "10.9.8.7, 203.0.113.9"}  # the client's own claim first
+        assert await deliver(http, d, callback(fake, "x3", text="hi"), spoofed) == 401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -210,3 +211,21 @@ async def test_mass_mentions_and_remote_images_are_defanged_in_what_the_bot_post
     assert '<at user_id=\\"all\\">' not in posted and "<at" not in text.replace("<\u200bat", "")
     assert "@all" not in text and "![x]" not in text
     assert "[image: x] (http://evil.example/p.png)" in text  # still readable, not loaded
+
+
+async def test_a_signed_event_from_over_an_hour_ago_is_refused(fake, daemon, http):
+    from fake_feishu import ENCRYPT_KEY, sealed
+
+    from adapters.feishu_crypto import signature
+
+    body, headers = sealed(event("om_old", text="replayed?", mention_bot=True))
+    stamp = str(int(time.time()) - 2 * 3600)
+    headers |= {"X-Lark-Request-Timestamp": stamp,
+                "X-Lark-Signature": signature(stamp, headers["X-Lark-Request-Nonce"], ENCRYPT_KEY, body)}
+    async with daemon(adapters=feishu_config(fake)) as d:
+        async with http.post(f"{d.url}/feishu/events", data=body, headers=headers) as resp:
+            assert resp.status == 401
+        unsigned = {"Content-Type": "application/json"}  # an event without its signature, encrypt_key set
+        async with http.post(f"{d.url}/feishu/events", data=body, headers=unsigned) as resp:
+            assert resp.status == 401
+    assert fake.replies == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -166,3 +167,76 @@ def test_an_open_api_on_a_reachable_address_must_be_asked_for():
         parse({"server": {"host": "0.0.0.0"}}, environ={})
     assert parse({"server": {"host": "0.0.0.0"}, "adapters": {"webhook": {"open": True}}}, environ={})
     assert parse({"server": {"host": "0.0.0.0"}}, environ={"IMSIGHT_WEBHOOK_TOKEN": "t" * 20})
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), seconds) == b""
+    except (TimeoutError, ConnectionError):
+        return False
+
+
+async def test_half_sent_requests_are_closed_and_connections_are_capped(daemon, http, caplog):
+    async with daemon(server={"header_timeout_seconds": 1, "max_connections": 30}) as d:
+        host, port = "127.0.0.1", int(d.url.rsplit(":", 1)[1])
+        slow = []
+        for _ in range(20):  # slowloris: headers that never end
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ")
+            slow.append((reader, writer))
+        closed = await asyncio.gather(*(_closed_within(r, 5) for r, _ in slow))
+        idle = [await asyncio.open_connection(host, port) for _ in range(30)]
+        extra = await asyncio.open_connection(host, port)  # the 31st: refused at once
+        refused = await _closed_within(extra[0], 2)
+        for _, w in [*slow, *idle, extra]:
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+        await asyncio.sleep(0.2)
+        status, _ = await get(http, d.url, "/healthz")
+    assert all(closed) and refused
+    assert "max_connections" in caplog.text
+    assert status == 200
+
+
+async def test_unauthenticated_bodies_are_refused_before_they_are_read(daemon):
+    async with daemon(adapters={"webhook": {"token": "the-api-token-123"}}) as d:
+        port = int(d.url.rsplit(":", 1)[1])
+        for path, headers in (("/api/v1/messages", "Authorization: Bearer wrong\r\nContent-Type: application/json"),
+                              ("/feishu/events", "Content-Type: application/json")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # 30 MB announced, not one byte of it sent: the answer must come anyway.
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n"
+                         "Content-Length: 30000000\r\n\r\n".encode())
+            status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            assert status in (b"401", b"404", b"413"), (path, status)
+
+
+async def test_deep_json_is_a_400_not_a_500(daemon, http):
+    deep = "[" * 100_000 + "]" * 100_000
+    async with daemon() as d, http.post(f"{d.url}/api/v1/messages", data=deep,
+                                        headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+
+
+async def test_newlines_in_ids_cannot_forge_log_lines(daemon, http, caplog):
+    caplog.set_level("INFO")
+    async with daemon() as d:
+        await post(http, d.url, {"conversation_id": "c1\n2026-11-30 00:00:00 INFO FORGED line", "text": ""})
+    assert not any(line.lstrip().startswith("2026-11-30 00:00:00 INFO FORGED") for line in caplog.text.splitlines())
+    assert "c1\\n2026-11-30" in caplog.text
+
+
+async def test_a_sender_storing_images_is_held_to_the_rate(daemon, http):
+    from helpers import b64, png
+
+    async with daemon(limits={"questions_per_sender_per_minute": 3}) as d:
+        statuses = []
+        for n in range(5):
+            status, _ = await post(http, d.url, {"conversation_id": "c", "sender": {"id": "bulk"},
+                                                 "images": [{"data": b64(png((n, 9, 9)))}]})
+            statuses.append(status)
+    assert statuses == [200, 200, 200, 429, 429]

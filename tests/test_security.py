@@ -240,3 +240,31 @@ async def test_a_sender_storing_images_is_held_to_the_rate(daemon, http):
                                                  "images": [{"data": b64(png((n, 9, 9)))}]})
             statuses.append(status)
     assert statuses == [200, 200, 200, 429, 429]
+
+
+async def test_an_image_url_sent_in_pieces_is_read_to_its_end(daemon, http):
+    import hashlib
+    import io
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (500, 480), rng.randbytes(500 * 480 * 3)).save(buffer, "PNG")
+    image = buffer.getvalue()
+    assert len(image) > 700_000
+
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "image/png"})
+        await resp.prepare(request)
+        for start in range(0, len(image), 64 * 1024):
+            await resp.write(image[start:start + 64 * 1024])
+            await asyncio.sleep(0.01)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/shot.png", pieces)
+    async with loopback(app) as url, daemon(adapters={"webhook": {"allowed_image_hosts": ["127.0.0.1"]}}) as d:
+        status, body = await post(http, d.url, {"conversation_id": "c", "images": [{"url": f"{url}/shot.png"}]})
+    assert (status, body["images"]) == (200, [hashlib.sha256(image).hexdigest()])

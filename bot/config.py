@@ -79,7 +79,10 @@ class EngineConfig(_Section):
     batch_window_ms: float = Field(20, ge=0, le=1000)  # how long a question waits for others to batch with
     prefix_cache_mb: float = Field(2048, ge=0)  # KV caches kept for follow-ups; 0 turns the cache off
     warmup: bool = True  # answer a dummy question at start, so the first real one is not slow
-    static_cache_tokens: int = Field(0, ge=0, le=131072)  # > 0: compiled decode for single questions (CUDA)
+    # Each question being answered holds a KV slot of this many tokens (prompt + answer); max_batch slots.
+    # On a GPU the slots take at most a quarter of the memory free after the weights (logged at start).
+    context_tokens: int = Field(4096, ge=256, le=131072)
+    cuda_graphs: bool = True  # capture the decode step as CUDA graphs at start (GPU); false: eager
     # kind = "openai": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, Ollama).
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr | None = None

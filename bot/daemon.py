@@ -55,7 +55,7 @@ def build_engine(config: Config) -> Engine:
         source, device=cfg.device, dtype=cfg.dtype, quantization=cfg.quantization, cache_dir=cfg.cache_dir,
         max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000,
         prefix_cache_bytes=int(cfg.prefix_cache_mb * MB), warmup=cfg.warmup,
-        static_cache_tokens=cfg.static_cache_tokens,
+        context_tokens=cfg.context_tokens, cuda_graphs=cfg.cuda_graphs,
     )
 
 

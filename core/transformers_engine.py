@@ -1,12 +1,16 @@
 """The in-process engine: any ``AutoModelForImageTextToText`` model, generation on one owner thread.
 
-Questions that arrive together are generated as one left-padded batch. A follow-up about the same
-images reuses the prefilled KV cache of the conversation so far and reads only its new tokens.
+Continuous batching (``core.decode_loop``): each question is prefilled on arrival and joins the
+questions being answered at the next decode step, in a KV slot of its own; every step decodes all of
+them at once (a CUDA graph on the GPU). A follow-up about the same images reuses the prefilled KV
+cache of the conversation so far and reads only its new tokens. A prompt longer than a slot is
+answered with ``generate()`` on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -20,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.answer_text import without_thinking
+from core.answer_text import CUT_NOTE, without_thinking
+from core.decode_loop import SlotKV, Stepper
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError, EngineOutOfMemory
 from core.kv_cache import (
     cache_bytes,
     cache_keyword,
     compact_copy,
-    copy_prefix_into,
     crop_to,
     make_room,
     own_storage,
@@ -52,13 +56,14 @@ class EngineStats:
     """Counters since start: what batching and the prefix cache did."""
 
     questions: int = 0
-    batches: int = 0  # generate() calls with more than one question
+    batches: int = 0  # decode steps shared by more than one question
     prefix_hits: int = 0
     prefix_misses: int = 0
     features_hits: int = 0  # no usable prefix, but the images' encoder output was reused
     tokens_reused: int = 0  # prompt tokens not prefilled again thanks to a cached prefix
     tokens_generated: int = 0
     oom_retries: int = 0
+    decode_steps: int = 0
 
 
 @dataclass(eq=False)
@@ -79,12 +84,26 @@ class _Request:
         self.emit(text)
 
 
+@dataclass(eq=False)
+class _Active:
+    """A question in a decode slot: what it has said so far, and how long its row is."""
+
+    request: _Request
+    limit: int
+    length: int  # tokens in its KV row
+    tokens: list[int] = field(default_factory=list)  # shown ones (hidden special tokens left out)
+    generated: int = 0
+    sent: int = 0  # characters of the decoded answer already sent
+    sent_at: float = 0.0
+
+
 class _Failed:
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
 
 _DONE = object()
+_EMIT_EVERY_S = 0.05  # text goes out at most this often per question: chats show it in pieces anyway
 # Reasoning models mark their thinking with tokens that may be "special"; they are kept in the
 # decoded text so that the thinking can be told apart from the answer (core.answer_text drops it).
 _PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos", "image_patches"})
@@ -113,7 +132,8 @@ class TransformersEngine:
         batch_window_s: float = 0.02,
         prefix_cache_bytes: int = 1024 * MiB,
         warmup: bool = True,
-        static_cache_tokens: int = 0,
+        context_tokens: int = 4096,
+        cuda_graphs: bool = True,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
@@ -128,10 +148,13 @@ class TransformersEngine:
         self._encodes_ahead = False
         self._rows_separable = False
         self._warmup = warmup
-        # > 0: single questions whose prompt and answer fit generate into one reused static KV
-        # cache of this many tokens, which lets transformers compile the decode step on CUDA.
-        self._static_tokens = static_cache_tokens
-        self._static_cache: Any = None
+        # Each question's slot holds this many tokens (prompt and answer); set from free memory at start.
+        self._context_tokens = context_tokens
+        self._use_graphs = cuda_graphs
+        self._kv: SlotKV | None = None
+        self._stepper: Stepper | None = None
+        self._active: list[_Active] = []  # questions being decoded; index = slot row
+        self._waiting: collections.deque[_Request] = collections.deque()  # prefilled when a slot frees
         self._loaded: LoadedModel | None = None
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -139,6 +162,7 @@ class TransformersEngine:
         self._cache_kw = "past_key_values"
         self._image_token_ids: set[int] = set()
         self._hidden_ids: set[int] = set()
+        self._eos: set[int] = set()
         self._pixels: ImageProcessorMemo | None = None
         self.stats = EngineStats()
         self.device = "cpu"
@@ -159,6 +183,7 @@ class TransformersEngine:
         processor = self._loaded.processor
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
         self._hidden_ids = hidden_special_ids(processor.tokenizer)
+        self._eos = eos_ids(self._loaded.model)
         # M-RoPE models keep one position offset per batch row, which padding shifts: their rows
         # are not cut out of a batch (a single question's prefix still is).
         self._rows_separable = not hasattr(getattr(self._loaded.model, "model", None), "rope_deltas")
@@ -241,55 +266,256 @@ class TransformersEngine:
     def _serve(self) -> None:
         import torch
 
-        while (first := self._requests.get()) is not None:
-            batch = [first, *self._gather()]
-            try:
-                with torch.inference_mode():  # every tensor the engine keeps (caches too) is inference-only
-                    self._run(batch)
-            except BaseException as exc:
-                log.exception("engine thread: unexpected error")
-                for request in batch:
-                    request.emit(_Failed(EngineError(f"generation failed: {exc}")))
-                    request.emit(_DONE)
+        with torch.inference_mode():  # every tensor the engine keeps (caches too) is inference-only
+            while not self._closing.is_set():
+                try:
+                    if not self._take_requests():
+                        break
+                    self._admit_waiting()
+                    if self._active:
+                        self._step()
+                except BaseException as exc:
+                    log.exception("engine thread: unexpected error")
+                    for active in self._active:
+                        self._fail(active.request, EngineError(f"generation failed: {exc}"))
+                    self._active.clear()
+        for active in self._active:
+            self._fail(active.request, EngineError("engine stopped"))
+        self._active.clear()
         # Whoever is still waiting learns that the engine stopped.
+        while self._waiting:
+            self._fail(self._waiting.popleft(), EngineError("engine stopped"))
         while True:
             try:
                 left = self._requests.get_nowait()
             except queue.Empty:
                 return
             if left is not None:
-                left.emit(_Failed(EngineError("engine stopped")))
+                self._fail(left, EngineError("engine stopped"))
 
-    def _gather(self) -> list[_Request]:
-        """More questions that arrive within the batch window, so they share one generate() call."""
-        more: list[_Request] = []
-        if self.max_batch <= 1:
-            return more
-        deadline = time.monotonic() + self._window_s
-        while len(more) < self.max_batch - 1:
+    def _take_requests(self) -> bool:
+        """New questions into the waiting line: wait for one when idle, else take what has come.
+
+        When idle, the first question waits up to the batch window for others, so questions that
+        arrive together start together. ``False`` once the engine is told to stop.
+        """
+        idle = not self._active and not self._waiting
+        while True:
             try:
-                request = self._requests.get(timeout=max(0.0, deadline - time.monotonic()))
+                request = self._requests.get(timeout=None) if idle else self._requests.get_nowait()
             except queue.Empty:
-                break
+                return True
             if request is None:
-                self._requests.put(None)  # stop after this batch
-                break
-            more.append(request)
-        return more
+                return False
+            self._waiting.append(request)
+            if idle and self.max_batch > 1:
+                deadline = time.monotonic() + self._window_s
+                while len(self._waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        more = self._requests.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._requests.put(None)  # stop after these
+                        break
+                    self._waiting.append(more)
+            idle = False
 
-    def _run(self, batch: list[_Request]) -> None:
-        ready = [r for r in batch if self._render(r)]
-        fresh: list[_Request] = []
-        for request in ready:
-            hit = self._lookup(request)
-            features = self._features.get(request.key) if hit is None and request.key else None
-            if hit is None and features is None:
-                fresh.append(request)
-            else:
-                self.stats.features_hits += features is not None
-                self._answer_safely([request], hit, features)
-        for start in range(0, len(fresh), self.max_batch):
-            self._answer_safely(fresh[start:start + self.max_batch], None)
+    def _admit_waiting(self) -> None:
+        """Prefill waiting questions into free slots (they join the next decode step)."""
+        while self._waiting and len(self._active) < self.max_batch and not self._closing.is_set():
+            request = self._waiting.popleft()
+            if request.cancelled.is_set():
+                request.emit(_DONE)
+                continue
+            if not self._render(request):
+                continue
+            self._admit_safely(request)
+
+    def _admit_safely(self, request: _Request) -> None:
+        import torch
+
+        hit = self._lookup(request)
+        features = self._features.get(request.key) if hit is None and request.key else None
+        self.stats.features_hits += features is not None
+        prompt_len = int(request.inputs["input_ids"].shape[1])
+        if prompt_len + 1 >= self._slot_tokens():
+            # Longer than a slot: answered alone by generate(), with a growable cache.
+            self._answer_safely([request], hit, features)
+            return
+        try:
+            try:
+                self._admit(request, hit, features)
+            except torch.OutOfMemoryError:
+                self._answer_after_oom([request])
+                request.emit(_DONE)
+        except Exception as exc:
+            log.warning("generation failed: %s", exc)
+            self._fail(request, exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        request.emit(_Failed(error))
+        request.emit(_DONE)
+
+    def _slot_tokens(self) -> int:
+        return self._kv.length if self._kv is not None else self._context_tokens
+
+    def _admit(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None) -> None:
+        """Prefill one question on its own, as ``generate()`` would, and give it a decode slot."""
+        import torch
+
+        model = self.loaded.model
+        self._make_room()
+        inputs = dict(request.inputs)
+        ids = inputs["input_ids"]
+        prompt_len = int(ids.shape[1])
+        mrope = hasattr(getattr(model, "model", None), "rope_deltas")
+        if hit is not None:
+            entry, reuse = hit
+            cache = copy.deepcopy(entry.cache)
+            crop_to(cache, reuse)
+            delta = entry.extra.get("rope_deltas")
+            positions = torch.arange(reuse, prompt_len, device=ids.device)[None, :]
+            if mrope:
+                model.model.rope_deltas = delta.clone() if delta is not None else None
+                offset = delta.reshape(-1)[:1] if delta is not None else 0
+                positions = (positions + offset).unsqueeze(0).expand(3, 1, -1)
+            forward = {"input_ids": ids[:, reuse:], "position_ids": positions}
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            if request.key and self._encodes_ahead:
+                features = features or self._encode(request.key, inputs)
+                if features is not None:
+                    inputs = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
+                    inputs["mm_encoder_outputs"] = {"image": features.outputs}
+            if mrope:
+                model.model.rope_deltas = None  # computed anew from this prompt's images
+            forward = inputs
+        out = model(**forward, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        first = int(out.logits[0, -1].argmax())
+        self.stats.questions += 1
+        delta_now = getattr(getattr(model, "model", None), "rope_deltas", None) if mrope else None
+        if request.key and request.remember and not self._closing.is_set():
+            extra = {"rope_deltas": delta_now.clone()} if delta_now is not None else {}
+            self._prefixes.put(request.key, Prefix(ids[0], cache, extra, cache_bytes(cache)))
+        active = _Active(request, request.limits.max_new_tokens, prompt_len)
+        if self._accept_token(active, first):
+            return
+        kv = self._slots(cache)
+        row = len(self._active)
+        kv.place(row, [(layer.keys, layer.values) for layer in cache.layers], prompt_len)
+        assert self._stepper is not None
+        self._stepper.tokens[row] = first
+        self._stepper.rope_deltas[row] = int(delta_now.reshape(-1)[0]) if delta_now is not None else 0
+        self._active.append(active)
+
+    def _slots(self, cache: Any) -> SlotKV:
+        """The slot cache, made the first time from a prefilled cache's shapes (and its graphs captured)."""
+        if self._kv is not None:
+            return self._kv
+        import torch
+
+        keys = cache.layers[0].keys
+        _, heads, _, dim = keys.shape
+        per_token = 2 * len(cache.layers) * heads * dim * keys.element_size()
+        length = self._context_tokens
+        if self.device == "cuda":
+            # The slots take at most a quarter of what is free after the weights.
+            room = self._free_gpu_bytes() // 4
+            length = max(512, min(length, room // (per_token * self.max_batch)))
+        self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
+        model = self.loaded.model
+        mrope = hasattr(getattr(model, "model", None), "rope_deltas")
+        graphs = self._use_graphs and keys.device.type == "cuda"
+        self._stepper = Stepper(model, self._kv, cache_keyword=self._cache_kw, mrope=mrope, use_graphs=graphs)
+        log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
+                 self._kv.nbytes / 1e9, per_token // 1024)
+        if graphs:
+            started = time.monotonic()
+            try:
+                self._stepper.capture()
+                log.info("decode step captured as CUDA graphs for batch sizes %s in %.1fs",
+                         self._stepper._sizes, time.monotonic() - started)
+            except Exception as exc:  # a kernel that cannot be captured: run eagerly, and say so once
+                self._stepper.use_graphs = False
+                log.warning("cannot capture the decode step as a CUDA graph (%s: %s); decoding eagerly",
+                            type(exc).__name__, exc)
+                torch.cuda.synchronize()
+        return self._kv
+
+    def _step(self) -> None:
+        """One token for every active question; finished and abandoned ones leave their slots."""
+        for row in reversed(range(len(self._active))):
+            request = self._active[row].request
+            if request.cancelled.is_set():
+                self._finish(row, cut=False)
+        if not self._active:
+            return
+        assert self._stepper is not None
+        assert self._kv is not None
+        rows = len(self._active)
+        self.stats.decode_steps += 1
+        self.stats.batches += rows > 1
+        tokens = self._stepper.step(rows)[:rows].tolist()
+        done: list[tuple[int, bool]] = []
+        for row, (active, token) in enumerate(zip(self._active, tokens, strict=True)):
+            active.length += 1  # the token fed in was written to its row
+            if self._accept_token(active, token, in_slot=True):
+                done.append((row, False))
+            elif active.length + 1 >= self._kv.length:
+                done.append((row, True))  # its slot is full: the answer is cut there
+        for row, cut in reversed(done):
+            self._finish(row, cut=cut)
+
+    def _accept_token(self, active: _Active, token: int, *, in_slot: bool = False) -> bool:
+        """Record a generated token and stream the text; ``True`` when the answer ended with it."""
+        active.generated += 1
+        ended = token in self._eos
+        if not ended and token not in self._hidden_ids:
+            active.tokens.append(token)
+        cut = not ended and active.generated >= active.limit
+        self._stream(active, final=ended or cut)
+        if cut:
+            active.request.send(CUT_NOTE)
+        if ended or cut:
+            self.stats.tokens_generated += active.generated
+            if not in_slot:
+                active.request.emit(_DONE)
+            return True
+        return False
+
+    def _stream(self, active: _Active, *, final: bool) -> None:
+        now = time.monotonic()
+        if not final and now - active.sent_at < _EMIT_EVERY_S:
+            return
+        text = self.loaded.processor.tokenizer.decode(active.tokens, skip_special_tokens=False)
+        if not final and text.endswith("\ufffd"):
+            return  # a character cut in the middle of its bytes: wait for the rest
+        active.sent_at = now
+        if len(text) > active.sent:
+            active.request.send(text[active.sent:])
+            active.sent = len(text)
+
+    def _finish(self, row: int, *, cut: bool) -> None:
+        """End the question in ``row``; the last active row moves into its place (rows stay packed)."""
+        assert self._kv is not None
+        assert self._stepper is not None
+        active = self._active[row]
+        if cut:
+            self._stream(active, final=True)
+            active.request.send(CUT_NOTE)
+            self.stats.tokens_generated += active.generated
+        last = len(self._active) - 1
+        if row != last:
+            moving = self._active[last]
+            self._kv.move(last, row, moving.length)
+            self._stepper.tokens[row] = self._stepper.tokens[last]
+            self._stepper.rope_deltas[row] = self._stepper.rope_deltas[last]
+            self._active[row] = moving
+        self._active.pop()
+        active.request.emit(_DONE)
 
     def measurements(self) -> dict[str, float]:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
@@ -416,20 +642,15 @@ class TransformersEngine:
         self.stats.questions += len(batch)
         prompt_len = inputs["input_ids"].shape[1]
         limits = [r.limits.max_new_tokens for r in batch]
-        static = self._static_for(len(batch), prompt_len + max(limits))
         if hit is not None:
             entry, reuse = hit
-            if static is not None:
-                copy_prefix_into(static, entry.cache, reuse)
-                cache = static
-            else:
-                cache = copy.deepcopy(entry.cache)
-                crop_to(cache, reuse)
+            cache = copy.deepcopy(entry.cache)
+            crop_to(cache, reuse)
             for name, value in entry.extra.items():
                 setattr(model.model, name, value.clone())
             inputs.pop("pixel_values", None)  # the images are already in the cache
         else:
-            cache = static if static is not None else DynamicCache(config=model.config)
+            cache = DynamicCache(config=model.config)
             if len(batch) == 1 and batch[0].key and self._encodes_ahead:
                 with torch.inference_mode():
                     features = features or self._encode(batch[0].key, inputs)
@@ -443,7 +664,7 @@ class TransformersEngine:
 
         streamer = RowStreamer(tokenizer, [r.send for r in batch], eos_ids(model), self._hidden_ids, limits, row_done)
         stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
-        with torch.inference_mode(), self._attention_kernels(static is not None):
+        with torch.inference_mode(), self._attention_kernels():
             model.generate(
                 **inputs,
                 **{self._cache_kw: cache},
@@ -460,31 +681,14 @@ class TransformersEngine:
         elif self._rows_separable:
             self._remember_rows(batch, cache, prompt_len)
 
-    def _attention_kernels(self, static: bool) -> contextlib.AbstractContextManager[None]:
+    def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
         """cuDNN attention re-plans for every new sequence length: measured 2x slower steps with a
-        growing cache. A static cache has one length, and there cuDNN beats the fallback kernel.
-        """
-        if self.device != "cuda" or static:
+        growing cache (the slots' fixed length does not have that problem)."""
+        if self.device != "cuda":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-    def _static_for(self, rows: int, tokens: int) -> Any:
-        """The one static cache, emptied, when this generation can use it; else ``None``.
-
-        One cache of one size, reused: its tensors keep their addresses, so the decode step that
-        transformers compiles (and captures as a CUDA graph) at warm-up serves every later question.
-        """
-        if rows != 1 or tokens > self._static_tokens:
-            return None
-        from transformers import StaticCache
-
-        if self._static_cache is None:
-            self._static_cache = StaticCache(config=self.loaded.model.config, max_cache_len=self._static_tokens)
-        else:
-            self._static_cache.reset()
-        return self._static_cache
 
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""
@@ -501,11 +705,8 @@ class TransformersEngine:
         """Keep the KV cache of this prompt for the conversation's next question."""
         if self._prefixes.budget <= 0:
             return
-        if cache is self._static_cache:  # it is reused by the next question: copy the prompt's part out
-            cache = compact_copy(cache, prompt_len, self.loaded.model.config)
-        else:
-            crop_to(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
-            own_storage(cache)
+        crop_to(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
+        own_storage(cache)
         extra = {}
         rope_deltas = getattr(getattr(self.loaded.model, "model", None), "rope_deltas", None)
         if rope_deltas is not None:  # M-RoPE: the position offset the image left behind

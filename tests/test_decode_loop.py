@@ -1,0 +1,110 @@
+"""Continuous batching on the tiny real model (CPU, float32; the same code path as the GPU, eagerly):
+questions join and leave a running batch, each keeps its own limits and stream, failures and
+cancellations stay with their question, and greedy output equals bare ``generate()``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from PIL import Image
+
+from core.answer_text import CUT_NOTE
+from core.decode_loop import buckets
+from core.engine import GenerationLimits, PreparedImage, Turn
+from core.errors import EngineError
+
+
+def _image(n: int) -> PreparedImage:
+    return PreparedImage(f"img-{n}", Image.new("RGB", (64, 48), (30 * n % 256, 120, 250 - n)))
+
+
+async def _answer(engine, images, question, tokens=12, turns=()) -> str:
+    return "".join([c async for c in engine.answer(images, list(turns), question, GenerationLimits(tokens))])
+
+
+def _bare_generate(engine, images, question, tokens, turns=()) -> str:
+    """What a plain ``model.generate()`` answers, greedy, for the same prompt."""
+    import torch
+
+    inputs = engine._inputs(images, list(turns), question)
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = engine._eos
+    shown = [t for t in new if t not in engine._hidden_ids]
+    if any(t in eos for t in new):
+        shown = shown[:next(i for i, t in enumerate(shown) if t in eos)]
+    return engine.loaded.processor.tokenizer.decode(shown, skip_special_tokens=False)
+
+
+def test_bucket_sizes():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(6) == [1, 2, 4, 6]
+
+
+async def test_greedy_output_equals_bare_generate_token_for_token(make_engine):
+    engine = await make_engine(max_batch=4, prefix_cache_bytes=0)
+    for n, question in enumerate(["What is on the screen?", "Why?", "Read the error message, please."]):
+        images = [_image(n)] if n != 1 else []
+        got = await _answer(engine, images, question, tokens=24)
+        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, 24)
+    # Several at once, in one running batch, each with its own limit: still each one's own answer.
+    asks = [([_image(10 + n)], "Q" + "?" * n, 6 + 5 * n) for n in range(4)]
+    together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
+    for (images, question, tokens), got in zip(asks, together, strict=True):
+        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)
+    assert engine.stats.batches > 0
+
+
+async def test_a_late_question_joins_the_running_batch_and_finishes_first(make_engine):
+    engine = await make_engine(max_batch=4)
+    long = engine.answer([_image(1)], [], "a long answer", GenerationLimits(max_new_tokens=100_000))
+    await anext(long)  # it is being decoded
+    started = time.monotonic()
+    short = await asyncio.wait_for(_answer(engine, [_image(2)], "short one", tokens=5), 30)
+    assert short.endswith(CUT_NOTE)  # it ran to its own limit, not the long one's
+    assert engine.stats.batches > 0  # it shared decode steps with the long answer
+    assert time.monotonic() - started < 30
+    more = await anext(long)  # and the long one is still going
+    assert more
+    await long.aclose()  # cancelled mid-answer: its slot is freed
+    assert await asyncio.wait_for(_answer(engine, [_image(3)], "after"), 30)
+
+
+async def test_a_failing_question_leaves_the_others_answering(make_engine):
+    engine = await make_engine(max_batch=4, prefix_cache_bytes=0)
+
+    def refuse_pictures(_module, _args):
+        raise ValueError("this image broke the vision tower")
+
+    running = engine.answer([], [], "text only, long", GenerationLimits(max_new_tokens=60))
+    first = await anext(running)
+    hook = engine.loaded.model.model.vision_tower.register_forward_pre_hook(refuse_pictures)
+    with pytest.raises(EngineError, match="broke the vision tower"):
+        await _answer(engine, [_image(5)], "and this?")
+    hook.remove()
+    rest = "".join([c async for c in running])
+    assert first + rest  # the text-only question ran to its end
+    assert await _answer(engine, [_image(5)], "and now?")
+
+
+async def test_a_follow_up_is_prefilled_from_the_cached_prefix_into_its_slot(make_engine):
+    cached = await make_engine(max_batch=4)
+    plain = await make_engine(max_batch=4, prefix_cache_bytes=0)
+    image = _image(7)
+    first = await _answer(cached, [image], "What is it?")
+    turns = [Turn("user", "What is it?"), Turn("assistant", first.removesuffix(CUT_NOTE))]
+    follow = await _answer(cached, [image], "And then?", turns=turns)
+    assert cached.stats.prefix_hits == 1
+    assert follow == await _answer(plain, [image], "And then?", turns=turns)
+
+
+async def test_a_prompt_longer_than_a_slot_is_answered_the_old_way(make_engine):
+    engine = await make_engine(max_batch=2, context_tokens=256, prefix_cache_bytes=0)
+    question = "why " * 200  # well over 256 tokens
+    got = await _answer(engine, [_image(8)], question, tokens=6)
+    assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, [_image(8)], question, 6)
+    assert engine.stats.decode_steps == 0

@@ -26,9 +26,9 @@ __all__ = ["SlotKV", "Stepper", "buckets"]
 log = logging.getLogger(__name__)
 
 
-def buckets(slots: int) -> list[int]:
-    """Batch sizes a step is run (and captured) at: powers of two up to ``slots``, and ``slots``."""
-    sizes = [1]
+def buckets(slots: int, start: int = 1) -> list[int]:
+    """Sizes a step is run (and captured) at: powers of two from ``start`` up to ``slots``, and ``slots``."""
+    sizes = [min(start, slots)]
     while sizes[-1] * 2 < slots:
         sizes.append(sizes[-1] * 2)
     if sizes[-1] != slots:
@@ -48,6 +48,7 @@ class SlotKV:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.slots, self.length = slots, length
+        self.span = length  # how much of each row a step attends over (set per step: see ``spans``)
         self._rows = torch.arange(slots, device=device)
 
     @property
@@ -65,7 +66,9 @@ class SlotKV:
         # One token per row, each at its own position: no host sync, so it can be captured.
         keys[index, :, at] = key_states[:, :, 0]
         values[index, :, at] = value_states[:, :, 0]
-        return keys[:rows], values[:rows]
+        # Attention reads (and, with grouped heads and a mask, copies per head) every position it is
+        # given: only the span that holds tokens, not the whole row.
+        return keys[:rows, :, :self.span], values[:rows, :, :self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly; nothing asks this during a step
@@ -95,61 +98,72 @@ class Stepper:
     writes the last token's KV at ``positions[r]`` and advances it.
     """
 
-    def __init__(self, model: Any, kv: SlotKV, *, cache_keyword: str, mrope: bool, use_graphs: bool) -> None:
+    def __init__(self, model: Any, kv: SlotKV, *, cache_keyword: str, mrope: bool, use_graphs: bool,
+                 compile_step: bool = False) -> None:
         self._model, self._kv, self._cache_kw, self._mrope = model, kv, cache_keyword, mrope
         device = kv.positions.device
         self.tokens = torch.zeros(kv.slots, dtype=torch.long, device=device)
         self.rope_deltas = torch.zeros(kv.slots, dtype=torch.long, device=device)  # M-RoPE: per row
         self._span = torch.arange(kv.length, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._sizes = buckets(kv.slots)
+        self._spans = buckets(kv.length, start=512)
         self.use_graphs = use_graphs
+        # torch.compile fuses the step's thousands of small kernels (norms, rotary, activations):
+        # the graph then replays fewer, larger ones. One compilation per bucket size, at start.
+        self._run = torch.compile(self._forward, dynamic=False) if compile_step else self._forward
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self._sizes if size >= rows)
 
-    def step(self, rows: int) -> torch.Tensor:
-        """Advance rows ``0..rows-1`` by one token; returns ``tokens`` (the first ``rows`` are new)."""
+    def step(self, rows: int, longest: int) -> torch.Tensor:
+        """Advance rows ``0..rows-1`` by one token; returns ``tokens`` (the first ``rows`` are new).
+
+        ``longest``: the most tokens any of these rows will hold after the step.
+        """
         size = self.bucket(rows)
-        graph = self._graphs.get(size) if self.use_graphs else None
+        span = next(s for s in self._spans if s >= longest)
+        graph = self._graphs.get((size, span)) if self.use_graphs else None
         if graph is not None:
             graph.replay()
         else:
-            self._forward(size)
+            self._run(size, span)
         return self.tokens
 
     def capture(self) -> None:
-        """Record each bucket's step as a CUDA graph (the rows' contents do not matter: nothing is kept)."""
+        """Record each (batch size, span) step as a CUDA graph (row contents do not matter: nothing is kept)."""
         if not self.use_graphs:
             return
         kv = self._kv
         saved = kv.positions.clone()
         kv.positions.zero_()
+        shapes = [(size, span) for span in self._spans for size in self._sizes]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for size in self._sizes:
-                for _ in range(2):  # warm up: lazy inits and autotuning stay out of the graph
-                    self._forward(size)
+            for size, span in shapes:
+                for _ in range(3):  # warm up: compilation, lazy inits and autotuning stay out of the graph
+                    self._run(size, span)
                     kv.positions.zero_()
         torch.cuda.current_stream().wait_stream(stream)
         pool = None
-        for size in reversed(self._sizes):  # the largest first; the others share its memory pool
+        for size, span in reversed(shapes):  # the largest first; the others share its memory pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._forward(size)
+                self._run(size, span)
             pool = graph.pool()
-            self._graphs[size] = graph
+            self._graphs[(size, span)] = graph
             kv.positions.zero_()
         kv.positions.copy_(saved)
         torch.cuda.synchronize()
 
-    def _forward(self, size: int) -> None:
+    def _forward(self, size: int, span: int) -> None:
         kv = self._kv
+        kv.span = span
         positions = kv.positions[:size]
         ids = self.tokens[:size].unsqueeze(1)
         # Row r sees its own tokens 0..positions[r] (the one being written included), nothing past it.
-        mask = (self._span[None, :] <= positions[:, None])[:, None, None, :]
+        mask = (self._span[None, :span] <= positions[:, None])[:, None, None, :]
         where = positions[:, None]
         if self._mrope:  # text after the image: all three M-RoPE sections at position + the row's offset
             where = (where + self.rope_deltas[:size, None]).unsqueeze(0).expand(3, size, 1)

@@ -134,6 +134,7 @@ class TransformersEngine:
         warmup: bool = True,
         context_tokens: int = 4096,
         cuda_graphs: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
@@ -151,6 +152,7 @@ class TransformersEngine:
         # Each question's slot holds this many tokens (prompt and answer); set from free memory at start.
         self._context_tokens = context_tokens
         self._use_graphs = cuda_graphs
+        self._compile_decode = compile_decode
         self._kv: SlotKV | None = None
         self._stepper: Stepper | None = None
         self._active: list[_Active] = []  # questions being decoded; index = slot row
@@ -393,7 +395,8 @@ class TransformersEngine:
             if mrope:
                 model.model.rope_deltas = None  # computed anew from this prompt's images
             forward = inputs
-        out = model(**forward, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        with self._attention_kernels():  # prompts come in every length: no cuDNN re-planning per length
+            out = model(**forward, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         first = int(out.logits[0, -1].argmax())
         self.stats.questions += 1
         delta_now = getattr(getattr(model, "model", None), "rope_deltas", None) if mrope else None
@@ -429,15 +432,16 @@ class TransformersEngine:
         model = self.loaded.model
         mrope = hasattr(getattr(model, "model", None), "rope_deltas")
         graphs = self._use_graphs and keys.device.type == "cuda"
-        self._stepper = Stepper(model, self._kv, cache_keyword=self._cache_kw, mrope=mrope, use_graphs=graphs)
+        self._stepper = Stepper(model, self._kv, cache_keyword=self._cache_kw, mrope=mrope, use_graphs=graphs,
+                                compile_step=graphs and self._compile_decode)
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
         if graphs:
             started = time.monotonic()
             try:
                 self._stepper.capture()
-                log.info("decode step captured as CUDA graphs for batch sizes %s in %.1fs",
-                         self._stepper._sizes, time.monotonic() - started)
+                log.info("decode step captured as CUDA graphs for batch sizes %s x spans %s in %.1fs",
+                         self._stepper._sizes, self._stepper._spans, time.monotonic() - started)
             except Exception as exc:  # a kernel that cannot be captured: run eagerly, and say so once
                 self._stepper.use_graphs = False
                 log.warning("cannot capture the decode step as a CUDA graph (%s: %s); decoding eagerly",
@@ -458,7 +462,8 @@ class TransformersEngine:
         rows = len(self._active)
         self.stats.decode_steps += 1
         self.stats.batches += rows > 1
-        tokens = self._stepper.step(rows)[:rows].tolist()
+        longest = max(active.length for active in self._active) + 1
+        tokens = self._stepper.step(rows, longest)[:rows].tolist()
         done: list[tuple[int, bool]] = []
         for row, (active, token) in enumerate(zip(self._active, tokens, strict=True)):
             active.length += 1  # the token fed in was written to its row

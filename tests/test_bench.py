@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "api_overhead.py": (["--quick"], ["daemon cost", "queued question"]),
     "soak.py": (["--quick"], ["lost answers                    0", "duplicated answers              0"]),
-    "engine_bench.py": (["--quick"], ["time to first token", "8 questions: batched"]),
+    "engine_bench.py": (["--quick"], ["time to first token", "8 at once", "greedy output equals bare generate()"]),
     "engine_smoke.py": ([], ["cuda available"]),
+    "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
 }
 
 

@@ -43,6 +43,9 @@ def test_bucket_sizes():
     assert buckets(1) == [1]
     assert buckets(8) == [1, 2, 4, 8]
     assert buckets(6) == [1, 2, 4, 6]
+    assert buckets(4096, start=512) == [512, 1024, 2048, 4096]
+    assert buckets(3000, start=512) == [512, 1024, 2048, 3000]
+    assert buckets(256, start=512) == [256]
 
 
 async def test_greedy_output_equals_bare_generate_token_for_token(make_engine):

@@ -1,0 +1,143 @@
+"""The engine as a chat sees it: ``imsight run`` in a child process, questions through the HTTP API
+with ``wait: true``, wall-clock times as the caller measures them.
+
+Prints: one answer's time (a 1024x768 screenshot and a question); a follow-up about the same
+screenshot in the same conversation (its prefill is the cached prefix's tail); and 8 chats asking
+within one second, each one's time against the single answer's (target: all within 1.3x).
+
+    python bench/daemon_bench.py --model-dir /path/to/model [--quantization nf4] [--new-tokens 64]
+    python bench/daemon_bench.py --quick          # the tiny test model on the CPU (figures mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def screenshot(n: int) -> str:
+    rng = random.Random(n)
+    image = Image.new("RGB", (1024, 768), (30, 30, 36))
+    draw = ImageDraw.Draw(image)
+    for row in range(40):
+        y = 10 + row * 19
+        draw.rectangle((10, y, 10 + rng.randint(200, 1000), y + 12), fill=(rng.randint(90, 255),) * 3)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def ask(http: aiohttp.ClientSession, url: str, body: dict[str, object]) -> tuple[float, dict[str, object]]:
+    started = time.perf_counter()
+    async with http.post(f"{url}/api/v1/messages", json={**body, "wait": True}) as resp:
+        answer = await resp.json()
+    if resp.status != 200 or answer.get("status") != "done":
+        raise SystemExit(f"the daemon answered {resp.status}: {answer}")
+    return time.perf_counter() - started, answer
+
+
+async def measure(url: str) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        await ask(http, url, {"conversation_id": "warm", "text": "warm up", "images": [{"data": screenshot(0)}]})
+        singles = []
+        for n in range(3):
+            seconds, _ = await ask(http, url, {"conversation_id": f"one{n}", "text": "What does this error mean?",
+                                               "images": [{"data": screenshot(10 + n)}]})
+            singles.append(seconds)
+        one = sorted(singles)[1]
+        follow, _ = await ask(http, url, {"conversation_id": "one0", "text": "And how do I fix it?"})
+        print(f"one answer (screenshot + question): {one * 1e3:.0f} ms (median of 3)")
+        print(f"follow-up about the same screenshot: {follow * 1e3:.0f} ms ({follow / one:.0%} of the first)")
+
+        async def chat(n: int) -> float:
+            await asyncio.sleep(n / 8)  # 8 chats within one second
+            seconds, _ = await ask(http, url, {"conversation_id": f"chat{n}", "text": f"What is wrong here? ({n})",
+                                               "images": [{"data": screenshot(100 + n)}]})
+            return seconds
+
+        times = await asyncio.gather(*[chat(n) for n in range(8)])
+        print("8 chats within one second: " + ", ".join(f"{t * 1e3:.0f}" for t in times) + " ms each")
+        print(f"  slowest = {max(times) / one:.2f}x one answer (target <= 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="the tiny test model, a few seconds (the tests run it)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="imsight-daemon-bench-") as tmp:
+        model = args.model_dir
+        if args.quick or model is None:
+            from core.tiny_model import build_tiny_model
+
+            model = build_tiny_model(Path(tmp) / "tiny-model")
+            args.new_tokens = min(args.new_tokens, 8)
+        port = free_port()
+        config = Path(tmp) / "config.toml"
+        config.write_text(f'[server]\nport = {port}\n[storage]\ndata_dir = "data"\n'
+                          f'[engine]\nmodel_path = "{model}"\nquantization = "{args.quantization}"\n'
+                          f'max_new_tokens = {args.new_tokens}\n'
+                          '[limits]\nmax_queued_per_chat = 0\nquestions_per_sender_per_minute = 0\n')
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        daemon = subprocess.Popen([sys.executable, "-m", "bot.cli", "run", "--config", str(config)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            started = time.perf_counter()
+            asyncio.run(_ready(url, daemon))
+            print(f"imsight run ready in {time.perf_counter() - started:.1f} s "
+                  f"(model {model.name}, {args.new_tokens}-token answers)")
+            asyncio.run(measure(url))
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                _, err = daemon.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                _, err = daemon.communicate()
+            for line in err.splitlines():
+                if "KV slots" in line or "CUDA graph" in line or "decoding eagerly" in line:
+                    print("daemon log:", line.split(" ", 3)[-1])
+
+
+async def _ready(url: str, daemon: subprocess.Popen[str]) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3000):
+            if daemon.poll() is not None:
+                raise SystemExit(f"imsight run exited: {daemon.stderr.read() if daemon.stderr else ''}")
+            try:
+                async with http.get(f"{url}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit("imsight run was not ready within 5 minutes")
+
+
+if __name__ == "__main__":
+    main()

@@ -135,6 +135,11 @@ def _model(config: Config) -> Iterator[Check]:
     need = planned.need
     yield Check("model files", "ok", f"{source.name_or_path}: about {need.weights / GiB:.1f} GiB of weights as "
                 f"{planned.mode} on {planned.device}")
+    if engine.kind == "transformers" and planned.kv_bytes_per_token:
+        slots = planned.kv_bytes_per_token * engine.max_batch * engine.context_tokens
+        yield Check("kv slots", "ok", f"{engine.max_batch} questions x {engine.context_tokens} tokens x "
+                    f"{planned.kv_bytes_per_token // 1024} KB = {slots / GiB:.2f} GiB at most (continuous batching; "
+                    "on a GPU capped at a quarter of what the weights leave free)")
     if planned.free is None:
         yield Check("memory", "warn", f"free memory on {planned.device} unknown", "")
     elif need.total > planned.free:

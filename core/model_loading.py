@@ -76,6 +76,7 @@ class LoadPlan:
     keep: list[str]  # modules left unquantised
     need: Estimate
     free: int | None  # bytes free where it would live (None: unknown)
+    kv_bytes_per_token: int = 0  # keys and values of one token, all layers (the decode slots' unit)
 
 
 def plan(
@@ -98,7 +99,17 @@ def plan(
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     keep = unquantised_modules(skeleton)
     need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
-    return LoadPlan(where, torch_dtype, mode, keep, need, available_bytes(where))
+    return LoadPlan(where, torch_dtype, mode, keep, need, available_bytes(where),
+                    kv_token_bytes(config, torch_dtype.itemsize))
+
+
+def kv_token_bytes(config: Any, itemsize: int) -> int:
+    """Bytes of one token's keys and values over every layer of the language model."""
+    text = getattr(config, "text_config", config)
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) // max(1, heads))
+    return 2 * int(getattr(text, "num_hidden_layers", 0)) * int(kv_heads) * int(head_dim) * itemsize
 
 
 def vision_dtype(model: Any, unquantised: list[str]) -> Any:

@@ -39,7 +39,8 @@ async def test_a_healthy_cpu_host_passes_with_warnings(tmp_path, tiny_model):
     checks = by_name(out)
     assert status == 0, out
     assert {name: c["status"] for name, c in checks.items()} == {
-        "python": "ok", "config": "ok", "gpu": "warn", "model files": "ok", "memory": "ok", "data dir": "ok",
+        "python": "ok", "config": "ok", "gpu": "warn", "model files": "ok", "kv slots": "ok", "memory": "ok",
+        "data dir": "ok",
         "disk": "ok", "api": "ok"}
     assert "nvidia-smi" in checks["gpu"]["fix"]
     status, text = await doctor(config)  # the same, for people

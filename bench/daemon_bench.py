@@ -16,7 +16,6 @@ import asyncio
 import base64
 import io
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -26,20 +25,14 @@ import time
 from pathlib import Path
 
 import aiohttp
-from PIL import Image, ImageDraw
+from screens import screenshot_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def screenshot(n: int) -> str:
-    rng = random.Random(n)
-    image = Image.new("RGB", (1024, 768), (30, 30, 36))
-    draw = ImageDraw.Draw(image)
-    for row in range(40):
-        y = 10 + row * 19
-        draw.rectangle((10, y, 10 + rng.randint(200, 1000), y + 12), fill=(rng.randint(90, 255),) * 3)
     out = io.BytesIO()
-    image.save(out, "PNG")
+    screenshot_image(n).save(out, "PNG")
     return base64.b64encode(out.getvalue()).decode()
 
 

@@ -19,19 +19,17 @@ import argparse
 import asyncio
 import gc
 import json
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glm_model import build_glm_model
+from screens import screenshot_image
 
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.model_files import resolve
@@ -45,20 +43,7 @@ FOLLOW_UP = "Which package do I install to fix that?"
 
 def screenshot(n: int) -> PreparedImage:
     """A 1024x768 screenshot-like picture; each ``n`` differs (its own cache key and pixels)."""
-    rng = random.Random(n)
-    image = Image.new("RGB", (1024, 768), (30, 30, 36))
-    draw = ImageDraw.Draw(image)
-    for row in range(40):
-        y = 10 + row * 19
-        draw.rectangle((10, y, 10 + rng.randint(200, 1000), y + 12), fill=(rng.randint(90, 255),) * 3)
-    return PreparedImage(f"shot-{n}", image)
-
-
-async def timed_answer(engine: TransformersEngine, images: list[PreparedImage], turns: list[Turn], question: str,
-                       new_tokens: int) -> tuple[float, str]:
-    started = time.perf_counter()
-    text = "".join([c async for c in engine.answer(images, turns, question, GenerationLimits(new_tokens))])
-    return time.perf_counter() - started, text
+    return PreparedImage(f"shot-{n}", screenshot_image(n))
 
 
 def common_chars(a: str, b: str) -> int:

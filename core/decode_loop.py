@@ -43,13 +43,17 @@ class SlotKV:
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, length: int, *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        shape = (slots, kv_heads, length, head_dim)
+        # One row more than there are slots: a follow-up's tail is prefilled there, then moved in.
+        shape = (slots + 1, kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots + 1, dtype=torch.long, device=device)
         self.slots, self.length = slots, length
-        self.span = length  # how much of each row a step attends over (set per step: see ``spans``)
-        self._rows = torch.arange(slots, device=device)
+        self.staging = slots  # the extra row
+        self.first = 0  # the first row a forward works on (set per forward, like ``span``)
+        self.span = length  # how much of each row a forward attends over
+        self._rows = torch.arange(slots + 1, device=device)
+        self._steps = torch.arange(length, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -59,16 +63,17 @@ class SlotKV:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = key_states.shape[0]
-        at = self.positions[:rows]
-        index = self._rows[:rows]
+        rows, count = key_states.shape[0], key_states.shape[2]
+        first = self.first
+        # Row r's new tokens go to positions[r] .. positions[r] + count - 1: no host sync, so capturable.
+        at = self.positions[first:first + rows, None] + self._steps[None, :count]
+        index = self._rows[first:first + rows, None]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # One token per row, each at its own position: no host sync, so it can be captured.
-        keys[index, :, at] = key_states[:, :, 0]
-        values[index, :, at] = value_states[:, :, 0]
+        keys[index, :, at] = key_states.transpose(1, 2)
+        values[index, :, at] = value_states.transpose(1, 2)
         # Attention reads (and, with grouped heads and a mask, copies per head) every position it is
         # given: only the span that holds tokens, not the whole row.
-        return keys[:rows, :, :self.span], values[:rows, :, :self.span]
+        return keys[first:first + rows, :, :self.span], values[first:first + rows, :, :self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly; nothing asks this during a step
@@ -81,6 +86,11 @@ class SlotKV:
             k[row, :, :length] = keys[0, :, :length]
             v[row, :, :length] = values[0, :, :length]
         self.positions[row] = length
+
+    def prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of ``row``'s first ``length`` tokens, per layer, batch of one (to keep as a prefix)."""
+        return [(k[row:row + 1, :, :length].clone(), v[row:row + 1, :, :length].clone())
+                for k, v in zip(self.keys, self.values, strict=True)]
 
     def move(self, source: int, target: int, length: int) -> None:
         """Row ``source``'s first ``length`` tokens into row ``target`` (to keep active rows packed)."""
@@ -102,12 +112,18 @@ class Stepper:
                  compile_step: bool = False) -> None:
         self._model, self._kv, self._cache_kw, self._mrope = model, kv, cache_keyword, mrope
         device = kv.positions.device
-        self.tokens = torch.zeros(kv.slots, dtype=torch.long, device=device)
-        self.rope_deltas = torch.zeros(kv.slots, dtype=torch.long, device=device)  # M-RoPE: per row
+        self.tokens = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)
+        self.rope_deltas = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)  # M-RoPE: per row
         self._span = torch.arange(kv.length, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._sizes = buckets(kv.slots)
         self._spans = buckets(kv.length, start=512)
+        # A follow-up's new tokens (its question after the cached prefix), prefilled in one captured
+        # forward too: eagerly, 30 tokens cost as much as 1,000 (launch-bound).
+        self.tails = [t for t in (8, 16, 32, 64, 128) if t < kv.length]
+        self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
+        self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
+        self._tail_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.use_graphs = use_graphs
         # torch.compile fuses the step's thousands of small kernels (norms, rotary, activations):
         # the graph then replays fewer, larger ones. One compilation per bucket size, at start.
@@ -129,6 +145,26 @@ class Stepper:
         else:
             self._run(size, span)
         return self.tokens
+
+    def prefill_tail(self, ids: list[int], start: int) -> int:
+        """Prefill ``ids`` into the staging row after its first ``start`` tokens (already placed there);
+        returns the token that follows them. The row then holds ``start + len(ids)`` tokens."""
+        kv = self._kv
+        size = next(t for t in self.tails if t >= len(ids))
+        span = next(s for s in self._spans if s >= start + size)
+        self._tail_ids[0, :len(ids)] = torch.tensor(ids, device=self._tail_ids.device)
+        self._tail_ids[0, len(ids):size] = 0  # padding: written past the row's end, overwritten later
+        kv.positions[kv.staging] = start
+        graph = self._tail_graphs.get((size, span)) if self.use_graphs else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._tail(size, span)
+        kv.positions[kv.staging] = start + len(ids)
+        return int(self._tail_next[len(ids) - 1])
+
+    def fits_tail(self, count: int, start: int) -> bool:
+        return bool(self.tails) and count <= self.tails[-1] and start + self.tails[-1] <= self._kv.length
 
     def capture(self) -> None:
         """Record each (batch size, span) step as a CUDA graph (row contents do not matter: nothing is kept)."""
@@ -154,12 +190,37 @@ class Stepper:
             pool = graph.pool()
             self._graphs[(size, span)] = graph
             kv.positions.zero_()
+        tails = [(t, span) for t in self.tails for span in self._spans if span >= t]
+        with torch.cuda.stream(stream):
+            for t, span in tails:
+                self._tail(t, span)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, span in reversed(tails):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._tail(t, span)
+            self._tail_graphs[(t, span)] = graph
+            kv.positions.zero_()
         kv.positions.copy_(saved)
         torch.cuda.synchronize()
 
+    def _tail(self, count: int, span: int) -> None:
+        kv = self._kv
+        kv.first, kv.span = kv.staging, span
+        start = kv.positions[kv.staging:kv.staging + 1]
+        where = start[:, None] + self._span[None, :count]  # [1, count]
+        # Causal inside the tail: token t sees the prefix and tail tokens 0..t.
+        mask = (self._span[None, None, :span] <= where[:, :, None])[:, None]
+        if self._mrope:
+            where = (where + self.rope_deltas[kv.staging]).unsqueeze(0).expand(3, 1, count)
+        out = self._model(input_ids=self._tail_ids[:, :count], position_ids=where, attention_mask=mask,
+                          use_cache=True, logits_to_keep=0, **{self._cache_kw: kv})
+        self._tail_next[:count] = out.logits[0].argmax(-1)
+        kv.first = 0
+
     def _forward(self, size: int, span: int) -> None:
         kv = self._kv
-        kv.span = span
+        kv.first, kv.span = 0, span
         positions = kv.positions[:size]
         ids = self.tokens[:size].unsqueeze(1)
         # Row r sees its own tokens 0..positions[r] (the one being written included), nothing past it.

@@ -372,6 +372,9 @@ class TransformersEngine:
         ids = inputs["input_ids"]
         prompt_len = int(ids.shape[1])
         mrope = hasattr(getattr(model, "model", None), "rope_deltas")
+        if hit is not None and self._stepper is not None and self._stepper.fits_tail(prompt_len - hit[1], hit[1]):
+            self._admit_follow_up(request, hit, prompt_len)
+            return
         if hit is not None:
             entry, reuse = hit
             cache = copy.deepcopy(entry.cache)
@@ -412,6 +415,36 @@ class TransformersEngine:
         assert self._stepper is not None
         self._stepper.tokens[row] = first
         self._stepper.rope_deltas[row] = int(delta_now.reshape(-1)[0]) if delta_now is not None else 0
+        self._active.append(active)
+
+    def _admit_follow_up(self, request: _Request, hit: tuple[Prefix, int], prompt_len: int) -> None:
+        """A follow-up: the cached prefix copied into the staging row, only the new tokens prefilled
+        there (one captured forward), then the row moved into a slot."""
+        from transformers import DynamicCache
+
+        assert self._kv is not None
+        assert self._stepper is not None
+        kv, stepper = self._kv, self._stepper
+        entry, reuse = hit
+        ids = request.inputs["input_ids"]
+        kv.place(kv.staging, [(layer.keys, layer.values) for layer in entry.cache.layers], reuse)
+        delta = entry.extra.get("rope_deltas")
+        stepper.rope_deltas[kv.staging] = int(delta.reshape(-1)[0]) if delta is not None else 0
+        first = stepper.prefill_tail(ids[0, reuse:].tolist(), reuse)
+        self.stats.questions += 1
+        if request.key and request.remember and not self._closing.is_set():
+            cache = DynamicCache(config=self.loaded.model.config)
+            for layer, (keys, values) in enumerate(kv.prefix(kv.staging, prompt_len)):
+                cache.update(keys, values, layer)
+            extra = {"rope_deltas": delta.clone()} if delta is not None else {}
+            self._prefixes.put(request.key, Prefix(ids[0], cache, extra, cache_bytes(cache)))
+        active = _Active(request, request.limits.max_new_tokens, prompt_len)
+        if self._accept_token(active, first):
+            return
+        row = len(self._active)
+        kv.move(kv.staging, row, prompt_len)
+        stepper.tokens[row] = first
+        stepper.rope_deltas[row] = stepper.rope_deltas[kv.staging]
         self._active.append(active)
 
     def _slots(self, cache: Any) -> SlotKV:

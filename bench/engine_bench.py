@@ -218,6 +218,14 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["compared_tokens"] = len(ids)
     decode = engine.loaded.processor.tokenizer.decode
     out["same_tokens"] = max((k for k in range(len(shown) + 1) if len(decode(shown[:k])) <= common), default=0)
+    # Is each side repeatable? (A random-weight model's logits are near ties: kernel nondeterminism shows.)
+    _, again = bare_generate(engine, [screenshot(n)], [], QUESTION, new_tokens)
+    out["bare_repeats_tokens"] = next((i for i, (a, b) in enumerate(zip(ids, again, strict=False)) if a != b), len(ids))
+    budget, engine._prefixes.budget = engine._prefixes.budget, 0
+    engine._prefixes.clear()  # asked again from scratch, not as a follow-up from the cached prefix
+    _, _, text_again = await first_chunk(engine, [screenshot(n)], [], QUESTION, new_tokens)
+    engine._prefixes.budget = budget
+    out["engine_repeats_chars"] = common_chars(text, text_again)
     # -- continuous batching: 8 questions arriving 200 ms apart ----------------------------------
     n += 1
 
@@ -275,7 +283,8 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
                          f"tokens/s; measured is {dec / bound:.0%} of it")
         lines.append(f"  greedy output equals bare generate() over {r['compared_tokens']} tokens: "
                      f"{r['same_as_generate']} (the first {r['same_tokens']} tokens, {r['same_chars']} characters, "
-                     "agree)")
+                     f"agree); bare generate() twice agrees for {r['bare_repeats_tokens']} tokens, the engine twice "
+                     f"for {r['engine_repeats_chars']} characters")
         staggered = r["staggered_ttft_s"]
         lines.append(f"  8 questions 200 ms apart: time to first token {min(staggered) * 1e3:.0f}-"
                      f"{max(staggered) * 1e3:.0f} ms = up to {max(staggered) / first:.1f}x the idle one (target <= 2x)")

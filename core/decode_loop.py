@@ -109,7 +109,7 @@ class Stepper:
     """
 
     def __init__(self, model: Any, kv: SlotKV, *, cache_keyword: str, mrope: bool, use_graphs: bool,
-                 compile_step: bool = False) -> None:
+                 compile_step: bool = False, tail_graphs: bool = True) -> None:
         self._model, self._kv, self._cache_kw, self._mrope = model, kv, cache_keyword, mrope
         device = kv.positions.device
         self.tokens = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)
@@ -124,6 +124,7 @@ class Stepper:
         self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
         self._tail_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._capture_tails = tail_graphs
         self.use_graphs = use_graphs
         # torch.compile fuses the step's thousands of small kernels (norms, rotary, activations):
         # the graph then replays fewer, larger ones. One compilation per bucket size, at start.
@@ -190,7 +191,7 @@ class Stepper:
             pool = graph.pool()
             self._graphs[(size, span)] = graph
             kv.positions.zero_()
-        tails = [(t, span) for t in self.tails for span in self._spans if span >= t]
+        tails = [(t, span) for t in self.tails for span in self._spans if span >= t] if self._capture_tails else []
         with torch.cuda.stream(stream):
             for t, span in tails:
                 self._tail(t, span)

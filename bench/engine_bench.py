@@ -94,7 +94,7 @@ def profile(engine: TransformersEngine) -> None:
         started = time.perf_counter()
         engine._render(request)
         rendered = time.perf_counter()
-        engine._answer_safely([request], engine._lookup(request))
+        engine._answer_safely(request, engine._lookup(request))
         print(f"  render {1e3 * (rendered - started):.0f} ms, generate {1e3 * (time.perf_counter() - rendered):.0f} ms")
 
     shot = screenshot(999)

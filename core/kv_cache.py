@@ -8,8 +8,7 @@ from typing import Any
 
 from core.prefix_cache import StateCache
 
-__all__ = ["cache_bytes", "cache_keyword", "compact_copy", "copy_prefix_into", "crop_to", "make_room", "own_storage",
-           "tensor_bytes"]
+__all__ = ["cache_bytes", "cache_keyword", "crop_to", "make_room", "own_storage", "tensor_bytes"]
 
 
 def make_room(free: Callable[[], int], reserve: int, caches: Sequence[StateCache[Any]]) -> bool:
@@ -50,23 +49,6 @@ def cache_bytes(cache: Any) -> int:
     """Bytes of a KV cache's keys and values."""
     return tensor_bytes([(getattr(layer, "keys", None), getattr(layer, "values", None))
                          for layer in getattr(cache, "layers", ())])
-
-
-def copy_prefix_into(target: Any, source: Any, length: int, *, row: int | None = None, start: int = 0) -> None:
-    """Append tokens ``start:length`` of ``source`` (of one batch ``row``, or all) to an empty ``target``."""
-    rows = slice(None) if row is None else slice(row, row + 1)
-    for index, layer in enumerate(source.layers):
-        target.update(layer.keys[rows, :, start:length, :], layer.values[rows, :, start:length, :], index)
-
-
-def compact_copy(source: Any, length: int, config: Any, *, row: int | None = None, start: int = 0) -> Any:
-    """A growable cache holding its own copy of tokens ``start:length`` of ``source`` (one ``row`` of it)."""
-    from transformers import DynamicCache
-
-    copy: Any = DynamicCache(config=config)
-    copy_prefix_into(copy, source, length, row=row, start=start)
-    own_storage(copy)
-    return copy
 
 
 def own_storage(cache: Any) -> None:

@@ -1,4 +1,4 @@
-"""What goes into generate(): chat messages, padded batches, and the token ids that matter."""
+"""What goes into a prompt: chat messages, and the token ids that matter."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from typing import Any
 
 from core.engine import PreparedImage, Turn
 
-__all__ = ["REASONING_MARKERS", "chat_messages", "eos_ids", "halved", "hidden_special_ids", "image_token_ids",
-           "left_padded"]
+__all__ = ["REASONING_MARKERS", "chat_messages", "eos_ids", "halved", "hidden_special_ids", "image_token_ids"]
 
 # Reasoning models mark their thinking with tokens that may be "special"; they are kept in the
 # decoded text so that the thinking can be told apart from the answer (core.answer_text drops it).
@@ -32,27 +31,6 @@ def chat_messages(images: Sequence[PreparedImage], turns: Sequence[Turn], questi
             content_images = []
         messages.append({"role": role, "content": content})
     return messages
-
-
-def left_padded(rendered: list[Any], pad_id: int) -> dict[str, Any]:
-    """Several single-prompt inputs as one batch: sequences padded on the left, images concatenated.
-
-    Left padding keeps every prompt's last token in the last column, where generation continues.
-    """
-    import torch
-
-    width = max(r["input_ids"].shape[1] for r in rendered)
-    keys = list(dict.fromkeys(key for r in rendered for key in r))  # a text-only row has no pixel keys
-    batch: dict[str, Any] = {}
-    for key in keys:
-        having = [r for r in rendered if key in r]
-        if all(r[key].dim() == 2 and r[key].shape[1] == r["input_ids"].shape[1] for r in having):
-            fill = pad_id if key == "input_ids" else 0
-            rows = [r[key] if key in r else torch.zeros_like(r["input_ids"]) for r in rendered]
-            batch[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in rows])
-        else:
-            batch[key] = torch.cat([r[key] for r in having])  # pixel values, image grids: one row per image
-    return batch
 
 
 def halved(image: PreparedImage) -> PreparedImage:

@@ -31,7 +31,6 @@ from core.errors import EngineError, EngineOutOfMemory
 from core.kv_cache import (
     cache_bytes,
     cache_keyword,
-    compact_copy,
     crop_to,
     make_room,
     own_storage,
@@ -41,7 +40,7 @@ from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
-from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids, left_padded
+from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
 
 __all__ = ["EngineStats", "TransformersEngine"]
 
@@ -104,10 +103,7 @@ class _Failed:
 
 _DONE = object()
 _EMIT_EVERY_S = 0.05  # text goes out at most this often per question: chats show it in pieces anyway
-# Reasoning models mark their thinking with tokens that may be "special"; they are kept in the
-# decoded text so that the thinking can be told apart from the answer (core.answer_text drops it).
 _PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos", "image_patches"})
-_REASONING_MARKERS = frozenset({"<think>", "</think>", "<answer>", "</answer>"})
 
 
 class TransformersEngine:
@@ -147,7 +143,6 @@ class TransformersEngine:
         # The fallback when a prompt does not start with a cached one: skip only the vision encoder.
         self._features: StateCache[Features] = StateCache(prefix_cache_bytes // 4)
         self._encodes_ahead = False
-        self._rows_separable = False
         self._warmup = warmup
         # Each question's slot holds this many tokens (prompt and answer); set from free memory at start.
         self._context_tokens = context_tokens
@@ -186,9 +181,6 @@ class TransformersEngine:
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
         self._hidden_ids = hidden_special_ids(processor.tokenizer)
         self._eos = eos_ids(self._loaded.model)
-        # M-RoPE models keep one position offset per batch row, which padding shifts: their rows
-        # are not cut out of a batch (a single question's prefix still is).
-        self._rows_separable = not hasattr(getattr(self._loaded.model, "model", None), "rope_deltas")
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
@@ -343,13 +335,13 @@ class TransformersEngine:
         prompt_len = int(request.inputs["input_ids"].shape[1])
         if prompt_len + 1 >= self._slot_tokens():
             # Longer than a slot: answered alone by generate(), with a growable cache.
-            self._answer_safely([request], hit, features)
+            self._answer_safely(request, hit, features)
             return
         try:
             try:
                 self._admit(request, hit, features)
             except torch.OutOfMemoryError:
-                self._answer_after_oom([request])
+                self._answer_after_oom(request)
                 request.emit(_DONE)
         except Exception as exc:
             log.warning("generation failed: %s", exc)
@@ -596,45 +588,40 @@ class TransformersEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
         return inputs
 
-    def _answer_safely(
-        self, batch: list[_Request], hit: tuple[Prefix, int] | None, features: Features | None = None
-    ) -> None:
+    def _answer_safely(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None = None
+                       ) -> None:
         import torch
 
         try:
             try:
-                self._generate(batch, hit, features)
+                self._generate(request, hit, features)
             except torch.OutOfMemoryError:
-                self._answer_after_oom(batch)
+                self._answer_after_oom(request)
         except Exception as exc:
-            log.warning("generation failed for %d question(s): %s", len(batch), exc)
-            for request in batch:
-                request.emit(_Failed(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")))
+            log.warning("generation failed: %s", exc)
+            request.emit(_Failed(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")))
         finally:
-            for request in batch:
-                request.emit(_DONE)
+            request.emit(_DONE)
 
-    def _answer_after_oom(self, batch: list[_Request]) -> None:
-        """Out of GPU memory: drop every cached prefix, then try each question once more, smaller."""
+    def _answer_after_oom(self, request: _Request) -> None:
+        """Out of GPU memory: drop every cached prefix, then try the question once more, smaller."""
         import torch
 
         self.stats.oom_retries += 1
-        log.warning("out of GPU memory answering %d question(s): freeing caches, retrying with smaller images",
-                    len(batch))
+        log.warning("out of GPU memory answering a question: freeing caches, retrying with smaller images")
         self._clear_caches()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        for request in batch:
-            if request.streamed:
-                raise EngineError("out of GPU memory in the middle of an answer")
-            request.images = [halved(image) for image in request.images]
-            request.inputs = self._inputs(request.images, request.turns, request.question)
-            try:
-                self._generate([request], None)
-            except torch.OutOfMemoryError as exc:
-                raise EngineOutOfMemory("out of GPU memory, even with a smaller image; try a shorter question, "
-                                  "fewer images, or [engine] quantization = \"nf4\"") from exc
+        if request.streamed:
+            raise EngineError("out of GPU memory in the middle of an answer")
+        request.images = [halved(image) for image in request.images]
+        request.inputs = self._inputs(request.images, request.turns, request.question)
+        try:
+            self._generate(request, None)
+        except torch.OutOfMemoryError as exc:
+            raise EngineOutOfMemory("out of GPU memory, even with a smaller image; try a shorter question, "
+                                    "fewer images, or [engine] quantization = \"nf4\"") from exc
 
     def _lookup(self, request: _Request) -> tuple[Prefix, int] | None:
         """A cached prefix covering this prompt's images, and how many of its tokens can be reused."""
@@ -661,10 +648,9 @@ class TransformersEngine:
         positions = marks.nonzero()
         return int(positions[-1, 0]) + 1 if len(positions) else len(ids)
 
-    def _generate(
-        self, batch: list[_Request], hit: tuple[Prefix, int] | None, features: Features | None = None
-    ) -> None:
-        import torch
+    def _generate(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None = None) -> None:
+        """One question answered alone by ``generate()`` with a growable cache: a prompt longer than a
+        slot, or a retry after running out of memory."""
         from transformers import DynamicCache, StoppingCriteriaList
 
         from core.token_streams import RowStopper, RowStreamer
@@ -672,14 +658,10 @@ class TransformersEngine:
         loaded = self.loaded
         model, tokenizer = loaded.model, loaded.processor.tokenizer
         self._make_room()
-        if len(batch) == 1:
-            inputs = dict(batch[0].inputs)
-        else:
-            inputs = left_padded([r.inputs for r in batch], tokenizer.pad_token_id)
-            self.stats.batches += 1
-        self.stats.questions += len(batch)
+        inputs = dict(request.inputs)
+        self.stats.questions += 1
         prompt_len = inputs["input_ids"].shape[1]
-        limits = [r.limits.max_new_tokens for r in batch]
+        limit = request.limits.max_new_tokens
         if hit is not None:
             entry, reuse = hit
             cache = copy.deepcopy(entry.cache)
@@ -689,35 +671,29 @@ class TransformersEngine:
             inputs.pop("pixel_values", None)  # the images are already in the cache
         else:
             cache = DynamicCache(config=model.config)
-            if len(batch) == 1 and batch[0].key and self._encodes_ahead:
-                with torch.inference_mode():
-                    features = features or self._encode(batch[0].key, inputs)
+            if request.key and self._encodes_ahead:
+                features = features or self._encode(request.key, inputs)
                 if features is not None:
                     inputs = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
                     inputs["mm_encoder_outputs"] = {"image": features.outputs}
 
-        def row_done(row: int) -> None:
-            self.stats.tokens_generated += streamer.generated[row]  # counted before the asker hears of it
-            batch[row].emit(_DONE)
+        def done(_row: int) -> None:
+            self.stats.tokens_generated += streamer.generated[0]  # counted before the asker hears of it
+            request.emit(_DONE)
 
-        streamer = RowStreamer(tokenizer, [r.send for r in batch], eos_ids(model), self._hidden_ids, limits, row_done)
-        stopper = RowStopper(prompt_len, limits, [r.cancelled for r in batch], self._closing)
-        with torch.inference_mode(), self._attention_kernels():
+        streamer = RowStreamer(tokenizer, [request.send], self._eos, self._hidden_ids, [limit], done)
+        stopper = RowStopper(prompt_len, [limit], [request.cancelled], self._closing)
+        with self._attention_kernels():
             model.generate(
                 **inputs,
                 **{self._cache_kw: cache},
-                max_new_tokens=max(limits),
+                max_new_tokens=limit,
                 do_sample=False,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stopper]),
             )
-        if self._closing.is_set():
-            return
-        if len(batch) == 1:
-            if batch[0].key and batch[0].remember:
-                self._remember(batch[0], cache, prompt_len)
-        elif self._rows_separable:
-            self._remember_rows(batch, cache, prompt_len)
+        if not self._closing.is_set() and request.key and request.remember:
+            self._remember(request, cache, prompt_len)
 
     def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
         """cuDNN attention re-plans for every new sequence length: measured 2x slower steps with a
@@ -751,21 +727,6 @@ class TransformersEngine:
             extra["rope_deltas"] = rope_deltas.clone()
         ids = request.inputs["input_ids"][0]
         self._prefixes.put(request.key, Prefix(ids, cache, extra, cache_bytes(cache)))
-
-    def _remember_rows(self, batch: list[_Request], cache: Any, width: int) -> None:
-        """Keep each question's own prompt out of a left-padded batch, so its follow-ups are fast too.
-
-        Row ``i`` holds its prompt in the last ``len_i`` columns, at positions 0..len_i-1 (they
-        were counted from the attention mask, padding skipped): exactly what it alone would hold.
-        """
-        if self._prefixes.budget <= 0:
-            return
-        for row, request in enumerate(batch):
-            ids = request.inputs["input_ids"][0]
-            if not request.key or not request.remember:
-                continue
-            prefix = compact_copy(cache, width, self.loaded.model.config, row=row, start=width - len(ids))
-            self._prefixes.put(request.key, Prefix(ids, prefix, {}, cache_bytes(prefix)))
 
     def _make_room(self) -> None:
         """Evict cached prefixes and features while the GPU is short of room for a generation."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -231,10 +232,30 @@ def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None, *, sour
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(f"{source}: {problem}" for problem in _problems(exc))) from None
+        problems = list(_problems(exc))
+        # What else is wrong (a token an enabled platform lacks, say) is told now too, not after the
+        # first fix: checked on the file with the keys named above left out.
+        rest = _without(raw, [error["loc"] for error in exc.errors()])
+        with contextlib.suppress(ValidationError):  # a key that only makes sense with the refused ones
+            problems += [p for p in _incomplete(Config.model_validate(rest)) if p not in problems]
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems)) from None
     if problems := list(_incomplete(config)):
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
     return _relative_to(config, base) if base is not None else config
+
+
+def _without(raw: dict[str, Any], locations: list[tuple[int | str, ...]]) -> dict[str, Any]:
+    """A deep copy of ``raw`` without the keys at ``locations`` (the ones validation refused)."""
+    import copy
+
+    rest = copy.deepcopy(raw)
+    for location in locations:
+        node: Any = rest
+        for key in location[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and location:
+            node.pop(location[-1], None)
+    return rest
 
 
 def _incomplete(config: Config) -> Iterator[str]:
@@ -261,6 +282,13 @@ def _incomplete(config: Config) -> Iterator[str]:
                 env = " (or IMSIGHT_DINGTALK_APP_SECRET)" if key == "app_secret" else ""
                 yield f"adapters.dingtalk.{key}: required when dingtalk is enabled{env}"
     hook, host = config.adapters.webhook, config.server.host
+    if hook.secret is not None:
+        from adapters.signing import StandardWebhookSigner
+
+        try:
+            StandardWebhookSigner(hook.secret.get_secret_value())
+        except ConfigError as exc:
+            yield str(exc)
     if hook.enabled and hook.token is None and hook.secret is None and not hook.open and not is_loopback(host):
         yield (f"adapters.webhook: no token and no secret while [server] host = {host!r} is reachable from other "
                "machines: set token (or IMSIGHT_WEBHOOK_TOKEN), or open = true to allow anyone who reaches it")

@@ -120,7 +120,8 @@ class Stepper:
         self._spans = buckets(kv.length, start=512)
         # A follow-up's new tokens (its question after the cached prefix), prefilled in one captured
         # forward too: eagerly, 30 tokens cost as much as 1,000 (launch-bound).
-        self.tails = [t for t in (8, 16, 32, 64, 128) if t < kv.length]
+        # A follow-up's tail is its question plus the answer before it, re-read: up to a few hundred tokens.
+        self.tails = [t for t in (8, 16, 32, 64, 128, 256) if t < kv.length]
         self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
         self._tail_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}

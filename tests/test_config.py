@@ -75,3 +75,17 @@ def test_imsight_run_stops_with_one_line_naming_the_key(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"imsight: config error: {path}: engine.max_new_tokns: unknown key"
     ]
+
+
+def test_every_problem_of_a_file_is_reported_at_once_with_the_file(tmp_path):
+    path = tmp_path / "many.toml"
+    path.write_text('[server]\nprot = 1\nport = "x"\n[adapters.telegram]\nenabled = true\n'
+                    '[adapters.webhook]\nsecret = "not-a-secret"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={})
+    lines = str(caught.value).splitlines()
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert any("server.prot: unknown key" in line for line in lines)
+    assert any("server.port" in line for line in lines)
+    assert any("adapters.telegram.token: required" in line for line in lines)  # a cross-field one, too
+    assert any("adapters.webhook.secret" in line for line in lines)

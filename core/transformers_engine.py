@@ -382,11 +382,7 @@ class TransformersEngine:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
-            if request.key and self._encodes_ahead:
-                features = features or self._encode(request.key, inputs)
-                if features is not None:
-                    inputs = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
-                    inputs["mm_encoder_outputs"] = {"image": features.outputs}
+            inputs = self._encoded(request, inputs, features)
             if mrope:
                 model.model.rope_deltas = None  # computed anew from this prompt's images
             forward = inputs
@@ -671,11 +667,7 @@ class TransformersEngine:
             inputs.pop("pixel_values", None)  # the images are already in the cache
         else:
             cache = DynamicCache(config=model.config)
-            if request.key and self._encodes_ahead:
-                features = features or self._encode(request.key, inputs)
-                if features is not None:
-                    inputs = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
-                    inputs["mm_encoder_outputs"] = {"image": features.outputs}
+            inputs = self._encoded(request, inputs, features)
 
         def done(_row: int) -> None:
             self.stats.tokens_generated += streamer.generated[0]  # counted before the asker hears of it
@@ -703,6 +695,18 @@ class TransformersEngine:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+    def _encoded(self, request: _Request, inputs: dict[str, Any], features: Features | None) -> dict[str, Any]:
+        """``inputs`` with the images' vision-encoder output in place of their pixels (cached, or made
+        and kept now) where the model takes it that way; else as they are."""
+        if not (request.key and self._encodes_ahead):
+            return inputs
+        features = features or self._encode(request.key, inputs)
+        if features is None:
+            return inputs
+        encoded = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
+        encoded["mm_encoder_outputs"] = {"image": features.outputs}
+        return encoded
 
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""

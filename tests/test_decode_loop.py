@@ -111,3 +111,33 @@ async def test_a_prompt_longer_than_a_slot_is_answered_the_old_way(make_engine):
     got = await _answer(engine, [_image(8)], question, tokens=6)
     assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, [_image(8)], question, 6)
     assert engine.stats.decode_steps == 0
+
+
+async def test_more_questions_than_slots_wait_for_a_free_one(make_engine):
+    engine = await make_engine(max_batch=2, prefix_cache_bytes=0)
+    asks = [([_image(40 + n)], f"question {n}?", 4 + 3 * n) for n in range(5)]
+    together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
+    for (images, question, tokens), got in zip(asks, together, strict=True):
+        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)
+    assert engine.stats.questions == 5 and len(engine._active) == 0 and not engine._waiting
+
+
+async def test_stopping_tells_every_waiting_question(make_engine, tiny_model):
+    from core.model_files import resolve
+    from core.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", max_batch=1,
+                                warmup=False)
+    await engine.start()
+    streams = [engine.answer([_image(50 + n)], [], "long?", GenerationLimits(100_000)) for n in range(3)]
+    first = await anext(streams[0])  # one is being answered, two wait for its slot
+    assert first
+    pending = [asyncio.ensure_future(anext(s)) for s in streams[1:]]
+    await asyncio.sleep(0.1)
+    await engine.stop()
+    for task in pending:
+        with pytest.raises(EngineError, match="engine stop"):
+            await task
+    with pytest.raises((EngineError, StopAsyncIteration)):
+        async for _ in streams[0]:
+            pass

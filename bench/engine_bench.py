@@ -108,6 +108,36 @@ def profile(engine: TransformersEngine) -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(28)
 
 
+def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
+    """Where a decode step's time goes: one graph replay back to back (no Python between), the kernels
+    one eager step launches and their summed GPU time. Against the engine's own tokens/s, this says
+    how much is kernels, how much the loop around them."""
+    import torch
+
+    stepper, kv = engine._stepper, engine._kv
+    if stepper is None or kv is None or not stepper.use_graphs:
+        return {}
+    graph = stepper._graphs[(1, 1024)]
+    saved = kv.positions.clone()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    replay_s = (time.perf_counter() - started) / 50
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        stepper._forward(1, 1024)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kv.positions.copy_(saved)
+    gpu_us = sum(e.device_time for e in kernels)
+    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]
+    return {"replay_ms": replay_s * 1e3, "kernels_per_step": len(kernels), "kernel_ms": gpu_us / 1e3,
+            "top_kernels": [(e.key[:60], round(e.device_time_total / 1e3, 2), e.count) for e in top]}
+
+
 def bare_generate(engine: TransformersEngine, images: list[PreparedImage], turns: list[Turn], question: str,
                   new_tokens: int) -> tuple[float, list[int]]:
     """The baseline: plain ``model.generate()`` on the same loaded model, prompt rendered the same way.
@@ -250,6 +280,10 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         out["decode_bytes_per_token"] = decode_bytes(model)
         free, total = torch.cuda.mem_get_info()
         out["device_in_use_bytes"] = total - free
+        try:
+            out |= await asyncio.to_thread(step_anatomy, engine)  # the engine is idle: its thread waits
+        except Exception as exc:  # a profiler that cannot run here must not cost the figures above
+            out["anatomy_error"] = repr(exc)
     await engine.stop()
     del engine, model
     gc.collect()
@@ -288,6 +322,12 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         staggered = r["staggered_ttft_s"]
         lines.append(f"  8 questions 200 ms apart: time to first token {min(staggered) * 1e3:.0f}-"
                      f"{max(staggered) * 1e3:.0f} ms = up to {max(staggered) / first:.1f}x the idle one (target <= 2x)")
+        if "anatomy_error" in r:
+            lines.append(f"  step anatomy failed: {r['anatomy_error']}")
+        if "replay_ms" in r:
+            lines.append(f"  one step (batch 1, span 1024): graph replay {r['replay_ms']:.2f} ms back to back; "
+                         f"{r['kernels_per_step']} kernels, {r['kernel_ms']:.2f} ms of GPU time summed; top: "
+                         + "; ".join(f"{k} {ms} ms x{n}" for k, ms, n in r["top_kernels"]))
         batch8, single = r["batch8_tokens_per_s"], r["single_tokens_per_s"]
         lines.append(f"  8 at once: {batch8:.1f} tokens/s vs one answer {single:.1f} "
                      f"({batch8 / single:.1f}x, target >= 6x)")

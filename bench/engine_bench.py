@@ -118,20 +118,21 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
     if stepper is None or kv is None or not stepper.use_graphs:
         return {}
     graph = stepper._graphs[(1, 1024)]
-    saved = kv.positions.clone()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(50):
-        graph.replay()
-    torch.cuda.synchronize()
-    replay_s = (time.perf_counter() - started) / 50
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, torch.inference_mode():
-        stepper._forward(1, 1024)
+    with torch.inference_mode():  # the engine's tensors are inference tensors: touched only in this mode
+        saved = kv.positions.clone()
+        for _ in range(3):
+            graph.replay()
         torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(50):
+            graph.replay()
+        torch.cuda.synchronize()
+        replay_s = (time.perf_counter() - started) / 50
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            stepper._forward(1, 1024)
+            torch.cuda.synchronize()
+        kv.positions.copy_(saved)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kv.positions.copy_(saved)
     gpu_us = sum(e.device_time for e in kernels)
     top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]
     return {"replay_ms": replay_s * 1e3, "kernels_per_step": len(kernels), "kernel_ms": gpu_us / 1e3,

@@ -26,7 +26,7 @@ from aiohttp import web
 from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
-from core.errors import AdapterError, BadInput, Forbidden
+from core.errors import AdapterError, BadInput, Forbidden, RateLimited
 from core.types import Host, ImageRef, Incoming, Reply
 
 __all__ = ["TelegramAdapter", "split_text"]
@@ -361,6 +361,14 @@ class TelegramAdapter:
 
     async def draft(self, reply: Reply) -> str | None:
         """A placeholder reply with a typing status, edited as the answer grows (callers pace it)."""
+        from telegram.error import TelegramError
+
+        try:
+            return await self._draft(reply)
+        except TelegramError as exc:  # a 429 becomes RateLimited: the chat's next call waits for it
+            raise _adapter_error("draft", exc) from exc
+
+    async def _draft(self, reply: Reply) -> str | None:
         from telegram.error import BadRequest
 
         assert self._app is not None, "not started"
@@ -390,7 +398,7 @@ class TelegramAdapter:
         return state
 
     async def send(self, reply: Reply) -> str:
-        from telegram.error import BadRequest, RetryAfter, TelegramError
+        from telegram.error import BadRequest, TelegramError
 
         assert self._app is not None, "not started"
         bot = self._app.bot
@@ -409,11 +417,7 @@ class TelegramAdapter:
                 sent = await bot.send_message(chat, piece, message_thread_id=thread,
                                               reply_parameters=self._reply_to(reply))
                 first = first or str(sent.message_id)
-        except RetryAfter as exc:
-            # Telegram says how long to wait; waiting less only earns another 429.
-            await asyncio.sleep(min(_seconds(exc.retry_after), 60.0))
-            raise _adapter_error("send", exc) from exc
-        except TelegramError as exc:
+        except TelegramError as exc:  # a 429 becomes RateLimited: the outbox waits, not this call
             raise _adapter_error("send", exc) from exc
         if not reply.notice:
             self._drafts.pop(reply.job_id, None)
@@ -488,6 +492,7 @@ def _adapter_error(what: str, exc: Exception) -> AdapterError:
     from telegram.error import BadRequest, Forbidden, InvalidToken, RetryAfter
 
     if isinstance(exc, RetryAfter):
-        return AdapterError("telegram", f"{what}: rate limited, retry after {exc.retry_after}", retryable=True)
+        wait = _seconds(exc.retry_after)
+        return RateLimited("telegram", f"{what}: rate limited, retry after {wait:g}s", retry_after_s=wait)
     permanent = isinstance(exc, BadRequest | Forbidden | InvalidToken)
     return AdapterError("telegram", f"{what}: {exc}", retryable=not permanent)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from bot.metrics import Metrics
 from bot.store import OutgoingReply, Store
 from bot.watch import JobWatch
-from core.errors import AdapterError, ImsightError
+from core.errors import AdapterError, ImsightError, RateLimited
 from core.types import Adapter, Reply
 
 __all__ = ["Outbox"]
@@ -51,6 +51,21 @@ class Outbox:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.on_sent: list[asyncio.Event] = []  # set after each answer is sent (workers: next job may run)
+        # (platform, chat) -> monotonic time before which the platform asked not to be called for it
+        self._not_before: dict[tuple[str, str], float] = {}
+
+    def hold(self, platform: str, chat_id: str, seconds: float) -> None:
+        """The platform said "too many requests" for this chat: no call to it before ``seconds`` from now."""
+        until = time.monotonic() + seconds
+        key = (platform, chat_id)
+        self._not_before[key] = max(until, self._not_before.get(key, 0.0))
+        if len(self._not_before) > 10_000:
+            now = time.monotonic()
+            self._not_before = {k: t for k, t in self._not_before.items() if t > now}
+
+    def wait_s(self, platform: str, chat_id: str) -> float:
+        """How long calls for this chat must still wait (0: call now)."""
+        return max(0.0, self._not_before.get((platform, chat_id), 0.0) - time.monotonic())
 
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="imsight-outbox")
@@ -112,7 +127,13 @@ class Outbox:
             adapter = self._adapters.get(q.platform)
             if adapter is None:
                 raise AdapterError(q.platform, "adapter is not enabled", retryable=False)
+            if (wait := self.wait_s(q.platform, q.chat_id)) > 0:
+                await asyncio.sleep(wait)  # a 429 on this chat (a draft's, say) still holds: ours, not the platform's
             sent_id = await adapter.send(out)
+        except RateLimited as exc:
+            self.hold(q.platform, q.chat_id, exc.retry_after_s)
+            await self._failed(reply, exc, retryable=True, at_least_s=exc.retry_after_s)
+            return
         except AdapterError as exc:
             await self._failed(reply, exc, retryable=exc.retryable)
             return
@@ -134,12 +155,13 @@ class Outbox:
             for event in self.on_sent:
                 event.set()
 
-    async def _failed(self, reply: OutgoingReply, exc: Exception, *, retryable: bool) -> None:
+    async def _failed(self, reply: OutgoingReply, exc: Exception, *, retryable: bool, at_least_s: float = 0.0
+                      ) -> None:
         job = reply.job
         tries = reply.attempts + 1
         retry_at = None
         if retryable and tries < self._attempts:
-            delay = min(self._retry_max_s, self._retry_base_s * 2 ** (tries - 1))
+            delay = max(at_least_s, min(self._retry_max_s, self._retry_base_s * 2 ** (tries - 1)))
             retry_at = time.time() + delay
             log.info("job %s: send failed (%s); try %d of %d in %.1fs", job.id, exc, tries + 1, self._attempts, delay)
         else:

@@ -14,7 +14,7 @@ from bot.outbox import Outbox
 from bot.store import JobRecord, Store
 from bot.watch import JobWatch
 from core.engine import Engine, GenerationLimits, PreparedImage, Turn
-from core.errors import EngineError, EngineOutOfMemory, EngineUnavailable, ImsightError
+from core.errors import EngineError, EngineOutOfMemory, EngineUnavailable, ImsightError, RateLimited
 from core.images import FORMATS_NOTE, NOT_AN_IMAGE, ImageLimits, prepare
 from core.types import Adapter, Drafting, Reply
 
@@ -198,14 +198,17 @@ class Workers:
 
         async def draft(text: str) -> None:
             nonlocal draft_id
-            if not isinstance(adapter, Drafting):
-                return
+            if not isinstance(adapter, Drafting) or self._outbox.wait_s(q.platform, q.chat_id) > 0:
+                return  # a draft is best effort: skipped while the platform asked this chat to wait
             try:
                 shown = await adapter.draft(Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text,
                                                   job.images, meta=q.meta, draft_id=draft_id))
                 if shown is not None and shown != draft_id:
                     draft_id = shown
                     await self._store.drafted(job.id, shown)
+            except RateLimited as exc:
+                self._outbox.hold(q.platform, q.chat_id, exc.retry_after_s)
+                log.info("job %s: draft not shown: %s", job.id, exc)
             except Exception as exc:
                 log.info("job %s: draft not shown: %s", job.id, exc)
 

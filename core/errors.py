@@ -12,6 +12,7 @@
     │   └── Busy             429: the question was turned away for now (queue full, rate limit)
     ├── StoreUnavailable     the history store cannot take writes (disk full, locked)
     ├── AdapterError         a platform call failed
+    │   └── RateLimited      the platform said "too many requests": not before retry_after_s
     ├── StartupError         a part of the daemon could not start; the message says what to fix
     └── EngineError          the model could not answer
         ├── ModelUnavailable the model's files are not on this machine
@@ -38,6 +39,7 @@ __all__ = [
     "ModelUnavailable",
     "NotAnImage",
     "NotFound",
+    "RateLimited",
     "StartupError",
     "StoreUnavailable",
     "TooLarge",
@@ -115,6 +117,14 @@ class AdapterError(ImsightError):
         super().__init__(f"{platform}: {message}")
         self.platform = platform
         self.retryable = retryable
+
+
+class RateLimited(AdapterError):
+    """The platform refused the call for now and said when to call again (for this chat)."""
+
+    def __init__(self, platform: str, message: str, *, retry_after_s: float) -> None:
+        super().__init__(platform, message, retryable=True)
+        self.retry_after_s = retry_after_s
 
 
 class StartupError(ImsightError):

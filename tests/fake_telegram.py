@@ -34,6 +34,7 @@ class FakeTelegram:
         self.edits: list[dict[str, Any]] = []  # editMessageText calls
         self.actions: list[dict[str, Any]] = []  # sendChatAction calls
         self.calls: list[str] = []
+        self.log: list[tuple[float, str, str, int]] = []  # (monotonic time, method, chat_id, HTTP status)
         self.fail_next: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.webhook: dict[str, Any] | None = None
         self.admins: set[int] = set()  # user ids getChatMember reports as administrators
@@ -62,14 +63,17 @@ class FakeTelegram:
         method = request.match_info["method"]
         self.calls.append(method)
         params = _decode(await request.post())
+        chat = str(params.get("chat_id", ""))
         if failures := self.fail_next.get(method):
             status, parameters = failures.pop(0)
+            self.log.append((time.monotonic(), method, chat, status))
             return _error(status, "Too Many Requests: retry later" if status == 429 else "Internal error",
                           parameters)
         handler = getattr(self, f"_{method}", None)
         if handler is None:
             return _error(404, "Not Found: method not found")
         result = await handler(params)
+        self.log.append((time.monotonic(), method, chat, 200))
         return web.json_response({"ok": True, "result": result})
 
     async def _getMe(self, params: Mapping[str, Any]) -> Any:

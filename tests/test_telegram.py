@@ -442,3 +442,21 @@ async def test_mass_mentions_are_defanged_in_what_the_bot_posts(fake, daemon, ht
         await eventually(lambda: fake.results)
     text = fake.text_of(0)
     assert "@everyone" not in text and "@all" not in text and "@\u200beveryone" in text
+
+
+async def test_a_429_holds_that_chat_only_for_as_long_as_telegram_says(fake, daemon, http):
+    fake.add_file("shot", SHOT)
+    other = {"id": 5003, "type": "private", "first_name": "Bo"}
+    fake.fail_next["sendMessage"] = [(429, {"retry_after": 2})]  # the first placeholder (chat A's draft)
+    async with daemon(adapters=telegram_config(fake)) as d:
+        fake.push(message(20, photo="shot", caption=f"{MENTION} why?"))
+        await eventually(lambda: any(status == 429 for *_, status in fake.log))
+        refused_at = next(t for t, _, _, status in fake.log if status == 429)
+        fake.push(message(21, text="and you?", chat=other, sender={**ANN, "id": 5003}))
+        await answered(d, http, 1, other["id"])
+        await answered(d, http, 1)
+    group_calls = [t for t, _, chat, _ in fake.log
+                   if chat == str(GROUP["id"]) and t > refused_at]
+    other_calls = [t for t, _, chat, _ in fake.log if chat == str(other["id"])]
+    assert group_calls and min(group_calls) - refused_at >= 2  # the chat waited as Telegram said
+    assert other_calls and min(other_calls) - refused_at < 2  # the other chat did not wait

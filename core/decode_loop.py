@@ -109,43 +109,34 @@ class Stepper:
     """
 
     def __init__(self, model: Any, kv: SlotKV, *, cache_keyword: str, mrope: bool, use_graphs: bool,
-                 compile_step: bool = False, tail_graphs: bool = True) -> None:
+                 compile_step: bool = False) -> None:
         self._model, self._kv, self._cache_kw, self._mrope = model, kv, cache_keyword, mrope
         device = kv.positions.device
         self.tokens = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)
         self.rope_deltas = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)  # M-RoPE: per row
         self._span = torch.arange(kv.length, device=device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._sizes = buckets(kv.slots)
-        self._spans = buckets(kv.length, start=512)
-        # A follow-up's new tokens (its question after the cached prefix), prefilled in one captured
-        # forward too: eagerly, 30 tokens cost as much as 1,000 (launch-bound).
-        # A follow-up's tail is its question plus the answer before it, re-read: up to a few hundred tokens.
+        self.sizes = buckets(kv.slots)
+        self.spans = buckets(kv.length, start=512)
+        # A follow-up's new tokens (its question and the answer before it, after the cached prefix) are
+        # prefilled by a captured forward too: eagerly, 30 tokens cost as much as 1,000 (launch-bound).
         self.tails = [t for t in (8, 16, 32, 64, 128, 256) if t < kv.length]
         self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
-        self._tail_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._capture_tails = tail_graphs
+        self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}  # ("step"|"tail", size, span)
         self.use_graphs = use_graphs
-        # torch.compile fuses the step's thousands of small kernels (norms, rotary, activations):
-        # the graph then replays fewer, larger ones. One compilation per bucket size, at start.
-        self._run = torch.compile(self._forward, dynamic=False) if compile_step else self._forward
+        # torch.compile fuses the step's thousands of small kernels (norms, rotary, activations): the
+        # graph then replays fewer, larger ones. An experiment (bench mode "-compiled"): see RESULTS.md.
+        self._compiled = torch.compile(self._forward, dynamic=False) if compile_step else self._forward
 
     def bucket(self, rows: int) -> int:
-        return next(size for size in self._sizes if size >= rows)
+        return next(size for size in self.sizes if size >= rows)
 
     def step(self, rows: int, longest: int) -> torch.Tensor:
         """Advance rows ``0..rows-1`` by one token; returns ``tokens`` (the first ``rows`` are new).
 
         ``longest``: the most tokens any of these rows will hold after the step.
         """
-        size = self.bucket(rows)
-        span = next(s for s in self._spans if s >= longest)
-        graph = self._graphs.get((size, span)) if self.use_graphs else None
-        if graph is not None:
-            graph.replay()
-        else:
-            self._run(size, span)
+        self._run("step", self.bucket(rows), next(s for s in self.spans if s >= longest))
         return self.tokens
 
     def prefill_tail(self, ids: list[int], start: int) -> int:
@@ -153,15 +144,10 @@ class Stepper:
         returns the token that follows them. The row then holds ``start + len(ids)`` tokens."""
         kv = self._kv
         size = next(t for t in self.tails if t >= len(ids))
-        span = next(s for s in self._spans if s >= start + size)
         self._tail_ids[0, :len(ids)] = torch.tensor(ids, device=self._tail_ids.device)
         self._tail_ids[0, len(ids):size] = 0  # padding: written past the row's end, overwritten later
         kv.positions[kv.staging] = start
-        graph = self._tail_graphs.get((size, span)) if self.use_graphs else None
-        if graph is not None:
-            graph.replay()
-        else:
-            self._tail(size, span)
+        self._run("tail", size, next(s for s in self.spans if s >= start + size))
         kv.positions[kv.staging] = start + len(ids)
         return int(self._tail_next[len(ids) - 1])
 
@@ -169,68 +155,61 @@ class Stepper:
         return bool(self.tails) and count <= self.tails[-1] and start + self.tails[-1] <= self._kv.length
 
     def capture(self) -> None:
-        """Record each (batch size, span) step as a CUDA graph (row contents do not matter: nothing is kept)."""
+        """Record every (kind, size, span) forward as a CUDA graph; row contents do not matter (nothing is
+        kept). The largest first: the others share its memory pool."""
         if not self.use_graphs:
             return
         kv = self._kv
         saved = kv.positions.clone()
-        kv.positions.zero_()
-        shapes = [(size, span) for span in self._spans for size in self._sizes]
+        shapes = [("step", size, span) for span in self.spans for size in self.sizes]
+        shapes += [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for size, span in shapes:
+            for shape in shapes:
                 for _ in range(3):  # warm up: compilation, lazy inits and autotuning stay out of the graph
-                    self._run(size, span)
                     kv.positions.zero_()
+                    self._eager(*shape)
         torch.cuda.current_stream().wait_stream(stream)
         pool = None
-        for size, span in reversed(shapes):  # the largest first; the others share its memory pool
+        for shape in reversed(shapes):
+            kv.positions.zero_()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._run(size, span)
+                self._eager(*shape)
             pool = graph.pool()
-            self._graphs[(size, span)] = graph
-            kv.positions.zero_()
-        tails = [(t, span) for t in self.tails for span in self._spans if span >= t] if self._capture_tails else []
-        with torch.cuda.stream(stream):
-            for t, span in tails:
-                self._tail(t, span)
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, span in reversed(tails):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._tail(t, span)
-            self._tail_graphs[(t, span)] = graph
-            kv.positions.zero_()
+            self._graphs[shape] = graph
         kv.positions.copy_(saved)
         torch.cuda.synchronize()
 
-    def _tail(self, count: int, span: int) -> None:
-        kv = self._kv
-        kv.first, kv.span = kv.staging, span
-        start = kv.positions[kv.staging:kv.staging + 1]
-        where = start[:, None] + self._span[None, :count]  # [1, count]
-        # Causal inside the tail: token t sees the prefix and tail tokens 0..t.
-        mask = (self._span[None, None, :span] <= where[:, :, None])[:, None]
-        if self._mrope:
-            where = (where + self.rope_deltas[kv.staging]).unsqueeze(0).expand(3, 1, count)
-        out = self._model(input_ids=self._tail_ids[:, :count], position_ids=where, attention_mask=mask,
-                          use_cache=True, logits_to_keep=0, **{self._cache_kw: kv})
-        self._tail_next[:count] = out.logits[0].argmax(-1)
-        kv.first = 0
+    def _run(self, kind: str, size: int, span: int) -> None:
+        graph = self._graphs.get((kind, size, span)) if self.use_graphs else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._eager(kind, size, span)
 
-    def _forward(self, size: int, span: int) -> None:
+    def _eager(self, kind: str, size: int, span: int) -> None:
         kv = self._kv
-        kv.first, kv.span = 0, span
-        positions = kv.positions[:size]
-        ids = self.tokens[:size].unsqueeze(1)
-        # Row r sees its own tokens 0..positions[r] (the one being written included), nothing past it.
-        mask = (self._span[None, :span] <= positions[:, None])[:, None, None, :]
-        where = positions[:, None]
+        if kind == "step":  # ``size`` rows from the first, one token each
+            self.tokens[:size] = self._compiled(self.tokens[:size, None], 0, span)[:, -1]
+            kv.positions[:size] = torch.clamp(kv.positions[:size] + 1, max=kv.length - 1)
+        else:  # the staging row, ``size`` tokens
+            self._tail_next[:size] = self._compiled(self._tail_ids[:, :size], kv.staging, span)[0]
+
+    def _forward(self, ids: torch.Tensor, first: int, span: int) -> torch.Tensor:
+        """Rows ``first ..`` take the new tokens ``ids`` (``[rows, count]``), each row at its position;
+        returns the greedy next token after each of them, ``[rows, count]``."""
+        kv = self._kv
+        rows, count = ids.shape
+        kv.first, kv.span = first, span
+        # Token t of row r sits at positions[r] + t and sees that row's tokens up to there, nothing past.
+        where = kv.positions[first:first + rows, None] + self._span[None, :count]
+        mask = (self._span[None, None, :span] <= where[:, :, None])[:, None]
         if self._mrope:  # text after the image: all three M-RoPE sections at position + the row's offset
-            where = (where + self.rope_deltas[:size, None]).unsqueeze(0).expand(3, size, 1)
+            where = (where + self.rope_deltas[first:first + rows, None]).unsqueeze(0).expand(3, rows, count)
         out = self._model(input_ids=ids, position_ids=where, attention_mask=mask, use_cache=True,
-                          logits_to_keep=1, **{self._cache_kw: kv})
-        self.tokens[:size] = out.logits[:, -1].argmax(-1)
-        kv.positions[:size] = torch.clamp(positions + 1, max=kv.length - 1)
+                          logits_to_keep=0 if count > 1 else 1, **{self._cache_kw: kv})
+        kv.first = 0
+        next_tokens: torch.Tensor = out.logits.argmax(-1)
+        return next_tokens

@@ -96,6 +96,11 @@ class _Active:
     sent_at: float = 0.0
 
 
+def _offset(delta: Any) -> int:
+    """An M-RoPE position offset (``rope_deltas``, one per prompt) as a number; 0 for other models."""
+    return int(delta.reshape(-1)[0]) if delta is not None else 0
+
+
 class _Failed:
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -160,6 +165,7 @@ class TransformersEngine:
         self._image_token_ids: set[int] = set()
         self._hidden_ids: set[int] = set()
         self._eos: set[int] = set()
+        self._mrope = False
         self._pixels: ImageProcessorMemo | None = None
         self.stats = EngineStats()
         self.device = "cpu"
@@ -183,6 +189,8 @@ class TransformersEngine:
         self._eos = eos_ids(self._loaded.model)
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
+        # M-RoPE models (GLM-4.1V/4.6V, Qwen-VL) keep the position offset their images leave behind.
+        self._mrope = hasattr(getattr(self._loaded.model, "model", None), "rope_deltas")
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
         self._thread.start()
         if self._warmup:
@@ -363,17 +371,16 @@ class TransformersEngine:
         inputs = dict(request.inputs)
         ids = inputs["input_ids"]
         prompt_len = int(ids.shape[1])
-        mrope = hasattr(getattr(model, "model", None), "rope_deltas")
         if hit is not None and self._stepper is not None and self._stepper.fits_tail(prompt_len - hit[1], hit[1]):
             self._admit_follow_up(request, hit, prompt_len)
             return
-        if hit is not None:
+        if hit is not None:  # a tail too long for the captured forwards: prefilled eagerly
             entry, reuse = hit
             cache = copy.deepcopy(entry.cache)
             crop_to(cache, reuse)
             delta = entry.extra.get("rope_deltas")
             positions = torch.arange(reuse, prompt_len, device=ids.device)[None, :]
-            if mrope:
+            if self._mrope:
                 model.model.rope_deltas = delta.clone() if delta is not None else None
                 offset = delta.reshape(-1)[:1] if delta is not None else 0
                 positions = (positions + offset).unsqueeze(0).expand(3, 1, -1)
@@ -383,27 +390,18 @@ class TransformersEngine:
 
             cache = DynamicCache(config=model.config)
             inputs = self._encoded(request, inputs, features)
-            if mrope:
+            if self._mrope:
                 model.model.rope_deltas = None  # computed anew from this prompt's images
             forward = inputs
         with self._attention_kernels():  # prompts come in every length: no cuDNN re-planning per length
             out = model(**forward, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         first = int(out.logits[0, -1].argmax())
-        self.stats.questions += 1
-        delta_now = getattr(getattr(model, "model", None), "rope_deltas", None) if mrope else None
-        if request.key and request.remember and not self._closing.is_set():
-            extra = {"rope_deltas": delta_now.clone()} if delta_now is not None else {}
-            self._prefixes.put(request.key, Prefix(ids[0], cache, extra, cache_bytes(cache)))
-        active = _Active(request, request.limits.max_new_tokens, prompt_len)
-        if self._accept_token(active, first):
-            return
-        kv = self._slots(cache)
-        row = len(self._active)
-        kv.place(row, [(layer.keys, layer.values) for layer in cache.layers], prompt_len)
-        assert self._stepper is not None
-        self._stepper.tokens[row] = first
-        self._stepper.rope_deltas[row] = int(delta_now.reshape(-1)[0]) if delta_now is not None else 0
-        self._active.append(active)
+        delta = model.model.rope_deltas if self._mrope else None
+        if self._keeps(request):
+            self._keep_prefix(request, cache, delta)
+        self._seat(request, first, prompt_len, delta,
+                   lambda kv, row: kv.place(row, [(layer.keys, layer.values) for layer in cache.layers], prompt_len),
+                   cache)
 
     def _admit_follow_up(self, request: _Request, hit: tuple[Prefix, int], prompt_len: int) -> None:
         """A follow-up: the cached prefix copied into the staging row, only the new tokens prefilled
@@ -414,26 +412,39 @@ class TransformersEngine:
         assert self._stepper is not None
         kv, stepper = self._kv, self._stepper
         entry, reuse = hit
-        ids = request.inputs["input_ids"]
         kv.place(kv.staging, [(layer.keys, layer.values) for layer in entry.cache.layers], reuse)
         delta = entry.extra.get("rope_deltas")
-        stepper.rope_deltas[kv.staging] = int(delta.reshape(-1)[0]) if delta is not None else 0
-        first = stepper.prefill_tail(ids[0, reuse:].tolist(), reuse)
-        self.stats.questions += 1
-        if request.key and request.remember and not self._closing.is_set():
+        stepper.rope_deltas[kv.staging] = _offset(delta)
+        first = stepper.prefill_tail(request.inputs["input_ids"][0, reuse:].tolist(), reuse)
+        if self._keeps(request):
             cache = DynamicCache(config=self.loaded.model.config)
             for layer, (keys, values) in enumerate(kv.prefix(kv.staging, prompt_len)):
                 cache.update(keys, values, layer)
-            extra = {"rope_deltas": delta.clone()} if delta is not None else {}
-            self._prefixes.put(request.key, Prefix(ids[0], cache, extra, cache_bytes(cache)))
+            self._keep_prefix(request, cache, delta)
+        self._seat(request, first, prompt_len, delta, lambda kv, row: kv.move(kv.staging, row, prompt_len))
+
+    def _seat(self, request: _Request, first: int, prompt_len: int, delta: Any,
+              place: Callable[[SlotKV, int], None], cache: Any = None) -> None:
+        """The prefilled question's first token out; unless that ended it, its KV into the next slot row."""
+        self.stats.questions += 1
         active = _Active(request, request.limits.max_new_tokens, prompt_len)
         if self._accept_token(active, first):
             return
+        kv = self._slots(cache)
+        assert self._stepper is not None
         row = len(self._active)
-        kv.move(kv.staging, row, prompt_len)
-        stepper.tokens[row] = first
-        stepper.rope_deltas[row] = stepper.rope_deltas[kv.staging]
+        place(kv, row)
+        self._stepper.tokens[row] = first
+        self._stepper.rope_deltas[row] = _offset(delta)
         self._active.append(active)
+
+    def _keeps(self, request: _Request) -> bool:
+        """Whether this question's prompt is kept for follow-ups."""
+        return bool(request.key) and request.remember and self._prefixes.budget > 0 and not self._closing.is_set()
+
+    def _keep_prefix(self, request: _Request, cache: Any, delta: Any) -> None:
+        extra = {"rope_deltas": delta.clone()} if delta is not None else {}
+        self._prefixes.put(request.key, Prefix(request.inputs["input_ids"][0], cache, extra, cache_bytes(cache)))
 
     def _slots(self, cache: Any) -> SlotKV:
         """The slot cache, made the first time from a prefilled cache's shapes (and its graphs captured)."""
@@ -450,10 +461,9 @@ class TransformersEngine:
             room = self._free_gpu_bytes() // 4
             length = max(512, min(length, room // (per_token * self.max_batch)))
         self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
-        model = self.loaded.model
-        mrope = hasattr(getattr(model, "model", None), "rope_deltas")
         graphs = self._use_graphs and keys.device.type == "cuda"
-        self._stepper = Stepper(model, self._kv, cache_keyword=self._cache_kw, mrope=mrope, use_graphs=graphs,
+        self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,
+                                use_graphs=graphs,
                                 compile_step=graphs and self._compile_decode)
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
@@ -462,7 +472,7 @@ class TransformersEngine:
             try:
                 self._stepper.capture()
                 log.info("decode step captured as CUDA graphs for batch sizes %s x spans %s in %.1fs",
-                         self._stepper._sizes, self._stepper._spans, time.monotonic() - started)
+                         self._stepper.sizes, self._stepper.spans, time.monotonic() - started)
             except Exception as exc:  # a kernel that cannot be captured: run eagerly, and say so once
                 self._stepper.use_graphs = False
                 log.warning("cannot capture the decode step as a CUDA graph (%s: %s); decoding eagerly",
@@ -684,8 +694,10 @@ class TransformersEngine:
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stopper]),
             )
-        if not self._closing.is_set() and request.key and request.remember:
-            self._remember(request, cache, prompt_len)
+        if self._keeps(request):
+            crop_to(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
+            own_storage(cache)
+            self._keep_prefix(request, cache, model.model.rope_deltas if self._mrope else None)
 
     def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
         """cuDNN attention re-plans for every new sequence length: measured 2x slower steps with a
@@ -718,19 +730,6 @@ class TransformersEngine:
         if self._features.budget > 0:
             self._features.put(key, features)
         return features
-
-    def _remember(self, request: _Request, cache: Any, prompt_len: int) -> None:
-        """Keep the KV cache of this prompt for the conversation's next question."""
-        if self._prefixes.budget <= 0:
-            return
-        crop_to(cache, prompt_len)  # the answer as generated may not be how the template re-renders it
-        own_storage(cache)
-        extra = {}
-        rope_deltas = getattr(getattr(self.loaded.model, "model", None), "rope_deltas", None)
-        if rope_deltas is not None:  # M-RoPE: the position offset the image left behind
-            extra["rope_deltas"] = rope_deltas.clone()
-        ids = request.inputs["input_ids"][0]
-        self._prefixes.put(request.key, Prefix(ids, cache, extra, cache_bytes(cache)))
 
     def _make_room(self) -> None:
         """Evict cached prefixes and features while the GPU is short of room for a generation."""

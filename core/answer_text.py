@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
-__all__ = ["CUT_NOTE", "ThinkingFilter", "without_thinking"]
+__all__ = ["CUT_NOTE", "EMIT_EVERY_S", "AnswerText", "ThinkingFilter", "without_thinking"]
 
 # Said after an answer that hit its token limit ([engine] max_new_tokens), so a half sentence is not
 # taken for the whole answer.
 CUT_NOTE = "\n\n… (answer cut at the length limit)"
+
+# Text goes out at most this often per question: chats show it in pieces anyway, and every wake-up
+# of the event loop takes the GIL from the generation loop between two decode steps.
+EMIT_EVERY_S = 0.05
+
+
+class AnswerText:
+    """One answer's tokens in, its new text out through ``emit``, at most every ``EMIT_EVERY_S``.
+
+    The tokens are decoded whole each time, not one by one: a character split over several tokens
+    comes out right (and waits while its bytes are incomplete).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], emit: Callable[[str], object]) -> None:
+        self._decode, self._emit = decode, emit
+        self.tokens: list[int] = []
+        self._sent = 0
+        self._sent_at = 0.0
+
+    def flush(self, *, final: bool) -> None:
+        now = time.monotonic()
+        if not final and now - self._sent_at < EMIT_EVERY_S:
+            return
+        text = self._decode(self.tokens)
+        if not final and text.endswith("\ufffd"):
+            return  # a character cut in the middle of its bytes: wait for the rest
+        self._sent_at = now
+        if len(text) > self._sent:
+            self._emit(text[self._sent:])
+            self._sent = len(text)
 
 _THINK, _END_THINK = "<think>", "</think>"
 _ANSWER_TAGS = ("<answer>", "</answer>")

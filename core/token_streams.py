@@ -7,21 +7,18 @@ its text goes to its own question, and its own limit or cancellation ends only t
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from core.answer_text import CUT_NOTE
+from core.answer_text import CUT_NOTE, AnswerText
 
 __all__ = ["RowStopper", "RowStreamer"]
 
-# Text goes out at most this often per question: chats show it in pieces anyway, and every wake-up
-# of the event loop takes the GIL from the generation loop between two decode steps.
-_EMIT_EVERY_S = 0.05
 
 class RowStreamer(BaseStreamer):
     """Decodes each row's new tokens, without ``hidden_ids``, and hands the new text to that row's ``emit``."""
@@ -42,10 +39,9 @@ class RowStreamer(BaseStreamer):
         self._on_row_done = on_row_done
         self.generated = [0] * len(self._emits)  # tokens per row, end-of-sequence included
         self._drop = hidden_ids
-        self._tokens: list[list[int]] = [[] for _ in self._emits]
-        self._sent = [0] * len(self._emits)
+        decode = partial(tokenizer.decode, skip_special_tokens=False)
+        self._texts = [AnswerText(decode, emit) for emit in self._emits]
         self._finished = [False] * len(self._emits)
-        self._last_emit = [0.0] * len(self._emits)
         self._prompt_seen = False
 
     def put(self, value: Any) -> None:
@@ -62,12 +58,12 @@ class RowStreamer(BaseStreamer):
                     self._finished[row] = True
                     break
                 if token not in self._drop:
-                    self._tokens[row].append(token)
+                    self._texts[row].tokens.append(token)
             else:
                 cut = self.generated[row] >= self._limits[row]
             if cut:
                 self._finished[row] = True
-            self._flush(row, final=self._finished[row])
+            self._texts[row].flush(final=self._finished[row])
             if cut:
                 self._emits[row](CUT_NOTE)
             if self._finished[row]:
@@ -78,20 +74,8 @@ class RowStreamer(BaseStreamer):
         for row in range(len(self._emits)):
             if not self._finished[row]:
                 self._finished[row] = True
-                self._flush(row, final=True)
+                self._texts[row].flush(final=True)
                 self._on_row_done(row)
-
-    def _flush(self, row: int, *, final: bool) -> None:
-        now = time.monotonic()
-        if not final and now - self._last_emit[row] < _EMIT_EVERY_S:
-            return
-        self._last_emit[row] = now
-        text = self._tokenizer.decode(self._tokens[row], skip_special_tokens=False)
-        if not final and text.endswith("\ufffd"):
-            return  # a character cut in the middle of its bytes: wait for the rest
-        if len(text) > self._sent[row]:
-            self._emits[row](text[self._sent[row]:])
-            self._sent[row] = len(text)
 
 
 class RowStopper(StoppingCriteria):

@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from core.answer_text import CUT_NOTE, without_thinking
+from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.decode_loop import SlotKV, Stepper
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError, EngineOutOfMemory
@@ -90,10 +91,8 @@ class _Active:
     request: _Request
     limit: int
     length: int  # tokens in its KV row
-    tokens: list[int] = field(default_factory=list)  # shown ones (hidden special tokens left out)
+    text: AnswerText  # the shown tokens (hidden special ones left out), streamed as text
     generated: int = 0
-    sent: int = 0  # characters of the decoded answer already sent
-    sent_at: float = 0.0
 
 
 def _offset(delta: Any) -> int:
@@ -107,7 +106,6 @@ class _Failed:
 
 
 _DONE = object()
-_EMIT_EVERY_S = 0.05  # text goes out at most this often per question: chats show it in pieces anyway
 _PIXEL_KEYS = frozenset({"pixel_values", "pixel_values_videos", "image_patches"})
 
 
@@ -427,7 +425,8 @@ class TransformersEngine:
               place: Callable[[SlotKV, int], None], cache: Any = None) -> None:
         """The prefilled question's first token out; unless that ended it, its KV into the next slot row."""
         self.stats.questions += 1
-        active = _Active(request, request.limits.max_new_tokens, prompt_len)
+        decode = partial(self.loaded.processor.tokenizer.decode, skip_special_tokens=False)
+        active = _Active(request, request.limits.max_new_tokens, prompt_len, AnswerText(decode, request.send))
         if self._accept_token(active, first):
             return
         kv = self._slots(cache)
@@ -510,9 +509,9 @@ class TransformersEngine:
         active.generated += 1
         ended = token in self._eos
         if not ended and token not in self._hidden_ids:
-            active.tokens.append(token)
+            active.text.tokens.append(token)
         cut = not ended and active.generated >= active.limit
-        self._stream(active, final=ended or cut)
+        active.text.flush(final=ended or cut)
         if cut:
             active.request.send(CUT_NOTE)
         if ended or cut:
@@ -522,25 +521,13 @@ class TransformersEngine:
             return True
         return False
 
-    def _stream(self, active: _Active, *, final: bool) -> None:
-        now = time.monotonic()
-        if not final and now - active.sent_at < _EMIT_EVERY_S:
-            return
-        text = self.loaded.processor.tokenizer.decode(active.tokens, skip_special_tokens=False)
-        if not final and text.endswith("\ufffd"):
-            return  # a character cut in the middle of its bytes: wait for the rest
-        active.sent_at = now
-        if len(text) > active.sent:
-            active.request.send(text[active.sent:])
-            active.sent = len(text)
-
     def _finish(self, row: int, *, cut: bool) -> None:
         """End the question in ``row``; the last active row moves into its place (rows stay packed)."""
         assert self._kv is not None
         assert self._stepper is not None
         active = self._active[row]
         if cut:
-            self._stream(active, final=True)
+            active.text.flush(final=True)
             active.request.send(CUT_NOTE)
             self.stats.tokens_generated += active.generated
         last = len(self._active) - 1

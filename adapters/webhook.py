@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from adapters.http_body import BODY_TIMEOUT, RequestTimeout
+from adapters.http_body import BODY_TIMEOUT, RequestTimeout, off_loop
 from adapters.outbound import CallbackRefused, HostList, PinnedResolver
 from adapters.signing import StandardWebhookSigner, Verification
-from adapters.webhook_request import Body, decode_base64_image, off_loop, refuse_unknown
+from adapters.webhook_request import Body, decode_base64_image, refuse_unknown
 from core.errors import AdapterError, BadInput, Forbidden, NotFound, TooLarge, Unauthorized
 from core.types import Host, ImageRef, Incoming, JobView, Reply
 
@@ -200,7 +200,7 @@ class WebhookAdapter:
             addressed=bool(text),
             images=tuple(images),
             meta={"callback_url": str(message.callback_url)} if message.callback_url else {},
-            fingerprint=digest if event_id else "",
+            fingerprint=digest,
         )
         accepted = await host.accept(incoming, refuse_when_busy=True)  # the caller is told 429 and retries
         if accepted.job_id is None:
@@ -251,7 +251,8 @@ class WebhookAdapter:
     async def _receive(self, request: web.Request, sink: Callable[[bytes], None]) -> tuple[str | None, str]:
         """Check credentials, then stream the body into ``sink`` within the size limit.
 
-        Returns the ``webhook-id`` (verified when the request was signed) and the body's SHA-256.
+        Returns the ``webhook-id`` (verified when the request was signed) and, with an id, the body's
+        SHA-256 ("" without).
         A bearer token is checked before a byte of the body is read; a signature covers the body,
         so it is checked as the body streams in, and nothing is used before it verifies.
         """
@@ -259,7 +260,8 @@ class WebhookAdapter:
         if request.content_length is not None and request.content_length > self._max_body:
             raise TooLarge(f"body is over the {self._max_body}-byte limit")
         verification = self._credentials(request.headers)
-        digest = hashlib.sha256()
+        # The body's digest tells a redelivery from an id reused for another message: only ids need it.
+        digest = hashlib.sha256() if request.headers.get("webhook-id") else None
         size = 0
         try:
             async with asyncio.timeout(request.app.get(BODY_TIMEOUT, 60.0)):
@@ -267,15 +269,17 @@ class WebhookAdapter:
                     size += len(chunk)
                     if size > self._max_body:
                         raise TooLarge(f"body is over the {self._max_body}-byte limit")
-                    digest.update(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     if verification is not None:
                         verification.update(chunk)
                     sink(chunk)
         except TimeoutError:
             raise RequestTimeout("the body did not arrive in time ([server] body_timeout_seconds)") from None
+        fingerprint = digest.hexdigest() if digest is not None else ""
         if verification is not None:
-            return verification.finish(), digest.hexdigest()
-        return request.headers.get("webhook-id") or None, digest.hexdigest()
+            return verification.finish(), fingerprint
+        return request.headers.get("webhook-id") or None, fingerprint
 
     def _is_admin(self, request: web.Request) -> bool:
         """The admin token reads every platform's chats; the API's own credentials only the API's."""

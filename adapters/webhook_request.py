@@ -6,14 +6,12 @@ screenshot is never held twice, and the same parser serves signed and unsigned r
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import difflib
-import json
 import re
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Iterable
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from pydantic import (
@@ -27,6 +25,7 @@ from pydantic import (
 )
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from adapters.http_body import parse_json
 from core.errors import BadInput, TooLarge
 
 __all__ = [
@@ -34,25 +33,13 @@ __all__ = [
     "ImageIn",
     "MessageIn",
     "decode_base64_image",
-    "off_loop",
     "refuse_unknown",
 ]
 
-# Parsing and decoding more than this many bytes is done on a thread, not on the event loop:
-# a 30 MB JSON body with base64 images takes the loop away for a tenth of a second or more.
-_ON_LOOP_BYTES = 64 * 1024
 MAX_IMAGES = 16
 TEXT_LIMIT = 32_000
 
-T = TypeVar("T")
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-
-
-async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, on a thread when ``size`` bytes make it slow enough to stall the loop."""
-    if size > _ON_LOOP_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
 
 
 class _Strict(BaseModel):
@@ -138,10 +125,7 @@ class Body:
                 raise BadInput(f"malformed form body: {exc}", code="malformed_form") from None
             fields, _ = _form_fields([_Part(name, value.encode()) for name, value in pairs])
             return _validate(fields), []
-        try:
-            raw = await off_loop(len(body), json.loads, body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise BadInput(f"body is not valid JSON: {exc}", code="malformed_json") from None
+        raw = await parse_json(body, code="malformed_json")
         if not isinstance(raw, dict):
             raise BadInput("body must be a JSON object", code="malformed_json")
         return _validate(raw), []

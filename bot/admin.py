@@ -4,8 +4,9 @@ about each, and a purge button. Server-rendered HTML with a little CSS; no scrip
 Access: the login form posts the admin token (never in a URL) and gets a session cookie that
 expires (HttpOnly, SameSite=Strict, Secure over TLS); scripts may send ``Authorization: Bearer``
 instead. Failed logins are throttled per address. Every form that changes something carries a
-CSRF token tied to the session. Every text shown came from a chat: all of it is escaped, and the
-Content-Security-Policy allows no script at all.
+CSRF token tied to the session (and the server refuses any cross-site POST: bot/web.py). Every
+text shown came from a chat: all of it is escaped, and the Content-Security-Policy allows no
+script at all.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import hashlib
 import hmac
 import io
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from html import escape
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from aiohttp import web
 from multidict import MultiDictProxy
 from PIL import Image
 
+from adapters.http_body import over_tls
 from bot.files import ImageFiles
 from bot.store import QuestionView, Store
 from core.errors import BadInput, Busy, Forbidden, NotFound, Unauthorized
@@ -56,12 +58,10 @@ table { border-collapse: collapse; width: 100%; table-layout: fixed; } td, th { 
 
 class AdminPages:
     def __init__(self, store: Store, files: ImageFiles, token: str,
-                 forget: Callable[[str, str], Awaitable[int | None]], *, session_s: float = 8 * 3600,
-                 trusted_proxies: Sequence[str] = ()) -> None:
+                 forget: Callable[[str, str], Awaitable[int | None]], *, session_s: float = 8 * 3600) -> None:
         self._store, self._files, self._token, self._forget = store, files, token, forget
         self._key = hmac.new(token.encode(), b"imsight admin session", hashlib.sha256).digest()
         self._session_s = session_s
-        self._trusted_proxies = frozenset(trusted_proxies)
         self._failures: dict[str, list[float]] = {}  # address -> failed login times, last minute
 
     def mount(self, app: web.Application) -> None:
@@ -87,7 +87,6 @@ class AdminPages:
         return _page("imsight: log in", body, status=status)
 
     async def _login(self, request: web.Request) -> web.Response:
-        self._same_origin(request)
         address = request.remote or "?"
         now = time.monotonic()
         recent = [t for t in self._failures.get(address, ()) if now - t < 60]
@@ -103,7 +102,7 @@ class AdminPages:
         expires = int(time.time() + self._session_s)
         response = web.HTTPSeeOther(_local(str(form.get("next", "/admin"))))
         response.set_cookie(_COOKIE, f"{expires}.{self._mac(str(expires))}", max_age=int(self._session_s),
-                            httponly=True, samesite="Strict", path="/admin", secure=self._over_tls(request))
+                            httponly=True, samesite="Strict", path="/admin", secure=over_tls(request))
         raise response
 
     async def _logout(self, request: web.Request) -> web.Response:
@@ -127,28 +126,16 @@ class AdminPages:
 
     async def _csrf_checked(self, request: web.Request, session: str | None) -> MultiDictProxy[Any]:
         """The posted form; for a browser session it must carry the session's CSRF token."""
-        self._same_origin(request)
         form = await request.post()
         if session is not None and not _equal(str(form.get("csrf", "")), self._csrf(session)):
             raise Forbidden("the form is stale or came from another site: reload the page and try again")
         return form
-
-    def _same_origin(self, request: web.Request) -> None:
-        origin = request.headers.get("Origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != request.host:
-            raise Forbidden(f"cross-site request from {origin}")
 
     def _mac(self, text: str) -> str:
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
 
     def _csrf(self, session: str) -> str:
         return self._mac(f"csrf:{session}")[:32]
-
-    def _over_tls(self, request: web.Request) -> bool:
-        if request.secure:
-            return True
-        forwarded = request.headers.get("X-Forwarded-Proto", "").lower() == "https"
-        return forwarded and (request.remote or "") in self._trusted_proxies
 
     def _csrf_field(self, session: str | None) -> str:
         return "" if session is None else f"<input type=\"hidden\" name=\"csrf\" value=\"{self._csrf(session)}\">"

@@ -231,8 +231,7 @@ class Daemon:
         if cfg.admin.enabled:
             assert cfg.admin.token is not None  # checked with the rest of the config
             AdminPages(store, files, cfg.admin.token.get_secret_value(), dispatcher.forget,
-                       session_s=cfg.admin.session_hours * 3600, trusted_proxies=cfg.server.trusted_proxies,
-                       ).mount(web.app)
+                       session_s=cfg.admin.session_hours * 3600).mount(web.app)
         for adapter in adapters:
             adapter.mount(web.app)
             # Stopped after the workers (they deliver through it), and after a start that failed

@@ -150,13 +150,8 @@ async def _deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
     """The answer's text as it comes: streamed chunks (SSE ``data:`` lines), or one JSON answer from a
     server that ignores ``stream``; ``CUT_NOTE`` after an answer stopped at its token limit."""
     if resp.content_type == "application/json":
-        body = await resp.json(content_type=None)
-        choice = _first_choice(body)
-        text = (choice.get("message") or {}).get("content")
-        if text:
-            yield str(text)
-        if choice.get("finish_reason") == "length":
-            yield CUT_NOTE
+        for text in _said(await resp.json(content_type=None), "message"):
+            yield text
         return
     async for raw in resp.content:
         line = raw.decode("utf-8", "replace").strip()
@@ -173,12 +168,19 @@ async def _deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
             raise EngineError(f"the model server failed: {event['error']}")
         if isinstance(event, dict) and not event.get("choices"):
             continue  # a usage-only chunk
-        choice = _first_choice(event)
-        content = (choice.get("delta") or {}).get("content")
-        if content:
-            yield str(content)
-        if choice.get("finish_reason") == "length":
-            yield CUT_NOTE
+        for text in _said(event, "delta"):
+            yield text
+
+
+def _said(event: Any, part: str) -> list[str]:
+    """The text of a completion's (``message``) or chunk's (``delta``) first choice, and ``CUT_NOTE``
+    when it stopped at the token limit."""
+    choice = _first_choice(event)
+    content = (choice.get(part) or {}).get("content")
+    said = [str(content)] if content else []
+    if choice.get("finish_reason") == "length":
+        said.append(CUT_NOTE)
+    return said
 
 
 def _first_choice(event: Any) -> dict[str, Any]:

@@ -5,8 +5,8 @@ torchvision), saves it, loads it through imsight's own loader and engine in bf16
 prints every target of the GPU-speed work as a ratio against bare ``generate()`` on the same loaded
 model in the same run: time to first token, a cached follow-up, decode tokens/s at batch 1 (and
 against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questions arriving 200 ms
-apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, and bf16-compiled /
-nf4-compiled (the decode step through torch.compile before it is captured).
+apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4 (the default
+engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfused (captured, not compiled).
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
 tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
@@ -117,7 +117,7 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
     stepper, kv = engine._stepper, engine._kv
     if stepper is None or kv is None or not stepper.use_graphs:
         return {}
-    graph = stepper._graphs[(1, 1024)]
+    graph = stepper._graphs[("step", 1, 1024)]
     with torch.inference_mode():  # the engine's tensors are inference tensors: touched only in this mode
         saved = kv.positions.clone()
         for _ in range(3):
@@ -129,14 +129,63 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
         torch.cuda.synchronize()
         replay_s = (time.perf_counter() - started) / 50
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            stepper._forward(1, 1024)
+            stepper._eager("step", 1, 1024)
             torch.cuda.synchronize()
         kv.positions.copy_(saved)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in kernels)
-    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]
+    kinds = [e for e in prof.key_averages() if e.device_time_total > 0]
+    top = sorted(kinds, key=lambda e: -e.device_time_total)[:6]
+    most = sorted(kinds, key=lambda e: -e.count)[:12]
     return {"replay_ms": replay_s * 1e3, "kernels_per_step": len(kernels), "kernel_ms": gpu_us / 1e3,
-            "top_kernels": [(e.key[:60], round(e.device_time_total / 1e3, 2), e.count) for e in top]}
+            "top_kernels": [(e.key[:60], round(e.device_time_total / 1e3, 2), e.count) for e in top],
+            "most_launched": [(e.key[:70], e.count, round(e.device_time_total / 1e3, 3)) for e in most]}
+
+
+async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage) -> dict[str, float]:
+    """Where a first question's time to first token goes inside the engine (each part timed to the
+    GPU's end), against bare generate()'s two parts: the processor, and generate() for one token."""
+    import torch
+
+    parts: dict[str, float] = {}
+    originals = {name: getattr(engine, name) for name in ("_render", "_encoded", "_seat")}
+    forward = engine.loaded.model.forward
+
+    def timed(name: str, call: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                sync()
+                parts[name] = parts.get(name, 0.0) + time.perf_counter() - started
+        return run
+
+    for name, call in originals.items():
+        setattr(engine, name, timed(name.strip("_"), call))
+    engine.loaded.model.forward = timed("prefill forward", forward)
+    try:
+        total = (await first_chunk(engine, [image], [], QUESTION, 1))[0]
+    finally:
+        for name in originals:
+            delattr(engine, name)
+        del engine.loaded.model.forward
+    parts["whole (through answer())"] = total
+
+    def bare() -> None:
+        started = time.perf_counter()
+        inputs = engine._inputs([image], [], QUESTION)
+        parts["bare: processor"] = time.perf_counter() - started
+        with torch.inference_mode():
+            sync()
+            started = time.perf_counter()
+            engine.loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            sync()
+        parts["bare: generate(1 token)"] = time.perf_counter() - started
+
+    await asyncio.to_thread(bare)
+    return {k: round(v * 1e3, 1) for k, v in parts.items()}
 
 
 def bare_generate(engine: TransformersEngine, images: list[PreparedImage], turns: list[Turn], question: str,
@@ -183,8 +232,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         torch.cuda.reset_peak_memory_stats()
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization="nf4" if mode.startswith("nf4") else "none",
-        compile_decode=mode.endswith("-compiled"),
-        dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.02,
+        compile_decode=not mode.endswith("-unfused"),
+        dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
         prefix_cache_bytes=4 * GiB, warmup=True,
     )
     started = time.perf_counter()
@@ -213,6 +262,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         if i == 0 and cuda:
             out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["ttft_first_s"] = statistics.median(firsts)
+    out["ttft_anatomy_ms"] = await first_token_anatomy(engine, screenshot(n + reps))
+    n += 1
     # -- follow-ups: cached prefix vs recomputed ---------------------------------------------------------
     n += reps
     turns = [Turn("user", FIRST), Turn("assistant", FIRST_ANSWER)]
@@ -288,6 +339,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     await engine.stop()
     del engine, model
     gc.collect()
+    torch._dynamo.reset()  # the next mode compiles its own layers (one process holds one model otherwise)
     if cuda:
         torch.cuda.empty_cache()
     return out
@@ -306,6 +358,7 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         first, bare = r["ttft_first_s"], r["bare_ttft_s"]
         lines.append(f"  time to first token: {first * 1e3:.0f} ms vs bare generate() {bare * 1e3:.0f} ms "
                      f"(ratio {first / bare:.2f}, target <= 1.0)")
+        lines.append("  first token, by part (ms): " + ", ".join(f"{k} {v}" for k, v in r["ttft_anatomy_ms"].items()))
         cached, full = r["ttft_follow_up_cached_s"], r["ttft_follow_up_recomputed_s"]
         lines.append(f"  cached follow-up: {cached * 1e3:.0f} ms = {cached / first:.0%} of the first (target <= 30%); "
                      f"recomputed {full * 1e3:.0f} ms")
@@ -329,6 +382,7 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
             lines.append(f"  one step (batch 1, span 1024): graph replay {r['replay_ms']:.2f} ms back to back; "
                          f"{r['kernels_per_step']} kernels, {r['kernel_ms']:.2f} ms of GPU time summed; top: "
                          + "; ".join(f"{k} {ms} ms x{n}" for k, ms, n in r["top_kernels"]))
+            lines.append("  most launched: " + "; ".join(f"{k} x{n} {ms} ms" for k, n, ms in r["most_launched"]))
         batch8, single = r["batch8_tokens_per_s"], r["single_tokens_per_s"]
         lines.append(f"  8 at once: {batch8:.1f} tokens/s vs one answer {single:.1f} "
                      f"({batch8 / single:.1f}x, target >= 6x)")

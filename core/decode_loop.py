@@ -11,15 +11,19 @@ Every step then decodes all active rows at once: one token each, each row at its
 with a mask that hides the unused end of its row. Rows stay packed at the front (a finished row's
 place is taken by the last one), so a step over ``n`` rows runs on the first bucket size >= ``n``
 (1, 2, 4, 8 ...) and reads only those rows. On CUDA each bucket's step is captured once as a CUDA
-graph: a decode step is one graph launch instead of thousands of kernel launches from Python.
+graph: a decode step is one graph launch instead of thousands of kernel launches from Python, and
+with ``fused`` layers (core/fused_layers.py) a thousand fused kernels instead of 2,600 small ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import torch
+
+from core.fused_layers import FusedLayers
 
 __all__ = ["SlotKV", "Stepper", "buckets"]
 
@@ -50,10 +54,10 @@ class SlotKV:
         self.positions = torch.zeros(slots + 1, dtype=torch.long, device=device)
         self.slots, self.length = slots, length
         self.staging = slots  # the extra row
-        self.first = 0  # the first row a forward works on (set per forward, like ``span``)
+        self.first = 0  # the first row a forward works on (set per forward by ``aim``, like ``span``)
         self.span = length  # how much of each row a forward attends over
+        self._targets = torch.zeros(0, dtype=torch.long, device=device)  # flat (row, head, position) to write
         self._rows = torch.arange(slots + 1, device=device)
-        self._steps = torch.arange(length, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -61,19 +65,28 @@ class SlotKV:
 
     # -- the cache protocol transformers' attention layers use ----------------------------------
 
+    # Eager inside compiled layers: one graph for all of them (see fused_layers).
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # (untyped in torch)
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, count = key_states.shape[0], key_states.shape[2]
-        first = self.first
-        # Row r's new tokens go to positions[r] .. positions[r] + count - 1: no host sync, so capturable.
-        at = self.positions[first:first + rows, None] + self._steps[None, :count]
-        index = self._rows[first:first + rows, None]
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[index, :, at] = key_states.transpose(1, 2)
-        values[index, :, at] = value_states.transpose(1, 2)
+        first, rows = self.first, key_states.shape[0]
+        dim = key_states.shape[-1]
+        # One copy kernel each for keys and values, to the places ``aim`` worked out once for all layers.
+        self.keys[layer_idx].view(-1, dim).index_copy_(0, self._targets, key_states.reshape(-1, dim))
+        self.values[layer_idx].view(-1, dim).index_copy_(0, self._targets, value_states.reshape(-1, dim))
         # Attention reads (and, with grouped heads and a mask, copies per head) every position it is
         # given: only the span that holds tokens, not the whole row.
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
         return keys[first:first + rows, :, :self.span], values[first:first + rows, :, :self.span]
+
+    def aim(self, first: int, where: torch.Tensor, span: int) -> None:
+        """The next forward works on rows ``first ..`` and writes row r's new token t at ``where[r, t]``
+        (no host sync, so capturable), attending over the first ``span`` positions of each row."""
+        rows = where.shape[0]
+        heads, length = self.keys[0].shape[1], self.length
+        row_heads = self._rows[first:first + rows, None] * heads + torch.arange(heads, device=where.device)
+        self._targets = (row_heads[:, :, None] * length + where[:, None, :]).reshape(-1)
+        self.first, self.span = first, span
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly; nothing asks this during a step
@@ -109,7 +122,7 @@ class Stepper:
     """
 
     def __init__(self, model: Any, kv: SlotKV, *, cache_keyword: str, mrope: bool, use_graphs: bool,
-                 compile_step: bool = False) -> None:
+                 fused: FusedLayers | None = None) -> None:
         self._model, self._kv, self._cache_kw, self._mrope = model, kv, cache_keyword, mrope
         device = kv.positions.device
         self.tokens = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)
@@ -124,9 +137,7 @@ class Stepper:
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
         self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}  # ("step"|"tail", size, span)
         self.use_graphs = use_graphs
-        # torch.compile fuses the step's thousands of small kernels (norms, rotary, activations): the
-        # graph then replays fewer, larger ones. An experiment (bench mode "-compiled"): see RESULTS.md.
-        self._compiled = torch.compile(self._forward, dynamic=False) if compile_step else self._forward
+        self.fused = fused
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.sizes if size >= rows)
@@ -192,24 +203,25 @@ class Stepper:
     def _eager(self, kind: str, size: int, span: int) -> None:
         kv = self._kv
         if kind == "step":  # ``size`` rows from the first, one token each
-            self.tokens[:size] = self._compiled(self.tokens[:size, None], 0, span)[:, -1]
+            self.tokens[:size] = self._forward(self.tokens[:size, None], 0, span)[:, -1]
             kv.positions[:size] = torch.clamp(kv.positions[:size] + 1, max=kv.length - 1)
         else:  # the staging row, ``size`` tokens
-            self._tail_next[:size] = self._compiled(self._tail_ids[:, :size], kv.staging, span)[0]
+            self._tail_next[:size] = self._forward(self._tail_ids[:, :size], kv.staging, span)[0]
 
     def _forward(self, ids: torch.Tensor, first: int, span: int) -> torch.Tensor:
         """Rows ``first ..`` take the new tokens ``ids`` (``[rows, count]``), each row at its position;
         returns the greedy next token after each of them, ``[rows, count]``."""
         kv = self._kv
         rows, count = ids.shape
-        kv.first, kv.span = first, span
         # Token t of row r sits at positions[r] + t and sees that row's tokens up to there, nothing past.
         where = kv.positions[first:first + rows, None] + self._span[None, :count]
+        kv.aim(first, where, span)
         mask = (self._span[None, None, :span] <= where[:, :, None])[:, None]
         if self._mrope:  # text after the image: all three M-RoPE sections at position + the row's offset
             where = (where + self.rope_deltas[first:first + rows, None]).unsqueeze(0).expand(3, rows, count)
-        out = self._model(input_ids=ids, position_ids=where, attention_mask=mask, use_cache=True,
-                          logits_to_keep=0 if count > 1 else 1, **{self._cache_kw: kv})
+        with self.fused.active() if self.fused is not None else contextlib.nullcontext():
+            out = self._model(input_ids=ids, position_ids=where, attention_mask=mask, use_cache=True,
+                              logits_to_keep=0 if count > 1 else 1, **{self._cache_kw: kv})
         kv.first = 0
         next_tokens: torch.Tensor = out.logits.argmax(-1)
         return next_tokens

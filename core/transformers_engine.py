@@ -29,6 +29,7 @@ from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.decode_loop import SlotKV, Stepper
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError, EngineOutOfMemory
+from core.fused_layers import FusedLayers, decoder_layers
 from core.kv_cache import (
     cache_bytes,
     cache_keyword,
@@ -128,12 +129,13 @@ class TransformersEngine:
         quantization: str = "auto",
         cache_dir: Path | None = None,
         max_batch: int = 8,
-        batch_window_s: float = 0.02,
+        batch_window_s: float = 0.0,
         prefix_cache_bytes: int = 1024 * MiB,
         warmup: bool = True,
         context_tokens: int = 4096,
         cuda_graphs: bool = True,
-        compile_decode: bool = False,
+        compile_decode: bool = True,
+        compile_cache: Path | None = None,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
@@ -151,6 +153,7 @@ class TransformersEngine:
         self._context_tokens = context_tokens
         self._use_graphs = cuda_graphs
         self._compile_decode = compile_decode
+        self._compile_cache = compile_cache
         self._kv: SlotKV | None = None
         self._stepper: Stepper | None = None
         self._active: list[_Active] = []  # questions being decoded; index = slot row
@@ -449,7 +452,6 @@ class TransformersEngine:
         """The slot cache, made the first time from a prefilled cache's shapes (and its graphs captured)."""
         if self._kv is not None:
             return self._kv
-        import torch
 
         keys = cache.layers[0].keys
         _, heads, _, dim = keys.shape
@@ -461,23 +463,51 @@ class TransformersEngine:
             length = max(512, min(length, room // (per_token * self.max_batch)))
         self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
         graphs = self._use_graphs and keys.device.type == "cuda"
+        fused = self._fuse() if graphs and self._compile_decode else None
         self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,
-                                use_graphs=graphs,
-                                compile_step=graphs and self._compile_decode)
+                                use_graphs=graphs, fused=fused)
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
         if graphs:
-            started = time.monotonic()
-            try:
-                self._stepper.capture()
-                log.info("decode step captured as CUDA graphs for batch sizes %s x spans %s in %.1fs",
-                         self._stepper.sizes, self._stepper.spans, time.monotonic() - started)
-            except Exception as exc:  # a kernel that cannot be captured: run eagerly, and say so once
-                self._stepper.use_graphs = False
+            self._capture(self._stepper)
+        elif keys.device.type == "cuda":
+            log.info("cuda_graphs = false: the decode step runs eagerly (slower)")
+        else:
+            log.info("no GPU: the decode step runs eagerly, neither compiled nor captured")
+        return self._kv
+
+    def _fuse(self) -> FusedLayers | None:
+        layers = decoder_layers(self.loaded.model)
+        if not layers:
+            log.warning("cannot find this model's decoder layers; the decode step runs them unfused")
+            return None
+        return FusedLayers(layers, cache_dir=self._compile_cache)
+
+    def _capture(self, stepper: Stepper) -> None:
+        """Compile (where on) and capture the decode step; what cannot be done here is done without, said once."""
+        import torch
+
+        started = time.monotonic()
+        log.info("compiling and capturing the decode step (batch sizes %s x spans %s; follow-up tails %s)%s",
+                 stepper.sizes, stepper.spans, stepper.tails,
+                 "; the first start with a model and settings takes a minute or two" if stepper.fused else "")
+        try:
+            stepper.capture()
+        except Exception as exc:
+            torch.cuda.synchronize()
+            if stepper.fused is None:  # a kernel that cannot be captured: run eagerly
+                stepper.use_graphs = False
                 log.warning("cannot capture the decode step as a CUDA graph (%s: %s); decoding eagerly",
                             type(exc).__name__, exc)
-                torch.cuda.synchronize()
-        return self._kv
+                return
+            log.warning("cannot compile the decode step (%s: %s); capturing it unfused",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            stepper.fused.remove()
+            stepper.fused = None
+            self._capture(stepper)
+            return
+        log.info("decode step %s in %.1fs", "compiled and captured" if stepper.fused else "captured",
+                 time.monotonic() - started)
 
     def _step(self) -> None:
         """One token for every active question; finished and abandoned ones leave their slots."""

@@ -141,3 +141,64 @@ async def test_stopping_tells_every_waiting_question(make_engine, tiny_model):
     with pytest.raises((EngineError, StopAsyncIteration)):
         async for _ in streams[0]:
             pass
+
+
+def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
+    """The GPU default (decoder layers through torch.compile, the slot cache's update eager inside them)
+    run on the CPU: the same next tokens as the eager layers, for decode steps over several rows at
+    their own positions and for a follow-up's tail; only forwards of the stepper take the compiled
+    layers. Twelve layers, more than dynamo's 8 recompiles: one compiled graph serves them all (it
+    fails loudly past the limit)."""
+    import copy
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from core.decode_loop import SlotKV, Stepper
+    from core.fused_layers import FusedLayers, decoder_layers
+    from core.kv_cache import cache_keyword
+    from core.model_files import resolve
+    from core.model_loading import load
+
+    model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
+    decoder = model.get_decoder()
+    for index in range(len(decoder.layers), 12):
+        layer = copy.deepcopy(decoder.layers[index % 2])
+        layer.self_attn.layer_idx = index
+        decoder.layers.append(layer)
+    decoder.config.num_hidden_layers = 12
+    layers = decoder_layers(model)
+    assert len(layers) == 12
+    attention = layers[0].self_attn
+    heads, dim = attention.config.num_key_value_heads, attention.head_dim
+
+    def run(fused: FusedLayers | None) -> list[list[int]]:
+        kv = SlotKV(len(layers), 4, heads, dim, 1024, dtype=torch.float32, device="cpu")
+        stepper = Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=False, use_graphs=False, fused=fused)
+        seen = []
+        with torch.inference_mode():
+            kv.positions[:4] = torch.tensor([5, 9, 3, 700])
+            stepper.tokens[:4] = torch.tensor([11, 12, 13, 14])
+            for rows in (4, 4, 3, 1):
+                seen.append(stepper.step(rows, 710)[:rows].tolist())
+            seen.append([stepper.prefill_tail(list(range(20, 40)), 12)])
+            seen.append(stepper.step(2, 710)[:2].tolist())
+        return seen
+
+    eager = run(None)
+    fused = FusedLayers(layers)
+    try:
+        before = counters["stats"]["calls_captured"]
+        assert run(fused) == eager
+        assert counters["stats"]["calls_captured"] > before  # the compiled layers did run
+        with torch.inference_mode():  # outside the stepper the eager layers answer (prefill's own cache)
+            before = counters["stats"]["calls_captured"]
+            model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+            assert counters["stats"]["calls_captured"] == before
+    finally:
+        fused.remove()
+    assert "forward" not in vars(layers[0])
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the library's own attention again

@@ -25,7 +25,7 @@ from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
-from core.types import Host, ImageRef, Incoming, Reply
+from core.types import Host, ImageRef, Incoming, Replied, Reply
 
 __all__ = ["FeishuAdapter"]
 
@@ -119,7 +119,7 @@ class FeishuAdapter:
             raise Unauthorized("X-Lark-Signature missing: events must be signed when encrypt_key is set")
         if header.get("event_type") == "im.message.receive_v1" and self._host is not None:
             try:
-                incoming = await self._incoming(str(header.get("event_id", "")), body.get("event") or {})
+                incoming = self._incoming(str(header.get("event_id", "")), body.get("event") or {})
             except (AttributeError, TypeError, ValueError, KeyError) as exc:
                 # Signed by Feishu, but not the shape its documentation gives: refused, not guessed at.
                 raise BadInput(f"event has an unexpected shape ({type(exc).__name__}: {exc})",
@@ -128,7 +128,7 @@ class FeishuAdapter:
                 await self._host.accept(incoming)  # committed before Feishu hears 200
         return web.json_response({"msg": "success"})
 
-    async def _incoming(self, event_id: str, event: dict[str, Any]) -> Incoming | None:
+    def _incoming(self, event_id: str, event: dict[str, Any]) -> Incoming | None:
         message = event.get("message") or {}
         chat_id = str(message.get("chat_id", ""))
         if not chat_id or (self._allowed and chat_id not in self._allowed):
@@ -146,12 +146,7 @@ class FeishuAdapter:
                 text = text.replace(key, " ")
             else:
                 text = text.replace(key, "@" + str(mention.get("name", "")))
-        parent = message.get("parent_id") or None
-        replied = await self._message(str(parent)) if parent else None
-        sender_of_parent = (replied or {}).get("sender") or {}
-        to_bot = sender_of_parent.get("id_type") == "app_id" and sender_of_parent.get("id") == self._app_id
-        if replied is not None and not to_bot and self._host is not None:
-            await self._take_in_replied(chat_id, replied)
+        parent = message.get("parent_id") or None  # read back after the acknowledgement (``replied``)
         sender = (event.get("sender") or {}).get("sender_id") or {}
         direct = message.get("chat_type") == "p2p"
         return Incoming(
@@ -164,7 +159,7 @@ class FeishuAdapter:
             reply_to=parent,
             sender_id=str(sender.get("open_id", "")),
             text=" ".join(text.split()),
-            addressed=direct or mentioned or to_bot,
+            addressed=direct or mentioned,
             images=tuple(ImageRef(f"{message_id}/{key}") for key in image_keys),
             received_at=int(message.get("create_time") or time.time() * 1000) / 1000,
         )
@@ -179,20 +174,23 @@ class FeishuAdapter:
         items = (found.get("data") or {}).get("items") or []
         return dict(items[0]) if items else None
 
-    async def _take_in_replied(self, chat_id: str, replied: dict[str, Any]) -> None:
-        """The image a question replies to, which the bot may never have been sent (it sees only
-        messages that mention it unless it has the group-messages permission): taken in first;
-        if it was seen, this is a duplicate and changes nothing."""
-        message_id = str(replied.get("message_id", ""))
+    async def replied(self, incoming: Incoming) -> Replied | None:
+        """The replied-to message (``ReadsReplies``): the daemon asks after the 200, in its intake."""
+        if not incoming.reply_to:
+            return None
+        replied = await self._message(incoming.reply_to)
+        if replied is None:
+            return None
+        message_id = str(replied.get("message_id") or incoming.reply_to)
         _, keys = _content(str(replied.get("msg_type", "")), (replied.get("body") or {}).get("content") or "{}")
-        if not keys or self._host is None:
-            return
         sender = replied.get("sender") or {}
-        await self._host.accept(Incoming(
-            platform=self.name, chat_id=chat_id, message_id=message_id, sender_id=str(sender.get("id", "")),
-            images=tuple(ImageRef(f"{message_id}/{key}") for key in keys), addressed=False,
-            received_at=int(replied.get("create_time") or time.time() * 1000) / 1000,
-        ))
+        return Replied(
+            Incoming(platform=self.name, chat_id=incoming.chat_id, message_id=message_id,
+                     sender_id=str(sender.get("id", "")),
+                     images=tuple(ImageRef(f"{message_id}/{key}") for key in keys), addressed=False,
+                     received_at=int(replied.get("create_time") or time.time() * 1000) / 1000),
+            by_bot=sender.get("id_type") == "app_id" and sender.get("id") == self._app_id,
+        )
 
     # ---- images and replies ---------------------------------------------------------------
 

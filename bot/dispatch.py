@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -22,7 +23,17 @@ from bot.watch import JobWatch
 from bot.workers import Workers
 from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound
 from core.images import ImageInfo, ImageLimits, inspect
-from core.types import Accepted, Adapter, HistoryEntry, ImageRef, Incoming, JobView, Moderated, Status
+from core.types import (
+    Accepted,
+    Adapter,
+    HistoryEntry,
+    ImageRef,
+    Incoming,
+    JobView,
+    Moderated,
+    ReadsReplies,
+    Status,
+)
 
 __all__ = ["Dispatcher"]
 
@@ -111,16 +122,21 @@ class Dispatcher:
             log.info("duplicate %s event %s (chat %s message %s) ignored", incoming.platform,
                      incoming.event_id, incoming.chat_id, incoming.message_id)
             return seen
-        if (incoming.platform == API and incoming.reply_to
-                and await self._store.message(API, incoming.chat_id, incoming.reply_to) is None):
-            # A caller names the message it means; a guess (the latest image) would answer about another.
-            raise NotFound(f"reply_to: no message {incoming.reply_to!r} in conversation {incoming.chat_id!r}",
-                           code="unknown_message")
+        unknown_parent = False
+        if incoming.reply_to:
+            replied = await self._store.message(incoming.platform, incoming.chat_id, incoming.reply_to)
+            if replied is None and incoming.platform == API:
+                # A caller names the message it means; a guess (the latest image) would answer about another.
+                raise NotFound(f"reply_to: no message {incoming.reply_to!r} in conversation {incoming.chat_id!r}",
+                               code="unknown_message")
+            if replied is not None and replied.role == "bot" and not incoming.addressed:
+                incoming = dataclasses.replace(incoming, addressed=True)  # a reply to the bot asks it
+            unknown_parent = replied is None and isinstance(self._adapters.get(incoming.platform), ReadsReplies)
         key = (incoming.platform, incoming.chat_id)
         inline = [image.data for image in incoming.images if image.data is not None]
-        # Defer what must be downloaded, and what must wait its turn behind a download in its chat:
-        # the platform gets its acknowledgement now either way.
-        if len(inline) < len(incoming.images) or (self._deferred.get(key) and not inline):
+        # Defer what must be downloaded or read back from the platform, and what must wait its turn
+        # behind that in its chat: the platform gets its acknowledgement now either way.
+        if len(inline) < len(incoming.images) or (self._deferred.get(key) and not inline) or unknown_parent:
             inbox_id = await self._store.record_pending(incoming)
             if inbox_id is None:  # the same event raced in twice
                 return await self._store.find_accepted(incoming) or Accepted(
@@ -175,22 +191,51 @@ class Dispatcher:
         # The chat's lock is asked for first thing, so a chat's messages are taken in in the order
         # they came, even when a later one has no image to wait for.
         async with self._chat(incoming.platform, incoming.chat_id):
-            images = []
-            problems = []
-            for ref in incoming.images:
-                try:
-                    data = ref.data if ref.data is not None else await self._download(incoming.platform, ref)
-                    images.extend(await asyncio.to_thread(self._check_and_keep, [data]))
-                except (AdapterError, BadInput) as exc:
-                    # The message still counts (its text, its question); the image is left out.
-                    log.warning("%s chat %s message %s: image %r left out: %s", incoming.platform,
-                                incoming.chat_id, incoming.message_id, ref.ref, exc)
-                    problems.append(str(exc))
             try:
+                incoming = await self._take_in_parent(incoming)
+                images, problems = await self._fetch_images(incoming)
                 await self._take_in(incoming, images, inbox_id=inbox_id, problems=problems)
             except ImsightError as exc:
                 log.error("%s chat %s message %s: intake failed, retried at the next start: %s",
                           incoming.platform, incoming.chat_id, incoming.message_id, exc)
+
+    async def _fetch_images(self, incoming: Incoming) -> tuple[list[ImageInfo], list[str]]:
+        """The message's images, downloaded where they did not come inline, checked and kept; and why
+        any was left out (the message still counts: its text, its question)."""
+        images: list[ImageInfo] = []
+        problems = []
+        for ref in incoming.images:
+            try:
+                data = ref.data if ref.data is not None else await self._download(incoming.platform, ref)
+                images.extend(await asyncio.to_thread(self._check_and_keep, [data]))
+            except (AdapterError, BadInput) as exc:
+                log.warning("%s chat %s message %s: image %r left out: %s", incoming.platform,
+                            incoming.chat_id, incoming.message_id, ref.ref, exc)
+                problems.append(str(exc))
+        return images, problems
+
+    async def _take_in_parent(self, incoming: Incoming) -> Incoming:
+        """A reply to a message never stored here: that message read back from the platform (now,
+        after the acknowledgement), its images kept first; ``incoming`` as addressed when it replies to
+        the bot. Unreadable, it is a plain message."""
+        adapter = self._adapters.get(incoming.platform)
+        if (not incoming.reply_to or not isinstance(adapter, ReadsReplies)
+                or await self._store.message(incoming.platform, incoming.chat_id, incoming.reply_to) is not None):
+            return incoming
+        try:
+            replied = await adapter.replied(incoming)
+        except AdapterError as exc:
+            log.info("%s chat %s: cannot read replied-to message %s: %s", incoming.platform, incoming.chat_id,
+                     incoming.reply_to, exc)
+            return incoming
+        if replied is None:
+            return incoming
+        if replied.by_bot:
+            return dataclasses.replace(incoming, addressed=True)
+        if replied.message.images:
+            images, _ = await self._fetch_images(replied.message)
+            await self._take_in(replied.message, images)
+        return incoming
 
     async def _download(self, platform: str, ref: ImageRef) -> bytes:
         adapter = self._adapters.get(platform)

@@ -23,6 +23,8 @@ __all__ = [
     "Incoming",
     "JobView",
     "Moderated",
+    "ReadsReplies",
+    "Replied",
     "Reply",
     "Status",
 ]
@@ -196,6 +198,28 @@ class Moderated(Protocol):
 
     async def is_admin(self, incoming: Incoming) -> bool:
         """Whether the sender of ``incoming`` may administer its chat (a direct chat's one person may)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    """The message a question replies to, as read back from its platform."""
+
+    message: Incoming  # to take in (never addressed): its images to download and keep
+    by_bot: bool  # the bot's own message: a reply to it is addressed to the bot
+
+
+@runtime_checkable
+class ReadsReplies(Protocol):
+    """An adapter that can read a message back from its platform: for a reply to a message the daemon
+    never stored (a bot that is pushed only its mentions never saw the image a question replies to)."""
+
+    async def replied(self, incoming: Incoming) -> Replied | None:
+        """The message ``incoming.reply_to`` names, or ``None`` when it cannot be read (deleted, hidden).
+
+        Called by the daemon after ``incoming`` was acknowledged and committed, never inside
+        ``Host.accept``: a platform that redelivers unacknowledged events must not wait on this call.
+        """
         ...
 
 

@@ -3,6 +3,7 @@ encrypted and signed the way Feishu sends them."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -27,6 +28,8 @@ class FakeFeishu:
         self.expire_token = False  # answer the next call with "token expired" (99991663)
         self.app_secret = APP_SECRET
         self.down = False  # every API call but the token answers 503
+        self.held: asyncio.Event | None = None  # set: GET /messages/{id} answers only once it is set
+        self.reads: list[str] = []  # message ids read with GET /messages/{id}, in order
         self._ids = itertools.count(1)
         self.url = ""
 
@@ -65,6 +68,9 @@ class FakeFeishu:
     async def _message(self, request: web.Request) -> web.Response:
         if denied := self._authorized(request):
             return denied
+        self.reads.append(request.match_info["mid"])
+        if self.held is not None:
+            await self.held.wait()
         found = self.messages.get(request.match_info["mid"])
         if found is None:
             return web.json_response({"code": 230110, "msg": "message deleted"}, status=400)

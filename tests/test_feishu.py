@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -82,6 +83,27 @@ async def test_a_mention_replying_to_an_image_the_bot_was_never_sent(fake, daemo
         await deliver(http, d, event("om_q", text="what's the total?", parent="om_old", mention_bot=True))
         done = await answered(d, http, 1)
     assert done[0]["used_images"] == [sha256(OTHER)]
+
+
+async def test_the_callback_is_answered_before_the_replied_to_message_is_read(fake, daemon, http):
+    """Feishu redelivers what is not acknowledged within 3 s: reading a reply's parent back (up to a
+    10 s timeout) must come after the 200, not before it."""
+    fake.files[("om_old", "img_old")] = OTHER
+    fake.messages["om_old"] = {"message_id": "om_old", "msg_type": "image", "create_time": "1700000000000",
+                               "sender": {"id": "ou_ann", "id_type": "open_id"},
+                               "body": {"content": json.dumps({"image_key": "img_old"})}}
+    fake.held = asyncio.Event()  # the Open API does not answer the read until told to
+    async with daemon(adapters=feishu_config(fake)) as d:
+        question = event("om_q", text="what's the total?", parent="om_old", mention_bot=True)
+        assert await asyncio.wait_for(deliver(http, d, question), 2) == (200, {"msg": "success"})
+        await eventually(lambda: fake.reads == ["om_old"])  # read in intake, after the acknowledgement
+        assert fake.replies == []
+        fake.held.set()
+        done = await answered(d, http, 1)
+        # A redelivery while it was being read changes nothing.
+        assert (await deliver(http, d, question))[0] == 200
+        await answered(d, http, 1)
+    assert done[0]["used_images"] == [sha256(OTHER)] and len(fake.replies) == 1 and fake.reads == ["om_old"]
 
 
 async def test_a_rich_text_post_with_an_image_and_a_mention_is_answered(fake, daemon, http):

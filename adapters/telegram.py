@@ -15,10 +15,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -49,6 +49,7 @@ HELP = """I answer questions about images.
 - /forget deletes what I stored for this chat (group admins only).
 - /status says which model answers and how many questions are waiting.
 - In a private chat, just send the image and the question."""
+_T = TypeVar("_T")
 _TYPING_LASTS_S = 4.0
 _NOT_FOR_US = "(a command for another bot)"  # a chat action shows for 5 s at most: renew it before then
 
@@ -89,6 +90,8 @@ class TelegramAdapter:
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
         self._app: Any = None
         self._poller: asyncio.Task[None] | None = None
+        self._closing = False  # stop_intake was called: the poller ends at its next turn
+        self._waiting = False  # the poller is waiting on Telegram or a pause (see _idle)
         self._polling = Reachability()  # getUpdates
         self._host: Host | None = None
         self._me: Any = None
@@ -135,20 +138,20 @@ class TelegramAdapter:
         bot = self._app.bot
         offset: int | None = None
         handled: set[int] = set()  # taken in this run, perhaps not confirmed yet
-        while True:
+        while not self._closing:
             try:
-                updates = await bot.get_updates(
+                updates = await self._idle(bot.get_updates(
                     offset=offset, timeout=0 if self._albums else self._poll_timeout_s, allowed_updates=["message"],
-                    read_timeout=self._poll_timeout_s + 10)
+                    read_timeout=self._poll_timeout_s + 10))
                 self._polling.succeeded()
             except RetryAfter as exc:
-                await asyncio.sleep(_seconds(exc.retry_after))
+                await self._idle(asyncio.sleep(_seconds(exc.retry_after)))
                 continue
             except TelegramError as exc:  # network, server errors, another instance polling (Conflict)
                 self._polling.failed()  # PTB raises its own errors, not AdapterError: counted here
                 wait = min(30, 2**self._polling.failures)
                 log.warning("telegram getUpdates failed (%s); again in %ds", exc, wait)
-                await asyncio.sleep(wait)
+                await self._idle(asyncio.sleep(wait))
                 continue
             failed: int | None = None
             for update in updates:
@@ -164,7 +167,34 @@ class TelegramAdapter:
             offset = self._confirmable(offset, handled, failed)
             handled = {h for h in handled if offset is None or h >= offset}
             if failed is not None or self._albums:
-                await asyncio.sleep(1.0 if failed is not None else min(0.2, self._album_wait_s))
+                await self._idle(asyncio.sleep(1.0 if failed is not None else min(0.2, self._album_wait_s)))
+
+    async def _idle(self, waiting: Awaitable[_T]) -> _T:
+        """The poller waits on Telegram or a pause, holding nothing: ``stop_intake`` may cancel it here
+        (never while it is taking an update in)."""
+        self._waiting = True
+        try:
+            return await waiting
+        finally:
+            self._waiting = False
+
+    async def stop_intake(self) -> None:
+        """``core.types.Pulling``: no update is taken in after this returns. Fetched updates not yet
+        confirmed come again after the restart (and are recognised); albums still gathering are taken
+        in as they are."""
+        self._closing = True
+        if self._poller is not None:
+            if self._waiting:
+                self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        for key in list(self._albums):
+            album = self._albums[key]
+            if album.timer is not None:
+                album.timer.cancel()
+            await self._take_album(key)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _confirmable(self, offset: int | None, handled: set[int], failed: int | None) -> int | None:
         """The next offset: past everything taken in, but not past a failed update or a gathering album."""
@@ -178,17 +208,7 @@ class TelegramAdapter:
     async def stop(self) -> None:
         if self._app is None:
             return
-        for key in list(self._albums):  # albums still gathering are taken in as they are
-            album = self._albums[key]
-            if album.timer is not None:
-                album.timer.cancel()
-            await self._take_album(key)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self.stop_intake()  # done already when the daemon stops (first of all); here for a failed start
         await self._app.shutdown()
         self._app = None
 

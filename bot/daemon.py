@@ -31,7 +31,7 @@ from core.errors import AdapterError, ConfigError, ImsightError, StartupError
 from core.images import ImageLimits
 from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
-from core.types import Adapter, Connected
+from core.types import Adapter, Connected, Pulling
 
 __all__ = ["Daemon", "build_engine", "serve"]
 
@@ -256,6 +256,7 @@ class Daemon:
         stack.push_async_callback(outbox.stop, cfg.server.shutdown_grace_seconds)  # after the workers
         await workers.start()
         stack.push_async_callback(workers.stop, cfg.server.shutdown_grace_seconds)
+        stack.push_async_callback(_stop_intake, adapters, dispatcher)  # before the drain, after HTTP intake
         await web.start()
         self.web = web
         stack.push_async_callback(web.stop)  # stop taking requests before anything else stops
@@ -290,6 +291,18 @@ class Daemon:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def _stop_intake(adapters: Sequence[Adapter], dispatcher: Dispatcher) -> None:
+    """The first step of stopping: nothing new comes in (the HTTP server stopped just before; pulling
+    adapters stop fetching), so what is drained next is all there is."""
+    for adapter in adapters:
+        if isinstance(adapter, Pulling):
+            try:
+                await adapter.stop_intake()
+            except Exception:  # one adapter's failure must not keep the others' answers from draining
+                log.exception("%s: stopping its intake failed", adapter.name)
+    dispatcher.close_intake()
 
 
 async def _stored(store: Store) -> dict[str, float]:

@@ -21,7 +21,7 @@ from bot.retry import with_retries
 from bot.store import NewJob, Store
 from bot.watch import JobWatch
 from bot.workers import Workers
-from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound
+from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound, ShuttingDown
 from core.images import ImageInfo, ImageLimits, inspect
 from core.types import (
     Accepted,
@@ -85,6 +85,7 @@ class Dispatcher:
         self._intakes: set[asyncio.Task[None]] = set()
         self._chat_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._deferred: dict[tuple[str, str], int] = {}  # intakes in flight per chat
+        self._closed = False  # close_intake: nothing more is taken in
 
     async def start(self) -> None:
         """Resume the intake of events acknowledged before the last stop."""
@@ -94,14 +95,22 @@ class Dispatcher:
         for inbox_id, incoming in pending:
             self._intake_later(inbox_id, incoming)
 
+    def close_intake(self) -> None:
+        """Take nothing more in (the first step of stopping): a late ``accept`` is refused with 503,
+        so its sender delivers it again, rather than half-taken in while everything stops."""
+        self._closed = True
+
     async def stop(self) -> None:
         """Cut off intakes in flight; their events stay in the inbox for the next start."""
+        self._closed = True
         for task in self._intakes:
             task.cancel()
         await asyncio.gather(*self._intakes, return_exceptions=True)
 
     async def accept(self, incoming: Incoming, *, refuse_when_busy: bool = False) -> Accepted:
         """Take a message in; queue a job when it asks the bot something (``core.types.Host``)."""
+        if self._closed:
+            raise ShuttingDown("imsight is stopping; deliver this again in a minute")
         started = time.monotonic()
         try:
             accepted = await self._accept(incoming, refuse_when_busy=refuse_when_busy)

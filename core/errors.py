@@ -40,6 +40,7 @@ __all__ = [
     "NotAnImage",
     "NotFound",
     "RateLimited",
+    "ShuttingDown",
     "StartupError",
     "StoreUnavailable",
     "TooLarge",
@@ -104,6 +105,13 @@ class Busy(BadInput):
     def __init__(self, message: str, *, retry_after_s: int = 60) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(BadInput):
+    """The daemon is stopping and takes nothing more in; the sender should deliver it again later."""
+
+    status = 503
+    code = "shutting_down"
 
 
 class StoreUnavailable(ImsightError):

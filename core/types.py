@@ -23,6 +23,7 @@ __all__ = [
     "Incoming",
     "JobView",
     "Moderated",
+    "Pulling",
     "ReadsReplies",
     "Replied",
     "Reply",
@@ -220,6 +221,18 @@ class ReadsReplies(Protocol):
         Called by the daemon after ``incoming`` was acknowledged and committed, never inside
         ``Host.accept``: a platform that redelivers unacknowledged events must not wait on this call.
         """
+        ...
+
+
+@runtime_checkable
+class Pulling(Protocol):
+    """An adapter that fetches its events itself (long polling; a platform's outbound connection)
+    rather than being sent them through the daemon's HTTP server."""
+
+    async def stop_intake(self) -> None:
+        """Take no more events in: ``Host.accept`` is not called after this returns. The daemon calls
+        it first when it stops, before it drains answers; ``stop`` comes after that. What was fetched
+        but not taken in stays unconfirmed, for the platform to deliver again after the restart."""
         ...
 
 

@@ -15,18 +15,19 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field, SecretStr
 
+from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Reply
 from adapters.http_body import EVENT_LIMIT, client_address, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
-from core.types import Host, ImageRef, Incoming, Reply
 
 __all__ = ["DingTalkAdapter", "sign"]
 
@@ -199,7 +200,7 @@ class DingTalkAdapter:
 
     @property
     def connected(self) -> bool:
-        """``core.types.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row."""
+        """``adapters.base.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row."""
         return self._http is not None and self._reachability.reachable
 
     async def _post(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
@@ -261,3 +262,46 @@ def _title(text: str) -> str:
 
 def _pieces(text: str) -> list[str]:
     return [text[i:i + _MAX_TEXT] for i in range(0, len(text), _MAX_TEXT)] or [text]
+
+
+class DingTalkSettings(PlatformSettings):
+    """``[adapters.dingtalk]``."""
+
+    app_key: str = ""  # the app's Client ID (AppKey)
+    app_secret: SecretStr | None = None  # Client Secret (AppSecret): also signs the callbacks
+    robot_code: str = ""  # usually the same as app_key
+    base_url: str = "https://api.dingtalk.com"
+    legacy_base_url: str = "https://oapi.dingtalk.com"  # where session webhooks live; only those are posted to
+    path: str = "/dingtalk/events"  # the robot's message receiving address on this server
+    allowed_conversations: list[str] = Field(default_factory=list)  # cid... ids; empty: all
+    allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
+    online_fix: ClassVar[str] = "check app_key and app_secret in the developer console"
+
+    def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
+        for key in ("app_key", "app_secret"):
+            if not getattr(self, key):
+                env = " (or IMSIGHT_DINGTALK_APP_SECRET)" if key == "app_secret" else ""
+                yield key, f"required when dingtalk is enabled{env}"
+
+    def build(self, deployment: Deployment) -> Adapter:
+        assert self.app_secret is not None
+        return DingTalkAdapter(
+            self.app_key, self.app_secret.get_secret_value(), self.robot_code or self.app_key,
+            base_url=self.base_url, legacy_base_url=self.legacy_base_url, path=self.path,
+            allowed_conversations=self.allowed_conversations, allowed_ips=self.allowed_ips,
+        )
+
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        yield Finding("ok", "app credentials set" + (
+            "" if self.allowed_ips else " (no allowed_ips: anyone with a captured sign may post)"))
+
+    async def online(self, http: aiohttp.ClientSession) -> str | None:
+        if self.app_secret is None:
+            return None
+        async with http.post(f"{self.base_url}/v1.0/oauth2/accessToken",
+                             json={"appKey": self.app_key, "appSecret": self.app_secret.get_secret_value()}) as resp:
+            body = await resp.json(content_type=None)
+        if not isinstance(body, dict) or not body.get("accessToken"):
+            raise AdapterError("dingtalk",
+                               f"DingTalk said: {body.get('message') if isinstance(body, dict) else resp.status}")
+        return "access token issued"

@@ -12,20 +12,21 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field, SecretStr
 
+from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Replied, Reply
 from adapters.feishu_crypto import decrypt, verify_signature
 from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
 from core.errors import AdapterError, BadInput, Unauthorized
-from core.types import Host, ImageRef, Incoming, Replied, Reply
 
 __all__ = ["FeishuAdapter"]
 
@@ -251,7 +252,7 @@ class FeishuAdapter:
 
     @property
     def connected(self) -> bool:
-        """``core.types.Connected``: the Open API did not fail (network, 5xx, 429) twice in a row."""
+        """``adapters.base.Connected``: the Open API did not fail (network, 5xx, 429) twice in a row."""
         return self._http is not None and self._reachability.reachable
 
     async def _call(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
@@ -342,3 +343,45 @@ def _post(markdown: str) -> dict[str, str]:
 
 def _pieces(text: str) -> list[str]:
     return [text[i:i + _MAX_TEXT] for i in range(0, len(text), _MAX_TEXT)] or [text]
+
+
+class FeishuSettings(PlatformSettings):
+    """``[adapters.feishu]`` (Lark too: another ``base_url``)."""
+
+    app_id: str = ""  # cli_...
+    app_secret: SecretStr | None = None
+    verification_token: SecretStr | None = None  # console: Events & Callbacks > Encryption strategy
+    encrypt_key: SecretStr | None = None  # optional there; set it, and bodies are encrypted and signed
+    base_url: str = "https://open.feishu.cn"  # Lark: "https://open.larksuite.com"
+    path: str = "/feishu/events"  # where the event subscription's request URL points on this server
+    allowed_chats: list[str] = Field(default_factory=list)  # oc_... ids; empty: every chat the bot is in
+    online_fix: ClassVar[str] = "check app_id and app_secret in the developer console"
+
+    def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
+        for key in ("app_id", "app_secret", "verification_token"):
+            if not getattr(self, key):
+                env = f" (or IMSIGHT_FEISHU_{key.upper()})" if key != "app_id" else ""
+                yield key, f"required when feishu is enabled{env}"
+
+    def build(self, deployment: Deployment) -> Adapter:
+        assert self.app_secret is not None
+        assert self.verification_token is not None
+        return FeishuAdapter(
+            self.app_id, self.app_secret.get_secret_value(), self.verification_token.get_secret_value(),
+            encrypt_key=self.encrypt_key.get_secret_value() if self.encrypt_key else None,
+            base_url=self.base_url, path=self.path, allowed_chats=self.allowed_chats,
+        )
+
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        yield Finding("ok", "app credentials set" + (
+            ", bodies encrypted" if self.encrypt_key else " (no encrypt_key: bodies in plain text)"))
+
+    async def online(self, http: aiohttp.ClientSession) -> str | None:
+        if self.app_secret is None:
+            return None
+        async with http.post(f"{self.base_url}/open-apis/auth/v3/tenant_access_token/internal",
+                             json={"app_id": self.app_id, "app_secret": self.app_secret.get_secret_value()}) as resp:
+            body = await resp.json(content_type=None)
+        if not isinstance(body, dict) or body.get("code") != 0:
+            raise AdapterError("feishu", f"Feishu said: {body.get('msg') if isinstance(body, dict) else resp.status}")
+        return "tenant token issued"

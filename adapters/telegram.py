@@ -15,19 +15,21 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 from aiohttp import web
+from pydantic import Field, SecretStr
 
+from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Reply
 from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from core.errors import AdapterError, BadInput, Forbidden, RateLimited
-from core.types import Host, ImageRef, Incoming, Reply
 
 __all__ = ["TelegramAdapter", "split_text"]
 
@@ -122,7 +124,7 @@ class TelegramAdapter:
 
     @property
     def connected(self) -> bool:
-        """``core.types.Connected``: started, and (polling) getUpdates not failing twice in a row."""
+        """``adapters.base.Connected``: started, and (polling) getUpdates not failing twice in a row."""
         return self._app is not None and self._polling.reachable
 
     async def _poll(self) -> None:
@@ -179,7 +181,7 @@ class TelegramAdapter:
             self._waiting = False
 
     async def stop_intake(self) -> None:
-        """``core.types.Pulling``: no update is taken in after this returns. Fetched updates not yet
+        """``adapters.base.Pulling``: no update is taken in after this returns. Fetched updates not yet
         confirmed come again after the restart (and are recognised); albums still gathering are taken
         in as they are."""
         self._closing = True
@@ -343,7 +345,7 @@ class TelegramAdapter:
         return username.lstrip("@").lower() == (self._me.username or "").lower()
 
     async def is_admin(self, incoming: Incoming) -> bool:
-        """``core.types.Moderated``: a group's creator and administrators; anyone in a private chat."""
+        """``adapters.base.Moderated``: a group's creator and administrators; anyone in a private chat."""
         from telegram.error import TelegramError
 
         if incoming.chat_kind == "direct":
@@ -516,3 +518,58 @@ def _adapter_error(what: str, exc: Exception) -> AdapterError:
         return RateLimited("telegram", f"{what}: rate limited, retry after {wait:g}s", retry_after_s=wait)
     permanent = isinstance(exc, BadRequest | Forbidden | InvalidToken)
     return AdapterError("telegram", f"{what}: {exc}", retryable=not permanent)
+
+
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]{20,}")
+
+
+class TelegramSettings(PlatformSettings):
+    """``[adapters.telegram]``."""
+
+    token: SecretStr | None = None  # from @BotFather
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None  # public https URL whose path routes to this daemon
+    secret_token: SecretStr | None = None  # webhook mode: 1-256 of A-Z a-z 0-9 _ -
+    allowed_chats: list[str] = Field(default_factory=list)  # chat ids; empty: every chat the bot is in
+    base_url: str | None = None  # a self-hosted Bot API server, e.g. "http://127.0.0.1:8081/bot"
+    base_file_url: str | None = None  # default: /file/bot on the host of base_url
+    album_wait_seconds: float = Field(1.0, gt=0, le=30)  # an album is complete once no item came this long
+    online_fix: ClassVar[str] = "copy the token again from @BotFather"
+
+    def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
+        if self.token is None:
+            yield "token", "required when telegram is enabled (or IMSIGHT_TELEGRAM_TOKEN)"
+        if self.mode == "webhook" and not (self.webhook_url and self.secret_token):
+            yield "", "mode = \"webhook\" needs webhook_url and secret_token (or IMSIGHT_TELEGRAM_SECRET_TOKEN)"
+        if self.secret_token and not _SECRET_TOKEN.fullmatch(self.secret_token.get_secret_value()):
+            yield "secret_token", "must be 1-256 characters of A-Z, a-z, 0-9, _ and -"
+
+    def build(self, deployment: Deployment) -> Adapter:
+        assert self.token is not None  # ``problems`` said so otherwise
+        return TelegramAdapter(
+            self.token.get_secret_value(), mode=self.mode, webhook_url=self.webhook_url,
+            secret_token=self.secret_token.get_secret_value() if self.secret_token else None,
+            allowed_chats=self.allowed_chats, base_url=self.base_url, base_file_url=self.base_file_url,
+            album_wait_s=self.album_wait_seconds,
+        )
+
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        if self.token is None:
+            return
+        if not _BOT_TOKEN.fullmatch(self.token.get_secret_value()):
+            yield Finding("fail", "token does not look like a Bot API token (digits:letters)",
+                          "copy it again from @BotFather")
+        else:
+            yield Finding("ok", f"token set, {self.mode}")
+
+    async def online(self, http: aiohttp.ClientSession) -> str | None:
+        if self.token is None:
+            return None
+        url = f"{self.base_url or 'https://api.telegram.org/bot'}{self.token.get_secret_value()}/getMe"
+        async with http.post(url, json={}) as resp:
+            body = await resp.json(content_type=None)
+        if not isinstance(body, dict) or not body.get("ok"):
+            said = body.get("description") if isinstance(body, dict) else f"HTTP {resp.status}"
+            raise AdapterError("telegram", f"Telegram said: {said}")
+        return f"@{body['result']['username']}"

@@ -14,20 +14,21 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field, SecretStr
 
+from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, JobView, PlatformSettings, Reply
 from adapters.http_body import BODY_TIMEOUT, RequestTimeout, off_loop
 from adapters.outbound import CallbackRefused, HostList, PinnedResolver
 from adapters.signing import StandardWebhookSigner, Verification
 from adapters.webhook_request import Body, decode_base64_image, refuse_unknown
-from core.errors import AdapterError, BadInput, Forbidden, NotFound, TooLarge, Unauthorized
-from core.types import Host, ImageRef, Incoming, JobView, Reply
+from core.errors import AdapterError, BadInput, ConfigError, Forbidden, NotFound, TooLarge, Unauthorized
 
 __all__ = ["WebhookAdapter"]
 
@@ -344,3 +345,49 @@ def _history_json(entry: dict[str, Any]) -> dict[str, Any]:
 def _json(status: int, payload: dict[str, Any]) -> web.Response:
     return web.json_response(payload, status=status)
 
+
+
+class WebhookSettings(PlatformSettings):
+    """``[adapters.webhook]``: the generic HTTP API."""
+
+    enabled: bool = True
+    token: SecretStr | None = None
+    secret: SecretStr | None = None  # Standard Webhooks secret, "whsec_" + base64
+    allowed_image_hosts: list[str] = Field(default_factory=list)
+    allowed_callback_hosts: list[str] = Field(default_factory=list)  # empty: callback_url is refused
+    open: bool = False  # no token and no secret on a non-loopback host: refused unless this says so
+    fetch_timeout_seconds: float = Field(10, gt=0)
+    wait_seconds: float = Field(60, ge=0)  # longest a `wait: true` request is held open
+    doctor_label: ClassVar[str] = "api"
+
+    def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
+        if self.secret is not None:
+            try:
+                StandardWebhookSigner(self.secret.get_secret_value())
+            except ConfigError as exc:
+                yield "secret", str(exc).removeprefix("adapters.webhook.secret: ")
+        if self.enabled and self.token is None and self.secret is None and not self.open and not (
+                deployment.loopback_only):
+            yield "", (f"no token and no secret while [server] host = {deployment.server_host!r} is reachable from "
+                       "other machines: set token (or IMSIGHT_WEBHOOK_TOKEN), or open = true to allow anyone who "
+                       "reaches it")
+
+    def build(self, deployment: Deployment) -> Adapter:
+        return WebhookAdapter(
+            token=self.token.get_secret_value() if self.token else None,
+            secret=self.secret.get_secret_value() if self.secret else None,
+            allowed_image_hosts=self.allowed_image_hosts, allowed_callback_hosts=self.allowed_callback_hosts,
+            admin_token=deployment.admin_token, max_body_bytes=deployment.max_body_bytes,
+            max_image_bytes=deployment.max_image_bytes, fetch_timeout_s=self.fetch_timeout_seconds,
+            wait_s=self.wait_seconds,
+        )
+
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        if self.token or self.secret:
+            yield Finding("ok", "generic API: " + " and ".join(
+                n for n, v in (("bearer token", self.token), ("signing secret", self.secret)) if v))
+        else:
+            # Off loopback, ``problems`` refuses this unless open = true says so.
+            yield Finding("warn", f"generic API open to anyone who reaches {deployment.server_host}"
+                          + (" (open = true)" if self.open else ""),
+                          "set [adapters.webhook] token (or IMSIGHT_WEBHOOK_TOKEN)")

@@ -147,12 +147,12 @@ def _run(path: Path, *, verbose: bool) -> int:
 
 
 def _ask(path: Path | None, model_path: Path | None, images: list[Path], question: str) -> int:
-    from bot.config import Config, load
+    from bot.config import load, parse
     from bot.daemon import build_engine, image_limits
     from core.engine import GenerationLimits, PreparedImage
     from core.images import prepare, sha256
 
-    config = load(path) if path is not None else Config()
+    config = load(path) if path is not None else parse({})
     # One question: a warm-up answer first would only double the wait.
     engine_update: dict[str, object] = {"warmup": False}
     if model_path is not None:

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from adapters.base import Incoming
 from bot.store import Store, StoredMessage
-from core.types import Incoming
 
 __all__ = ["COMMANDS", "Command", "parse"]
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
 
+from adapters import registry
+from adapters.base import Deployment, PlatformSettings
 from core.errors import ConfigError
 
 __all__ = [
-    "ENV_SECRETS", "Config", "allowed_hosts", "configured_secrets", "image_budget", "is_loopback", "load", "parse",
+    "Config", "allowed_hosts", "config_model", "configured_secrets", "deployment", "env_secrets", "image_budget",
+    "is_loopback", "load", "parse",
 ]
 
 
@@ -100,52 +102,6 @@ class ContextConfig(_Section):
     no_image: Literal["answer", "ask"] = "answer"
 
 
-class WebhookConfig(_Section):
-    enabled: bool = True
-    token: SecretStr | None = None
-    secret: SecretStr | None = None  # Standard Webhooks secret, "whsec_" + base64
-    allowed_image_hosts: list[str] = Field(default_factory=list)
-    allowed_callback_hosts: list[str] = Field(default_factory=list)  # empty: callback_url is refused
-    open: bool = False  # no token and no secret on a non-loopback host: refused unless this says so
-    fetch_timeout_seconds: float = Field(10, gt=0)
-    wait_seconds: float = Field(60, ge=0)  # longest a `wait: true` request is held open
-
-
-class TelegramConfig(_Section):
-    enabled: bool = False
-    token: SecretStr | None = None  # from @BotFather
-    mode: Literal["polling", "webhook"] = "polling"
-    webhook_url: str | None = None  # public https URL whose path routes to this daemon
-    secret_token: SecretStr | None = None  # webhook mode: 1-256 of A-Z a-z 0-9 _ -
-    allowed_chats: list[str] = Field(default_factory=list)  # chat ids; empty: every chat the bot is in
-    base_url: str | None = None  # a self-hosted Bot API server, e.g. "http://127.0.0.1:8081/bot"
-    base_file_url: str | None = None  # default: /file/bot on the host of base_url
-    album_wait_seconds: float = Field(1.0, gt=0, le=30)  # an album is complete once no item came this long
-
-
-class FeishuConfig(_Section):
-    enabled: bool = False
-    app_id: str = ""  # cli_...
-    app_secret: SecretStr | None = None
-    verification_token: SecretStr | None = None  # console: Events & Callbacks > Encryption strategy
-    encrypt_key: SecretStr | None = None  # optional there; set it, and bodies are encrypted and signed
-    base_url: str = "https://open.feishu.cn"  # Lark: "https://open.larksuite.com"
-    path: str = "/feishu/events"  # where the event subscription's request URL points on this server
-    allowed_chats: list[str] = Field(default_factory=list)  # oc_... ids; empty: every chat the bot is in
-
-
-class DingTalkConfig(_Section):
-    enabled: bool = False
-    app_key: str = ""  # the app's Client ID (AppKey)
-    app_secret: SecretStr | None = None  # Client Secret (AppSecret): also signs the callbacks
-    robot_code: str = ""  # usually the same as app_key
-    base_url: str = "https://api.dingtalk.com"
-    legacy_base_url: str = "https://oapi.dingtalk.com"  # where session webhooks live; only those are posted to
-    path: str = "/dingtalk/events"  # the robot's message receiving address on this server
-    allowed_conversations: list[str] = Field(default_factory=list)  # cid... ids; empty: all
-    allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
-
-
 class AdminConfig(_Section):
     enabled: bool = False  # the history page at /admin, on the daemon's server
     token: SecretStr | None = None  # required when enabled, 16 characters or more; or IMSIGHT_ADMIN_TOKEN
@@ -158,11 +114,22 @@ class LoggingConfig(_Section):
     message_text: bool = False  # true: each stored message's line at INFO shows its text (200 characters)
 
 
-class AdaptersConfig(_Section):
-    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
-    telegram: TelegramConfig = Field(default_factory=TelegramConfig)
-    feishu: FeishuConfig = Field(default_factory=FeishuConfig)
-    dingtalk: DingTalkConfig = Field(default_factory=DingTalkConfig)
+class Adapters(_Section):
+    """``[adapters]``: one section per platform in ``adapters.registry`` (the model that parses a file
+    has a field for each; see ``config_model``)."""
+
+    def platform(self, name: str) -> PlatformSettings:
+        """The ``[adapters.<name>]`` section (defaults when the file has none)."""
+        section = getattr(self, name, None)
+        if not isinstance(section, PlatformSettings):
+            raise KeyError(f"no platform {name!r} in adapters.registry")
+        return section
+
+    def enabled(self) -> Iterator[tuple[str, PlatformSettings]]:
+        for name in registry.platforms():
+            section = self.platform(name)
+            if section.enabled:
+                yield name, section
 
 
 class Config(_Section):
@@ -174,34 +141,53 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
-    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    adapters: Adapters = Field(default_factory=Adapters)
 
 
-# Secrets may live in the environment instead of the file; the environment wins.
-ENV_SECRETS: Mapping[str, tuple[str, ...]] = {
-    "IMSIGHT_WEBHOOK_TOKEN": ("adapters", "webhook", "token"),
-    "IMSIGHT_WEBHOOK_SECRET": ("adapters", "webhook", "secret"),
-    "IMSIGHT_ENGINE_API_KEY": ("engine", "api_key"),
-    "IMSIGHT_TELEGRAM_TOKEN": ("adapters", "telegram", "token"),
-    "IMSIGHT_TELEGRAM_SECRET_TOKEN": ("adapters", "telegram", "secret_token"),
-    "IMSIGHT_FEISHU_APP_SECRET": ("adapters", "feishu", "app_secret"),
-    "IMSIGHT_FEISHU_VERIFICATION_TOKEN": ("adapters", "feishu", "verification_token"),
-    "IMSIGHT_FEISHU_ENCRYPT_KEY": ("adapters", "feishu", "encrypt_key"),
-    "IMSIGHT_DINGTALK_APP_SECRET": ("adapters", "dingtalk", "app_secret"),
-    "IMSIGHT_ADMIN_TOKEN": ("admin", "token"),
-}
+def config_model() -> type[Config]:
+    """``Config`` with a section under ``[adapters]`` for each platform registered now."""
+    platforms = tuple(registry.platforms().items())
+    if platforms not in _models:
+        sections: dict[str, Any] = {name: (settings, Field(default_factory=settings)) for name, settings in platforms}
+        adapters = create_model("AdaptersConfig", __base__=Adapters, **sections)
+        _models[platforms] = create_model("Config", __base__=Config,
+                                          adapters=(adapters, Field(default_factory=adapters)))
+    return _models[platforms]
+
+
+_models: dict[tuple[tuple[str, type[PlatformSettings]], ...], type[Config]] = {}
+
+
+def env_secrets() -> dict[str, tuple[str, ...]]:
+    """Secrets that may live in the environment instead of the file (the environment wins): each
+    platform's ``SecretStr`` fields as ``IMSIGHT_<PLATFORM>_<FIELD>``, the engine's key, the admin token."""
+    found: dict[str, tuple[str, ...]] = {"IMSIGHT_ENGINE_API_KEY": ("engine", "api_key"),
+                                         "IMSIGHT_ADMIN_TOKEN": ("admin", "token")}
+    for name, settings in registry.platforms().items():
+        for field in registry.secret_fields(settings):
+            found[f"IMSIGHT_{name.upper()}_{field.upper()}"] = ("adapters", name, field)
+    return found
 
 
 def configured_secrets(config: Config) -> list[str]:
     """The values of every secret the config holds (for keeping them out of logs)."""
     values = []
-    for keys in ENV_SECRETS.values():
+    for keys in env_secrets().values():
         node: Any = config
         for key in keys:
             node = getattr(node, key, None)
         if isinstance(node, SecretStr):
             values.append(node.get_secret_value())
     return values
+
+
+def deployment(config: Config) -> Deployment:
+    """What every platform's section is checked and built against, from the rest of the config."""
+    return Deployment(
+        server_host=config.server.host, loopback_only=is_loopback(config.server.host),
+        max_body_bytes=int(config.server.max_body_mb * 2**20), max_image_bytes=int(config.images.max_mb * 2**20),
+        admin_token=config.admin.token.get_secret_value() if config.admin.token else None,
+    )
 
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -229,18 +215,19 @@ def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None, *, sour
           base: Path | None = None) -> Config:
     """Validate an already-parsed mapping (the TOML document); every problem is reported at once."""
     env = os.environ if environ is None else environ
-    for name, keys in ENV_SECRETS.items():
+    for name, keys in env_secrets().items():
         if env.get(name):
             _put(raw, keys, env[name])
+    model = config_model()
     try:
-        config = Config.model_validate(raw)
+        config = model.model_validate(raw)
     except ValidationError as exc:
         problems = list(_problems(exc))
         # What else is wrong (a token an enabled platform lacks, say) is told now too, not after the
         # first fix: checked on the file with the keys named above left out.
         rest = _without(raw, [error["loc"] for error in exc.errors()])
         with contextlib.suppress(ValidationError):  # a key that only makes sense with the refused ones
-            problems += [p for p in _incomplete(Config.model_validate(rest)) if p not in problems]
+            problems += [p for p in _incomplete(model.model_validate(rest)) if p not in problems]
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems)) from None
     if problems := list(_incomplete(config)):
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
@@ -263,45 +250,18 @@ def _without(raw: dict[str, Any], locations: list[tuple[int | str, ...]]) -> dic
 
 def _incomplete(config: Config) -> Iterator[str]:
     """What each enabled part needs besides its defaults: one check, for ``run`` and ``doctor`` alike."""
-    telegram = config.adapters.telegram
-    if telegram.enabled:
-        if telegram.token is None:
-            yield "adapters.telegram.token: required when telegram is enabled (or IMSIGHT_TELEGRAM_TOKEN)"
-        if telegram.mode == "webhook" and not (telegram.webhook_url and telegram.secret_token):
-            yield ("adapters.telegram: mode = \"webhook\" needs webhook_url and secret_token "
-                   "(or IMSIGHT_TELEGRAM_SECRET_TOKEN)")
-        if telegram.secret_token and not _SECRET_TOKEN.fullmatch(telegram.secret_token.get_secret_value()):
-            yield "adapters.telegram.secret_token: must be 1-256 characters of A-Z, a-z, 0-9, _ and -"
-    feishu = config.adapters.feishu
-    if feishu.enabled:
-        for key in ("app_id", "app_secret", "verification_token"):
-            if not getattr(feishu, key):
-                env = f" (or IMSIGHT_FEISHU_{key.upper()})" if key != "app_id" else ""
-                yield f"adapters.feishu.{key}: required when feishu is enabled{env}"
-    dingtalk = config.adapters.dingtalk
-    if dingtalk.enabled:
-        for key in ("app_key", "app_secret"):
-            if not getattr(dingtalk, key):
-                env = " (or IMSIGHT_DINGTALK_APP_SECRET)" if key == "app_secret" else ""
-                yield f"adapters.dingtalk.{key}: required when dingtalk is enabled{env}"
-    hook, host = config.adapters.webhook, config.server.host
-    if hook.secret is not None:
-        from adapters.signing import StandardWebhookSigner
-
-        try:
-            StandardWebhookSigner(hook.secret.get_secret_value())
-        except ConfigError as exc:
-            yield str(exc)
-    if hook.enabled and hook.token is None and hook.secret is None and not hook.open and not is_loopback(host):
-        yield (f"adapters.webhook: no token and no secret while [server] host = {host!r} is reachable from other "
-               "machines: set token (or IMSIGHT_WEBHOOK_TOKEN), or open = true to allow anyone who reaches it")
+    where = deployment(config)
+    for name in registry.platforms():
+        section = config.adapters.platform(name)
+        # The generic API's secret is checked even while it is off: a file that holds one means it.
+        if section.enabled or name == "webhook":
+            for key, problem in section.problems(where):
+                if section.enabled or key == "secret":
+                    yield f"adapters.{name}{'.' + key if key else ''}: {problem}"
     if config.admin.enabled and config.admin.token is None:
         yield "admin.token: required when [admin] enabled (or IMSIGHT_ADMIN_TOKEN)"
     elif config.admin.enabled and config.admin.token and len(config.admin.token.get_secret_value()) < 16:
         yield "admin.token: at least 16 characters (try: python3 -c 'import secrets; print(secrets.token_urlsafe())')"
-
-
-_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 def image_budget(config: Config) -> int:
@@ -344,7 +304,6 @@ def _put(raw: dict[str, Any], keys: tuple[str, ...], value: str) -> None:
     node[keys[-1]] = value
 
 
-_SECRET_KEYS = frozenset({key for keys in ENV_SECRETS.values() for key in keys[-1:]})
 
 
 def _problems(exc: ValidationError) -> Iterator[str]:
@@ -358,6 +317,6 @@ def _problems(exc: ValidationError) -> Iterator[str]:
             yield f"{key}: required value missing"
             continue
         value = error.get("input")
-        secret = error["loc"][-1] in _SECRET_KEYS  # never echo what may be a credential
+        secret = error["loc"][-1] in {keys[-1] for keys in env_secrets().values()}  # never echo a credential
         shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
         yield f"{key}: {error['msg']}{shown}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from adapters.base import Incoming
 from bot.store import JobRecord, NewJob, Store, StoredMessage
-from core.types import Incoming
 
 __all__ = ["Resolution", "resolve"]
 

@@ -11,11 +11,12 @@ from types import TracebackType
 
 from aiohttp import web
 
+from adapters.base import Adapter, Connected, Pulling
 from adapters.startup import explain
-from adapters.webhook import WebhookAdapter
+from adapters.webhook import WebhookSettings
 from bot.admin import AdminPages
 from bot.admission import Admission
-from bot.config import Config, allowed_hosts, configured_secrets, image_budget
+from bot.config import Config, allowed_hosts, configured_secrets, deployment, image_budget
 from bot.dispatch import Dispatcher
 from bot.files import ImageFiles
 from bot.metrics import Metrics
@@ -31,7 +32,6 @@ from core.errors import AdapterError, ConfigError, ImsightError, StartupError
 from core.images import ImageLimits
 from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
-from core.types import Adapter, Connected, Pulling
 
 __all__ = ["Daemon", "build_engine", "serve"]
 
@@ -69,55 +69,14 @@ def image_limits(config: Config) -> ImageLimits:
 
 
 def build_adapters(config: Config) -> list[Adapter]:
-    adapters: list[Adapter] = []
-    hook = config.adapters.webhook
-    if hook.enabled:
-        adapters.append(WebhookAdapter(
-            token=hook.token.get_secret_value() if hook.token else None,
-            secret=hook.secret.get_secret_value() if hook.secret else None,
-            allowed_image_hosts=hook.allowed_image_hosts,
-            allowed_callback_hosts=hook.allowed_callback_hosts,
-            admin_token=config.admin.token.get_secret_value() if config.admin.token else None,
-            max_body_bytes=int(config.server.max_body_mb * MB),
-            max_image_bytes=int(config.images.max_mb * MB),
-            fetch_timeout_s=hook.fetch_timeout_seconds,
-            wait_s=hook.wait_seconds,
-        ))
-    telegram = config.adapters.telegram
-    if telegram.enabled:
-        from adapters.telegram import TelegramAdapter
-
-        assert telegram.token is not None  # bot.config checked what each enabled platform needs
+    """Every enabled platform's adapter (``adapters.registry``), in the registry's order."""
+    where = deployment(config)
+    adapters = []
+    for name, settings in config.adapters.enabled():
         try:
-            adapters.append(TelegramAdapter(
-                telegram.token.get_secret_value(), mode=telegram.mode, webhook_url=telegram.webhook_url,
-                secret_token=telegram.secret_token.get_secret_value() if telegram.secret_token else None,
-                allowed_chats=telegram.allowed_chats, base_url=telegram.base_url,
-                base_file_url=telegram.base_file_url, album_wait_s=telegram.album_wait_seconds,
-            ))
-        except AdapterError as exc:
-            raise ConfigError(f"adapters.telegram: {exc}") from None
-    feishu = config.adapters.feishu
-    if feishu.enabled:
-        from adapters.feishu import FeishuAdapter
-
-        assert feishu.app_secret is not None
-        assert feishu.verification_token is not None
-        adapters.append(FeishuAdapter(
-            feishu.app_id, feishu.app_secret.get_secret_value(), feishu.verification_token.get_secret_value(),
-            encrypt_key=feishu.encrypt_key.get_secret_value() if feishu.encrypt_key else None,
-            base_url=feishu.base_url, path=feishu.path, allowed_chats=feishu.allowed_chats,
-        ))
-    dingtalk = config.adapters.dingtalk
-    if dingtalk.enabled:
-        from adapters.dingtalk import DingTalkAdapter
-
-        assert dingtalk.app_secret is not None
-        adapters.append(DingTalkAdapter(
-            dingtalk.app_key, dingtalk.app_secret.get_secret_value(), dingtalk.robot_code or dingtalk.app_key,
-            base_url=dingtalk.base_url, legacy_base_url=dingtalk.legacy_base_url, path=dingtalk.path,
-            allowed_conversations=dingtalk.allowed_conversations, allowed_ips=dingtalk.allowed_ips,
-        ))
+            adapters.append(settings.build(where))
+        except AdapterError as exc:  # a setting the platform's own library refuses
+            raise ConfigError(f"adapters.{name}: {exc}") from None
     return adapters
 
 
@@ -149,8 +108,9 @@ class Daemon:
             lines.append(f"  model      {self.engine.model} ({self.engine.name}{', ' + where if where else ''})")
         if cfg.admin.enabled:
             lines.append(f"  history    {self.url}/admin")
-        if cfg.adapters.webhook.enabled:
-            auth = "" if cfg.adapters.webhook.token is None else ' -H "Authorization: Bearer $TOKEN"'
+        hook = cfg.adapters.platform("webhook")
+        if isinstance(hook, WebhookSettings) and hook.enabled:
+            auth = "" if hook.token is None else ' -H "Authorization: Bearer $TOKEN"'
             lines.append(f"  try        curl{auth} -F conversation_id=try -F 'text=What is on this screen?' "
                          f"-F wait=true -F image=@docs/sample-screenshot.png {self.url}/api/v1/messages")
         return "\n".join(lines)

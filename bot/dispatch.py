@@ -9,6 +9,17 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
+from adapters.base import (
+    Accepted,
+    Adapter,
+    HistoryEntry,
+    ImageRef,
+    Incoming,
+    JobView,
+    Moderated,
+    ReadsReplies,
+    Status,
+)
 from bot.admission import Admission, busy
 from bot.commands import HELP as COMMANDS_HELP
 from bot.commands import Command, Commands
@@ -23,17 +34,6 @@ from bot.watch import JobWatch
 from bot.workers import Workers
 from core.errors import AdapterError, BadInput, Busy, ImsightError, NotFound, ShuttingDown
 from core.images import ImageInfo, ImageLimits, inspect
-from core.types import (
-    Accepted,
-    Adapter,
-    HistoryEntry,
-    ImageRef,
-    Incoming,
-    JobView,
-    Moderated,
-    ReadsReplies,
-    Status,
-)
 
 __all__ = ["Dispatcher"]
 
@@ -45,7 +45,7 @@ _REFUSAL_MEMORY_S = 0.5
 
 
 class Dispatcher:
-    """Implements ``core.types.Host`` for the adapters.
+    """Implements ``adapters.base.Host`` for the adapters.
 
     Two ways in. Images that came inline (the generic API) are checked before anything is written,
     then the message, its images and its job are written in one transaction: a refused message
@@ -108,7 +108,7 @@ class Dispatcher:
         await asyncio.gather(*self._intakes, return_exceptions=True)
 
     async def accept(self, incoming: Incoming, *, refuse_when_busy: bool = False) -> Accepted:
-        """Take a message in; queue a job when it asks the bot something (``core.types.Host``)."""
+        """Take a message in; queue a job when it asks the bot something (``adapters.base.Host``)."""
         if self._closed:
             raise ShuttingDown("imsight is stopping; deliver this again in a minute")
         started = time.monotonic()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bot.config import Config, configured_secrets, image_budget, load
+from adapters.base import PlatformSettings
+from bot.config import Config, configured_secrets, deployment, image_budget, load
 from core.errors import ImsightError
 
 __all__ = ["Check", "diagnose", "report"]
@@ -175,36 +175,12 @@ def _data_dir(config: Config) -> Iterator[Check]:
                 "free disk space, or set [storage] retention_days / max_bytes")
 
 
-_TELEGRAM_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]{20,}")
-
-
 def _platforms(config: Config) -> Iterator[Check]:
     # What an enabled platform must have is checked with the config (bot.config), as for `imsight run`.
-    hook = config.adapters.webhook
-    if hook.enabled:
-        if hook.token or hook.secret:
-            yield Check("api", "ok", "generic API: " + " and ".join(
-                n for n, v in (("bearer token", hook.token), ("signing secret", hook.secret)) if v))
-        else:
-            # Off loopback, the config itself refuses this unless [adapters.webhook] open = true says so.
-            yield Check("api", "warn", f"generic API open to anyone who reaches {config.server.host}"
-                        + (" (open = true)" if hook.open else ""),
-                        "set [adapters.webhook] token (or IMSIGHT_WEBHOOK_TOKEN)")
-    telegram = config.adapters.telegram
-    if telegram.enabled and telegram.token is not None:
-        if not _TELEGRAM_TOKEN.fullmatch(telegram.token.get_secret_value()):
-            yield Check("telegram", "fail", "token does not look like a Bot API token (digits:letters)",
-                        "copy it again from @BotFather")
-        else:
-            yield Check("telegram", "ok", f"token set, {telegram.mode}")
-    feishu = config.adapters.feishu
-    if feishu.enabled:
-        yield Check("feishu", "ok", "app credentials set" + (
-            ", bodies encrypted" if feishu.encrypt_key else " (no encrypt_key: bodies in plain text)"))
-    dingtalk = config.adapters.dingtalk
-    if dingtalk.enabled:
-        yield Check("dingtalk", "ok", "app credentials set" + (
-            "" if dingtalk.allowed_ips else " (no allowed_ips: anyone with a captured sign may post)"))
+    where = deployment(config)
+    for name, settings in config.adapters.enabled():
+        for finding in settings.findings(where):
+            yield Check(settings.doctor_label or name, finding.status, finding.detail, finding.fix)
 
 
 async def _online(config: Config) -> list[Check]:
@@ -233,51 +209,15 @@ async def _online(config: Config) -> list[Check]:
                 return f"serves {engine.model!r}"
 
             await attempt("model server", models, "start the server, or fix [engine] base_url / model / api_key")
-        telegram = config.adapters.telegram
-        if telegram.enabled and telegram.token is not None:
-            base = (telegram.base_url or "https://api.telegram.org/bot") + telegram.token.get_secret_value()
+        for name, settings in config.adapters.enabled():
+            online = settings.online
 
-            async def get_me() -> str:
-                body = await _post(http, f"{base}/getMe", {})
-                if not body.get("ok"):
-                    raise ImsightError(f"Telegram said: {body.get('description')}")
-                return f"@{body['result']['username']}"
+            async def tried(online: Callable[[Any], Awaitable[str | None]] = online) -> str:
+                return await online(http) or "nothing to try"
 
-            await attempt("telegram", get_me, "copy the token again from @BotFather")
-        feishu = config.adapters.feishu
-        if feishu.enabled and feishu.app_secret is not None:
-            feishu_secret = feishu.app_secret.get_secret_value()
-
-            async def tenant_token() -> str:
-                body = await _post(http, f"{feishu.base_url}/open-apis/auth/v3/tenant_access_token/internal",
-                                   {"app_id": feishu.app_id, "app_secret": feishu_secret})
-                if body.get("code") != 0:
-                    raise ImsightError(f"Feishu said: {body.get('msg')}")
-                return "tenant token issued"
-
-            await attempt("feishu", tenant_token, "check app_id and app_secret in the developer console")
-        dingtalk = config.adapters.dingtalk
-        if dingtalk.enabled and dingtalk.app_secret is not None:
-            dingtalk_secret = dingtalk.app_secret.get_secret_value()
-
-            async def access_token() -> str:
-                body = await _post(http, f"{dingtalk.base_url}/v1.0/oauth2/accessToken",
-                                   {"appKey": dingtalk.app_key, "appSecret": dingtalk_secret})
-                if not body.get("accessToken"):
-                    raise ImsightError(f"DingTalk said: {body.get('message')}")
-                return "access token issued"
-
-            await attempt("dingtalk", access_token, "check app_key and app_secret in the developer console")
+            if type(settings).online is not PlatformSettings.online:
+                await attempt(settings.doctor_label or name, tried, settings.online_fix)
     return checks
-
-
-async def _post(http: Any, url: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """POST JSON, answer as a dict (whatever the status: the platforms put the reason in the body)."""
-    async with http.post(url, json=payload) as resp:
-        body = await resp.json(content_type=None)
-    if not isinstance(body, dict):
-        raise ImsightError(f"{url.split('/bot')[0]} answered {resp.status} without a JSON object")
-    return body
 
 
 def _scrubbed(text: str, config: Config) -> str:

@@ -12,9 +12,9 @@ __all__ = ["download_model"]
 
 def download_model(config_path: Path | None, model: str | None, local_dir: Path | None, revision: str | None) -> int:
     """Download ``model`` (default: the configured one) into the cache or ``local_dir``, with progress bars."""
-    from bot.config import Config, load
+    from bot.config import load, parse
 
-    config = load(config_path) if config_path is not None else Config()
+    config = load(config_path) if config_path is not None else parse({})
     repo = model or config.engine.model
     if hub_offline():
         raise ImsightError(

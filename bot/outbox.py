@@ -15,11 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
+from adapters.base import Adapter, Reply
 from bot.metrics import Metrics
 from bot.store import OutgoingReply, Store
 from bot.watch import JobWatch
 from core.errors import AdapterError, ImsightError, RateLimited
-from core.types import Adapter, Reply
 
 __all__ = ["Outbox"]
 

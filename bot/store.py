@@ -12,12 +12,12 @@ from typing import Any
 
 import aiosqlite
 
+from adapters.base import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 from bot.admission import Admission, busy, busy_reply
 from bot.database import conditions, conversation_key, split_shas
 from bot.store_retention import Purged, RetentionQueries
 from core.errors import Conflict
 from core.images import ImageInfo
-from core.types import Accepted, HistoryEntry, ImageRef, Incoming, JobView
 
 __all__ = ["ChatSummary", "JobRecord", "NewJob", "OutgoingReply", "Purged", "QuestionView", "Store", "StoredMessage"]
 

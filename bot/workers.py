@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from adapters.base import Adapter, Drafting, Reply
 from bot.files import ImageFiles
 from bot.metrics import Metrics
 from bot.outbox import Outbox
@@ -16,7 +17,6 @@ from bot.watch import JobWatch
 from core.engine import Engine, GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError, EngineOutOfMemory, EngineUnavailable, ImsightError, RateLimited
 from core.images import FORMATS_NOTE, NOT_AN_IMAGE, ImageLimits, prepare
-from core.types import Adapter, Drafting, Reply
 
 __all__ = ["Workers"]
 

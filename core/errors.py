@@ -19,8 +19,8 @@
         ├── EngineUnavailable the model server cannot be reached now (may pass: retry later)
         └── EngineOutOfMemory the GPU ran out of memory, even after a retry with smaller images
 
-This module and ``core.types`` are the neutral ground that ``bot``, ``adapters`` and ``core``
-all import; nothing here imports any of them.
+This module is the neutral ground that ``bot``, ``adapters`` and ``core`` all import; it imports
+none of them. (The contract between the daemon and the platforms is ``adapters.base``.)
 """
 
 from __future__ import annotations

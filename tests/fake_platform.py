@@ -3,18 +3,34 @@
 The platform serves image files by id (as Telegram's getFile or Feishu's message resources do)
 and records what the bot sends. The adapter turns test events into ``Incoming`` and uses the real
 HTTP path for downloads and replies; the daemon's intake, inbox and job queue under it are real.
+``FakeChatSettings`` makes it a platform of its own, added through ``adapters.registry`` alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from pydantic import SecretStr
 
+from adapters.base import (
+    Accepted,
+    Adapter,
+    Deployment,
+    Finding,
+    Host,
+    ImageRef,
+    Incoming,
+    PlatformSettings,
+    Reply,
+)
 from core.errors import AdapterError
-from core.types import Accepted, Host, ImageRef, Incoming, Reply
+
+log = logging.getLogger(__name__)
 
 
 class FakePlatform:
@@ -48,16 +64,30 @@ class FakePlatform:
 class FakeChatAdapter:
     name = "fake"
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, *, name: str = "fake", token: str = "") -> None:
+        self.name = name
         self.base_url = base_url
         self.host: Host | None = None
+        self._token = token
         self._http: aiohttp.ClientSession | None = None
 
     def mount(self, app: web.Application) -> None:
-        pass
+        app.router.add_post(f"/{self.name}/events", self._on_event)
+
+    async def _on_event(self, request: web.Request) -> web.Response:
+        """The platform pushes ``{"chat", "id", "text", "images": [file ids]}``; addressed when it has text."""
+        assert self.host is not None
+        event = await request.json()
+        accepted = await self.host.accept(Incoming(
+            platform=self.name, chat_id=event["chat"], message_id=event["id"], event_id=event["id"],
+            sender_id=event.get("sender", "ann"), text=event.get("text", ""), addressed=bool(event.get("text")),
+            images=tuple(ImageRef(ref=r) for r in event.get("images", ())), chat_kind="direct"))
+        return web.json_response({"job_id": accepted.job_id})
 
     async def start(self, host: Host) -> None:
         self.host = host
+        # As a careless platform library would: the token in a log line (the daemon must scrub it).
+        log.info("%s: connecting to %s with token %s", self.name, self.base_url, self._token)
         self._http = aiohttp.ClientSession()
 
     async def stop(self) -> None:
@@ -81,3 +111,23 @@ class FakeChatAdapter:
                 "images": list(reply.images), "failed": reply.failed}
         async with self._http.post(f"{self.base_url}/send", json=body) as resp:
             return str((await resp.json())["message_id"])
+
+
+class FakeChatSettings(PlatformSettings):
+    """``[adapters.fakechat]``: a new platform, added with ``adapters.registry.register`` and nothing else."""
+
+    base_url: str = ""
+    token: SecretStr | None = None
+
+    def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
+        if not self.base_url:
+            yield "base_url", "required when fakechat is enabled"
+        if self.token is None:
+            yield "token", "required when fakechat is enabled (or IMSIGHT_FAKECHAT_TOKEN)"
+
+    def build(self, deployment: Deployment) -> Adapter:
+        assert self.token is not None
+        return FakeChatAdapter(self.base_url, name="fakechat", token=self.token.get_secret_value())
+
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        yield Finding("ok", f"talks to {self.base_url}")

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from adapters.base import ImageRef, Incoming
 from bot.context import NONE, OWN, RECENT, REPLY, THREAD, Resolution, resolve
 from bot.store import Store
 from bot.workers import ASK_FOR_IMAGE
 from core.images import ImageLimits, inspect, sha256
-from core.types import ImageRef, Incoming
 from helpers import answer_and_send, b64, png, post
 
 A, B, C = png((255, 0, 0)), png((0, 255, 0)), png((0, 0, 255))

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.dingtalk import sign
-from bot.config import Config
+from bot.config import config_model
 from bot.daemon import Daemon
 from helpers import loopback, png
 
@@ -125,7 +125,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
         telegram.url = await stack.enter_async_context(loopback(telegram.app()))
         feishu.url = await stack.enter_async_context(loopback(feishu.app()))
         dingtalk.url = await stack.enter_async_context(loopback(dingtalk.app()))
-        config = Config.model_validate({
+        config = config_model().model_validate({
             "server": {"port": 0, "max_body_mb": 1},
             "storage": {"data_dir": str(data_dir)},
             "engine": {"model_path": str(tiny_model), "max_new_tokens": 4, "warmup": False},

@@ -7,9 +7,9 @@ import itertools
 import pytest
 from fake_platform import FakeChatAdapter, FakePlatform
 
+from adapters.base import ImageRef, Incoming
 from bot.daemon import Daemon
 from core.images import sha256
-from core.types import ImageRef, Incoming
 from helpers import counts, eventually, png
 
 SHOT = png((10, 120, 240))

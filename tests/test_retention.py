@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from adapters.base import Incoming
 from bot.cli import main
 from bot.files import ImageFiles
 from bot.retention import Retention, purge, sweep_stray_files
 from bot.store import NewJob, Store
 from core.images import ImageInfo, ImageLimits, inspect
-from core.types import Incoming
 from helpers import answer_and_send, png
 
 DAY = 86_400.0

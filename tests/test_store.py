@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from adapters.base import Accepted, Incoming
 from bot.admission import Admission
 from bot.schema import MIGRATIONS
 from bot.store import NewJob, Store
 from core.errors import Busy, StoreUnavailable
-from core.types import Accepted, Incoming
 from helpers import answer_and_send
 
 _n = iter(range(10**6))

@@ -1,4 +1,21 @@
-"""Neutral types shared by the daemon (``bot``) and the platform adapters (``adapters``).
+"""The contract between the daemon (``bot``) and the platforms (``adapters``).
+
+An adapter (``Adapter``) owns one platform whole. The daemon gives it one thing, a ``Host``, and
+from then on:
+
+- events come in as ``Incoming`` through ``Host.accept``, which commits them before it returns:
+  the adapter acknowledges the platform only after that, and makes no platform call before it
+  (what needs one, reading back a replied-to message say, is done after: ``ReadsReplies``);
+- images it only names are fetched through its ``download`` after the acknowledgement;
+- replies go out through its ``send``; a platform that can show an answer while it is written
+  also implements ``Drafting``; a refusal "for now" is ``core.errors.RateLimited``, never a sleep;
+- optional abilities are small protocols checked with ``isinstance``: ``Connected`` (for
+  ``/readyz``), ``Moderated`` (who administers a chat), ``Pulling`` (an adapter that fetches its
+  own events stops that first when the daemon stops), ``ReadsReplies``.
+
+Each platform also declares its ``[adapters.<name>]`` section as a ``PlatformSettings`` subclass
+in its own module: fields, requirements, a factory, doctor checks; secrets are its ``SecretStr``
+fields. ``adapters.registry`` lists them; the daemon, config, doctor and log scrubbing loop over it.
 
 Platform ids are opaque strings here: the daemon only stores and compares them.
 """
@@ -6,23 +23,30 @@ Platform ids are opaque strings here: the daemon only stores and compares them.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 if TYPE_CHECKING:
+    import aiohttp
     from aiohttp import web
 
 __all__ = [
     "Accepted",
     "Adapter",
+    "Connected",
+    "Deployment",
     "Drafting",
+    "Finding",
     "HistoryEntry",
     "Host",
     "ImageRef",
     "Incoming",
     "JobView",
     "Moderated",
+    "PlatformSettings",
     "Pulling",
     "ReadsReplies",
     "Replied",
@@ -242,3 +266,59 @@ class Connected(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+
+# ---- a platform's configuration -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """What a platform's section is checked against and its adapter built with, besides itself."""
+
+    server_host: str = "127.0.0.1"
+    loopback_only: bool = True  # the server is reachable from this machine alone
+    max_body_bytes: int = 32 * 2**20  # the generic API's bodies
+    max_image_bytes: int = 20 * 2**20
+    admin_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One line ``imsight doctor`` prints about a platform."""
+
+    status: Literal["ok", "warn", "fail"]
+    detail: str
+    fix: str = ""
+
+
+class PlatformSettings(BaseModel):
+    """A platform's ``[adapters.<name>]`` section. Its module subclasses this with its own fields;
+    every ``SecretStr`` field is a secret: kept out of logs and config errors, and read from
+    ``IMSIGHT_<NAME>_<FIELD>`` when that is set."""
+
+    # A typo must not fall back silently to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    doctor_label: ClassVar[str] = ""  # the name doctor shows; the section's name when empty
+    online_fix: ClassVar[str] = ""  # what to do when ``online`` fails
+
+    def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
+        """What this section lacks while enabled, as ``(key, what to do)``; key "" for the section."""
+        return iter(())
+
+    def build(self, deployment: Deployment) -> Adapter:
+        """The adapter, from a section that has no ``problems``."""
+        raise NotImplementedError
+
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        """``imsight doctor``'s offline lines about this platform (nothing is called)."""
+        return iter(())
+
+    async def online(self, http: aiohttp.ClientSession) -> str | None:
+        """``imsight doctor --online``: try the credentials for real; what worked, or raise with what
+        the platform said. ``None``: nothing to try."""
+        return None
+
+    def secret_values(self) -> list[str]:
+        return [value.get_secret_value() for value in vars(self).values() if isinstance(value, SecretStr)]

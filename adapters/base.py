@@ -82,6 +82,12 @@ class Incoming:
     sender_name: str = ""
     text: str = ""  # the question, with mentions of the bot removed
     addressed: bool = False  # direct chat, mention, reply to the bot, or a command
+    # A command the platform itself marks as one (Telegram's bot_command), lower case: "/status".
+    # ``text`` still starts with it. Where platforms mark none, the daemon reads known ones from the text.
+    command: str = ""
+    # Whether the sender may use admin commands (/forget), as the platform or the configured admins
+    # say; ``None``: they do not say (the daemon then asks a ``Moderated`` adapter, after the ack).
+    sender_is_admin: bool | None = None
     images: tuple[ImageRef, ...] = ()
     # Adapter-private facts the adapter needs again when it replies (a callback URL, say).
     meta: Mapping[str, str] = field(default_factory=dict)

@@ -59,9 +59,11 @@ class DingTalkAdapter:
         path: str = "/dingtalk/events",
         allowed_conversations: Iterable[str] = (),
         allowed_ips: Iterable[str] = (),
+        admins: Iterable[str] = (),
         timeout_s: float = 10,
     ) -> None:
         self._app_key, self._app_secret, self._robot_code = app_key, app_secret, robot_code
+        self._admins = set(admins)
         self._base = base_url.rstrip("/")
         self.endpoint = self._base  # named in start-up errors
         self._legacy = legacy_base_url.rstrip("/")
@@ -128,6 +130,10 @@ class DingTalkAdapter:
         replied = (payload.get("text") or {}).get("repliedMsg") or {}
         meta = {key: str(payload[key]) for key in ("sessionWebhook", "sessionWebhookExpiredTime", "senderStaffId",
                                                    "conversationType") if payload.get(key)}
+        sender = str(payload.get("senderStaffId") or payload.get("senderId") or "")
+        # The callback says whether the sender administers the group (isAdmin); configured admins too.
+        admin = (sender in self._admins or payload.get("isAdmin") is True or direct) if (
+            self._admins or "isAdmin" in payload or direct) else None
         return Incoming(
             platform=self.name,
             chat_id=chat_id,
@@ -135,8 +141,9 @@ class DingTalkAdapter:
             event_id=message_id,
             chat_kind="direct" if direct else "group",
             reply_to=str(replied.get("msgId") or payload.get("originalMsgId") or "") or None,
-            sender_id=str(payload.get("senderStaffId") or payload.get("senderId") or ""),
+            sender_id=sender,
             sender_name=str(payload.get("senderNick", "")),
+            sender_is_admin=admin,
             text=" ".join(text.split()),
             addressed=direct or mentioned,
             images=tuple(ImageRef(code) for code in codes),
@@ -275,6 +282,7 @@ class DingTalkSettings(PlatformSettings):
     path: str = "/dingtalk/events"  # the robot's message receiving address on this server
     allowed_conversations: list[str] = Field(default_factory=list)  # cid... ids; empty: all
     allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
+    admins: list[str] = Field(default_factory=list)  # staff ids that may /forget, besides the group's admins
     online_fix: ClassVar[str] = "check app_key and app_secret in the developer console"
 
     def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
@@ -288,7 +296,7 @@ class DingTalkSettings(PlatformSettings):
         return DingTalkAdapter(
             self.app_key, self.app_secret.get_secret_value(), self.robot_code or self.app_key,
             base_url=self.base_url, legacy_base_url=self.legacy_base_url, path=self.path,
-            allowed_conversations=self.allowed_conversations, allowed_ips=self.allowed_ips,
+            allowed_conversations=self.allowed_conversations, allowed_ips=self.allowed_ips, admins=self.admins,
         )
 
     def findings(self, deployment: Deployment) -> Iterator[Finding]:

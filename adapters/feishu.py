@@ -52,9 +52,11 @@ class FeishuAdapter:
         base_url: str = "https://open.feishu.cn",
         path: str = "/feishu/events",
         allowed_chats: Iterable[str] = (),
+        admins: Iterable[str] = (),
         timeout_s: float = 10,
     ) -> None:
         self._app_id, self._app_secret = app_id, app_secret
+        self._admins = set(admins)  # open_ids that may /forget: the events do not say who administers a group
         self._verification_token = verification_token
         self._encrypt_key = encrypt_key or None
         self._base = base_url.rstrip("/")
@@ -150,6 +152,7 @@ class FeishuAdapter:
         parent = message.get("parent_id") or None  # read back after the acknowledgement (``replied``)
         sender = (event.get("sender") or {}).get("sender_id") or {}
         direct = message.get("chat_type") == "p2p"
+        sender_id = str(sender.get("open_id", ""))
         return Incoming(
             platform=self.name,
             chat_id=chat_id,
@@ -158,7 +161,8 @@ class FeishuAdapter:
             chat_kind="direct" if direct else "group",
             thread_id=message.get("thread_id") or None,
             reply_to=parent,
-            sender_id=str(sender.get("open_id", "")),
+            sender_id=sender_id,
+            sender_is_admin=(direct or sender_id in self._admins) if self._admins or direct else None,
             text=" ".join(text.split()),
             addressed=direct or mentioned,
             images=tuple(ImageRef(f"{message_id}/{key}") for key in image_keys),
@@ -355,6 +359,7 @@ class FeishuSettings(PlatformSettings):
     base_url: str = "https://open.feishu.cn"  # Lark: "https://open.larksuite.com"
     path: str = "/feishu/events"  # where the event subscription's request URL points on this server
     allowed_chats: list[str] = Field(default_factory=list)  # oc_... ids; empty: every chat the bot is in
+    admins: list[str] = Field(default_factory=list)  # open_ids that may /forget; empty: anyone (it asks first)
     online_fix: ClassVar[str] = "check app_id and app_secret in the developer console"
 
     def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
@@ -369,7 +374,7 @@ class FeishuSettings(PlatformSettings):
         return FeishuAdapter(
             self.app_id, self.app_secret.get_secret_value(), self.verification_token.get_secret_value(),
             encrypt_key=self.encrypt_key.get_secret_value() if self.encrypt_key else None,
-            base_url=self.base_url, path=self.path, allowed_chats=self.allowed_chats,
+            base_url=self.base_url, path=self.path, allowed_chats=self.allowed_chats, admins=self.admins,
         )
 
     def findings(self, deployment: Deployment) -> Iterator[Finding]:

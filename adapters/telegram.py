@@ -43,14 +43,6 @@ MAX_TEXT = 4096  # characters per Telegram message
 MAX_DOWNLOAD = 20 * 2**20  # the Bot API's download limit
 WEBHOOK_PATH = "/telegram/webhook"
 _SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
-HELP = """I answer questions about images.
-- Post a screenshot with @{bot} and your question in the caption.
-- Reply to an image (or to my answer) and mention @{bot} to ask about it; replies to my answers need no mention.
-- /ask <question> asks about the latest image here.
-- /images lists the images I remember here; /use N makes the next questions about image N.
-- /forget deletes what I stored for this chat (group admins only).
-- /status says which model answers and how many questions are waiting.
-- In a private chat, just send the image and the question."""
 _T = TypeVar("_T")
 _TYPING_LASTS_S = 4.0
 _NOT_FOR_US = "(a command for another bot)"  # a chat action shows for 5 s at most: renew it before then
@@ -242,21 +234,10 @@ class TelegramAdapter:
             log.info("telegram chat %s is not in allowed_chats: message ignored", chat_id)
             return
         command = self._command(message)
-        if command in ("/help", "/start"):
-            await self._say(message, HELP.format(bot=self._me.username))
-            return
-        if command == "/status":
-            status = await self._host.status()
-            await self._say(message, f"Model: {status.model} ({status.engine}). Questions being answered: "
-                                     f"{status.running}; waiting: {status.queued}.")
-            return
         if command == _NOT_FOR_US:
             return
-        if command in ("/images", "/use", "/forget"):  # the daemon's own chat commands, for every platform
+        if command not in (None, "/ask"):  # the daemon answers every command (bot.commands)
             await self._host.accept(self._incoming(message, event_id=str(update.update_id), addressed=True))
-            return
-        if command not in (None, "/ask"):
-            await self._say(message, f"I don't know {command}. /help says what I understand.")
             return
         if message.media_group_id:
             self._gather(str(message.media_group_id), update.update_id, message)
@@ -315,6 +296,7 @@ class TelegramAdapter:
             sender_name=(sender.full_name if sender else getattr(message.sender_chat, "title", None)) or "",
             text=text,
             addressed=(direct or mentioned or to_bot) if addressed is None else addressed,
+            command=command if (command := self._command(message)) not in (None, "/ask", _NOT_FOR_US) else "",
             images=_images(message),
             received_at=message.date.timestamp(),
         )
@@ -358,15 +340,6 @@ class TelegramAdapter:
             log.warning("telegram chat %s: cannot check admin rights: %s", incoming.chat_id, exc)
             return False
         return member.status in ("creator", "administrator")
-
-    async def _say(self, message: Any, text: str) -> None:
-        """A direct reply that is not an answer (help, unknown command): not stored, not a job."""
-        from telegram.error import TelegramError
-
-        try:
-            await message.reply_text(text, do_quote=True)
-        except TelegramError as exc:
-            log.warning("telegram chat %s: reply not sent: %s", message.chat.id, exc)
 
     async def download(self, image: ImageRef) -> bytes:
         from telegram.error import TelegramError

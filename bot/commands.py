@@ -1,4 +1,7 @@
-"""Chat commands every platform shares: /images, /use N, /forget, /help.
+"""Chat commands, for every platform: /help (/start), /status, /images, /use N, /forget.
+
+Adapters only report a command (``Incoming.command``, where their platform marks one) and whether
+the sender may administer the chat; every answer is made here, one help text for all.
 
 A command is answered at once, through the outbox like an answer. ``/use N`` is stored as a
 message of its own carrying image N, so the context rules (the latest image in the thread or the
@@ -11,17 +14,19 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from adapters.base import Incoming
+from adapters.base import Incoming, Status
 from bot.store import Store, StoredMessage
 
-__all__ = ["COMMANDS", "Command", "parse"]
+__all__ = ["COMMANDS", "HELP", "Command", "Commands", "parse", "status_text"]
 
-COMMANDS = ("/images", "/use", "/forget", "/help")
+COMMANDS = ("/images", "/use", "/forget", "/help", "/start", "/status")
 HELP = """I answer questions about images.
-- Post a screenshot and mention me with your question; reply to my answer to follow up.
-- /images lists the images I remember here, numbered.
-- /use N makes your next questions here about image N.
-- /forget deletes what I stored for this chat (asks first).
+- Post a screenshot and mention me with your question; reply to my answer to follow up (no mention needed).
+- Reply to an image and mention me to ask about that one; in a direct chat, just send the image and the question.
+- /ask <question> asks about the latest image here (Telegram).
+- /images lists the images I remember here, numbered; /use N makes your next questions here about image N.
+- /forget deletes what I stored for this chat (the chat's admins; it asks first).
+- /status says which model answers and how many questions are waiting.
 - /help shows this."""
 _LISTED = 10  # the images of the newest this many messages with images
 _FORGET_CONFIRM_S = 300.0
@@ -33,11 +38,17 @@ class Command:
     argument: str
 
 
-def parse(text: str) -> Command | None:
-    """``/name args`` when the text starts with one of ``COMMANDS`` (``/name@bot`` too)."""
+def parse(text: str, marked: str = "") -> Command | None:
+    """``/name args`` when the text starts with one of ``COMMANDS`` (``/name@bot`` too), or with
+    ``marked``, a command the platform marked as one (then any name: an unknown one is answered so)."""
     head, _, rest = text.strip().partition(" ")
     name = head.split("@", 1)[0].lower()
-    return Command(name, rest.strip()) if name in COMMANDS else None
+    return Command(name, rest.strip()) if name in COMMANDS or (marked and name == marked) else None
+
+
+def status_text(status: Status) -> str:
+    return (f"Model: {status.model} ({status.engine}). Questions being answered: {status.running}; "
+            f"waiting: {status.queued}.")
 
 
 class Commands:

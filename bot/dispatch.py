@@ -22,7 +22,7 @@ from adapters.base import (
 )
 from bot.admission import Admission, busy
 from bot.commands import HELP as COMMANDS_HELP
-from bot.commands import Command, Commands
+from bot.commands import Command, Commands, status_text
 from bot.commands import parse as parse_command
 from bot.context import OWN, resolve
 from bot.files import ImageFiles
@@ -145,7 +145,8 @@ class Dispatcher:
         inline = [image.data for image in incoming.images if image.data is not None]
         # Defer what must be downloaded or read back from the platform, and what must wait its turn
         # behind that in its chat: the platform gets its acknowledgement now either way.
-        if len(inline) < len(incoming.images) or (self._deferred.get(key) and not inline) or unknown_parent:
+        if (len(inline) < len(incoming.images) or (self._deferred.get(key) and not inline) or unknown_parent
+                or self._asks_platform(incoming)):
             inbox_id = await self._store.record_pending(incoming)
             if inbox_id is None:  # the same event raced in twice
                 return await self._store.find_accepted(incoming) or Accepted(
@@ -255,7 +256,7 @@ class Dispatcher:
 
     async def _take_in(self, incoming: Incoming, images: Sequence[ImageInfo], *, inbox_id: int | None = None,
                        problems: Sequence[str] = (), refuse_when_busy: bool = False) -> Accepted:
-        command = parse_command(incoming.text) if incoming.addressed and incoming.platform != API else None
+        command = self._parsed(incoming)
         if command is not None:
             return await self._command(incoming, images, command, inbox_id)
         job = None
@@ -303,8 +304,12 @@ class Dispatcher:
         elif name == "/forget":
             reply = ("This deletes everything I stored for this chat: its messages, images and my answers. "
                      "Send /forget yes within 5 minutes to confirm.")
-        else:
+        elif name == "/status":
+            reply = status_text(await self.status())
+        elif name in ("/help", "/start"):
             reply = COMMANDS_HELP
+        else:  # a command the platform marked, that imsight does not have
+            reply = f"I don't know {name}. /help says what I understand."
         job = NewJob((), {"command": name}, reply=reply)
         accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
         log.info("%s chat %s message %s: command %s answered", incoming.platform, incoming.chat_id,
@@ -313,10 +318,24 @@ class Dispatcher:
         return accepted
 
     async def _may_administer(self, incoming: Incoming) -> bool:
+        if incoming.sender_is_admin is not None:  # the event (or the configured admins) said
+            return incoming.sender_is_admin
         adapter = self._adapters.get(incoming.platform)
-        if isinstance(adapter, Moderated):
+        if isinstance(adapter, Moderated):  # asked in intake, after the acknowledgement (see _accept)
             return await adapter.is_admin(incoming)
-        return True  # the platform names no admins (Feishu, DingTalk): /forget asks for a confirmation
+        return True  # nobody names admins here: /forget still asks for a confirmation
+
+    def _asks_platform(self, incoming: Incoming) -> bool:
+        """An admin command whose sender's rights only the platform can tell: a call to make after the ack."""
+        command = self._parsed(incoming)
+        return (command is not None and command.name == "/forget" and incoming.sender_is_admin is None
+                and isinstance(self._adapters.get(incoming.platform), Moderated))
+
+    @staticmethod
+    def _parsed(incoming: Incoming) -> Command | None:
+        if not incoming.addressed or incoming.platform == API:
+            return None
+        return parse_command(incoming.text, incoming.command)
 
     def _check_and_keep(self, blobs: list[bytes]) -> list[ImageInfo]:
         """Decode every image (CPU work, so on a thread), then write them: all or, if one is bad, none."""

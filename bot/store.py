@@ -568,7 +568,7 @@ def _incoming_json(incoming: Incoming) -> dict[str, Any]:
         "reply_to": incoming.reply_to, "sender_id": incoming.sender_id, "sender_name": incoming.sender_name,
         "text": incoming.text, "addressed": incoming.addressed, "meta": dict(incoming.meta),
         "image_refs": [image.ref for image in incoming.images], "received_at": incoming.received_at,
-        "fingerprint": incoming.fingerprint,
+        "fingerprint": incoming.fingerprint, "command": incoming.command, "sender_is_admin": incoming.sender_is_admin,
     }
 
 

@@ -78,7 +78,7 @@ class FakeDingTalk:
 
 def callback(fake: FakeDingTalk, msg_id: str, *, text: str | None = None, picture: str | None = None,
              rich: tuple[str, str] | None = None, group: bool = True, at_bot: bool = True,
-             webhook_expires_ms: int | None = None) -> dict[str, Any]:
+             webhook_expires_ms: int | None = None, admin: bool | None = None) -> dict[str, Any]:
     """A robot message as DingTalk posts it (PROTOCOLS.md §2.3)."""
     now = int(time.time() * 1000)
     payload: dict[str, Any] = {
@@ -89,6 +89,8 @@ def callback(fake: FakeDingTalk, msg_id: str, *, text: str | None = None, pictur
         "sessionWebhook": f"{fake.url}/robot/sendBySession?session=s-{msg_id}",
         "sessionWebhookExpiredTime": webhook_expires_ms if webhook_expires_ms is not None else now + 5_400_000,
     }
+    if admin is not None:
+        payload["isAdmin"] = admin
     if text is not None:
         payload["msgtype"], payload["text"] = "text", {"content": (" " if group else "") + text}
     elif picture is not None:

@@ -38,6 +38,7 @@ class FakeTelegram:
         self.fail_next: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.webhook: dict[str, Any] | None = None
         self.admins: set[int] = set()  # user ids getChatMember reports as administrators
+        self.members_held: asyncio.Event | None = None  # set: getChatMember answers only once it is set
         self._update_ids = itertools.count(1000)
         self._message_ids = itertools.count(9000)
         self.url = ""
@@ -119,6 +120,8 @@ class FakeTelegram:
         return message
 
     async def _getChatMember(self, params: Mapping[str, Any]) -> Any:
+        if self.members_held is not None:
+            await self.members_held.wait()
         user = int(params["user_id"])
         status = "administrator" if user in self.admins else "member"
         member: dict[str, Any] = {"status": status, "user": {"id": user, "is_bot": False, "first_name": "U"}}

@@ -150,6 +150,23 @@ async def test_images_and_use_commands(fake, daemon, http):
     assert done[-1]["used_images"] == [sha256(SHOT)]
 
 
+async def test_forget_follows_what_dingtalk_says_of_the_sender_and_the_configured_admins(fake, daemon, http):
+    config = dingtalk_config(fake)
+    config["dingtalk"]["admins"] = ["boss01"]
+    async with daemon(adapters=config) as d:
+        await deliver(http, d, callback(fake, "f1", text="/forget", admin=False))  # a member, says DingTalk
+        await answered(d, http, 1)
+        await deliver(http, d, callback(fake, "f2", text="/forget", admin=True))  # the group's admin
+        await answered(d, http, 2)
+        boss = callback(fake, "f3", text="/forget")  # no isAdmin, but a configured admin
+        boss["senderStaffId"] = "boss01"
+        await deliver(http, d, boss)
+        await answered(d, http, 3)
+    texts = [p["markdown"]["text"] for p in fake.webhook_posts]
+    assert "Only the group's admins" in texts[0]
+    assert "Send /forget yes" in texts[1] and "Send /forget yes" in texts[2]
+
+
 async def test_readyz_reports_dingtalk_while_its_api_fails(fake, daemon, http):
     async with daemon(adapters=dingtalk_config(fake)) as d:
         assert (await get(http, d.url, "/readyz"))[1]["checks"]["dingtalk"] is True

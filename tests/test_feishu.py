@@ -206,6 +206,15 @@ async def test_chat_commands_list_images_and_forget_after_confirmation(fake, dae
     assert helpers.counts(data_dir)["files"] == 0
 
 
+async def test_forget_is_for_the_configured_admins_when_there_are_some(fake, daemon, http):
+    config = feishu_config(fake)
+    config["feishu"]["admins"] = ["ou_boss"]
+    async with daemon(adapters=config) as d:
+        await deliver(http, d, event("om_f1", text="/forget", mention_bot=True))  # from ou_ann
+        await answered(d, http, 1)
+    assert "Only the group's admins" in text_of(fake.replies[0])
+
+
 async def test_readyz_reports_feishu_while_its_api_fails(fake, daemon, http):
     async with daemon(adapters=feishu_config(fake)) as d:
         assert (await get(http, d.url, "/readyz"))[1]["checks"]["feishu"] is True

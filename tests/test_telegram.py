@@ -262,9 +262,10 @@ async def test_commands_help_ask_and_commands_for_other_bots(fake, daemon, http)
         assert fake.text_of(2) == f"Model: {model} (transformers). Questions being answered: 0; waiting: 0."
         fake.push(message(4, photo="shot"))  # posted without a question (privacy mode off)
         fake.push(command(5, "/ask what is on the screenshot?"))
-        done = await answered(d, http, 1)
+        done = await answered(d, http, 4)  # the three commands' replies (they are the daemon's now), and this
         status, body = await get(http, d.url, f"/api/v1/history/telegram/{GROUP['id']}")
-    assert status == 200 and done[0]["used_images"] == [sha256(SHOT)]
+    asked = next(a for a in done if a["answers"] == "5")
+    assert status == 200 and asked["used_images"] == [sha256(SHOT)]
     questions = [m for m in body["messages"] if m["message_id"] == "5"]
     assert questions[0]["text"] == "what is on the screenshot?"
     assert "2" not in [m["message_id"] for m in body["messages"]] and len(fake.sent) == 4
@@ -517,3 +518,27 @@ async def test_polling_stops_before_answers_drain(fake, daemon, http):
     async with daemon(**sections) as d:
         done = await answered(d, http, 2)
     assert sorted(a["answers"] for a in done) == ["801", "802"]
+
+
+async def test_admin_rights_are_asked_of_telegram_after_the_webhook_is_answered(fake, daemon, http):
+    """Who administers a group is a getChatMember call: made in intake, after Telegram heard 200."""
+    import asyncio
+
+    config = telegram_config(fake, mode="webhook", webhook_url="https://bot.example.com/telegram/webhook",
+                             secret_token="s3cret-token")
+    fake.members_held = asyncio.Event()
+    async with daemon(adapters=config) as d:
+        m = message(41, text="/forget")
+        m["entities"] = [{"type": "bot_command", "offset": 0, "length": len("/forget")}]
+
+        async def post() -> int:
+            async with http.post(f"{d.url}/telegram/webhook", json={"update_id": 7, "message": m},
+                                 headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"}) as resp:
+                return resp.status
+
+        assert await asyncio.wait_for(post(), 2) == 200
+        await eventually(lambda: "getChatMember" in fake.calls)
+        assert fake.sent == []
+        fake.members_held.set()
+        await eventually(lambda: fake.results)
+    assert "Only the group's admins" in fake.text_of(0)

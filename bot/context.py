@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from adapters.base import Incoming
+from bot.job_context import About, JobContext
 from bot.store import JobRecord, NewJob, Store, StoredMessage
 
 __all__ = ["Resolution", "resolve"]
@@ -19,17 +19,14 @@ class Resolution:
     images: tuple[str, ...]
     turns: tuple[int, ...]  # message rows of earlier questions and answers, oldest first
     # Who posted the images and when, when that was not the question's own message.
-    about: dict[str, Any] | None = None
+    about: About | None = None
 
     def as_job(self) -> NewJob:
-        context: dict[str, Any] = {"rule": self.rule, "turns": list(self.turns)}
-        if self.about is not None:
-            context["about"] = self.about
-        return NewJob(self.images, context)
+        return NewJob(self.images, JobContext(rule=self.rule, turns=self.turns, about=self.about))
 
 
-def _about(message: StoredMessage) -> dict[str, Any]:
-    return {"sender_name": message.sender_name or message.sender_id, "created_at": message.created_at}
+def _about(message: StoredMessage) -> About:
+    return About(message.sender_name or message.sender_id, message.created_at)
 
 
 async def resolve(
@@ -41,7 +38,7 @@ async def resolve(
     def turns_after(job: JobRecord | None, answer_row: int | None) -> tuple[int, ...]:
         if job is None or answer_row is None or keep == 0:
             return ()
-        earlier = tuple(job.context.get("turns", ()))
+        earlier = job.context.turns
         return (*earlier, job.question.row, answer_row)[-keep:]
 
     async def with_history(rule: int, images: tuple[str, ...], source: StoredMessage | None) -> Resolution:
@@ -60,14 +57,14 @@ async def resolve(
         if replied is not None:
             job = await store.job_of(replied)
             if replied.role == "bot" and job is not None and job.images:
-                about = job.context.get("about") or _about(job.question)
+                about = job.context.about or _about(job.question)
                 return Resolution(REPLY, job.images, turns_after(job, replied.row), about)
             if replied.images:
                 answer = await store.answer_row(job.id) if job else None
                 return Resolution(REPLY, replied.images, turns_after(job, answer), _about(replied))
             if job is not None and job.images:
                 answer = await store.answer_row(job.id)
-                about = job.context.get("about") or _about(job.question)
+                about = job.context.about or _about(job.question)
                 return Resolution(REPLY, job.images, turns_after(job, answer), about)
 
     # 3. Images posted earlier in the same thread or topic.

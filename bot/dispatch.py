@@ -26,6 +26,7 @@ from bot.commands import Command, Commands, status_text
 from bot.commands import parse as parse_command
 from bot.context import OWN, resolve
 from bot.files import ImageFiles
+from bot.job_context import JobContext
 from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.retry import with_retries
@@ -262,7 +263,7 @@ class Dispatcher:
         job = None
         if incoming.addressed and problems and not images:
             # The asker sent images and none could be taken: say so, rather than answer about another one.
-            job = NewJob((), {"rule": OWN, "turns": [], "image_problems": list(problems)})
+            job = NewJob((), JobContext(rule=OWN, image_problems=tuple(problems)))
         elif incoming.addressed:
             resolution = await resolve(
                 self._store, incoming, tuple(i.sha256 for i in images),
@@ -310,7 +311,7 @@ class Dispatcher:
             reply = COMMANDS_HELP
         else:  # a command the platform marked, that imsight does not have
             reply = f"I don't know {name}. /help says what I understand."
-        job = NewJob((), {"command": name}, reply=reply)
+        job = NewJob((), JobContext(command=name), reply=reply)
         accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
         log.info("%s chat %s message %s: command %s answered", incoming.platform, incoming.chat_id,
                  incoming.message_id, name)

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
-from adapters.base import Adapter, Reply
+from adapters.base import Adapter
 from bot.metrics import Metrics
 from bot.store import OutgoingReply, Store
 from bot.watch import JobWatch
@@ -121,8 +121,7 @@ class Outbox:
     async def _send(self, reply: OutgoingReply) -> None:
         job, q = reply.job, reply.job.question
         notice = reply.kind != "answer"
-        out = Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, reply.text, job.images,
-                    failed=reply.failed, meta=q.meta, notice=notice, draft_id=None if notice else job.draft_id)
+        out = job.reply(reply.text, failed=reply.failed, notice=notice)
         try:
             adapter = self._adapters.get(q.platform)
             if adapter is None:

@@ -12,9 +12,10 @@ from typing import Any
 
 import aiosqlite
 
-from adapters.base import Accepted, HistoryEntry, ImageRef, Incoming, JobView
+from adapters.base import Accepted, HistoryEntry, ImageRef, Incoming, JobView, Reply
 from bot.admission import Admission, busy, busy_reply
 from bot.database import conditions, conversation_key, split_shas
+from bot.job_context import JobContext
 from bot.store_retention import Purged, RetentionQueries
 from core.errors import Conflict
 from core.images import ImageInfo
@@ -50,7 +51,7 @@ class NewJob:
     """A question's resolved context, to be queued with it."""
 
     images: tuple[str, ...]
-    context: dict[str, Any] = field(default_factory=dict)
+    context: JobContext = field(default_factory=JobContext)
     reply: str | None = None  # answered already (a chat command): goes straight to the outbox
 
 
@@ -63,9 +64,15 @@ class JobRecord:
     attempts: int
     question: StoredMessage
     images: tuple[str, ...]
-    context: dict[str, Any]
+    context: JobContext
     answer: str | None
     draft_id: str | None = None  # the placeholder the platform shows while it is answered
+
+    def reply(self, text: str, *, failed: bool = False, notice: bool = False) -> Reply:
+        """``text`` as this job's reply to its question: the one way a ``Reply`` is made."""
+        q = self.question
+        return Reply(q.platform, q.chat_id, self.id, q.message_id, q.thread_id, text, self.images, failed=failed,
+                     meta=q.meta, notice=notice, draft_id=None if notice else self.draft_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,16 +142,9 @@ class Store(RetentionQueries):
 
     async def record_pending(self, incoming: Incoming) -> int | None:
         """Commit an event whose images are still to be downloaded; None if it came before."""
-        payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
         try:
             async with self._write() as db:
-                cursor = await db.execute(
-                    "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (incoming.platform, _event_id(incoming), incoming.chat_id, incoming.message_id, payload,
-                     incoming.received_at),
-                )
-                return cursor.lastrowid
+                return await _insert_inbox(db, incoming, processed_at=None)
         except sqlite3.IntegrityError:
             return None
 
@@ -169,13 +169,7 @@ class Store(RetentionQueries):
         try:
             async with self._write() as db:
                 if inbox_id is None:
-                    payload = json.dumps(_incoming_json(incoming), ensure_ascii=False)
-                    await db.execute(
-                        "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at, "
-                        "processed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (incoming.platform, _event_id(incoming), incoming.chat_id, incoming.message_id, payload,
-                         incoming.received_at, now),
-                    )
+                    await _insert_inbox(db, incoming, processed_at=now)
                 else:
                     await db.execute("UPDATE inbox SET processed_at = ? WHERE id = ?", (now, inbox_id))
                 if images:
@@ -201,7 +195,7 @@ class Store(RetentionQueries):
                     await db.execute(
                         "INSERT INTO jobs (id, question, conversation, status, context, created_at, refused, error, "
                         "answer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job_id, row, conversation, status, json.dumps(job.context), now,
+                        (job_id, row, conversation, status, job.context.to_json(), now,
                          refused, f"refused: {refused}" if refused else None, job.reply),
                     )
                     if refused or job.reply is not None:
@@ -373,8 +367,8 @@ class Store(RetentionQueries):
         j = rows[0]
         (question,) = await self.messages_by_row([j["question"]])
         return JobRecord(
-            j["id"], j["status"], j["attempts"], question, split_shas(j["shas"]), json.loads(j["context"]), j["answer"],
-            j["draft_message_id"],
+            j["id"], j["status"], j["attempts"], question, split_shas(j["shas"]), JobContext.from_json(j["context"]),
+            j["answer"], j["draft_message_id"],
         )
 
     async def job_view(self, job_id: str) -> JobView | None:
@@ -558,6 +552,17 @@ def _event_id(incoming: Incoming) -> str:
     Event ids are unique per platform: two id-less messages must not count as one event.
     """
     return incoming.event_id or f"message:{incoming.chat_id}:{incoming.message_id}"
+
+
+async def _insert_inbox(db: aiosqlite.Connection, incoming: Incoming, *, processed_at: float | None) -> int | None:
+    """The event's inbox row (a duplicate event id raises IntegrityError); ``processed_at`` None: pending."""
+    cursor = await db.execute(
+        "INSERT INTO inbox (platform, event_id, chat_id, message_id, payload, received_at, processed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (incoming.platform, _event_id(incoming), incoming.chat_id, incoming.message_id,
+         json.dumps(_incoming_json(incoming), ensure_ascii=False), incoming.received_at, processed_at),
+    )
+    return cursor.lastrowid
 
 
 def _incoming_json(incoming: Incoming) -> dict[str, Any]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-from adapters.base import Adapter, Drafting, Reply
+from adapters.base import Adapter, Drafting
 from bot.files import ImageFiles
+from bot.job_context import JobContext
 from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.store import JobRecord, Store
@@ -163,14 +165,14 @@ class Workers:
                  time.monotonic() - started, q.platform, q.chat_id)
 
     async def _ask(self, job: JobRecord) -> str:
-        if problems := job.context.get("image_problems"):
-            if str(problems[0]).startswith(NOT_AN_IMAGE):
+        if problems := job.context.image_problems:
+            if problems[0].startswith(NOT_AN_IMAGE):
                 return f"I could not read the file you sent as an image. {FORMATS_NOTE}"
             return f"I could not take the image you sent ({problems[0]}). Please send it again."
         if not job.images and self._ask_for_image:
             return ASK_FOR_IMAGE
         images = await asyncio.to_thread(self._prepare, job.images)
-        rows = [int(r) for r in job.context.get("turns", ())]
+        rows = list(job.context.turns)
         turns = [
             Turn("assistant" if m.role == "bot" else "user", m.text)
             for m in await self._store.messages_by_row(rows)
@@ -201,8 +203,7 @@ class Workers:
             if not isinstance(adapter, Drafting) or self._outbox.wait_s(q.platform, q.chat_id) > 0:
                 return  # a draft is best effort: skipped while the platform asked this chat to wait
             try:
-                shown = await adapter.draft(Reply(q.platform, q.chat_id, job.id, q.message_id, q.thread_id, text,
-                                                  job.images, meta=q.meta, draft_id=draft_id))
+                shown = await adapter.draft(dataclasses.replace(job.reply(text), draft_id=draft_id))
                 if shown is not None and shown != draft_id:
                     draft_id = shown
                     await self._store.drafted(job.id, shown)
@@ -221,11 +222,9 @@ class Workers:
             raise EngineError(f"a stored image is missing: {exc}") from exc
 
 
-def _with_about(answer: str, context: Mapping[str, object]) -> str:
+def _with_about(answer: str, context: JobContext) -> str:
     """Say which image the answer is about when it was not in the question's own message."""
-    about = context.get("about")
-    if not isinstance(about, dict):
+    if context.about is None:
         return answer
-    when = time.strftime("%H:%M", time.localtime(float(about.get("created_at", 0))))
-    who = about.get("sender_name") or "someone"
-    return f"About the image {who} posted at {when}: {answer}"
+    when = time.strftime("%H:%M", time.localtime(context.about.created_at))
+    return f"About the image {context.about.sender_name or 'someone'} posted at {when}: {answer}"

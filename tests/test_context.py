@@ -63,7 +63,7 @@ async def test_rule1_images_in_the_question_itself(store):
     _, got = await chat.post(images=[B, C], text="What are these?", reply_to=old)
     assert got.rule == OWN
     assert got.images == (sha256(B), sha256(C))
-    assert "about" not in got.as_job().context  # no "About the image..." prefix for its own images
+    assert got.as_job().context.about is None  # no "About the image..." prefix for its own images
 
 
 async def test_rule2_images_of_the_replied_to_message(store):
@@ -72,7 +72,7 @@ async def test_rule2_images_of_the_replied_to_message(store):
     await chat.post(images=[B], sender="bob")
     _, got = await chat.post(text="And this one?", reply_to=old, sender="bob")
     assert (got.rule, got.images) == (REPLY, (sha256(A),))
-    assert got.about["sender_name"] == "Ann"
+    assert got.about.sender_name == "Ann"
 
 
 async def test_rule2_reply_to_a_bot_answer_brings_its_images_and_the_thread_so_far(store):
@@ -116,7 +116,7 @@ async def test_rule4_latest_image_of_the_same_sender_then_anyones_within_the_win
     _, carol = await chat.post(text="Anyone's?", sender="carol")
     assert (mine.rule, mine.images) == (RECENT, (sha256(A),))
     assert (carol.rule, carol.images) == (RECENT, (sha256(B),))
-    assert carol.about["sender_name"] == "Bob"
+    assert carol.about.sender_name == "Bob"
 
 
 async def test_rule4_earlier_questions_about_the_same_image_come_along(store):

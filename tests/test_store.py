@@ -199,3 +199,13 @@ async def test_a_replayed_event_stays_a_duplicate_after_its_chat_was_forgotten(s
     with sqlite3.connect(tmp_path / "imsight.db") as db:  # only ids are left of it
         assert db.execute("SELECT payload FROM inbox").fetchall() == [("{}",)]
     assert await store.drop_tombstones(time.time() + 1) == 1
+
+
+def test_a_job_context_round_trips_and_reads_rows_written_before_its_fields():
+    from bot.job_context import About, JobContext
+
+    context = JobContext(rule=2, turns=(4, 5), about=About("Ann", 1700000000.0), image_problems=("too big",))
+    assert JobContext.from_json(context.to_json()) == context
+    assert JobContext.from_json('{"rule": 1, "turns": []}') == JobContext(rule=1)  # an older row
+    assert JobContext.from_json('{"command": "/help"}').command == "/help"
+    assert '"turns": []' in JobContext(command="/help").to_json()  # retention's json_each reads it

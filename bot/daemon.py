@@ -267,7 +267,7 @@ async def _stop_intake(adapters: Sequence[Adapter], dispatcher: Dispatcher) -> N
 
 async def _stored(store: Store) -> dict[str, float]:
     queued, running = await store.queue_counts()
-    images, image_bytes = await store.image_stats()
+    images, image_bytes = await store.retention.image_stats()
     return {"queued": queued, "running": running, "images": images, "image_bytes": image_bytes}
 
 

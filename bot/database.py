@@ -39,9 +39,9 @@ class Database:
             await conn.execute("PRAGMA synchronous = FULL")
             await conn.execute("PRAGMA foreign_keys = ON")
             await conn.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s * 1000)}")
-            store = cls(conn)
-            await store._migrate()
-            yield store
+            db = cls(conn)
+            await db._migrate()
+            yield db
 
     async def _migrate(self) -> None:
         await self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -56,7 +56,7 @@ class Database:
             )
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
         """One transaction: all of it is committed, or none of it.
 
         BEGIN, COMMIT and ROLLBACK run to the end even when the task is cancelled meanwhile (a stop
@@ -82,9 +82,15 @@ class Database:
                     raise StoreUnavailable(f"history store refused a write: {exc}") from exc
                 raise
 
-    async def _rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
+    async def rows(self, sql: str, *args: Any) -> list[aiosqlite.Row]:
         async with self._lock:
             return list(await self._conn.execute_fetchall(sql, args))
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection for several reads in a row, no write in between (no transaction)."""
+        async with self._lock:
+            yield self._conn
 
 
 

@@ -390,7 +390,7 @@ class Dispatcher:
             return await self._forget_unlocked(platform, chat_id)
 
     async def _forget_unlocked(self, platform: str, chat_id: str) -> int | None:
-        result = await self._store.forget_chat(platform, chat_id)
+        result = await self._store.retention.forget_chat(platform, chat_id)
         if result is None:
             return None
         await asyncio.to_thread(self._delete_files, result.orphans)

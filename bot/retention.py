@@ -37,7 +37,7 @@ async def purge(
     before: float | None = None,
 ) -> Purged:
     """Delete what the filters match (see ``Store.purge``) and the image files nothing uses any more."""
-    purged = await store.purge(platform=platform, chat_id=chat_id, before=before)
+    purged = await store.retention.purge(platform=platform, chat_id=chat_id, before=before)
     await asyncio.to_thread(_delete, files, purged.orphans)
     return purged
 
@@ -56,7 +56,7 @@ async def sweep_stray_files(store: Store, files: ImageFiles, *, age_s: float = 3
 
     async def settle() -> None:
         nonlocal stray
-        known = await store.known_images([sha for sha, _ in batch if sha is not None])
+        known = await store.retention.known_images([sha for sha, _ in batch if sha is not None])
         doomed = [path for sha, path in batch if sha not in known]
         await asyncio.to_thread(_unlink, doomed)
         stray += len(doomed)
@@ -99,7 +99,7 @@ class Retention:
                 if swept.messages or swept.images:
                     log.info("retention: deleted %d message(s) and %d image file(s)%s", swept.messages,
                              swept.images, f"; kept {swept.kept} an open question needs" if swept.kept else "")
-                await self._store.drop_tombstones(time.time() - _TOMBSTONE_DAYS * _DAY_S)
+                await self._store.retention.drop_tombstones(time.time() - _TOMBSTONE_DAYS * _DAY_S)
                 if stray := await sweep_stray_files(self._store, self._files):
                     log.info("deleted %d stray image file(s) (writes whose message was never stored)", stray)
             except ImsightError:
@@ -112,8 +112,8 @@ class Retention:
             purged = await purge(self._store, self._files, before=time.time() - self._days * _DAY_S)
             messages, images, kept = purged.messages, len(purged.orphans), purged.kept
         for _ in range(_BUDGET_ROUNDS if self._max_bytes else 0):
-            excess = await self._store.image_bytes() - self._max_bytes
-            cutoff = await self._store.cutoff_for(excess) if excess > 0 else None
+            excess = await self._store.retention.image_bytes() - self._max_bytes
+            cutoff = await self._store.retention.cutoff_for(excess) if excess > 0 else None
             if cutoff is None:
                 break
             purged = await purge(self._store, self._files, before=cutoff + 1e-3)

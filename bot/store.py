@@ -6,15 +6,17 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from adapters.base import Accepted, HistoryEntry, ImageRef, Incoming, JobView, Reply
 from bot.admission import Admission, busy, busy_reply
-from bot.database import conditions, conversation_key, split_shas
+from bot.database import Database, conditions, conversation_key, split_shas
 from bot.job_context import JobContext
 from bot.store_retention import Purged, RetentionQueries
 from core.errors import Conflict
@@ -108,14 +110,24 @@ class OutgoingReply:
     attempts: int
 
 
-class Store(RetentionQueries):
-    """All SQL lives here (retention's in ``bot.store_retention``), on one ``Database`` connection."""
+class Store:
+    """All SQL lives here (what deletes: ``retention``, in ``bot.store_retention``), on one ``Database``."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.retention = RetentionQueries(db)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path, *, lock_timeout_s: float = 5.0) -> AsyncIterator[Store]:
+        async with Database.open(path, lock_timeout_s=lock_timeout_s) as db:
+            yield cls(db)
 
     # ---- intake -------------------------------------------------------------------------
 
     async def find_accepted(self, incoming: Incoming) -> Accepted | None:
         """What was made of this event or message when it first came, if it came before."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             "SELECT i.message_id, i.processed_at, i.event_id, "
             f"json_extract(i.payload, '$.fingerprint') AS fingerprint, {_MESSAGE_SHAS} AS shas, "
             "(SELECT id FROM jobs WHERE question = m.id ORDER BY seq LIMIT 1) AS job_id "
@@ -136,21 +148,21 @@ class Store(RetentionQueries):
 
     async def refusal(self, admission: Admission, incoming: Incoming) -> str | None:
         """Why a question would be turned away now (``record`` decides again, in its transaction)."""
-        async with self._lock:
-            return await admission.refusal(self._conn, conversation_key(incoming.platform, incoming.chat_id),
+        async with self._db.reading() as conn:
+            return await admission.refusal(conn, conversation_key(incoming.platform, incoming.chat_id),
                                            incoming.platform, incoming.sender_id, question=incoming.addressed)
 
     async def record_pending(self, incoming: Incoming) -> int | None:
         """Commit an event whose images are still to be downloaded; None if it came before."""
         try:
-            async with self._write() as db:
+            async with self._db.write() as db:
                 return await _insert_inbox(db, incoming, processed_at=None)
         except sqlite3.IntegrityError:
             return None
 
     async def pending(self) -> list[tuple[int, Incoming]]:
         """Events acknowledged but not taken in yet (the daemon stopped mid-download)."""
-        rows = await self._rows("SELECT id, payload FROM inbox WHERE processed_at IS NULL ORDER BY id")
+        rows = await self._db.rows("SELECT id, payload FROM inbox WHERE processed_at IS NULL ORDER BY id")
         return [(r["id"], _incoming_from_json(json.loads(r["payload"]))) for r in rows]
 
     async def record(
@@ -167,7 +179,7 @@ class Store(RetentionQueries):
         conversation = conversation_key(incoming.platform, incoming.chat_id)
         refused = None
         try:
-            async with self._write() as db:
+            async with self._db.write() as db:
                 if inbox_id is None:
                     await _insert_inbox(db, incoming, processed_at=now)
                 else:
@@ -264,7 +276,7 @@ class Store(RetentionQueries):
         return found[0] if found else None
 
     async def _messages(self, where: str, *args: Any) -> list[StoredMessage]:
-        rows = await self._rows(
+        rows = await self._db.rows(
             f"SELECT m.*, {_MESSAGE_SHAS} AS shas FROM messages m WHERE " + where,
             *args,
         )
@@ -294,7 +306,7 @@ class Store(RetentionQueries):
 
     async def chats(self, limit: int) -> list[ChatSummary]:
         """The chats with stored messages, most recently active first."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             "SELECT m.platform, m.chat_id, count(DISTINCT m.id) AS messages, count(DISTINCT mi.sha256) AS images, "
             "max(m.created_at) AS last FROM messages m LEFT JOIN message_images mi ON mi.message = m.id "
             "GROUP BY m.platform, m.chat_id ORDER BY last DESC LIMIT ?", limit)
@@ -302,7 +314,7 @@ class Store(RetentionQueries):
 
     async def questions(self, platform: str, chat_id: str, limit: int) -> list[QuestionView]:
         """A chat's newest ``limit`` questions, oldest first: what was asked, about which images, and the answer."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             f"SELECT * FROM (SELECT q.text, q.sender_name, q.sender_id, q.created_at, j.status, j.error, "
             f"j.finished_at, a.text AS answer, {_JOB_SHAS.format('j.id')} AS used, j.seq "
             "FROM jobs j JOIN messages q ON q.id = j.question "
@@ -315,11 +327,11 @@ class Store(RetentionQueries):
     async def has_chat(self, chat_id: str, platform: str | None = None) -> bool:
         """Whether anything is stored for this chat (of any platform, unless one is named)."""
         where, args = conditions(("chat_id = ?", chat_id), ("platform = ?", platform))
-        return bool(await self._rows(f"SELECT 1 FROM messages WHERE {where} LIMIT 1", *args))
+        return bool(await self._db.rows(f"SELECT 1 FROM messages WHERE {where} LIMIT 1", *args))
 
     async def history(self, platform: str, chat_id: str, limit: int) -> list[HistoryEntry]:
         """The newest ``limit`` messages of a chat, oldest first; answers with what they answer."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             f"SELECT * FROM (SELECT m.*, q.message_id AS answers, {_MESSAGE_SHAS} AS shas, "
             f"{_JOB_SHAS.format('m.job_id')} AS used "
             "FROM messages m LEFT JOIN jobs j ON j.id = m.job_id LEFT JOIN messages q ON q.id = j.question "
@@ -341,14 +353,14 @@ class Store(RetentionQueries):
         """The job a bot message answers, or the (latest) job a user message asked for."""
         if message.job_id is not None:
             return await self.job(message.job_id)
-        rows = await self._rows("SELECT id FROM jobs WHERE question = ? ORDER BY seq DESC LIMIT 1", message.row)
+        rows = await self._db.rows("SELECT id FROM jobs WHERE question = ? ORDER BY seq DESC LIMIT 1", message.row)
         return await self.job(rows[0]["id"]) if rows else None
 
     async def latest_done_job(
         self, platform: str, chat_id: str, images: Sequence[str], thread_id: str | None
     ) -> JobRecord | None:
         """The newest answered question in this chat (and thread) about exactly these images."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             "SELECT j.id FROM jobs j JOIN messages q ON q.id = j.question "
             "WHERE j.conversation = ? AND j.status = 'done' AND (? IS NULL OR q.thread_id = ?) "
             f"AND {_JOB_SHAS.format('j.id')} = ? ORDER BY j.seq DESC LIMIT 1",
@@ -357,11 +369,11 @@ class Store(RetentionQueries):
         return await self.job(rows[0]["id"]) if rows else None
 
     async def answer_row(self, job_id: str) -> int | None:
-        rows = await self._rows("SELECT id FROM messages WHERE job_id = ? AND role = 'bot'", job_id)
+        rows = await self._db.rows("SELECT id FROM messages WHERE job_id = ? AND role = 'bot'", job_id)
         return rows[0]["id"] if rows else None
 
     async def job(self, job_id: str) -> JobRecord | None:
-        rows = await self._rows(f"SELECT *, {_JOB_SHAS.format('id')} AS shas FROM jobs WHERE id = ?", job_id)
+        rows = await self._db.rows(f"SELECT *, {_JOB_SHAS.format('id')} AS shas FROM jobs WHERE id = ?", job_id)
         if not rows:
             return None
         j = rows[0]
@@ -372,7 +384,7 @@ class Store(RetentionQueries):
         )
 
     async def job_view(self, job_id: str) -> JobView | None:
-        rows = await self._rows(
+        rows = await self._db.rows(
             f"SELECT j.*, {_JOB_SHAS.format('j.id')} AS shas, q.platform, q.chat_id, q.message_id AS question_id "
             "FROM jobs j JOIN messages q ON q.id = j.question WHERE j.id = ?", job_id,
         )
@@ -389,7 +401,7 @@ class Store(RetentionQueries):
 
         Not those already answered: their reply is in the outbox and is sent from there.
         """
-        async with self._write() as db:
+        async with self._db.write() as db:
             cursor = await db.execute(
                 "UPDATE jobs SET status = 'queued' WHERE status = 'running' "
                 "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job = jobs.id AND o.kind = 'answer')"
@@ -404,7 +416,7 @@ class Store(RetentionQueries):
         the one served least recently goes first, so a chatty one cannot starve the others.
         """
         now = time.time()
-        async with self._write() as db:
+        async with self._db.write() as db:
             rows = list(await db.execute_fetchall(
                 "WITH heads AS (SELECT conversation, min(seq) AS seq FROM jobs WHERE status = 'queued' "
                 "GROUP BY conversation) "
@@ -434,7 +446,8 @@ class Store(RetentionQueries):
 
     async def waiting_until(self) -> float | None:
         """When the earliest job that is backing off may run again."""
-        rows = await self._rows("SELECT min(not_before) FROM jobs WHERE status = 'queued' AND not_before IS NOT NULL")
+        rows = await self._db.rows(
+            "SELECT min(not_before) FROM jobs WHERE status = 'queued' AND not_before IS NOT NULL")
         return rows[0][0] if rows else None
 
     async def answered(self, job: JobRecord, text: str, *, error: str | None = None) -> None:
@@ -443,7 +456,7 @@ class Store(RetentionQueries):
         The job stays running until the reply is sent: the conversation's next question waits,
         and a crash in between does not run the model again.
         """
-        async with self._write() as db:
+        async with self._db.write() as db:
             await db.execute("UPDATE jobs SET answer = ?, error = ? WHERE id = ?",
                              (None if error else text, error, job.id))
             await self._queue_reply(db, job.id, "answer", conversation_key(job.question.platform, job.question.chat_id),
@@ -451,7 +464,7 @@ class Store(RetentionQueries):
 
     async def retry_later(self, job: JobRecord, delay_s: float, *, notice: str | None) -> None:
         """Put a job back in the queue, not to run for ``delay_s``; tell the asker ``notice`` once."""
-        async with self._write() as db:
+        async with self._db.write() as db:
             await db.execute("UPDATE jobs SET status = 'queued', not_before = ? WHERE id = ?",
                              (time.time() + delay_s, job.id))
             if notice is not None:
@@ -461,7 +474,7 @@ class Store(RetentionQueries):
 
     async def drafted(self, job_id: str, message_id: str) -> None:
         """Keep the id of the placeholder shown while the job is answered."""
-        async with self._write() as db:
+        async with self._db.write() as db:
             await db.execute("UPDATE jobs SET draft_message_id = ? WHERE id = ?", (message_id, job_id))
 
     # ---- outbox -------------------------------------------------------------------------
@@ -484,7 +497,7 @@ class Store(RetentionQueries):
         """
         skipped = ", ".join("?" * len(skip))
         platforms = " AND ".join("substr(o.conversation, 1, ?) != ?" for _ in full)
-        rows = await self._rows(
+        rows = await self._db.rows(
             "SELECT o.* FROM outbox o WHERE o.status = 'pending' AND o.next_at <= ? AND o.id = "
             "(SELECT min(p.id) FROM outbox p WHERE p.conversation = o.conversation AND p.status = 'pending') "
             + (f"AND o.id NOT IN ({skipped}) " if skip else "") + (f"AND {platforms} " if full else "")
@@ -500,7 +513,7 @@ class Store(RetentionQueries):
 
     async def next_reply_at(self) -> float | None:
         """When the earliest conversation's next reply is due."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             "SELECT min(o.next_at) FROM outbox o WHERE o.status = 'pending' AND o.id = "
             "(SELECT min(p.id) FROM outbox p WHERE p.conversation = o.conversation AND p.status = 'pending')")
         return rows[0][0] if rows else None
@@ -509,7 +522,7 @@ class Store(RetentionQueries):
         """Record the platform's id for a sent reply; an answer also closes its job, as the bot's message."""
         job, now = reply.job, time.time()
         q = job.question
-        async with self._write() as db:
+        async with self._db.write() as db:
             await db.execute("UPDATE outbox SET status = 'sent', sent_message_id = ?, sent_at = ?, "
                              "attempts = attempts + 1 WHERE id = ?", (message_id, now, reply.id))
             if reply.kind != "answer":
@@ -525,7 +538,7 @@ class Store(RetentionQueries):
 
     async def reply_failed(self, reply: OutgoingReply, error: str, *, retry_at: float | None) -> None:
         """A send failed: try again at ``retry_at``, or give up (None) and close an answer's job as failed."""
-        async with self._write() as db:
+        async with self._db.write() as db:
             if retry_at is not None:
                 await db.execute("UPDATE outbox SET attempts = attempts + 1, next_at = ?, error = ? WHERE id = ?",
                                  (retry_at, error, reply.id))
@@ -540,7 +553,7 @@ class Store(RetentionQueries):
 
     async def queue_counts(self) -> tuple[int, int]:
         """Jobs waiting and jobs being answered, over all chats."""
-        rows = await self._rows("SELECT count(*) FILTER (WHERE status = 'queued'), "
+        rows = await self._db.rows("SELECT count(*) FILTER (WHERE status = 'queued'), "
                                 "count(*) FILTER (WHERE status = 'running') FROM jobs")
         return int(rows[0][0]), int(rows[0][1])
 

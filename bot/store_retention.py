@@ -21,15 +21,19 @@ class Purged:
     orphans: list[str]  # SHA-256 of images no message or job refers to any more: delete their files
 
 
-class RetentionQueries(Database):
-    """What ``Store`` deletes. Nothing an open question needs: its message, images and earlier turns."""
+class RetentionQueries:
+    """What ``Store`` deletes (``Store.retention``). Nothing an open question needs: its message,
+    images and earlier turns."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def forget_chat(self, platform: str, chat_id: str) -> Purged | None:
         """Delete a chat's messages, jobs, replies and inbox entries (``purge``).
 
         ``None``, and nothing deleted, while a question of the chat is open: it still needs them.
         """
-        open_jobs = await self._rows(
+        open_jobs = await self._db.rows(
             f"SELECT count(*) FROM ({_OPEN_JOBS}) o JOIN jobs j ON j.id = o.id JOIN messages q ON q.id = j.question "
             "WHERE q.platform = ? AND q.chat_id = ?", platform, chat_id)
         if open_jobs[0][0]:
@@ -47,7 +51,7 @@ class RetentionQueries(Database):
         """
         where, args = conditions(("m.platform = ?", platform), ("m.chat_id = ?", chat_id),
                                  ("m.created_at < ?", before))
-        async with self._write() as db:
+        async with self._db.write() as db:
             await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id INTEGER PRIMARY KEY)")
             await db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed_jobs (id TEXT PRIMARY KEY)")
             await db.execute("DELETE FROM doomed")
@@ -95,27 +99,27 @@ class RetentionQueries(Database):
         if not shas:
             return set()
         marks = ",".join("?" * len(shas))
-        return {r[0] for r in await self._rows(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", *shas)}
+        return {r[0] for r in await self._db.rows(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", *shas)}
 
     async def drop_tombstones(self, before: float) -> int:
         """Forget the ids of purged events received before ``before`` (platforms redeliver for hours, not days)."""
-        async with self._write() as db:
+        async with self._db.write() as db:
             cursor = await db.execute("DELETE FROM inbox WHERE payload = '{}' AND received_at < ?", (before,))
             return int(cursor.rowcount)
 
     async def image_stats(self) -> tuple[int, int]:
         """How many distinct images are stored, and their bytes."""
-        rows = await self._rows("SELECT count(*), coalesce(sum(size), 0) FROM images")
+        rows = await self._db.rows("SELECT count(*), coalesce(sum(size), 0) FROM images")
         return int(rows[0][0]), int(rows[0][1])
 
     async def image_bytes(self) -> int:
-        rows = await self._rows("SELECT coalesce(sum(size), 0) FROM images")
+        rows = await self._db.rows("SELECT coalesce(sum(size), 0) FROM images")
         return int(rows[0][0])
 
     async def cutoff_for(self, excess: int) -> float | None:
         """The time before which the oldest messages' images add up to ``excess`` bytes (shared images
         counted at each message: an overestimate of what deleting them frees)."""
-        rows = await self._rows(
+        rows = await self._db.rows(
             "SELECT created_at FROM (SELECT m.created_at, sum(i.size) OVER (ORDER BY m.created_at, m.id) AS total "
             "FROM message_images mi JOIN messages m ON m.id = mi.message JOIN images i ON i.sha256 = mi.sha256) "
             "WHERE total >= ? ORDER BY created_at LIMIT 1", excess)

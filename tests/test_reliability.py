@@ -153,7 +153,7 @@ async def test_a_full_database_refuses_with_503_and_keeps_nothing_half_written(d
         status, _ = await post(http, d.url, {"conversation_id": "a", "text": "", "images": [{"data": b64(png())}]})
         assert status == 200
         before = counts(data_dir)
-        conn = d.store._conn  # the daemon's own connection: SQLite's page cap is set per connection
+        conn = d.store._db._conn  # the daemon's own connection: SQLite's page cap is set per connection
         (pages,) = await (await conn.execute("PRAGMA page_count")).fetchone()
         await conn.execute(f"PRAGMA max_page_count = {pages}")
         question = {"conversation_id": "a", "text": "Why? " * 6000, "message_id": "m-full",  # 30 KB: new pages

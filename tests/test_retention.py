@@ -75,7 +75,7 @@ async def test_over_the_size_budget_the_oldest_images_go_first(history):
     budget = sum(sizes[2:])  # room for the newest two
     swept = await Retention(history.store, history.files, days=0, max_bytes=budget).sweep()
     assert swept.images == 2
-    assert await history.store.image_bytes() <= budget
+    assert await history.store.retention.image_bytes() <= budget
     assert _files(history) == {inspect(i, ImageLimits()).sha256 for i in images[2:]}
 
 

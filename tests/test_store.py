@@ -167,11 +167,11 @@ async def test_forgetting_a_chat_keeps_what_other_chats_still_use(store):
 
     await post("keep", "k1", [shared], ask=False)
     job = await post("gone", "g1", [shared, own], ask=True)
-    assert await store.forget_chat("test", "gone") is None  # its question is still queued
+    assert await store.retention.forget_chat("test", "gone") is None  # its question is still queued
     claimed = await store.claim_next()
     await answer_and_send(store, claimed, "a", "g2")
     assert claimed.id == job
-    purged = await store.forget_chat("test", "gone")
+    purged = await store.retention.forget_chat("test", "gone")
     # the question and the answer; the shared image stays
     assert purged.messages == 2 and purged.orphans == [own.sha256]
     assert await store.history("test", "gone", 10) == []
@@ -192,13 +192,13 @@ async def test_a_replayed_event_stays_a_duplicate_after_its_chat_was_forgotten(s
     incoming = Incoming(platform="test", chat_id="c", message_id="m1", event_id="e1", text="q", addressed=True)
     first = await store.record(incoming, [], NewJob(()))
     await answer_and_send(store, await store.claim_next(), "a", "a1")
-    assert (await store.forget_chat("test", "c")).messages == 2
+    assert (await store.retention.forget_chat("test", "c")).messages == 2
     again = await store.record(incoming, [], NewJob(()))  # the same signed event, captured and sent again
     assert again.duplicate and again.job_id is None and first.job_id
     assert await store.history("test", "c", 10) == []
     with sqlite3.connect(tmp_path / "imsight.db") as db:  # only ids are left of it
         assert db.execute("SELECT payload FROM inbox").fetchall() == [("{}",)]
-    assert await store.drop_tombstones(time.time() + 1) == 1
+    assert await store.retention.drop_tombstones(time.time() + 1) == 1
 
 
 def test_a_job_context_round_trips_and_reads_rows_written_before_its_fields():

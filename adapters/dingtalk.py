@@ -27,7 +27,7 @@ from adapters.http_body import EVENT_LIMIT, client_address, parse_json, read_lim
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
-from core.errors import AdapterError, BadInput, Unauthorized
+from core.errors import AdapterError, BadInput, RateLimited, Unauthorized
 
 __all__ = ["DingTalkAdapter", "sign"]
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 _FRESH_MS = 3600 * 1000  # DingTalk's own validity window for a sign
 _WEBHOOK_MARGIN_MS = 30_000  # a session webhook this close to expiry is not used
 _MAX_TEXT = 4_000  # characters per markdown message (the API allows 15000 bytes of parameters)
-_RATE_LIMITED = {90002, 410100}
+_THROTTLED_S = {410100: 600.0, 90002: 1.0}  # a robot over 20 messages a minute is throttled 10 minutes
 _LEADING_MENTION = re.compile(r"^\s*@\S+\s*")
 
 
@@ -219,16 +219,20 @@ class DingTalkAdapter:
         try:
             async with self._http.post(url, json=body, headers=headers) as resp:
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After", "")
                 answer = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise AdapterError(self.name, f"POST {url.split('?')[0]}: {exc}", retryable=True) from exc
         if not isinstance(answer, dict):
             raise AdapterError(self.name, f"POST {url.split('?')[0]}: HTTP {status}, not JSON", retryable=status >= 500)
         errcode = int(answer.get("errcode", 0) or 0)
-        if status == 200 and errcode == 0:
+        if status == 200 and errcode == 0 and answer.get("status") != 1111:
             return answer
-        retryable = status == 429 or status >= 500 or errcode in _RATE_LIMITED
         detail = answer.get("errmsg") or answer.get("message") or answer.get("code") or ""
+        if wait := _rate_limit_wait(status, errcode, answer, retry_after):
+            raise RateLimited(self.name, f"POST {url.split('?')[0]}: rate limited ({errcode or status} {detail}), "
+                              f"retry after {wait:g}s", retry_after_s=wait)
+        retryable = status >= 500
         raise AdapterError(self.name, f"POST {url.split('?')[0]}: HTTP {status} {errcode or ''} {detail}".strip(),
                            retryable=retryable)
 
@@ -313,3 +317,14 @@ class DingTalkSettings(PlatformSettings):
             raise AdapterError("dingtalk",
                                f"DingTalk said: {body.get('message') if isinstance(body, dict) else resp.status}")
         return "access token issued"
+
+
+def _rate_limit_wait(status: int, errcode: int, answer: dict[str, Any], retry_after: str) -> float:
+    """Seconds DingTalk asks to wait (PROTOCOLS.md §2.8-2.9), or 0 when this is no rate limit."""
+    if errcode in _THROTTLED_S:
+        return _THROTTLED_S[errcode]
+    if answer.get("status") == 1111:  # the per-address block: {"status": 1111, "wait": minutes}
+        return float(answer.get("wait") or 5) * 60
+    if status == 429:
+        return float(retry_after) if retry_after.isdigit() else 1.0
+    return 0.0

@@ -26,7 +26,7 @@ from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.token_cache import TokenCache
-from core.errors import AdapterError, BadInput, Unauthorized
+from core.errors import AdapterError, BadInput, RateLimited, Unauthorized
 
 __all__ = ["FeishuAdapter"]
 
@@ -275,6 +275,7 @@ class FeishuAdapter:
                         return await resp.read()
                     body = await resp.json(content_type=None)
                     status = resp.status
+                    reset = resp.headers.get("x-ogw-ratelimit-reset", "")
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 raise AdapterError(self.name, f"{method} {path}: {exc or type(exc).__name__}", retryable=True) from exc
             code = int(body.get("code", 0)) if isinstance(body, dict) else -1
@@ -282,8 +283,12 @@ class FeishuAdapter:
                 continue  # the token ran out early: get a new one, once
             if status == 200 and code == 0:
                 return body
-            retryable = status == 429 or status >= 500 or code in _RATE_LIMITED
             message = body.get("msg", "") if isinstance(body, dict) else ""
+            if status == 429 or code in _RATE_LIMITED:  # PROTOCOLS.md §1: wait x-ogw-ratelimit-reset seconds
+                wait = float(reset) if reset.replace(".", "", 1).isdigit() else 1.0
+                raise RateLimited(self.name, f"{method} {path}: rate limited ({message}), retry after {wait:g}s",
+                                  retry_after_s=wait)
+            retryable = status >= 500
             raise AdapterError(self.name, f"{method} {path}: HTTP {status}, code {code}: {message}",
                                retryable=retryable)
         raise AdapterError(self.name, f"{method} {path}: token refused twice", retryable=False)

@@ -30,6 +30,8 @@ class FakeFeishu:
         self.down = False  # every API call but the token answers 503
         self.held: asyncio.Event | None = None  # set: GET /messages/{id} answers only once it is set
         self.reads: list[str] = []  # message ids read with GET /messages/{id}, in order
+        self.limited: list[float] = []  # the next replies answer 429 with x-ogw-ratelimit-reset of these seconds
+        self.log: list[tuple[float, str, int]] = []  # (monotonic time, replied-to message id, HTTP status)
         self._ids = itertools.count(1)
         self.url = ""
 
@@ -87,6 +89,12 @@ class FakeFeishu:
     async def _reply(self, request: web.Request) -> web.Response:
         if denied := self._authorized(request):
             return denied
+        if self.limited:
+            reset = self.limited.pop(0)
+            self.log.append((time.monotonic(), request.match_info["mid"], 429))
+            return web.json_response({"code": 99991400, "msg": "request trigger frequency limit"}, status=429,
+                                     headers={"x-ogw-ratelimit-limit": "5", "x-ogw-ratelimit-reset": f"{reset:g}"})
+        self.log.append((time.monotonic(), request.match_info["mid"], 200))
         body = await request.json()
         assert text_of(body)
         if any(r["uuid"] == body["uuid"] for r in self.replies):  # Feishu: one success per uuid

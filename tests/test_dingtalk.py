@@ -203,3 +203,30 @@ async def test_allowed_ips_behind_a_trusted_proxy_use_its_forwarded_address(fake
         assert await deliver(http, d, callback(fake, "x2", text="hi"), forwarded) == 200
         spoofed = {**signed_headers(), "X-Forwarded-For": "10.9.8.7, 203.0.113.9"}  # the client's own claim first
         assert await deliver(http, d, callback(fake, "x3", text="hi"), spoofed) == 401
+
+
+def test_rate_limits_say_how_long_to_wait_as_dingtalk_documents():
+    from adapters.dingtalk import _rate_limit_wait
+
+    assert _rate_limit_wait(200, 410100, {}, "") == 600  # a robot over 20 messages a minute: 10 minutes
+    assert _rate_limit_wait(200, 0, {"status": 1111, "wait": 5}, "") == 300  # the per-address block
+    assert _rate_limit_wait(429, 0, {}, "7") == 7
+    assert _rate_limit_wait(400, 300001, {}, "") == 0  # not a rate limit
+
+
+async def test_retries_wait_at_least_as_long_as_a_rate_limit_says():
+    import time
+
+    from bot.retry import with_retries
+    from core.errors import RateLimited
+
+    calls: list[float] = []
+
+    async def call() -> str:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RateLimited("dingtalk", "slow down", retry_after_s=0.5)
+        return "ok"
+
+    assert await with_retries(call, attempts=3, base_s=0.01, what="test") == "ok"
+    assert calls[1] - calls[0] >= 0.5

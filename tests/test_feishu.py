@@ -215,6 +215,23 @@ async def test_forget_is_for_the_configured_admins_when_there_are_some(fake, dae
     assert "Only the group's admins" in text_of(fake.replies[0])
 
 
+async def test_a_429_holds_that_chat_for_x_ogw_ratelimit_reset_and_no_other(fake, daemon, http):
+    fake.files[("om_a", "img_a")] = SHOT
+    fake.limited = [2]  # the first reply (chat A's placeholder) is refused: wait 2 s
+    async with daemon(adapters=feishu_config(fake)) as d:
+        await deliver(http, d, event("om_a", post=("why?", "img_a"), mention_bot=True))
+        await eventually(lambda: any(status == 429 for *_, status in fake.log))
+        refused_at = next(t for t, _, status in fake.log if status == 429)
+        await deliver(http, d, event("om_b", "oc_g2", text="and you?", mention_bot=True))
+        await answered(d, http, 1, "oc_g2")
+        await answered(d, http, 1)
+    chat_a = [t for t, parent, status in fake.log if parent == "om_a" and t > refused_at]
+    chat_b = [t for t, parent, status in fake.log if parent == "om_b"]
+    assert chat_a and min(chat_a) - refused_at >= 2  # chat A waited as Feishu said
+    assert chat_b and min(chat_b) - refused_at < 2  # chat B did not wait
+    assert len([r for r in fake.replies if r["parent_id"] == "om_a"]) == 1  # one answer, no lost or doubled reply
+
+
 async def test_readyz_reports_feishu_while_its_api_fails(fake, daemon, http):
     async with daemon(adapters=feishu_config(fake)) as d:
         assert (await get(http, d.url, "/readyz"))[1]["checks"]["feishu"] is True

@@ -277,3 +277,39 @@ async def test_a_signed_event_from_over_an_hour_ago_is_refused(fake, daemon, htt
         async with http.post(f"{d.url}/feishu/events", data=body, headers=unsigned) as resp:
             assert resp.status == 401
     assert fake.replies == []
+
+
+async def test_stopping_during_a_burst_of_callbacks_loses_none(fake, daemon, http):
+    """Callbacks keep coming while the daemon stops: each one either heard 200 (then it is answered,
+    after the restart if need be) or did not (then Feishu delivers it again). None is lost or doubled,
+    and no task is left behind."""
+    import asyncio
+
+    import aiohttp
+
+    heard: dict[int, int] = {}
+
+    async def post(d, n: int) -> None:
+        try:
+            heard[n] = (await deliver(http, d, event(f"om_s{n}", text=f"question {n}?", mention_bot=True)))[0]
+        except aiohttp.ClientError:
+            heard[n] = 0  # the server had stopped listening
+
+    async with daemon(adapters=feishu_config(fake)) as d:
+        posts = []
+        for n in range(30):
+            posts.append(asyncio.create_task(post(d, n)))
+            await asyncio.sleep(0.01)
+            if n == 15:
+                stopping = asyncio.create_task(d.stop())
+        await asyncio.gather(*posts)
+        await stopping
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("imsight")] == []
+    assert 200 in heard.values() and set(heard.values()) - {200}  # the stop came in the middle of the burst
+    async with daemon(adapters=feishu_config(fake)) as d:
+        for n, status in heard.items():
+            if status != 200:  # Feishu's redelivery of what was not acknowledged
+                assert (await deliver(http, d, event(f"om_s{n}", text=f"question {n}?", mention_bot=True)))[0] == 200
+        done = await answered(d, http, 30)
+    assert sorted(a["answers"] for a in done) == sorted(f"om_s{n}" for n in range(30))
+    assert sorted(r["parent_id"] for r in fake.replies) == sorted(f"om_s{n}" for n in range(30))  # one reply each

@@ -23,6 +23,7 @@ Platform ids are opaque strings here: the daemon only stores and compares them.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
@@ -297,7 +298,7 @@ class Finding:
     fix: str = ""
 
 
-class PlatformSettings(BaseModel):
+class PlatformSettings(BaseModel, ABC):  # pydantic's metaclass is an ABCMeta
     """A platform's ``[adapters.<name>]`` section. Its module subclasses this with its own fields;
     every ``SecretStr`` field is a secret: kept out of logs and config errors, and read from
     ``IMSIGHT_<NAME>_<FIELD>`` when that is set."""
@@ -313,9 +314,9 @@ class PlatformSettings(BaseModel):
         """What this section lacks while enabled, as ``(key, what to do)``; key "" for the section."""
         return iter(())
 
+    @abstractmethod
     def build(self, deployment: Deployment) -> Adapter:
         """The adapter, from a section that has no ``problems``."""
-        raise NotImplementedError
 
     def findings(self, deployment: Deployment) -> Iterator[Finding]:
         """``imsight doctor``'s offline lines about this platform (nothing is called)."""

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 if TYPE_CHECKING:
-    import aiohttp
     from aiohttp import web
 
 __all__ = [
@@ -322,7 +321,7 @@ class PlatformSettings(BaseModel, ABC):  # pydantic's metaclass is an ABCMeta
         """``imsight doctor``'s offline lines about this platform (nothing is called)."""
         return iter(())
 
-    async def online(self, http: aiohttp.ClientSession) -> str | None:
+    async def online(self) -> str | None:
         """``imsight doctor --online``: try the credentials for real; what worked, or raise with what
         the platform said. ``None``: nothing to try."""
         return None

@@ -236,6 +236,16 @@ class DingTalkAdapter:
         raise AdapterError(self.name, f"POST {url.split('?')[0]}: HTTP {status} {errcode or ''} {detail}".strip(),
                            retryable=retryable)
 
+    async def credentials(self) -> str:
+        """The app's credentials tried for real, as ``start`` does (``imsight doctor --online``)."""
+        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            await self._fetch_token()
+        finally:
+            await self._http.close()
+            self._http = None
+        return "access token issued"
+
     async def _fetch_token(self) -> tuple[str, float]:
         answer = await self._post(f"{self._base}/v1.0/oauth2/accessToken",
                                   {"appKey": self._app_key, "appSecret": self._app_secret}, token=None)
@@ -295,28 +305,23 @@ class DingTalkSettings(PlatformSettings):
                 env = " (or IMSIGHT_DINGTALK_APP_SECRET)" if key == "app_secret" else ""
                 yield key, f"required when dingtalk is enabled{env}"
 
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        yield Finding("ok", "app credentials set" + (
+            "" if self.allowed_ips else " (no allowed_ips: anyone with a captured sign may post)"))
+
+    async def online(self) -> str | None:
+        return await self._adapter().credentials()
+
     def build(self, deployment: Deployment) -> Adapter:
+        return self._adapter()
+
+    def _adapter(self) -> DingTalkAdapter:
         assert self.app_secret is not None
         return DingTalkAdapter(
             self.app_key, self.app_secret.get_secret_value(), self.robot_code or self.app_key,
             base_url=self.base_url, legacy_base_url=self.legacy_base_url, path=self.path,
             allowed_conversations=self.allowed_conversations, allowed_ips=self.allowed_ips, admins=self.admins,
         )
-
-    def findings(self, deployment: Deployment) -> Iterator[Finding]:
-        yield Finding("ok", "app credentials set" + (
-            "" if self.allowed_ips else " (no allowed_ips: anyone with a captured sign may post)"))
-
-    async def online(self, http: aiohttp.ClientSession) -> str | None:
-        if self.app_secret is None:
-            return None
-        async with http.post(f"{self.base_url}/v1.0/oauth2/accessToken",
-                             json={"appKey": self.app_key, "appSecret": self.app_secret.get_secret_value()}) as resp:
-            body = await resp.json(content_type=None)
-        if not isinstance(body, dict) or not body.get("accessToken"):
-            raise AdapterError("dingtalk",
-                               f"DingTalk said: {body.get('message') if isinstance(body, dict) else resp.status}")
-        return "access token issued"
 
 
 def _rate_limit_wait(status: int, errcode: int, answer: dict[str, Any], retry_after: str) -> float:

@@ -293,6 +293,16 @@ class FeishuAdapter:
                                retryable=retryable)
         raise AdapterError(self.name, f"{method} {path}: token refused twice", retryable=False)
 
+    async def credentials(self) -> str:
+        """The app's credentials tried for real, as ``start`` does (``imsight doctor --online``)."""
+        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            await self._fetch_token()
+        finally:
+            await self._http.close()
+            self._http = None
+        return "tenant token issued"
+
     async def _fetch_token(self) -> tuple[str, float]:
         assert self._http is not None, "not started"
         try:
@@ -373,7 +383,17 @@ class FeishuSettings(PlatformSettings):
                 env = f" (or IMSIGHT_FEISHU_{key.upper()})" if key != "app_id" else ""
                 yield key, f"required when feishu is enabled{env}"
 
+    def findings(self, deployment: Deployment) -> Iterator[Finding]:
+        yield Finding("ok", "app credentials set" + (
+            ", bodies encrypted" if self.encrypt_key else " (no encrypt_key: bodies in plain text)"))
+
+    async def online(self) -> str | None:
+        return await self._adapter().credentials()
+
     def build(self, deployment: Deployment) -> Adapter:
+        return self._adapter()
+
+    def _adapter(self) -> FeishuAdapter:
         assert self.app_secret is not None
         assert self.verification_token is not None
         return FeishuAdapter(
@@ -381,17 +401,3 @@ class FeishuSettings(PlatformSettings):
             encrypt_key=self.encrypt_key.get_secret_value() if self.encrypt_key else None,
             base_url=self.base_url, path=self.path, allowed_chats=self.allowed_chats, admins=self.admins,
         )
-
-    def findings(self, deployment: Deployment) -> Iterator[Finding]:
-        yield Finding("ok", "app credentials set" + (
-            ", bodies encrypted" if self.encrypt_key else " (no encrypt_key: bodies in plain text)"))
-
-    async def online(self, http: aiohttp.ClientSession) -> str | None:
-        if self.app_secret is None:
-            return None
-        async with http.post(f"{self.base_url}/open-apis/auth/v3/tenant_access_token/internal",
-                             json={"app_id": self.app_id, "app_secret": self.app_secret.get_secret_value()}) as resp:
-            body = await resp.json(content_type=None)
-        if not isinstance(body, dict) or body.get("code") != 0:
-            raise AdapterError("feishu", f"Feishu said: {body.get('msg') if isinstance(body, dict) else resp.status}")
-        return "tenant token issued"

@@ -536,11 +536,12 @@ class TelegramSettings(PlatformSettings):
         else:
             yield Finding("ok", f"token set, {self.mode}")
 
-    async def online(self, http: aiohttp.ClientSession) -> str | None:
+    async def online(self) -> str | None:
         if self.token is None:
             return None
         url = f"{self.base_url or 'https://api.telegram.org/bot'}{self.token.get_secret_value()}/getMe"
-        async with http.post(url, json={}) as resp:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+                http.post(url, json={}) as resp:
             body = await resp.json(content_type=None)
         if not isinstance(body, dict) or not body.get("ok"):
             said = body.get("description") if isinstance(body, dict) else f"HTTP {resp.status}"

@@ -307,6 +307,7 @@ def _put(raw: dict[str, Any], keys: tuple[str, ...], value: str) -> None:
 
 
 def _problems(exc: ValidationError) -> Iterator[str]:
+    secrets = {keys[-1] for keys in env_secrets().values()}  # never echo what may be a credential
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         kind = error["type"]
@@ -317,6 +318,6 @@ def _problems(exc: ValidationError) -> Iterator[str]:
             yield f"{key}: required value missing"
             continue
         value = error.get("input")
-        secret = error["loc"][-1] in {keys[-1] for keys in env_secrets().values()}  # never echo a credential
-        shown = "" if secret or isinstance(value, dict) or kind == "model_type" else f" (got {value!r})"
+        hidden = error["loc"][-1] in secrets or isinstance(value, dict) or kind == "model_type"
+        shown = "" if hidden else f" (got {value!r})"
         yield f"{key}: {error['msg']}{shown}"

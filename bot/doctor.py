@@ -14,9 +14,8 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from adapters.base import PlatformSettings
 from bot.config import Config, configured_secrets, deployment, image_budget, load
 from core.errors import ImsightError
 
@@ -190,9 +189,10 @@ async def _online(config: Config) -> list[Check]:
     checks: list[Check] = []
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        async def attempt(name: str, call: Callable[[], Awaitable[str]], fix: str) -> None:
+        async def attempt(name: str, call: Callable[[], Awaitable[str | None]], fix: str) -> None:
             try:
-                checks.append(Check(f"{name} (online)", "ok", await call()))
+                if (worked := await call()) is not None:  # None: nothing to try
+                    checks.append(Check(f"{name} (online)", "ok", worked))
             except Exception as exc:  # whatever the network or the platform does: reported, not raised
                 checks.append(Check(f"{name} (online)", "fail", _scrubbed(f"{type(exc).__name__}: {exc}", config),
                                     fix))
@@ -210,13 +210,7 @@ async def _online(config: Config) -> list[Check]:
 
             await attempt("model server", models, "start the server, or fix [engine] base_url / model / api_key")
         for name, settings in config.adapters.enabled():
-            online = settings.online
-
-            async def tried(online: Callable[[Any], Awaitable[str | None]] = online) -> str:
-                return await online(http) or "nothing to try"
-
-            if type(settings).online is not PlatformSettings.online:
-                await attempt(settings.doctor_label or name, tried, settings.online_fix)
+            await attempt(settings.doctor_label or name, settings.online, settings.online_fix)
     return checks
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "Replied",
     "Reply",
     "Status",
+    "Verifiable",
 ]
 
 ChatKind = Literal["direct", "group"]
@@ -267,6 +268,15 @@ class Pulling(Protocol):
 
 
 @runtime_checkable
+class Verifiable(Protocol):
+    """An adapter that can try its credentials without starting (for ``imsight doctor --online``)."""
+
+    async def credentials(self) -> str:
+        """What the platform granted (a token issued, say); raises with what it said otherwise."""
+        ...
+
+
+@runtime_checkable
 class Connected(Protocol):
     """An adapter that can tell whether its platform is reachable now (for ``/readyz``)."""
 
@@ -323,8 +333,9 @@ class PlatformSettings(BaseModel, ABC):  # pydantic's metaclass is an ABCMeta
 
     async def online(self) -> str | None:
         """``imsight doctor --online``: try the credentials for real; what worked, or raise with what
-        the platform said. ``None``: nothing to try."""
-        return None
+        the platform said. ``None``: nothing to try. By default: the adapter's own ``Verifiable`` check."""
+        adapter = self.build(Deployment())
+        return await adapter.credentials() if isinstance(adapter, Verifiable) else None
 
     def secret_values(self) -> list[str]:
         return [value.get_secret_value() for value in vars(self).values() if isinstance(value, SecretStr)]

@@ -237,7 +237,7 @@ class DingTalkAdapter:
                            retryable=retryable)
 
     async def credentials(self) -> str:
-        """The app's credentials tried for real, as ``start`` does (``imsight doctor --online``)."""
+        """``adapters.base.Verifiable``: the app's credentials tried as ``start`` does, nothing started."""
         self._http = aiohttp.ClientSession(timeout=self._timeout)
         try:
             await self._fetch_token()
@@ -309,13 +309,7 @@ class DingTalkSettings(PlatformSettings):
         yield Finding("ok", "app credentials set" + (
             "" if self.allowed_ips else " (no allowed_ips: anyone with a captured sign may post)"))
 
-    async def online(self) -> str | None:
-        return await self._adapter().credentials()
-
     def build(self, deployment: Deployment) -> Adapter:
-        return self._adapter()
-
-    def _adapter(self) -> DingTalkAdapter:
         assert self.app_secret is not None
         return DingTalkAdapter(
             self.app_key, self.app_secret.get_secret_value(), self.robot_code or self.app_key,

@@ -294,7 +294,7 @@ class FeishuAdapter:
         raise AdapterError(self.name, f"{method} {path}: token refused twice", retryable=False)
 
     async def credentials(self) -> str:
-        """The app's credentials tried for real, as ``start`` does (``imsight doctor --online``)."""
+        """``adapters.base.Verifiable``: the app's credentials tried as ``start`` does, nothing started."""
         self._http = aiohttp.ClientSession(timeout=self._timeout)
         try:
             await self._fetch_token()
@@ -387,13 +387,7 @@ class FeishuSettings(PlatformSettings):
         yield Finding("ok", "app credentials set" + (
             ", bodies encrypted" if self.encrypt_key else " (no encrypt_key: bodies in plain text)"))
 
-    async def online(self) -> str | None:
-        return await self._adapter().credentials()
-
     def build(self, deployment: Deployment) -> Adapter:
-        return self._adapter()
-
-    def _adapter(self) -> FeishuAdapter:
         assert self.app_secret is not None
         assert self.verification_token is not None
         return FeishuAdapter(

@@ -122,8 +122,9 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
             daemon.kill()
             _, err = daemon.communicate()
         for line in err.splitlines():
-            if any(word in line for word in ("KV slots", "CUDA graph", "decoding eagerly", "decode step", "compile")):
-                print("  daemon log:", line.split(" ", 3)[-1])
+            if any(word in line for word in ("loaded", "warmed up", "KV slots", "CUDA graph", "decoding eagerly",
+                                             "decode step", "compil", "ready")):
+                print("  daemon log:", line)
 
 
 async def _ready(url: str, daemon: subprocess.Popen[str]) -> None:

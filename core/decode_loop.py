@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import torch
 
 from core.fused_layers import FusedLayers
 
-__all__ = ["SlotKV", "Stepper", "buckets"]
+__all__ = ["SlotKV", "StepTokens", "Stepper", "buckets"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,20 @@ class SlotKV:
         self.positions[target] = self.positions[source]
 
 
+class StepTokens:
+    """The next tokens of a step that may still be running on the GPU: copied to host memory as the
+    step ends, read by ``wait``. Lets the loop launch the next step before it reads this one."""
+
+    def __init__(self, host: torch.Tensor, rows: int, done: torch.cuda.Event | None) -> None:
+        self._host, self._rows, self._done = host, rows, done
+
+    def wait(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        tokens: list[int] = self._host[:self._rows].tolist()
+        return tokens
+
+
 class Stepper:
     """One greedy decode step over the first ``n`` rows of a ``SlotKV``: eager, or replayed from a
     CUDA graph captured per bucket size.
@@ -136,19 +151,32 @@ class Stepper:
         self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
         self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}  # ("step"|"tail", size, span)
+        # Where each step's tokens land on the host: two, since one may be unread while the next step
+        # runs. Pinned on the GPU, so the copy is asynchronous.
+        pinned = device.type == "cuda"
+        self._host = [torch.zeros(kv.slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._launched = 0
         self.use_graphs = use_graphs
         self.fused = fused
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.sizes if size >= rows)
 
-    def step(self, rows: int, longest: int) -> torch.Tensor:
-        """Advance rows ``0..rows-1`` by one token; returns ``tokens`` (the first ``rows`` are new).
+    def step(self, rows: int, longest: int) -> StepTokens:
+        """Advance rows ``0..rows-1`` by one token, without waiting for the GPU; the new tokens stay in
+        ``tokens`` (the next step's input) and come back through the returned ``StepTokens``.
 
         ``longest``: the most tokens any of these rows will hold after the step.
         """
-        self._run("step", self.bucket(rows), next(s for s in self.spans if s >= longest))
-        return self.tokens
+        self._run("step", self.bucket(rows), next(s for s in self.spans if s >= min(longest, self._kv.length)))
+        host = self._host[self._launched % 2]
+        self._launched += 1
+        host[:rows].copy_(self.tokens[:rows], non_blocking=True)
+        done = None
+        if self.tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return StepTokens(host, rows, done)
 
     def prefill_tail(self, ids: list[int], start: int) -> int:
         """Prefill ``ids`` into the staging row after its first ``start`` tokens (already placed there);
@@ -165,11 +193,13 @@ class Stepper:
     def fits_tail(self, count: int, start: int) -> bool:
         return bool(self.tails) and count <= self.tails[-1] and start + self.tails[-1] <= self._kv.length
 
-    def capture(self) -> None:
+    def capture(self) -> float:
         """Record every (kind, size, span) forward as a CUDA graph; row contents do not matter (nothing is
-        kept). The largest first: the others share its memory pool."""
+        kept). The largest first: the others share its memory pool. Returns the seconds the warm-ups
+        (and with them any compiling) took."""
         if not self.use_graphs:
-            return
+            return 0.0
+        started = time.monotonic()
         kv = self._kv
         saved = kv.positions.clone()
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
@@ -182,6 +212,8 @@ class Stepper:
                     kv.positions.zero_()
                     self._eager(*shape)
         torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        warmed = time.monotonic() - started
         pool = None
         for shape in reversed(shapes):
             kv.positions.zero_()
@@ -192,6 +224,7 @@ class Stepper:
             self._graphs[shape] = graph
         kv.positions.copy_(saved)
         torch.cuda.synchronize()
+        return warmed
 
     def _run(self, kind: str, size: int, span: int) -> None:
         graph = self._graphs.get((kind, size, span)) if self.use_graphs else None

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FusedLayers", "decoder_layers"]
+__all__ = ["FusedLayers", "compile_summary", "decoder_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +90,18 @@ class FusedLayers:
         for layer in self._layers:
             vars(layer).pop("forward", None)
         ALL_ATTENTION_FUNCTIONS._local_mapping.pop(self._attention, None)  # the library's own again
+
+
+def compile_summary() -> str:
+    """What compiling cost in this process, and what inductor's caches spared (for the start-up log)."""
+    from torch._dynamo.utils import compile_times, counters
+
+    table = compile_times(repr="csv", aggregate=True)
+    names, values = table if isinstance(table, tuple) else ([], [])
+    spent = {str(name): float(str(value)) for name, value in zip(names, values, strict=True)}
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return (f"{counters['stats']['unique_graphs']} graphs, {spent.get('_compile.compile_inner', 0.0):.1f}s "
+            f"(tracing {spent.get('bytecode_tracing', 0.0):.1f}s, "
+            f"code generation {spent.get('OutputGraph.call_user_compiler', 0.0):.1f}s); "
+            f"inductor cache {inductor['fxgraph_cache_hit']} hits, {inductor['fxgraph_cache_miss']} misses; "
+            f"autograd cache {aot['autograd_cache_hit']} hits")

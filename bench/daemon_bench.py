@@ -112,6 +112,7 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
         asyncio.run(_ready(url, daemon))
         print(f"{label}: imsight run ready in {time.perf_counter() - started:.1f} s "
               f"(model {model.name}, {new_tokens}-token answers)")
+        asyncio.run(_until_compiled(url, started))
         if asking:
             asyncio.run(measure(url))
     finally:
@@ -125,6 +126,22 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
             if any(word in line for word in ("loaded", "warmed up", "KV slots", "CUDA graph", "decoding eagerly",
                                              "decode step", "compil", "ready")):
                 print("  daemon log:", line)
+
+
+async def _until_compiled(url: str, started: float) -> None:
+    """An answer at once (the decode step not compiled yet), then wait for the compiled step (GPU only)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        seconds, _ = await ask(http, url, {"conversation_id": "early", "text": "What does this error mean?",
+                                           "images": [{"data": screenshot(1)}]})
+        print(f"  an answer right after ready: {seconds * 1e3:.0f} ms")
+        for _ in range(600):
+            async with http.get(f"{url}/metrics") as resp:
+                metrics = await resp.text()
+            if "gpu_memory_allocated_bytes" not in metrics or 'name="decode_compiled"} 1.0' in metrics:
+                break
+            await asyncio.sleep(0.5)
+        if 'name="decode_compiled"} 1.0' in metrics:
+            print(f"  decode step compiled {time.perf_counter() - started:.1f} s after the start")
 
 
 async def _ready(url: str, daemon: subprocess.Popen[str]) -> None:

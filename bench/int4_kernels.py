@@ -54,6 +54,9 @@ def int4_pack(weight: torch.Tensor, group: int = GROUP, inner_k_tiles: int = 8
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        print("int4 kernels: needs a CUDA GPU (cuda available: False)")
+        return
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 

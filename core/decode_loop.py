@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -157,7 +157,8 @@ class Stepper:
         self._host = [torch.zeros(kv.slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._launched = 0
         self.use_graphs = use_graphs
-        self.fused = fused
+        self.fused = fused  # compiled layers, used by the kinds of forward ``captures(fused=True)`` has done
+        self.fused_kinds: set[str] = set()
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.sizes if size >= rows)
@@ -193,55 +194,78 @@ class Stepper:
     def fits_tail(self, count: int, start: int) -> bool:
         return bool(self.tails) and count <= self.tails[-1] and start + self.tails[-1] <= self._kv.length
 
-    def capture(self) -> float:
-        """Record every (kind, size, span) forward as a CUDA graph; row contents do not matter (nothing is
-        kept). The largest first: the others share its memory pool. Returns the seconds the warm-ups
-        (and with them any compiling) took."""
-        if not self.use_graphs:
-            return 0.0
-        started = time.monotonic()
+    def captures(self, *, fused: bool) -> Iterator[None]:
+        """Warm up and capture every (kind, size, span) forward, one shape per ``next``: the caller may
+        decode in between with what it has, but not during one (it uses the slots' rows).
+
+        ``fused=False``: with the eager layers; each graph is used as soon as it is made.
+        ``fused=True``: compile the layers and capture again, steps first, then follow-up tails; each
+        kind's compiled graphs replace the others together, once all of that kind are made (after an
+        error, none). Without CUDA graphs only the warm-ups run (they compile, where ``fused``).
+        """
+        shapes = self._shapes()
+        pool = None  # one memory pool for the graphs of a pass: they never run at the same time
+        for kind in ("step", "tail"):
+            made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
+            for shape in reversed(shapes):  # the largest first: the others fit in what it took
+                if shape[0] != kind:
+                    continue
+                graph, pool = self._capture(shape, fused, pool)
+                if graph is not None:
+                    made[shape] = graph
+                    if not fused:
+                        self._graphs[shape] = graph
+                yield
+            if fused:
+                self._graphs.update(made)
+                self.fused_kinds.add(kind)
+
+    def _shapes(self) -> list[tuple[str, int, int]]:
+        shapes = [("step", size, span) for span in self.spans for size in self.sizes]
+        return shapes + [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
+
+    def _capture(self, shape: tuple[str, int, int], fused: bool, pool: Any) -> tuple[torch.cuda.CUDAGraph | None, Any]:
+        """One shape warmed up (compilation, lazy inits and autotuning stay out of the graph), then
+        captured where there are graphs; returns the graph and the memory pool it used. Row contents
+        do not matter and nothing is kept."""
         kv = self._kv
         saved = kv.positions.clone()
-        shapes = [("step", size, span) for span in self.spans for size in self.sizes]
-        shapes += [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for shape in shapes:
-                for _ in range(3):  # warm up: compilation, lazy inits and autotuning stay out of the graph
-                    kv.positions.zero_()
-                    self._eager(*shape)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        warmed = time.monotonic() - started
-        pool = None
-        for shape in reversed(shapes):
+        stream = torch.cuda.Stream() if self.use_graphs else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(3):
+                kv.positions.zero_()
+                self._eager(*shape, fused=fused)
+        graph = None
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
             kv.positions.zero_()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._eager(*shape)
+                self._eager(*shape, fused=fused)
             pool = graph.pool()
-            self._graphs[shape] = graph
         kv.positions.copy_(saved)
-        torch.cuda.synchronize()
-        return warmed
+        if stream is not None:
+            torch.cuda.synchronize()
+        return graph, pool
 
     def _run(self, kind: str, size: int, span: int) -> None:
         graph = self._graphs.get((kind, size, span)) if self.use_graphs else None
         if graph is not None:
             graph.replay()
         else:
-            self._eager(kind, size, span)
+            self._eager(kind, size, span, fused=kind in self.fused_kinds)
 
-    def _eager(self, kind: str, size: int, span: int) -> None:
+    def _eager(self, kind: str, size: int, span: int, *, fused: bool = False) -> None:
         kv = self._kv
         if kind == "step":  # ``size`` rows from the first, one token each
-            self.tokens[:size] = self._forward(self.tokens[:size, None], 0, span)[:, -1]
+            self.tokens[:size] = self._forward(self.tokens[:size, None], 0, span, fused)[:, -1]
             kv.positions[:size] = torch.clamp(kv.positions[:size] + 1, max=kv.length - 1)
         else:  # the staging row, ``size`` tokens
-            self._tail_next[:size] = self._forward(self._tail_ids[:, :size], kv.staging, span)[0]
+            self._tail_next[:size] = self._forward(self._tail_ids[:, :size], kv.staging, span, fused)[0]
 
-    def _forward(self, ids: torch.Tensor, first: int, span: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, first: int, span: int, fused: bool) -> torch.Tensor:
         """Rows ``first ..`` take the new tokens ``ids`` (``[rows, count]``), each row at its position;
         returns the greedy next token after each of them, ``[rows, count]``."""
         kv = self._kv
@@ -252,7 +276,7 @@ class Stepper:
         mask = (self._span[None, None, :span] <= where[:, :, None])[:, None]
         if self._mrope:  # text after the image: all three M-RoPE sections at position + the row's offset
             where = (where + self.rope_deltas[first:first + rows, None]).unsqueeze(0).expand(3, rows, count)
-        with self.fused.active() if self.fused is not None else contextlib.nullcontext():
+        with self.fused.active() if fused and self.fused is not None else contextlib.nullcontext():
             out = self._model(input_ids=ids, position_ids=where, attention_mask=mask, use_cache=True,
                               logits_to_keep=0 if count > 1 else 1, **{self._cache_kw: kv})
         kv.first = 0

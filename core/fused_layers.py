@@ -75,7 +75,7 @@ class FusedLayers:
         # Each attention layer hands its ``layer_idx`` to the cache: a constant to dynamo by default,
         # so one recompile a layer until dynamo's limit (8), and eager layers after that. As a
         # symbolic int it is one more input of the same graph. Past the limit anyway: an error
-        # (the engine then captures unfused and says so), not a silent half-compiled step.
+        # (the engine then keeps the unfused step and says so), not a silent half-compiled step.
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, fail_on_recompile_limit_hit=True):
             self._active = True
             try:

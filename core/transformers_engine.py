@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -155,6 +155,9 @@ class TransformersEngine:
         self._compile_decode = compile_decode
         self._compile_cache = compile_cache
         self._kv: SlotKV | None = None
+        self._speeding_up: Iterator[None] | None = None  # capturing and compiling the step, a shape per idle turn
+        self.settled = threading.Event()  # the decode step is as fast as it will get (compiled, or not to be)
+        self._compile_without_graphs = False  # compile where CUDA graphs cannot be captured (tests, on the CPU)
         self._stepper: Stepper | None = None
         self._active: list[_Active] = []  # questions being decoded; index = slot row
         self._in_flight: tuple[list[_Active], StepTokens] | None = None  # a launched step, tokens unread
@@ -278,6 +281,8 @@ class TransformersEngine:
                     self._admit_waiting()
                     if self._active:
                         self._step()
+                    elif self._speeding_up is not None and not self._waiting:
+                        self._idle_turn(self._speeding_up)
                 except BaseException as exc:
                     log.exception("engine thread: unexpected error")
                     for active in self._active:
@@ -298,6 +303,12 @@ class TransformersEngine:
             if left is not None:
                 self._fail(left, EngineError("engine stopped"))
 
+    def _idle_turn(self, work: Iterator[None]) -> None:
+        """One shape of the decode step's capturing or compiling; ``settled`` once all are done."""
+        if next(work, _DONE) is _DONE:
+            self._speeding_up = None
+            self.settled.set()
+
     def _take_requests(self) -> bool:
         """New questions into the waiting line: wait for one when idle, else take what has come.
 
@@ -307,7 +318,8 @@ class TransformersEngine:
         idle = not self._active and not self._waiting
         while True:
             try:
-                request = self._requests.get(timeout=None) if idle else self._requests.get_nowait()
+                waits = idle and self._speeding_up is None  # else there is work for idle turns
+                request = self._requests.get(timeout=None) if waits else self._requests.get_nowait()
             except queue.Empty:
                 return True
             if request is None:
@@ -465,17 +477,20 @@ class TransformersEngine:
             length = max(512, min(length, room // (per_token * self.max_batch)))
         self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
         graphs = self._use_graphs and keys.device.type == "cuda"
-        fused = self._fuse() if graphs and self._compile_decode else None
+        compiles = self._compile_decode and (graphs or self._compile_without_graphs)
         self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,
-                                use_graphs=graphs, fused=fused)
+                                use_graphs=graphs, fused=self._fuse() if compiles else None)
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
-        if graphs:
-            self._capture(self._stepper)
-        elif keys.device.type == "cuda":
-            log.info("cuda_graphs = false: the decode step runs eagerly (slower)")
+        if graphs or compiles:
+            log.info("the decode step runs eagerly until it is %s, while idle (batch sizes %s x spans %s; "
+                     "follow-up tails %s)", "captured and compiled" if compiles else "captured",
+                     self._stepper.sizes, self._stepper.spans, self._stepper.tails)
+            self._speeding_up = self._speed_up_when_idle(self._stepper)
         else:
-            log.info("no GPU: the decode step runs eagerly, neither compiled nor captured")
+            log.info("%s: the decode step runs eagerly, neither compiled nor captured",
+                     "cuda_graphs = false" if keys.device.type == "cuda" else "no GPU")
+            self.settled.set()
         return self._kv
 
     def _fuse(self) -> FusedLayers | None:
@@ -485,31 +500,51 @@ class TransformersEngine:
             return None
         return FusedLayers(layers, cache_dir=self._compile_cache)
 
-    def _capture(self, stepper: Stepper) -> None:
-        """Compile (where on) and capture the decode step; what cannot be done here is done without, said once."""
+    def _speed_up_when_idle(self, stepper: Stepper) -> Iterator[None]:
+        """Capture the decode step as CUDA graphs (seconds), then compile its layers and capture it again
+        (a minute), one shape per idle turn of ``_serve``: never while a question is being answered.
+
+        Why not at start: dynamo traces every graph anew in each process, inductor's cache or not
+        (measured on the H200: 45 of a restart's 62 s, 35 s of it tracing), so the daemon would be
+        ready a minute late on every restart. This way it is ready once the model is loaded; until
+        then steps run eagerly, then captured (85 tokens/s in bf16), then compiled (117). A question
+        that comes meanwhile waits for the shape in hand: under a second while capturing, up to
+        ~20 s while the first shapes compile (GLM-4.6V-Flash on the H200)."""
+        if stepper.use_graphs:
+            yield from self._idle_work(stepper, fused=False)
+        if stepper.fused is not None:
+            yield from self._idle_work(stepper, fused=True)
+
+    def _idle_work(self, stepper: Stepper, *, fused: bool) -> Iterator[None]:
+        """``stepper.captures`` a shape at a time; what cannot be done here is done without, said once."""
         import torch
 
-        started = time.monotonic()
-        log.info("compiling and capturing the decode step (batch sizes %s x spans %s; follow-up tails %s)%s",
-                 stepper.sizes, stepper.spans, stepper.tails,
-                 "; the first start with a model and settings takes a minute or two" if stepper.fused else "")
-        try:
-            warmed = stepper.capture()
-        except Exception as exc:
-            torch.cuda.synchronize()
-            if stepper.fused is None:  # a kernel that cannot be captured: run eagerly
-                stepper.use_graphs = False
-                log.warning("cannot capture the decode step as a CUDA graph (%s: %s); decoding eagerly",
-                            type(exc).__name__, exc)
+        started, busy = time.monotonic(), 0.0
+        work = stepper.captures(fused=fused)
+        done = False
+        while not done:
+            shape_started = time.monotonic()
+            try:
+                done = next(work, _DONE) is _DONE
+            except Exception as exc:
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if fused:  # a model or GPU it cannot compile for: the step stays as it is
+                    assert stepper.fused is not None
+                    log.warning("cannot compile the decode step (%s); it stays unfused", reason)
+                    stepper.fused.remove()
+                    stepper.fused = None
+                else:  # a kernel that cannot be captured
+                    log.warning("cannot capture the decode step as a CUDA graph (%s); decoding eagerly", reason)
+                    stepper.use_graphs = False
                 return
-            log.warning("cannot compile the decode step (%s: %s); capturing it unfused",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            stepper.fused.remove()
-            stepper.fused = None
-            self._capture(stepper)
-            return
-        log.info("decode step %s in %.1fs (warm-ups %.1fs%s)", "compiled and captured" if stepper.fused else "captured",
-                 time.monotonic() - started, warmed, f"; compiling: {compile_summary()}" if stepper.fused else "")
+            busy += time.monotonic() - shape_started
+            if not done:
+                yield
+        log.info("decode step %s: %.1fs of work over %.1fs%s",
+                 ("compiled and captured" if stepper.use_graphs else "compiled") if fused else "captured",
+                 busy, time.monotonic() - started, f" ({compile_summary()})" if fused else "")
 
     def _step(self) -> None:
         """Launch the next decode step for every active question, then take the tokens of the one before.
@@ -593,6 +628,7 @@ class TransformersEngine:
     def measurements(self) -> dict[str, float]:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
+        values["decode_compiled"] = float(self._stepper is not None and "step" in self._stepper.fused_kinds)
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
         values["features_cache_bytes"] = float(self._features.nbytes)
         if self.device == "cuda":

@@ -19,6 +19,7 @@ SCRIPTS = {
     "soak.py": (["--quick"], ["lost answers                    0", "duplicated answers              0"]),
     "engine_bench.py": (["--quick"], ["time to first token", "8 at once", "greedy output equals bare generate()"]),
     "engine_smoke.py": ([], ["cuda available"]),
+    "int4_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
 }
 

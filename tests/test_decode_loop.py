@@ -146,9 +146,9 @@ async def test_stopping_tells_every_waiting_question(make_engine, tiny_model):
 def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     """The GPU default (decoder layers through torch.compile, the slot cache's update eager inside them)
     run on the CPU: the same next tokens as the eager layers, for decode steps over several rows at
-    their own positions and for a follow-up's tail; only forwards of the stepper take the compiled
-    layers. Twelve layers, more than dynamo's 8 recompiles: one compiled graph serves them all (it
-    fails loudly past the limit)."""
+    their own positions; only the stepper's steps take the compiled layers (not a follow-up's tail,
+    nor prefill). Twelve layers, more than dynamo's 8 recompiles: one compiled graph serves them all
+    (it fails loudly past the limit)."""
     import copy
 
     import torch
@@ -175,6 +175,8 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     def run(fused: FusedLayers | None) -> list[list[int]]:
         kv = SlotKV(len(layers), 4, heads, dim, 1024, dtype=torch.float32, device="cpu")
         stepper = Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=False, use_graphs=False, fused=fused)
+        if fused is not None:  # as ``captures(fused=True)`` leaves it, without its warm-ups of every shape
+            stepper.fused_kinds = {"step", "tail"}
         seen = []
         with torch.inference_mode():
             kv.positions[:4] = torch.tensor([5, 9, 3, 700])
@@ -202,3 +204,34 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the library's own attention again
+
+
+async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny_model, started):
+    """The GPU's start-up order, on the CPU: the engine answers at once with the eager step while it
+    compiles the step's layers shape by shape between questions, then switches to the compiled step;
+    the answers are the same before, during and after."""
+    from core.model_files import resolve
+    from core.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", max_batch=2,
+                                prefix_cache_bytes=0, context_tokens=1024)
+    engine._compile_without_graphs = True  # what CUDA does, without CUDA graphs
+    await started(engine)
+    assert not engine.settled.is_set()  # the warm-up question made the slots; the compiling is to come
+    asks = [([_image(60)], "What is it?", 10), ([], "Why?", 8)]
+    during = [await _answer(engine, *asks[0])]
+    # Answered without waiting for all of it: the step is compiled for one row after (one shape at a time,
+    # the largest first: 2 rows, then 1).
+    assert engine.measurements()["decode_compiled"] == 0
+    during.append(await _answer(engine, *asks[1]))
+    for _ in range(600):
+        if engine.measurements()["decode_compiled"]:
+            break
+        await asyncio.sleep(0.5)
+    assert engine.measurements()["decode_compiled"] == 1
+    steps = engine.stats.decode_steps
+    after = [await _answer(engine, images, question, tokens) for images, question, tokens in asks]
+    assert engine.stats.decode_steps > steps
+    assert after == during
+    for (images, question, tokens), got in zip(asks, after, strict=True):
+        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)

@@ -157,8 +157,8 @@ class Stepper:
         self._host = [torch.zeros(kv.slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._launched = 0
         self.use_graphs = use_graphs
-        self.fused = fused  # compiled layers, used by the kinds of forward ``captures(fused=True)`` has done
-        self.fused_kinds: set[str] = set()
+        self.fused = fused  # compiled layers, used by steps once ``captures(fused=True)`` has run
+        self.steps_fused = False
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.sizes if size >= rows)
@@ -199,26 +199,28 @@ class Stepper:
         decode in between with what it has, but not during one (it uses the slots' rows).
 
         ``fused=False``: with the eager layers; each graph is used as soon as it is made.
-        ``fused=True``: compile the layers and capture again, steps first, then follow-up tails; each
-        kind's compiled graphs replace the others together, once all of that kind are made (after an
-        error, none). Without CUDA graphs only the warm-ups run (they compile, where ``fused``).
+        ``fused=True``: compile the layers and capture the steps again; the compiled graphs replace
+        the others together, once all are made (after an error, none). Follow-up tails keep the eager
+        layers: compiling them too took GLM-4.6V-Flash past dynamo's 8 recompiles of one frame on the
+        H200 (their token counts and call patterns), and they are rare. Without CUDA graphs only the
+        warm-ups run (they compile, where ``fused``).
         """
-        shapes = self._shapes()
         pool = None  # one memory pool for the graphs of a pass: they never run at the same time
-        for kind in ("step", "tail"):
-            made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
-            for shape in reversed(shapes):  # the largest first: the others fit in what it took
-                if shape[0] != kind:
-                    continue
-                graph, pool = self._capture(shape, fused, pool)
-                if graph is not None:
-                    made[shape] = graph
-                    if not fused:
-                        self._graphs[shape] = graph
-                yield
-            if fused:
-                self._graphs.update(made)
-                self.fused_kinds.add(kind)
+        made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
+        shapes = self._shapes()
+        # Steps first (every answer needs them), each kind the largest first: the others fit in what it took.
+        kinds = ("step",) if fused else ("step", "tail")
+        order = [shape for kind in kinds for shape in reversed(shapes) if shape[0] == kind]
+        for shape in order:
+            graph, pool = self._capture(shape, fused, pool)
+            if graph is not None:
+                made[shape] = graph
+                if not fused:
+                    self._graphs[shape] = graph
+            yield
+        if fused:
+            self._graphs.update(made)
+            self.steps_fused = True
 
     def _shapes(self) -> list[tuple[str, int, int]]:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
@@ -255,7 +257,7 @@ class Stepper:
         if graph is not None:
             graph.replay()
         else:
-            self._eager(kind, size, span, fused=kind in self.fused_kinds)
+            self._eager(kind, size, span, fused=self.steps_fused and kind == "step")
 
     def _eager(self, kind: str, size: int, span: int, *, fused: bool = False) -> None:
         kv = self._kv

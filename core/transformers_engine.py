@@ -628,7 +628,7 @@ class TransformersEngine:
     def measurements(self) -> dict[str, float]:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
-        values["decode_compiled"] = float(self._stepper is not None and "step" in self._stepper.fused_kinds)
+        values["decode_compiled"] = float(self._stepper is not None and self._stepper.steps_fused)
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
         values["features_cache_bytes"] = float(self._features.nbytes)
         if self.device == "cuda":

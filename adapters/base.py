@@ -37,6 +37,7 @@ __all__ = [
     "Accepted",
     "Adapter",
     "Connected",
+    "ConnectionState",
     "Deployment",
     "Drafting",
     "Finding",
@@ -48,6 +49,7 @@ __all__ = [
     "Moderated",
     "PlatformSettings",
     "Pulling",
+    "Pushed",
     "ReadsReplies",
     "Replied",
     "Reply",
@@ -273,6 +275,26 @@ class Verifiable(Protocol):
 
     async def credentials(self) -> str:
         """What the platform granted (a token issued, say); raises with what it said otherwise."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionState:
+    """An outbound connection a platform pushes events through, as ``/metrics`` shows it."""
+
+    platform: str
+    open: bool
+    reconnects: int  # connections opened after the first one
+
+
+@runtime_checkable
+class Pushed(Protocol):
+    """An adapter whose platform pushes events over a connection the adapter opened (Feishu's long
+    connection, DingTalk's Stream mode)."""
+
+    @property
+    def connection(self) -> ConnectionState | None:
+        """``None`` while the adapter takes its events another way (callbacks)."""
         ...
 
 

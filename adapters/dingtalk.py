@@ -16,13 +16,24 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Reply
+from adapters.base import (
+    Adapter,
+    ConnectionState,
+    Deployment,
+    Finding,
+    Host,
+    ImageRef,
+    Incoming,
+    PlatformSettings,
+    Reply,
+)
+from adapters.dingtalk_stream import DingTalkStream
 from adapters.http_body import EVENT_LIMIT, client_address, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
@@ -57,6 +68,7 @@ class DingTalkAdapter:
         base_url: str = "https://api.dingtalk.com",
         legacy_base_url: str = "https://oapi.dingtalk.com",
         path: str = "/dingtalk/events",
+        mode: str = "webhook",
         allowed_conversations: Iterable[str] = (),
         allowed_ips: Iterable[str] = (),
         admins: Iterable[str] = (),
@@ -75,20 +87,36 @@ class DingTalkAdapter:
         self._host: Host | None = None
         self._tokens = TokenCache(self._fetch_token)
         self._reachability = Reachability()
+        self._stream = DingTalkStream(self._session, self._base, app_key, app_secret, self._take) if (
+            mode == "stream") else None
 
     def mount(self, app: web.Application) -> None:
-        app.router.add_post(self._path, self._on_callback)
+        if self._stream is None:
+            app.router.add_post(self._path, self._on_callback)
 
     async def start(self, host: Host) -> None:
         self._host = host
         self._http = aiohttp.ClientSession(timeout=self._timeout)
         await self._tokens.get()  # wrong credentials stop the daemon now, not at the first question
-        log.info("dingtalk robot %s started", self._robot_code)
+        if self._stream is not None:
+            await self._stream.start()
+        log.info("dingtalk robot %s started (%s)", self._robot_code,
+                 "stream mode" if self._stream is not None else f"callbacks on {self._path}")
+
+    async def stop_intake(self) -> None:
+        """``adapters.base.Pulling``: in stream mode, close the connection (unacknowledged messages come again)."""
+        if self._stream is not None:
+            await self._stream.stop()
 
     async def stop(self) -> None:
+        await self.stop_intake()
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        assert self._http is not None, "not started"
+        return self._http
 
     # ---- receiving ----------------------------------------------------------------------
 
@@ -101,18 +129,22 @@ class DingTalkAdapter:
             raise Unauthorized("timestamp missing or more than an hour away")
         if not hmac.compare_digest(given.encode(), sign(timestamp, self._app_secret).encode()):
             raise Unauthorized("sign does not match")
-        payload = await parse_json(await read_limited(request, EVENT_LIMIT))  # read only once signed
+        await self._take(await parse_json(await read_limited(request, EVENT_LIMIT)))  # read only once signed
+        return web.json_response({"msgtype": "empty"})
+
+    async def _take(self, payload: Any) -> None:
+        """A robot message (a callback's body, a stream frame's data) committed, deduplicated by msgId,
+        before DingTalk hears that it arrived."""
         if not isinstance(payload, dict):
-            raise BadInput("callback body is not a JSON object", code="invalid_json")
+            raise BadInput("robot message is not a JSON object", code="invalid_json")
         try:
             incoming = self._incoming(payload)
         except (AttributeError, TypeError, ValueError, KeyError) as exc:
-            # Signed by DingTalk, but not the shape its documentation gives: refused, not guessed at.
+            # From DingTalk, but not the shape its documentation gives: refused, not guessed at.
             raise BadInput(f"message has an unexpected shape ({type(exc).__name__}: {exc})",
                            code="invalid_message") from None
         if incoming is not None and self._host is not None:
-            await self._host.accept(incoming)  # committed (deduplicated by msgId) before DingTalk hears 200
-        return web.json_response({"msgtype": "empty"})
+            await self._host.accept(incoming)
 
     def _incoming(self, payload: dict[str, Any]) -> Incoming | None:
         chat_id = str(payload.get("conversationId", ""))
@@ -207,8 +239,15 @@ class DingTalkAdapter:
 
     @property
     def connected(self) -> bool:
-        """``adapters.base.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row."""
-        return self._http is not None and self._reachability.reachable
+        """``adapters.base.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row, and
+        in stream mode the connection is open."""
+        stream_open = self._stream is None or self._stream.state.open
+        return self._http is not None and self._reachability.reachable and stream_open
+
+    @property
+    def connection(self) -> ConnectionState | None:
+        """``adapters.base.Pushed``: the stream connection's state (``None`` with callbacks)."""
+        return self._stream.state if self._stream is not None else None
 
     async def _post(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
         return await self._reachability.track(self._request(url, body, token=token))
@@ -241,10 +280,13 @@ class DingTalkAdapter:
         self._http = aiohttp.ClientSession(timeout=self._timeout)
         try:
             await self._fetch_token()
+            if self._stream is not None:
+                socket = await self._stream.connect()
+                await socket.close()
         finally:
             await self._http.close()
             self._http = None
-        return "access token issued"
+        return "access token issued" + (", stream connection opened" if self._stream is not None else "")
 
     async def _fetch_token(self) -> tuple[str, float]:
         answer = await self._post(f"{self._base}/v1.0/oauth2/accessToken",
@@ -293,7 +335,9 @@ class DingTalkSettings(PlatformSettings):
     robot_code: str = ""  # usually the same as app_key
     base_url: str = "https://api.dingtalk.com"
     legacy_base_url: str = "https://oapi.dingtalk.com"  # where session webhooks live; only those are posted to
-    path: str = "/dingtalk/events"  # the robot's message receiving address on this server
+    # "stream": the daemon connects out to DingTalk (no inbound route needed); "webhook": DingTalk posts to `path`
+    mode: Literal["webhook", "stream"] = "webhook"
+    path: str = "/dingtalk/events"  # webhook mode: the robot's message receiving address on this server
     allowed_conversations: list[str] = Field(default_factory=list)  # cid... ids; empty: all
     allowed_ips: list[str] = Field(default_factory=list)  # callers allowed to post callbacks; empty: any
     admins: list[str] = Field(default_factory=list)  # staff ids that may /forget, besides the group's admins
@@ -306,14 +350,17 @@ class DingTalkSettings(PlatformSettings):
                 yield key, f"required when dingtalk is enabled{env}"
 
     def findings(self, deployment: Deployment) -> Iterator[Finding]:
-        yield Finding("ok", "app credentials set" + (
+        if self.mode == "stream":
+            yield Finding("ok", "app credentials set; stream mode: connects out to DingTalk, no inbound route needed")
+            return
+        yield Finding("ok", "app credentials set; callbacks on " + self.path + (
             "" if self.allowed_ips else " (no allowed_ips: anyone with a captured sign may post)"))
 
     def build(self, deployment: Deployment) -> Adapter:
         assert self.app_secret is not None
         return DingTalkAdapter(
             self.app_key, self.app_secret.get_secret_value(), self.robot_code or self.app_key,
-            base_url=self.base_url, legacy_base_url=self.legacy_base_url, path=self.path,
+            base_url=self.base_url, legacy_base_url=self.legacy_base_url, path=self.path, mode=self.mode,
             allowed_conversations=self.allowed_conversations, allowed_ips=self.allowed_ips, admins=self.admins,
         )
 

@@ -17,7 +17,7 @@ _SECTION = "[adapters.{platform}]"
 
 
 def explain(platform: str, exc: BaseException, endpoint: str = "") -> str:
-    """``"<platform>: <what failed>. Fix: <what to check>"``; never the exception's own text."""
+    """``"<platform>: <what failed>. Fix: <what to check>"``; never a library exception's own text."""
     where = f" at {endpoint}" if endpoint else ""
     section = _SECTION.format(platform=platform)
     chain = list(_chain(exc))
@@ -27,9 +27,13 @@ def explain(platform: str, exc: BaseException, endpoint: str = "") -> str:
         return any(isinstance(c, types) for c in chain) or any(n in names for n in named)
 
     network = f"Fix: check the network path or proxy (HTTPS_PROXY) to it, or base_url in {section}"
-    refused = any(type(c).__name__ == "AdapterError" and not getattr(c, "retryable", True) for c in chain)
+    refused = [c for c in chain if type(c).__name__ == "AdapterError" and not getattr(c, "retryable", True)]
     if refused or "InvalidToken" in names:
-        return (f"{platform}: the platform refused the bot's credentials{where}. "
+        # Our own words (what the platform answered) are shown; not where they wrap a library's exception,
+        # whose text may hold the token (python-telegram-bot's InvalidToken).
+        ours = refused[0] if refused and refused[0].__cause__ is None and refused[0].__context__ is None else None
+        said = f" ({str(ours).removeprefix(platform + ': ')})" if ours is not None else ""
+        return (f"{platform}: the platform refused the bot's credentials{where}{said}. "
                 f"Fix: check the token or app secret in {section} (or its IMSIGHT_* variable)")
     if found(ssl.SSLError, named=("ClientSSLError", "ClientConnectorCertificateError")):
         return (f"{platform}: TLS failed talking to the API{where}. Fix: check this host's clock and CA "

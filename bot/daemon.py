@@ -11,7 +11,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from adapters.base import Adapter, Connected, Pulling
+from adapters.base import Adapter, Connected, Pulling, Pushed
 from adapters.startup import explain
 from adapters.webhook import WebhookSettings
 from bot.admin import AdminPages
@@ -176,6 +176,8 @@ class Daemon:
             metrics=metrics, log_text=cfg.logging.message_text,
         )
         metrics.probe(lambda: _stored(store))
+        metrics.connections(lambda: [state for adapter in adapters if isinstance(adapter, Pushed)
+                                     if (state := adapter.connection) is not None])
         if isinstance(engine, Measured):
             measured = engine
 

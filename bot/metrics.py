@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from adapters.base import ConnectionState
 
 __all__ = ["Metrics"]
 
@@ -50,6 +52,10 @@ class Metrics:
                             "bytes, tokens generated, GPU memory)", ["name"], registry=r)
         self._probes: list[Probe] = []
 
+    def connections(self, read: Callable[[], list[ConnectionState]]) -> None:
+        """Export the push connections ``read`` returns (at each scrape)."""
+        self.registry.register(_Connections(read))
+
     def probe(self, read: Probe) -> None:
         """Read ``read()`` into gauges at every scrape: {gauge attribute or "engine:<name>": value}."""
         self._probes.append(read)
@@ -67,6 +73,25 @@ class Metrics:
                     gauge.set(value)
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _Connections(Collector):
+    """Each push connection's state and reconnects, read from its adapter at each scrape."""
+
+    def __init__(self, read: Callable[[], list[ConnectionState]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        states = self._read()
+        up = GaugeMetricFamily("imsight_connection_open", "1 while a platform's push connection (Feishu "
+                               "long connection, DingTalk Stream) is open", labels=["platform"])
+        again = CounterMetricFamily("imsight_connection_reconnects", "Push connections opened again after "
+                                    "a drop or at the platform's request", labels=["platform"])
+        for state in states:
+            up.add_metric([state.platform], float(state.open))
+            again.add_metric([state.platform], float(state.reconnects))
+        yield up
+        yield again
 
 
 class _Tokens(Collector):

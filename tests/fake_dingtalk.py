@@ -1,14 +1,16 @@
 """A fake DingTalk Open API on loopback (token, picture download, session webhook, robot send),
-and robot callbacks signed the way DingTalk signs them."""
+robot callbacks signed the way DingTalk signs them, and Stream mode: ``connections/open`` and a
+WebSocket speaking its JSON frames (PROTOCOLS.md §2.7), which re-sends what was not acknowledged."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from adapters.dingtalk import sign
 
@@ -25,6 +27,15 @@ class FakeDingTalk:
         self.down = False  # session webhooks answer 503
         self._keys = itertools.count(1)
         self.url = ""
+        # Stream mode
+        self.tickets: list[str] = []  # issued, in order
+        self.socket: web.WebSocketResponse | None = None  # the client's connection now
+        self.connections = 0
+        self.acks: list[dict[str, Any]] = []  # every frame the client sent back
+        self.unacked: dict[str, dict[str, Any]] = {}  # messageId -> frame: re-sent on the next connection
+        self.ignore_acks = 0  # acknowledgements to lose (as if the connection broke before they arrived)
+        self.stream_allowed = True  # False: connections/open refuses (the app has no Stream mode)
+        self._frames = itertools.count(1)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -34,7 +45,69 @@ class FakeDingTalk:
         app.router.add_post("/robot/sendBySession", self._webhook)
         app.router.add_post("/v1.0/robot/groupMessages/send", self._send)
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self._send)
+        app.router.add_post("/v1.0/gateway/connections/open", self._open)
+        app.router.add_get("/stream", self._stream)
         return app
+
+    # ---- Stream mode ----------------------------------------------------------------------------
+
+    async def _open(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not self.stream_allowed:
+            return web.json_response({"code": "Forbidden.AccessDenied", "message": "no stream mode"}, status=403)
+        if (body.get("clientId"), body.get("clientSecret")) != (APP_KEY, self.app_secret):
+            return web.json_response({"code": "invalidClientIdOrSecret", "message": "bad credentials"}, status=401)
+        assert {"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"} in body["subscriptions"]
+        self.tickets.append(f"ticket-{len(self.tickets) + 1}")
+        return web.json_response({"endpoint": f"{self.url.replace('http', 'ws', 1)}/stream",
+                                  "ticket": self.tickets[-1]})
+
+    async def _stream(self, request: web.Request) -> web.WebSocketResponse:
+        ticket = request.query.get("ticket")
+        if not self.tickets or ticket != self.tickets[-1]:
+            raise web.HTTPForbidden(text="unknown ticket")
+        self.tickets[-1] = "(used)"  # a ticket opens one connection
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self.socket, self.connections = socket, self.connections + 1
+        for frame in list(self.unacked.values()):  # what the last connection did not acknowledge
+            await socket.send_json(frame)
+        async for message in socket:
+            if message.type != WSMsgType.TEXT:
+                continue
+            ack = json.loads(message.data)
+            if self.ignore_acks:
+                self.ignore_acks -= 1
+                continue
+            self.acks.append(ack)
+            self.unacked.pop(ack["headers"]["messageId"], None)
+        return socket
+
+    async def push(self, payload: dict[str, Any], *, message_id: str | None = None) -> str:
+        """A robot message down the stream; returns the frame's messageId."""
+        message_id = message_id or f"frame-{next(self._frames)}"
+        frame = {"specVersion": "1.0", "type": "CALLBACK", "data": json.dumps(payload),
+                 "headers": {"appId": "app", "connectionId": "c1", "contentType": "application/json",
+                             "messageId": message_id, "time": str(int(time.time() * 1000)),
+                             "topic": "/v1.0/im/bot/messages/get"}}
+        self.unacked[message_id] = frame
+        assert self.socket is not None
+        await self.socket.send_json(frame)
+        return message_id
+
+    async def system(self, topic: str, data: dict[str, Any]) -> None:
+        assert self.socket is not None
+        await self.socket.send_json({"specVersion": "1.0", "type": "SYSTEM", "data": json.dumps(data),
+                                     "headers": {"messageId": f"sys-{next(self._frames)}", "topic": topic,
+                                                 "contentType": "application/json"}})
+
+    async def connected(self, count: int) -> None:
+        """Until the client has opened ``count`` connections (and the last is open)."""
+        for _ in range(1000):
+            if self.connections >= count and self.socket is not None and not self.socket.closed:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{self.connections} stream connections, {count} expected")
 
     def _denied(self, request: web.Request) -> web.Response | None:
         if request.headers.get("x-acs-dingtalk-access-token") != f"token-{self.tokens_issued}":

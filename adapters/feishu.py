@@ -14,14 +14,26 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Replied, Reply
+from adapters.base import (
+    Adapter,
+    ConnectionState,
+    Deployment,
+    Finding,
+    Host,
+    ImageRef,
+    Incoming,
+    PlatformSettings,
+    Replied,
+    Reply,
+)
 from adapters.feishu_crypto import decrypt, verify_signature
+from adapters.feishu_long_connection import FeishuLongConnection
 from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
@@ -51,6 +63,7 @@ class FeishuAdapter:
         encrypt_key: str | None = None,
         base_url: str = "https://open.feishu.cn",
         path: str = "/feishu/events",
+        mode: str = "webhook",
         allowed_chats: Iterable[str] = (),
         admins: Iterable[str] = (),
         timeout_s: float = 10,
@@ -70,21 +83,37 @@ class FeishuAdapter:
         self._reachability = Reachability()
         self.bot_open_id = ""
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
+        self._connection = FeishuLongConnection(self._session, self._base, app_id, app_secret, self._take) if (
+            mode == "long_connection") else None
 
     def mount(self, app: web.Application) -> None:
-        app.router.add_post(self._path, self._on_callback)
+        if self._connection is None:
+            app.router.add_post(self._path, self._on_callback)
 
     async def start(self, host: Host) -> None:
         self._host = host
         self._http = aiohttp.ClientSession(timeout=self._timeout)
         info = await self._api("GET", "/open-apis/bot/v3/info")
         self.bot_open_id = str(info.get("bot", {}).get("open_id", ""))
-        log.info("feishu bot %s (%s) started", info.get("bot", {}).get("app_name", "?"), self.bot_open_id)
+        if self._connection is not None:
+            await self._connection.start()
+        log.info("feishu bot %s (%s) started (%s)", info.get("bot", {}).get("app_name", "?"), self.bot_open_id,
+                 "long connection" if self._connection is not None else f"callbacks on {self._path}")
+
+    async def stop_intake(self) -> None:
+        """``adapters.base.Pulling``: with the long connection, close it (unanswered events come again)."""
+        if self._connection is not None:
+            await self._connection.stop()
 
     async def stop(self) -> None:
+        await self.stop_intake()
         if self._http is not None:
             await self._http.close()
             self._http = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        assert self._http is not None, "not started"
+        return self._http
 
     # ---- receiving ----------------------------------------------------------------------
 
@@ -120,16 +149,26 @@ class FeishuAdapter:
             return web.json_response({"challenge": body.get("challenge", "")})
         if self._encrypt_key is not None and not signed:  # only the URL check may come unsigned
             raise Unauthorized("X-Lark-Signature missing: events must be signed when encrypt_key is set")
+        await self._take(body)
+        return web.json_response({"msg": "success"})
+
+    async def _take(self, body: Any) -> None:
+        """An event (a callback's checked body, or the long connection's) committed before Feishu hears
+        that it arrived; events other than messages are let go."""
+        if not isinstance(body, dict):
+            raise BadInput("event is not a JSON object", code="invalid_json")
+        header = body.get("header") or {}
+        if not isinstance(header, dict):
+            raise BadInput("event header is not a JSON object", code="invalid_event")
         if header.get("event_type") == "im.message.receive_v1" and self._host is not None:
             try:
                 incoming = self._incoming(str(header.get("event_id", "")), body.get("event") or {})
             except (AttributeError, TypeError, ValueError, KeyError) as exc:
-                # Signed by Feishu, but not the shape its documentation gives: refused, not guessed at.
+                # From Feishu, but not the shape its documentation gives: refused, not guessed at.
                 raise BadInput(f"event has an unexpected shape ({type(exc).__name__}: {exc})",
                                code="invalid_event") from None
             if incoming is not None:
-                await self._host.accept(incoming)  # committed before Feishu hears 200
-        return web.json_response({"msg": "success"})
+                await self._host.accept(incoming)
 
     def _incoming(self, event_id: str, event: dict[str, Any]) -> Incoming | None:
         message = event.get("message") or {}
@@ -256,8 +295,15 @@ class FeishuAdapter:
 
     @property
     def connected(self) -> bool:
-        """``adapters.base.Connected``: the Open API did not fail (network, 5xx, 429) twice in a row."""
-        return self._http is not None and self._reachability.reachable
+        """``adapters.base.Connected``: the Open API did not fail (network, 5xx, 429) twice in a row, and
+        the long connection (where used) is open."""
+        connection_open = self._connection is None or self._connection.state.open
+        return self._http is not None and self._reachability.reachable and connection_open
+
+    @property
+    def connection(self) -> ConnectionState | None:
+        """``adapters.base.Pushed``: the long connection's state (``None`` with callbacks)."""
+        return self._connection.state if self._connection is not None else None
 
     async def _call(self, method: str, path: str, *, json_body: dict[str, Any] | None = None,
                     params: dict[str, str] | None = None, raw: bool = False) -> Any:
@@ -298,10 +344,13 @@ class FeishuAdapter:
         self._http = aiohttp.ClientSession(timeout=self._timeout)
         try:
             await self._fetch_token()
+            if self._connection is not None:
+                socket = await self._connection.connect()
+                await socket.close()
         finally:
             await self._http.close()
             self._http = None
-        return "tenant token issued"
+        return "tenant token issued" + (", long connection opened" if self._connection is not None else "")
 
     async def _fetch_token(self) -> tuple[str, float]:
         assert self._http is not None, "not started"
@@ -369,29 +418,38 @@ class FeishuSettings(PlatformSettings):
 
     app_id: str = ""  # cli_...
     app_secret: SecretStr | None = None
-    verification_token: SecretStr | None = None  # console: Events & Callbacks > Encryption strategy
-    encrypt_key: SecretStr | None = None  # optional there; set it, and bodies are encrypted and signed
+    # "long_connection": the daemon connects out to Feishu (no inbound route needed); "webhook": Feishu posts to `path`
+    mode: Literal["webhook", "long_connection"] = "webhook"
+    verification_token: SecretStr | None = None  # webhook mode; console: Events & Callbacks > Encryption strategy
+    encrypt_key: SecretStr | None = None  # webhook mode, optional; set it, and bodies are encrypted and signed
     base_url: str = "https://open.feishu.cn"  # Lark: "https://open.larksuite.com"
-    path: str = "/feishu/events"  # where the event subscription's request URL points on this server
+    path: str = "/feishu/events"  # webhook mode: where the event subscription's request URL points on this server
     allowed_chats: list[str] = Field(default_factory=list)  # oc_... ids; empty: every chat the bot is in
     admins: list[str] = Field(default_factory=list)  # open_ids that may /forget; empty: anyone (it asks first)
     online_fix: ClassVar[str] = "check app_id and app_secret in the developer console"
 
     def problems(self, deployment: Deployment) -> Iterator[tuple[str, str]]:
-        for key in ("app_id", "app_secret", "verification_token"):
+        needed = ("app_id", "app_secret") if self.mode == "long_connection" else ("app_id", "app_secret",
+                                                                                 "verification_token")
+        for key in needed:
             if not getattr(self, key):
                 env = f" (or IMSIGHT_FEISHU_{key.upper()})" if key != "app_id" else ""
                 yield key, f"required when feishu is enabled{env}"
 
     def findings(self, deployment: Deployment) -> Iterator[Finding]:
-        yield Finding("ok", "app credentials set" + (
+        if self.mode == "long_connection":
+            yield Finding("ok", "app credentials set; long connection: connects out to Feishu, no inbound route "
+                          "needed")
+            return
+        yield Finding("ok", "app credentials set; callbacks on " + self.path + (
             ", bodies encrypted" if self.encrypt_key else " (no encrypt_key: bodies in plain text)"))
 
     def build(self, deployment: Deployment) -> Adapter:
         assert self.app_secret is not None
-        assert self.verification_token is not None
         return FeishuAdapter(
-            self.app_id, self.app_secret.get_secret_value(), self.verification_token.get_secret_value(),
+            self.app_id, self.app_secret.get_secret_value(),
+            self.verification_token.get_secret_value() if self.verification_token else "",
             encrypt_key=self.encrypt_key.get_secret_value() if self.encrypt_key else None,
-            base_url=self.base_url, path=self.path, allowed_chats=self.allowed_chats, admins=self.admins,
+            base_url=self.base_url, path=self.path, mode=self.mode, allowed_chats=self.allowed_chats,
+            admins=self.admins,
         )

@@ -1,5 +1,7 @@
-"""A fake Feishu Open API on loopback (token, bot info, messages, resources, reply), and events built,
-encrypted and signed the way Feishu sends them."""
+"""A fake Feishu Open API on loopback (token, bot info, messages, resources, reply), events built,
+encrypted and signed the way Feishu sends them, and the long connection: ``/callback/ws/endpoint``
+and a WebSocket speaking protobuf frames built with lark-oapi's own generated schema (pbbp2_pb2),
+which delivers again what was not answered."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from adapters.feishu_crypto import encrypt, signature
 
@@ -34,6 +36,17 @@ class FakeFeishu:
         self.log: list[tuple[float, str, int]] = []  # (monotonic time, replied-to message id, HTTP status)
         self._ids = itertools.count(1)
         self.url = ""
+        # the long connection
+        self.socket: web.WebSocketResponse | None = None
+        self.connections = 0
+        self.endpoint_calls = 0
+        self.refuse_connections = False  # the endpoint answers code 514 (auth failed)
+        self.ping_interval = 120
+        self.pings: list[dict[str, str]] = []  # headers of the client's pings
+        self.acks: list[tuple[dict[str, str], dict[str, Any]]] = []  # (headers, payload) of each answered event
+        self.unacked: dict[str, list[bytes]] = {}  # message_id -> its frames: sent again on the next connection
+        self.ignore_acks = 0  # answers to lose (as if the connection broke before they arrived)
+        self._frames = itertools.count(1)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -43,7 +56,81 @@ class FakeFeishu:
         app.router.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", self._resource)
         app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
         app.router.add_put("/open-apis/im/v1/messages/{mid}", self._edit)
+        app.router.add_post("/callback/ws/endpoint", self._endpoint)
+        app.router.add_get("/ws", self._ws)
         return app
+
+    # ---- the long connection ------------------------------------------------------------------
+
+    async def _endpoint(self, request: web.Request) -> web.Response:
+        self.endpoint_calls += 1
+        body = await request.json()
+        if self.refuse_connections or body != {"AppID": APP_ID, "AppSecret": self.app_secret}:
+            return web.json_response({"code": 514, "msg": "auth failed"})
+        url = f"{self.url.replace('http', 'ws', 1)}/ws?device_id=d-{self.endpoint_calls}&service_id=77"
+        return web.json_response({"code": 0, "msg": "ok", "data": {"URL": url, "ClientConfig": {
+            "ReconnectCount": -1, "ReconnectInterval": 2, "ReconnectNonce": 1, "PingInterval": self.ping_interval}}})
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        pb = _pbbp2()
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self.socket, self.connections = socket, self.connections + 1
+        for frames in list(self.unacked.values()):  # what the last connection did not answer
+            for frame in frames:
+                await socket.send_bytes(frame)
+        async for message in socket:
+            if message.type != WSMsgType.BINARY:
+                continue
+            frame = pb.Frame()
+            frame.ParseFromString(message.data)
+            headers = {h.key: h.value for h in frame.headers}
+            if frame.method == 0:
+                assert frame.service == 77  # the service_id of the URL
+                self.pings.append(headers)
+            elif self.ignore_acks:
+                self.ignore_acks -= 1
+            else:
+                self.acks.append((headers, json.loads(frame.payload)))
+                self.unacked.pop(headers["message_id"], None)
+        return socket
+
+    async def push(self, payload: dict[str, Any], *, parts: int = 1, message_id: str | None = None) -> str:
+        """An event down the long connection, in ``parts`` frames; returns its message_id."""
+        pb = _pbbp2()
+        message_id = message_id or f"msg-{next(self._frames)}"
+        data = json.dumps(payload).encode()
+        size = -(-len(data) // parts)
+        frames = []
+        for seq in range(parts):
+            frame = pb.Frame(SeqID=next(self._frames), LogID=1, service=77, method=1,
+                             payload=data[seq * size:(seq + 1) * size])
+            for key, value in (("type", "event"), ("message_id", message_id), ("sum", str(parts)),
+                               ("seq", str(seq)), ("trace_id", f"trace-{message_id}")):
+                header = frame.headers.add()
+                header.key, header.value = key, value
+            frames.append(frame.SerializeToString())
+        self.unacked[message_id] = frames
+        assert self.socket is not None
+        for frame in frames:
+            await self.socket.send_bytes(frame)
+        return message_id
+
+    async def pong(self, config: dict[str, Any]) -> None:
+        pb = _pbbp2()
+        frame = pb.Frame(SeqID=0, LogID=0, service=77, method=0, payload=json.dumps(config).encode())
+        header = frame.headers.add()
+        header.key, header.value = "type", "pong"
+        assert self.socket is not None
+        await self.socket.send_bytes(frame.SerializeToString())
+
+    async def connected(self, count: int) -> None:
+        """Until the client has opened ``count`` connections (and the last is open)."""
+        for _ in range(1000):
+            if self.connections >= count and self.socket is not None and not self.socket.closed:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{self.connections} long connections, {count} expected")
 
     def _authorized(self, request: web.Request) -> web.Response | None:
         if self.down:
@@ -166,3 +253,10 @@ def sealed(payload: dict[str, Any], key: str = ENCRYPT_KEY) -> tuple[bytes, dict
     timestamp, nonce = str(int(time.time())), os.urandom(8).hex()
     return body, {"X-Lark-Request-Timestamp": timestamp, "X-Lark-Request-Nonce": nonce,
                   "X-Lark-Signature": signature(timestamp, nonce, key, body), "Content-Type": "application/json"}
+
+
+def _pbbp2() -> Any:
+    """lark-oapi's generated frame schema: what the official SDK speaks, not our own copy of it."""
+    from lark_oapi.ws.pb import pbbp2_pb2
+
+    return pbbp2_pb2

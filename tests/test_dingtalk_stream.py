@@ -99,3 +99,15 @@ async def test_a_refused_connection_stops_the_start_with_what_dingtalk_said(fake
         async with daemon(adapters=stream_config(fake)):
             pass
     assert fake.connections == 0
+
+
+async def test_doctor_online_opens_the_stream_once(fake):
+    from adapters.dingtalk import DingTalkSettings
+
+    settings = DingTalkSettings(enabled=True, mode="stream", app_key=APP_KEY, app_secret=APP_SECRET,
+                                base_url=fake.url, legacy_base_url=fake.url)
+    assert await settings.online() == "access token issued, stream connection opened"
+    await eventually(lambda: fake.connections == 1 or None)  # opened, and closed again
+    fake.stream_allowed = False
+    with pytest.raises(Exception, match="HTTP 403"):
+        await settings.online()

@@ -105,3 +105,15 @@ async def test_a_refused_endpoint_stops_the_start_with_what_feishu_said(fake, da
         async with daemon(adapters=long_connection_config(fake)):
             pass
     assert fake.connections == 0
+
+
+async def test_doctor_online_opens_the_connection_once(fake):
+    from adapters.feishu import FeishuSettings
+
+    settings = FeishuSettings(enabled=True, mode="long_connection", app_id=APP_ID, app_secret=APP_SECRET,
+                              base_url=fake.url)
+    assert await settings.online() == "tenant token issued, long connection opened"
+    await eventually(lambda: fake.connections == 1 or None)
+    fake.refuse_connections = True
+    with pytest.raises(Exception, match="code 514"):
+        await settings.online()

@@ -1,0 +1,108 @@
+"""kill -9 between storing an event that came over an outbound connection and the platform hearing
+that it arrived: the platform delivers it again to the restarted daemon, which answers it once.
+
+The daemon runs as a subprocess against a fake DingTalk (Stream mode) or Feishu (long connection)
+on loopback, whose first acknowledgement is lost; the model is a fake OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from fake_dingtalk import APP_KEY, FakeDingTalk, callback
+from fake_feishu import APP_ID, APP_SECRET, FakeFeishu, event
+from fake_openai import KEY, MODEL, FakeOpenAI
+
+from helpers import eventually, free_port, loopback, png
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(path: Path, port: int, data_dir: Path, model_url: str, platform: str, platform_url: str) -> None:
+    section = (f'[adapters.dingtalk]\nenabled = true\nmode = "stream"\napp_key = "{APP_KEY}"\n'
+               f'app_secret = "demo-app-secret"\nbase_url = "{platform_url}"\nlegacy_base_url = "{platform_url}"\n'
+               if platform == "dingtalk" else
+               f'[adapters.feishu]\nenabled = true\nmode = "long_connection"\napp_id = "{APP_ID}"\n'
+               f'app_secret = "{APP_SECRET}"\nbase_url = "{platform_url}"\n')
+    path.write_text(f"""
+[server]
+port = {port}
+[storage]
+data_dir = "{data_dir}"
+[engine]
+kind = "openai"
+base_url = "{model_url}/v1"
+model = "{MODEL}"
+api_key = "{KEY}"
+[adapters.webhook]
+enabled = false
+{section}""")
+
+
+async def _start(config: Path, log: Path, port: int, http: aiohttp.ClientSession) -> asyncio.subprocess.Process:
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "run", "--config", str(config),
+                                                cwd=ROOT, stdout=out, stderr=out,
+                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(out)
+    for _ in range(600):
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                if resp.status == 200:
+                    return proc
+        except aiohttp.ClientError:
+            pass
+        assert proc.returncode is None, _tail(log)
+        await asyncio.sleep(0.05)
+    raise AssertionError("daemon did not start\n" + _tail(log))
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+@pytest.mark.parametrize("platform", ["dingtalk", "feishu"])
+async def test_kill_9_after_storing_before_the_acknowledgement_arrives_answers_once(tmp_path, platform):
+    model = FakeOpenAI()
+    fake: Any = FakeDingTalk() if platform == "dingtalk" else FakeFeishu()
+    port = free_port()
+    config, log = tmp_path / "config.toml", tmp_path / "daemon.log"
+    async with loopback(model.app()) as model_url, loopback(fake.app()) as fake_url, aiohttp.ClientSession() as http:
+        model.url, fake.url = model_url, fake_url
+        _config(config, port, tmp_path / "data", model_url, platform, fake_url)
+        if platform == "dingtalk":
+            fake.pictures["dlc-k"] = png((10, 200, 30), (120, 90))
+            payload = callback(fake, "k1", rich=("what does this say?", "dlc-k"))
+        else:
+            fake.files[("om_k", "img_k")] = png((10, 200, 30), (120, 90))
+            payload = event("om_k", post=("what does this say?", "img_k"), mention_bot=True)
+
+        def replies() -> int:
+            return len(fake.webhook_posts) if platform == "dingtalk" else len(fake.replies)
+
+        proc = await _start(config, log, port, http)
+        try:
+            await fake.connected(1)
+            fake.ignore_acks = 1  # lost on the way: as if the daemon died before it was sent
+            frame = await fake.push(payload)
+            await eventually(lambda: fake.ignore_acks == 0 or None)  # stored, and acknowledged into the void
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            assert frame in fake.unacked
+            proc = await _start(config, log, port, http)  # the fake delivers the event again on the new connection
+            await fake.connected(2)
+            await eventually(lambda: frame not in fake.unacked or None)
+            await eventually(lambda: replies() >= 1 or None)
+            await asyncio.sleep(1.0)  # a second answer would have come by now
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 30)
+    assert replies() == 1, _tail(log)

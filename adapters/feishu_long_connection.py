@@ -114,9 +114,10 @@ class FeishuLongConnection(PushConnection):
             pinging.cancel()
 
     async def _ping(self, socket: aiohttp.ClientWebSocketResponse) -> None:
-        while not socket.closed:
-            await socket.send_bytes(make_frame(CONTROL, self._service, {"type": "ping"}).SerializeToString())
-            await asyncio.sleep(self._ping_s)
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):  # it closed: serve sees it
+            while not socket.closed:
+                await socket.send_bytes(make_frame(CONTROL, self._service, {"type": "ping"}).SerializeToString())
+                await asyncio.sleep(self._ping_s)
 
     def _whole(self, headers: dict[str, str], payload: bytes) -> bytes | None:
         """An event's payload once all its parts are here; ``None`` until then."""

@@ -114,7 +114,7 @@ class PushConnection(ABC):
                 except Reconnect as asked:
                     reason = f"the server asked to reconnect ({asked})"
                     failures = 0
-                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                except Exception as exc:  # whatever broke the reading, the connection is opened again
                     reason = f"{type(exc).__name__}: {exc}"
                 await socket.close()
                 self._socket = None
@@ -126,6 +126,6 @@ class PushConnection(ABC):
                 self._opened(await self.connect())
                 self._reconnects += 1
                 failures = 0
-            except AdapterError as exc:
+            except (AdapterError, aiohttp.ClientError, OSError) as exc:
                 failures = min(failures + 1, 16)
                 log.warning("%s: cannot connect (%s); trying again", self.platform, exc)

@@ -41,6 +41,7 @@ class FakeFeishu:
         self.connections = 0
         self.endpoint_calls = 0
         self.refuse_connections = False  # the endpoint answers code 514 (auth failed)
+        self.busy = 0  # the endpoint's next answers: code 1, system busy
         self.ping_interval = 120
         self.pings: list[dict[str, str]] = []  # headers of the client's pings
         self.acks: list[tuple[dict[str, str], dict[str, Any]]] = []  # (headers, payload) of each answered event
@@ -65,6 +66,9 @@ class FakeFeishu:
     async def _endpoint(self, request: web.Request) -> web.Response:
         self.endpoint_calls += 1
         body = await request.json()
+        if self.busy:
+            self.busy -= 1
+            return web.json_response({"code": 1, "msg": "system busy"})
         if self.refuse_connections or body != {"AppID": APP_ID, "AppSecret": self.app_secret}:
             return web.json_response({"code": 514, "msg": "auth failed"})
         url = f"{self.url.replace('http', 'ws', 1)}/ws?device_id=d-{self.endpoint_calls}&service_id=77"

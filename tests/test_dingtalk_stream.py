@@ -111,3 +111,22 @@ async def test_doctor_online_opens_the_stream_once(fake):
     fake.stream_allowed = False
     with pytest.raises(Exception, match="HTTP 403"):
         await settings.online()
+
+
+async def test_junk_frames_and_other_conversations_are_let_go_and_the_stream_goes_on(fake, daemon, http):
+    async with daemon(adapters=stream_config(fake, allowed_conversations=["cidG1"])) as d:
+        await fake.connected(1)
+        assert fake.socket is not None
+        await fake.socket.send_str("{not json")
+        await fake.socket.send_bytes(b"\x00binary")
+        broken = await fake.push(["not", "an", "object"])  # type: ignore[arg-type]
+        elsewhere = await fake.push(callback(fake, "p1", text="hello?", group=False))  # cidP1: not allowed
+        for message_id in (broken, elsewhere):  # acknowledged: delivering them again cannot help
+            await acked(fake, message_id)
+        fine = await fake.push(callback(fake, "ok1", text="still there?"))
+        await acked(fake, fine)
+        await answered(d, http, 1)
+        status, _ = await get(http, d.url, "/api/v1/history/dingtalk/cidP1")
+    assert fake.connections == 1
+    assert [p["session"] for p in fake.webhook_posts] == ["s-ok1"]
+    assert status == 404  # not stored

@@ -117,3 +117,35 @@ async def test_doctor_online_opens_the_connection_once(fake):
     fake.refuse_connections = True
     with pytest.raises(Exception, match="code 514"):
         await settings.online()
+
+
+async def test_junk_frames_and_other_chats_are_let_go_and_the_connection_goes_on(fake, daemon, http):
+    config = long_connection_config(fake)
+    config["feishu"]["allowed_chats"] = ["oc_g1"]
+    async with daemon(adapters=config) as d:
+        await fake.connected(1)
+        assert fake.socket is not None
+        await fake.socket.send_bytes(b"\xff\x00 not a frame")
+        await fake.socket.send_str("not even binary")
+        broken = await fake.push({"schema": "2.0", "header": {"event_type": "im.message.receive_v1"},
+                                  "event": {"message": "not an object"}})
+        elsewhere = await fake.push(event("om_x", chat_id="oc_other", text="hello?", mention_bot=True))
+        for message_id in (broken, elsewhere):  # answered as handled: sending them again cannot help
+            assert await acked(fake, message_id) == {"code": 200, "headers": None, "data": None}
+        fine = await fake.push(event("om_ok", text="still there?", mention_bot=True))
+        await acked(fake, fine)
+        await answered(d, http, 1)
+        status, body = await get(http, d.url, "/api/v1/history/feishu/oc_other")
+    assert fake.connections == 1
+    assert [r["parent_id"] for r in fake.replies] == ["om_ok"]
+    assert status == 404, body  # the other chat's message was not stored
+
+
+async def test_a_busy_endpoint_is_tried_again_with_backoff(fake, daemon, http):
+    async with daemon(adapters=long_connection_config(fake)):
+        await fake.connected(1)
+        fake.busy = 2
+        assert fake.socket is not None
+        await fake.socket.close()
+        await fake.connected(2)  # after two "system busy" answers
+    assert fake.endpoint_calls == 4

@@ -4,7 +4,6 @@ WebSocket speaking its JSON frames (PROTOCOLS.md §2.7), which re-sends what was
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
@@ -13,6 +12,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from adapters.dingtalk import sign
+from helpers import connections_opened
 
 APP_KEY, APP_SECRET, ROBOT = "dingbot1", "demo-app-secret", "dingbot1"
 
@@ -103,11 +103,7 @@ class FakeDingTalk:
 
     async def connected(self, count: int) -> None:
         """Until the client has opened ``count`` connections (and the last is open)."""
-        for _ in range(1000):
-            if self.connections >= count and self.socket is not None and not self.socket.closed:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{self.connections} stream connections, {count} expected")
+        await connections_opened(self, count)
 
     def _denied(self, request: web.Request) -> web.Response | None:
         if request.headers.get("x-acs-dingtalk-access-token") != f"token-{self.tokens_issued}":

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from adapters.feishu_crypto import encrypt, signature
+from helpers import connections_opened
 
 APP_ID, APP_SECRET, VERIFICATION_TOKEN, ENCRYPT_KEY = "cli_demo", "app-secret", "demo-verification-token", "k-1"
 BOT_OPEN_ID = "ou_bot"
@@ -130,11 +131,7 @@ class FakeFeishu:
 
     async def connected(self, count: int) -> None:
         """Until the client has opened ``count`` connections (and the last is open)."""
-        for _ in range(1000):
-            if self.connections >= count and self.socket is not None and not self.socket.closed:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{self.connections} long connections, {count} expected")
+        await connections_opened(self, count)
 
     def _authorized(self, request: web.Request) -> web.Response | None:
         if self.down:

@@ -126,3 +126,13 @@ async def answer_and_send(store: Store, job: JobRecord, text: str, message_id: s
     await store.answered(job, text)
     (reply,) = [r for r in await store.due_replies(1000) if r.job.id == job.id]
     await store.reply_sent(reply, message_id)
+
+
+async def connections_opened(server: Any, count: int) -> None:
+    """Until a fake platform's client has opened ``count`` connections (``server.connections``) and the
+    last (``server.socket``) is open."""
+    for _ in range(1000):
+        if server.connections >= count and server.socket is not None and not server.socket.closed:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.connections} connections opened, {count} expected")

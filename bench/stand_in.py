@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from core.engine import GenerationLimits, PreparedImage, Turn
+from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 
 __all__ = ["StandInEngine"]
 
@@ -29,7 +29,8 @@ class StandInEngine:
         pass
 
     async def answer(
-        self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str, limits: GenerationLimits
+        self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str, limits: GenerationLimits,
+        usage: Usage | None = None,
     ) -> AsyncIterator[str]:
         if self._delay_s:
             async with self._slots:

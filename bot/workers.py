@@ -16,7 +16,7 @@ from bot.metrics import Metrics
 from bot.outbox import Outbox
 from bot.store import JobRecord, Store
 from bot.watch import JobWatch
-from core.engine import Engine, GenerationLimits, PreparedImage, Turn
+from core.engine import Engine, GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError, EngineOutOfMemory, EngineUnavailable, ImsightError, RateLimited
 from core.images import FORMATS_NOTE, NOT_AN_IMAGE, ImageLimits, prepare
 
@@ -132,11 +132,12 @@ class Workers:
         started = time.monotonic()
         q = job.question
         error = None
+        usage = Usage()
         try:
             answer = job.answer
             if answer is None:
                 async with asyncio.timeout(self._job_timeout_s):
-                    answer = await self._ask(job)
+                    answer = await self._ask(job, usage)
             text = _with_about(answer, job.context)
         except EngineUnavailable as exc:
             waited = time.time() - q.created_at
@@ -161,10 +162,11 @@ class Workers:
                         error)
         await self._store.answered(job, text, error=error)
         self._outbox.wake()
-        log.info("job %s %s in %.2fs (%s chat %s)", job.id, "failed" if error else "answered",
-                 time.monotonic() - started, q.platform, q.chat_id)
+        log.info("job %s %s in %.2fs (%s chat %s; %d prompt + %d answer tokens)", job.id,
+                 "failed" if error else "answered", time.monotonic() - started, q.platform, q.chat_id,
+                 usage.prompt_tokens, usage.completion_tokens)
 
-    async def _ask(self, job: JobRecord) -> str:
+    async def _ask(self, job: JobRecord, usage: Usage) -> str:
         if problems := job.context.image_problems:
             if problems[0].startswith(NOT_AN_IMAGE):
                 return f"I could not read the file you sent as an image. {FORMATS_NOTE}"
@@ -181,7 +183,7 @@ class Workers:
         chunks: list[str] = []
         started = shown = time.monotonic()
         await draft("")
-        async for chunk in self._engine.answer(images, turns, job.question.text, self._generation):
+        async for chunk in self._engine.answer(images, turns, job.question.text, self._generation, usage):
             if not chunks:
                 self._metrics.first_token_seconds.observe(time.monotonic() - started)
             chunks.append(chunk)

@@ -8,7 +8,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
-__all__ = ["Engine", "GenerationLimits", "Measured", "PreparedImage", "Turn"]
+__all__ = ["Engine", "GenerationLimits", "Measured", "PreparedImage", "Turn", "Usage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,16 @@ class GenerationLimits:
     max_new_tokens: int = 512
 
 
+@dataclass(slots=True)
+class Usage:
+    """What one answer cost, in the model's tokens; an engine fills it in by the end of the answer
+    (images' tokens count as prompt). Zero where an engine cannot tell (a model server that does not
+    report it)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class Engine(Protocol):
     """A vision-language model that answers questions about images."""
 
@@ -51,8 +61,10 @@ class Engine(Protocol):
         turns: Sequence[Turn],
         question: str,
         limits: GenerationLimits,
+        usage: Usage | None = None,
     ) -> AsyncIterator[str]:
-        """Stream the answer as text chunks. Earlier ``turns`` come first, oldest first."""
+        """Stream the answer as text chunks. Earlier ``turns`` come first, oldest first. ``usage``, when
+        given, holds the answer's token counts once the stream has ended."""
         ...
 
 

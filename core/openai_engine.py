@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from core.answer_text import CUT_NOTE, without_thinking
-from core.engine import GenerationLimits, PreparedImage, Turn
+from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError, EngineUnavailable
 
 __all__ = ["OpenAIEngine", "chat_messages"]
@@ -78,6 +78,7 @@ class OpenAIEngine:
         turns: Sequence[Turn],
         question: str,
         limits: GenerationLimits,
+        usage: Usage | None = None,
     ) -> AsyncIterator[str]:
         if self._session is None:
             raise EngineError("engine is not started")
@@ -86,7 +87,7 @@ class OpenAIEngine:
                 "max_tokens": limits.max_new_tokens, "temperature": 0}
         resp = await self._post(body)
         try:
-            async for text in without_thinking(_deltas(resp)):
+            async for text in without_thinking(_deltas(resp, usage)):
                 yield text
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(f"the model server at {self._url} broke off the answer: {_describe(exc)}") from exc
@@ -125,6 +126,14 @@ class OpenAIEngine:
         raise AssertionError("unreachable")
 
 
+def _count(event: Any, usage: Usage | None) -> None:
+    """A chunk's ``usage`` object (OpenAI's shape) into ``usage``."""
+    counts = event.get("usage") if isinstance(event, dict) else None
+    if usage is not None and isinstance(counts, dict):
+        usage.prompt_tokens = int(counts.get("prompt_tokens") or 0)
+        usage.completion_tokens = int(counts.get("completion_tokens") or 0)
+
+
 def chat_messages(images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> list[dict[str, Any]]:
     """OpenAI chat messages: the images first in the first user message, then the text."""
     parts: list[dict[str, Any]] = [
@@ -146,11 +155,14 @@ def data_url(image: PreparedImage) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def _deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _deltas(resp: aiohttp.ClientResponse, usage: Usage | None = None) -> AsyncIterator[str]:
     """The answer's text as it comes: streamed chunks (SSE ``data:`` lines), or one JSON answer from a
-    server that ignores ``stream``; ``CUT_NOTE`` after an answer stopped at its token limit."""
+    server that ignores ``stream``; ``CUT_NOTE`` after an answer stopped at its token limit. The
+    server's token counts go into ``usage`` where it sends them (a ``usage`` object on a chunk)."""
     if resp.content_type == "application/json":
-        for text in _said(await resp.json(content_type=None), "message"):
+        answer = await resp.json(content_type=None)
+        _count(answer, usage)
+        for text in _said(answer, "message"):
             yield text
         return
     async for raw in resp.content:
@@ -166,6 +178,7 @@ async def _deltas(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
             raise EngineError(f"the model server sent something unreadable (not JSON): {data[:100]!r}") from exc
         if isinstance(event, dict) and "error" in event:
             raise EngineError(f"the model server failed: {event['error']}")
+        _count(event, usage)
         if isinstance(event, dict) and not event.get("choices"):
             continue  # a usage-only chunk
         for text in _said(event, "delta"):

@@ -27,7 +27,7 @@ from typing import Any
 
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.decode_loop import SlotKV, Stepper, StepTokens
-from core.engine import GenerationLimits, PreparedImage, Turn
+from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError, EngineOutOfMemory
 from core.fused_layers import FusedLayers, compile_summary, decoder_layers
 from core.kv_cache import (
@@ -79,6 +79,7 @@ class _Request:
     key: tuple[str, ...] = field(default=())
     streamed: bool = False  # some of the answer has gone out: it cannot be started over
     remember: bool = True  # keep its prefix and image features for follow-ups
+    usage: Usage | None = None  # the asker's, filled in before its end is sent
 
     def send(self, text: object) -> None:
         self.streamed = True
@@ -222,8 +223,9 @@ class TransformersEngine:
         turns: Sequence[Turn],
         question: str,
         limits: GenerationLimits,
+        usage: Usage | None = None,
     ) -> AsyncIterator[str]:
-        async for text in self._ask(images, turns, question, limits, remember=True):
+        async for text in self._ask(images, turns, question, limits, remember=True, usage=usage):
             yield text
 
     async def _ask(
@@ -234,6 +236,7 @@ class TransformersEngine:
         limits: GenerationLimits,
         *,
         remember: bool,
+        usage: Usage | None = None,
     ) -> AsyncIterator[str]:
         if self._thread is None or self._closing.is_set():
             raise EngineError("engine is not started" if self._thread is None else "engine is stopping")
@@ -241,7 +244,7 @@ class TransformersEngine:
         chunks: asyncio.Queue[object] = asyncio.Queue()
         request = _Request(images, turns, question, limits,
                            lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event(),
-                           remember=remember)
+                           remember=remember, usage=usage)
         self._requests.put(request)
 
         async def raw() -> AsyncIterator[str]:
@@ -442,6 +445,8 @@ class TransformersEngine:
               place: Callable[[SlotKV, int], None], cache: Any = None) -> None:
         """The prefilled question's first token out; unless that ended it, its KV into the next slot row."""
         self.stats.questions += 1
+        if request.usage is not None:
+            request.usage.prompt_tokens = prompt_len
         decode = partial(self.loaded.processor.tokenizer.decode, skip_special_tokens=False)
         active = _Active(request, request.limits.max_new_tokens, prompt_len, AnswerText(decode, request.send))
         if self._accept_token(active, first):
@@ -599,11 +604,16 @@ class TransformersEngine:
         if cut:
             active.request.send(CUT_NOTE)
         if ended or cut:
-            self.stats.tokens_generated += active.generated
+            self._count(active.request, active.generated)
             if not in_slot:
                 active.request.emit(_DONE)
             return True
         return False
+
+    def _count(self, request: _Request, generated: int) -> None:
+        self.stats.tokens_generated += generated
+        if request.usage is not None:
+            request.usage.completion_tokens = generated
 
     def _finish(self, row: int, *, cut: bool) -> None:
         """End the question in ``row``; the last active row moves into its place (rows stay packed)."""
@@ -613,7 +623,7 @@ class TransformersEngine:
         if cut:
             active.text.flush(final=True)
             active.request.send(CUT_NOTE)
-            self.stats.tokens_generated += active.generated
+            self._count(active.request, active.generated)
         last = len(self._active) - 1
         if row != last:
             moving = self._active[last]
@@ -740,6 +750,8 @@ class TransformersEngine:
         inputs = dict(request.inputs)
         self.stats.questions += 1
         prompt_len = inputs["input_ids"].shape[1]
+        if request.usage is not None:
+            request.usage.prompt_tokens = int(prompt_len)
         limit = request.limits.max_new_tokens
         if hit is not None:
             entry, reuse = hit
@@ -753,7 +765,7 @@ class TransformersEngine:
             inputs = self._encoded(request, inputs, features)
 
         def done(_row: int) -> None:
-            self.stats.tokens_generated += streamer.generated[0]  # counted before the asker hears of it
+            self._count(request, streamer.generated[0])  # counted before the asker hears of it
             request.emit(_DONE)
 
         streamer = RowStreamer(tokenizer, [request.send], self._eos, self._hidden_ids, [limit], done)

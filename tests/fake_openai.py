@@ -28,6 +28,7 @@ class FakeOpenAI:
     plain_json: bool = False  # answer as one JSON completion, ignoring "stream" (some servers do)
     junk: bytes | None = None  # sent as the first streamed chunk (a broken server)
     cut: bool = False  # finish_reason "length": the answer hit max_tokens
+    usage: dict[str, int] | None = None  # token counts to report (a last, usage-only chunk when streaming)
     url: str = ""
 
     def app(self) -> web.Application:
@@ -55,7 +56,8 @@ class FakeOpenAI:
         finish = "length" if self.cut else "stop"
         if self.plain_json:
             return web.json_response({"id": "c1", "object": "chat.completion", "model": MODEL, "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]})
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                **({"usage": self.usage} if self.usage else {})})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if self.junk is not None:
@@ -64,6 +66,8 @@ class FakeOpenAI:
         async for piece in _pieces(text):
             await resp.write(_event({"content": piece}))
         await resp.write(_event({}, finish))
+        if self.usage:
+            await resp.write(f"data: {json.dumps({'id': 'c1', 'choices': [], 'usage': self.usage})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
 

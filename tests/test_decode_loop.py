@@ -234,3 +234,27 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     assert after == during
     for (images, question, tokens), got in zip(asks, after, strict=True):
         assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)
+
+
+async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):
+    """``Usage``: the prompt's tokens (the image's included) and the answer's, as bare generate() counts them,
+    for questions answered together and for one answered alone by generate() (longer than a slot)."""
+    from core.engine import Usage
+
+    engine = await make_engine(max_batch=4, prefix_cache_bytes=0, context_tokens=256)
+    asks = [([_image(70)], "What is it?", 9), ([_image(71)], "Why?" * 3, 5), ([_image(72)], "why " * 200, 6)]
+    usages = [Usage() for _ in asks]
+
+    async def ask(images, question, tokens, usage):
+        return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens), usage)])
+
+    await asyncio.gather(*[ask(*a, u) for a, u in zip(asks, usages, strict=True)])
+    import torch
+
+    for (images, question, tokens), usage in zip(asks, usages, strict=True):
+        inputs = engine._inputs(images, [], question)
+        with torch.inference_mode():
+            out = engine.loaded.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        ended = next((i + 1 for i, t in enumerate(new) if t in engine._eos), len(new))
+        assert (usage.prompt_tokens, usage.completion_tokens) == (inputs["input_ids"].shape[1], ended)

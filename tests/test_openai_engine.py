@@ -128,3 +128,18 @@ async def test_an_unreadable_chunk_is_named_not_an_internal_error(server, make_e
     engine = await make_engine(server.url)
     with pytest.raises(EngineError, match="the model server sent something unreadable"):
         await _answer(engine, [IMAGE], [], "What?")
+
+
+@pytest.mark.parametrize("plain_json", [False, True])
+async def test_the_server_s_token_counts_are_passed_on(server, make_engine, plain_json):
+    from core.engine import Usage
+
+    server.usage, server.plain_json = {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290}, plain_json
+    engine = await make_engine(server.url)
+    usage = Usage()
+    assert "".join([c async for c in engine.answer([], [], "hi", GenerationLimits(20), usage)])
+    assert (usage.prompt_tokens, usage.completion_tokens) == (1234, 56)
+    server.usage = None  # a server that does not say: nothing is made up
+    unknown = Usage()
+    assert "".join([c async for c in engine.answer([], [], "hi", GenerationLimits(20), unknown)])
+    assert (unknown.prompt_tokens, unknown.completion_tokens) == (0, 0)

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from core.engine import Turn
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -98,6 +100,10 @@ class Incoming:
     # A digest of what the event said, where the sender picks its event ids (the generic API's
     # webhook-id): the same id again with another fingerprint is a conflict, not a redelivery.
     fingerprint: str = ""
+    # The conversation so far as the asker sends it (an OpenAI-style client: stateless): the answer is
+    # about these turns and this message's images, nothing looked up. ``None``: the chat's own history.
+    conversation: tuple[Turn, ...] | None = None
+    max_new_tokens: int = 0  # the asker's own limit on the answer (0: the daemon's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,7 @@ class Reply:
     meta: Mapping[str, str] = field(default_factory=dict)  # the question's ``Incoming.meta``
     notice: bool = False  # a word while the asker waits (the answer is late); the answer follows
     draft_id: str | None = None  # the placeholder shown while answering (``Drafting``), if any: it becomes the answer
+    usage: tuple[int, int] | None = None  # the answer's prompt and answer tokens, where the engine counted them
 
 
 @dataclass(frozen=True, slots=True)

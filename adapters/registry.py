@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from adapters.base import PlatformSettings
 from adapters.dingtalk import DingTalkSettings
 from adapters.feishu import FeishuSettings
+from adapters.openai_api import OpenAISettings
 from adapters.telegram import TelegramSettings
 from adapters.webhook import WebhookSettings
 
@@ -25,6 +26,7 @@ _PLATFORMS: dict[str, type[PlatformSettings]] = {
     "telegram": TelegramSettings,
     "feishu": FeishuSettings,
     "dingtalk": DingTalkSettings,
+    "openai": OpenAISettings,  # the OpenAI-compatible endpoint for other tools
 }
 
 

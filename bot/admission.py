@@ -24,10 +24,11 @@ class Admission:
     sender_per_minute: int = 0
 
     async def refusal(self, db: aiosqlite.Connection, conversation: str, platform: str, sender_id: str, *,
-                      question: bool = True) -> str | None:
+                      question: bool = True, itself: int | None = None) -> str | None:
         """Why a new question (or, ``question`` False, a message that only stores images) must be turned
         away now, or None when it may be taken. Stored images count toward the sender's rate too: each
-        one costs disk."""
+        one costs disk. ``itself``: the question's own message row, when it is already written (it does
+        not count against itself)."""
         if question and self.max_queued and await _count(
                 db, "SELECT count(*) FROM jobs WHERE status = 'queued'") >= self.max_queued:
             return "queue_full"
@@ -37,10 +38,10 @@ class Admission:
             return "conversation_full"
         if self.sender_per_minute and sender_id and await _count(
             db,
-            "SELECT count(*) FROM messages m WHERE m.platform = ? AND m.sender_id = ? AND m.created_at > ? AND ("
-            "EXISTS (SELECT 1 FROM jobs j WHERE j.question = m.id AND j.refused IS NULL) OR "
+            "SELECT count(*) FROM messages m WHERE m.platform = ? AND m.sender_id = ? AND m.created_at > ? "
+            "AND m.id IS NOT ? AND (EXISTS (SELECT 1 FROM jobs j WHERE j.question = m.id AND j.refused IS NULL) OR "
             "EXISTS (SELECT 1 FROM message_images i WHERE i.message = m.id))",
-            platform, sender_id, time.time() - 60,
+            platform, sender_id, time.time() - 60, itself,
         ) >= self.sender_per_minute:
             return "rate_limited"
         return None

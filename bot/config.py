@@ -178,6 +178,8 @@ def configured_secrets(config: Config) -> list[str]:
             node = getattr(node, key, None)
         if isinstance(node, SecretStr):
             values.append(node.get_secret_value())
+    for name in registry.platforms():  # and those a section keeps otherwise (a table of keys, say)
+        values += [value for value in config.adapters.platform(name).secret_values() if value not in values]
     return values
 
 

@@ -24,7 +24,7 @@ from bot.admission import Admission, busy
 from bot.commands import HELP as COMMANDS_HELP
 from bot.commands import Command, Commands, status_text
 from bot.commands import parse as parse_command
-from bot.context import OWN, resolve
+from bot.context import NONE, OWN, resolve
 from bot.files import ImageFiles
 from bot.job_context import JobContext
 from bot.metrics import Metrics
@@ -264,6 +264,11 @@ class Dispatcher:
         if incoming.addressed and problems and not images:
             # The asker sent images and none could be taken: say so, rather than answer about another one.
             job = NewJob((), JobContext(rule=OWN, image_problems=tuple(problems)))
+        elif incoming.addressed and incoming.conversation is not None:
+            # The asker sent the conversation itself (stateless, as OpenAI's API): nothing is looked up.
+            shas = tuple(i.sha256 for i in images)
+            job = NewJob(shas, JobContext(rule=OWN if shas else NONE, max_new_tokens=incoming.max_new_tokens,
+                                          given=tuple((turn.role, turn.text) for turn in incoming.conversation)))
         elif incoming.addressed:
             resolution = await resolve(
                 self._store, incoming, tuple(i.sha256 for i in images),
@@ -334,8 +339,8 @@ class Dispatcher:
 
     @staticmethod
     def _parsed(incoming: Incoming) -> Command | None:
-        if not incoming.addressed or incoming.platform == API:
-            return None
+        if not incoming.addressed or incoming.platform == API or incoming.conversation is not None:
+            return None  # the APIs take no chat commands
         return parse_command(incoming.text, incoming.command)
 
     def _check_and_keep(self, blobs: list[bytes]) -> list[ImageInfo]:

@@ -25,6 +25,8 @@ class JobContext:
     about: About | None = None
     image_problems: tuple[str, ...] = ()  # why the asker's own images could not be taken
     command: str = ""  # a chat command's name; its reply is stored with the job
+    given: tuple[tuple[str, str], ...] = ()  # (role, text) turns the asker sent along (``Incoming.conversation``)
+    max_new_tokens: int = 0  # the asker's limit on the answer; 0: the daemon's
 
     def to_json(self) -> str:
         # ``turns`` always present: retention reads it with SQLite's json_each.
@@ -42,4 +44,6 @@ class JobContext:
             if isinstance(about, dict) else None,
             image_problems=tuple(str(p) for p in raw.get("image_problems", ())),
             command=str(raw.get("command", "")),
+            given=tuple((str(role), str(text)) for role, text in raw.get("given", ())),
+            max_new_tokens=int(raw.get("max_new_tokens", 0)),
         )

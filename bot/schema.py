@@ -109,4 +109,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_running ON jobs (conversation) WHERE status = 'running';
     CREATE INDEX messages_sender ON messages (platform, sender_id, created_at);
     """,
+    # 3: what an answer cost in tokens (JSON [prompt, answer]), where the engine counted it
+    """
+    ALTER TABLE jobs ADD COLUMN usage TEXT;
+    """,
 )

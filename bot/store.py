@@ -19,6 +19,7 @@ from bot.admission import Admission, busy, busy_reply
 from bot.database import Database, conditions, conversation_key, split_shas
 from bot.job_context import JobContext
 from bot.store_retention import Purged, RetentionQueries
+from core.engine import Turn
 from core.errors import Conflict
 from core.images import ImageInfo
 
@@ -69,12 +70,14 @@ class JobRecord:
     context: JobContext
     answer: str | None
     draft_id: str | None = None  # the placeholder the platform shows while it is answered
+    usage: tuple[int, int] | None = None  # prompt and answer tokens, once answered (where counted)
 
     def reply(self, text: str, *, failed: bool = False, notice: bool = False) -> Reply:
         """``text`` as this job's reply to its question: the one way a ``Reply`` is made."""
         q = self.question
         return Reply(q.platform, q.chat_id, self.id, q.message_id, q.thread_id, text, self.images, failed=failed,
-                     meta=q.meta, notice=notice, draft_id=None if notice else self.draft_id)
+                     meta=q.meta, notice=notice, draft_id=None if notice else self.draft_id,
+                     usage=None if notice else self.usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +201,8 @@ class Store:
                 job_id = None
                 if job is not None:
                     if admission is not None and job.reply is None:
-                        refused = await admission.refusal(db, conversation, incoming.platform, incoming.sender_id)
+                        refused = await admission.refusal(db, conversation, incoming.platform, incoming.sender_id,
+                                                          itself=row)
                     if refused and refuse_when_busy:
                         raise busy(refused)
                     job_id = uuid.uuid4().hex
@@ -378,9 +382,10 @@ class Store:
             return None
         j = rows[0]
         (question,) = await self.messages_by_row([j["question"]])
+        usage = json.loads(j["usage"]) if j["usage"] else None
         return JobRecord(
             j["id"], j["status"], j["attempts"], question, split_shas(j["shas"]), JobContext.from_json(j["context"]),
-            j["answer"], j["draft_message_id"],
+            j["answer"], j["draft_message_id"], (int(usage[0]), int(usage[1])) if usage else None,
         )
 
     async def job_view(self, job_id: str) -> JobView | None:
@@ -450,15 +455,17 @@ class Store:
             "SELECT min(not_before) FROM jobs WHERE status = 'queued' AND not_before IS NOT NULL")
         return rows[0][0] if rows else None
 
-    async def answered(self, job: JobRecord, text: str, *, error: str | None = None) -> None:
-        """Keep the reply (the answer or why there is none) in the outbox, from where it is sent.
+    async def answered(self, job: JobRecord, text: str, *, error: str | None = None,
+                       usage: tuple[int, int] | None = None) -> None:
+        """Keep the reply (the answer or why there is none) in the outbox, from where it is sent;
+        ``usage``: what the answer cost in prompt and answer tokens.
 
         The job stays running until the reply is sent: the conversation's next question waits,
         and a crash in between does not run the model again.
         """
         async with self._db.write() as db:
-            await db.execute("UPDATE jobs SET answer = ?, error = ? WHERE id = ?",
-                             (None if error else text, error, job.id))
+            await db.execute("UPDATE jobs SET answer = ?, error = ?, usage = ? WHERE id = ?",
+                             (None if error else text, error, json.dumps(usage) if usage else None, job.id))
             await self._queue_reply(db, job.id, "answer", conversation_key(job.question.platform, job.question.chat_id),
                                     text, failed=error is not None)
 
@@ -587,9 +594,14 @@ def _incoming_json(incoming: Incoming) -> dict[str, Any]:
         "text": incoming.text, "addressed": incoming.addressed, "meta": dict(incoming.meta),
         "image_refs": [image.ref for image in incoming.images], "received_at": incoming.received_at,
         "fingerprint": incoming.fingerprint, "command": incoming.command, "sender_is_admin": incoming.sender_is_admin,
+        "conversation": None if incoming.conversation is None else [
+            [turn.role, turn.text] for turn in incoming.conversation],
+        "max_new_tokens": incoming.max_new_tokens,
     }
 
 
 def _incoming_from_json(raw: dict[str, Any]) -> Incoming:
     refs = tuple(ImageRef(ref=ref) for ref in raw.pop("image_refs"))
-    return Incoming(**raw, images=refs)
+    turns = raw.pop("conversation", None)  # absent from rows written before it existed
+    conversation = None if turns is None else tuple(Turn(role, text) for role, text in turns)
+    return Incoming(**raw, images=refs, conversation=conversation)

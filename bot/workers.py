@@ -160,7 +160,8 @@ class Workers:
         if error is not None:
             log.warning("job %s (%s chat %s message %s) failed: %s", job.id, q.platform, q.chat_id, q.message_id,
                         error)
-        await self._store.answered(job, text, error=error)
+        counted = (usage.prompt_tokens, usage.completion_tokens) if usage.prompt_tokens else None
+        await self._store.answered(job, text, error=error, usage=counted)
         self._outbox.wake()
         log.info("job %s %s in %.2fs (%s chat %s; %d prompt + %d answer tokens)", job.id,
                  "failed" if error else "answered", time.monotonic() - started, q.platform, q.chat_id,
@@ -174,16 +175,20 @@ class Workers:
         if not job.images and self._ask_for_image:
             return ASK_FOR_IMAGE
         images = await asyncio.to_thread(self._prepare, job.images)
-        rows = list(job.context.turns)
-        turns = [
-            Turn("assistant" if m.role == "bot" else "user", m.text)
-            for m in await self._store.messages_by_row(rows)
-        ]
+        context = job.context
+        if context.given:  # the turns the asker sent
+            turns = [Turn("assistant" if role == "assistant" else "user", text) for role, text in context.given]
+        else:
+            turns = [Turn("assistant" if m.role == "bot" else "user", m.text)
+                     for m in await self._store.messages_by_row(list(context.turns))]
+        limits = self._generation
+        if context.max_new_tokens:
+            limits = GenerationLimits(min(context.max_new_tokens, limits.max_new_tokens))
         draft = self._drafter(job)
         chunks: list[str] = []
         started = shown = time.monotonic()
         await draft("")
-        async for chunk in self._engine.answer(images, turns, job.question.text, self._generation, usage):
+        async for chunk in self._engine.answer(images, turns, job.question.text, limits, usage):
             if not chunks:
                 self._metrics.first_token_seconds.observe(time.monotonic() - started)
             chunks.append(chunk)

@@ -14,7 +14,7 @@ from bot.cli import main
 from bot.files import ImageFiles
 from bot.retention import Retention, purge, sweep_stray_files
 from bot.store import NewJob, Store
-from core.images import ImageInfo, ImageLimits, inspect
+from core.images import ImageInfo, ImageLimits, inspect, sha256
 from helpers import answer_and_send, png
 
 DAY = 86_400.0
@@ -127,3 +127,18 @@ def test_the_purge_command(tmp_path, capsys):
     empty.write_text(f'[storage]\ndata_dir = "{tmp_path / "none"}"\n')
     assert main(["history", "purge", "--config", str(empty), "--older-than", "1"]) == 1
     assert "no history" in capsys.readouterr().err
+
+
+def test_the_same_image_stored_from_many_threads_at_once_is_stored_once(tmp_path):
+    """Two chats may post the same screenshot at the same moment; each write goes through its own
+    temporary file, so none of them fails and one file remains."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = ImageFiles(tmp_path / "images")
+    data = png((9, 99, 199), (300, 200))
+    digest = sha256(data)
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: files.put(digest, data), range(32)))
+    assert len(paths) == 32
+    assert files.path(digest).read_bytes() == data
+    assert [p.name for p in files.path(digest).parent.iterdir()] == [files.path(digest).name]  # no leftovers

@@ -1,0 +1,124 @@
+"""The OpenAI-compatible endpoint, driven by the real ``openai`` package as its client, against a whole
+daemon on loopback with the tiny real model: answers, streaming, usage, follow-ups, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+from typing import Any
+
+import openai
+import pytest
+
+from helpers import png
+
+KEY, OTHER_KEY = "sk-imsight-test-1", "sk-imsight-test-2"
+SHOT = png((200, 30, 30), (80, 60))
+DATA_URL = "data:image/png;base64," + base64.b64encode(SHOT).decode()
+
+
+def api_config(**extra: Any) -> dict[str, Any]:
+    return {"openai": {"enabled": True, "model": "vqa", "api_keys": {"ci-tools": KEY, "wiki-bot": OTHER_KEY},
+                       **extra}}
+
+
+def client(d: Any, key: str = KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{d.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def question(text: str = "What is on this screenshot?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": DATA_URL}}]}]
+
+
+async def test_the_model_is_listed_and_answers_with_real_usage(daemon, data_dir):
+    async with daemon(adapters=api_config()) as d, client(d) as api:
+        models = await api.models.list()
+        answer = await api.chat.completions.create(model="vqa", messages=question(), max_tokens=4)
+    assert [m.id for m in models.data] == ["vqa"]
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert answer.usage is not None and answer.usage.prompt_tokens > 16  # the image's tokens count
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert answer.usage.completion_tokens == 4
+    else:
+        assert choice.finish_reason == "stop" and 1 <= answer.usage.completion_tokens <= 4
+    assert "cut" not in choice.message.content.lower()  # the chats' "answer cut" note is not in it
+    with sqlite3.connect(data_dir / "imsight.db") as db:  # kept in the history, as the key's conversation
+        rows = db.execute("SELECT role, text FROM messages WHERE platform = 'openai' AND chat_id = 'ci-tools' "
+                          "ORDER BY id").fetchall()
+    assert [role for role, _ in rows] == ["user", "bot"] and rows[0][1] == "What is on this screenshot?"
+
+
+async def test_streamed_the_same_answer_comes_in_chunks_with_usage_last(daemon):
+    async with daemon(adapters=api_config()) as d, client(d) as api:
+        whole = await api.chat.completions.create(model="vqa", messages=question("Read it."), max_tokens=6)
+        stream = await api.chat.completions.create(model="vqa", messages=question("Read it."), max_tokens=6,
+                                                   stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+async def test_a_resent_conversation_is_answered_from_the_cached_image(daemon, http):
+    async with daemon(adapters=api_config()) as d:
+        async with client(d) as api:
+            first = await api.chat.completions.create(model="vqa", messages=question(), max_tokens=5)
+            # LangChain-style: the conversation resent, the new question in parts of its own.
+            follow_up = [*question(), {"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": [{"type": "text", "text": "And"},
+                                                      {"type": "text", "text": "why?"}]}]
+            again = await api.chat.completions.create(model="vqa", messages=follow_up, max_tokens=5)
+        async with http.get(f"{d.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert again.choices[0].message.content
+    assert again.usage is not None and first.usage is not None
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens  # the whole conversation was the prompt
+    assert 'imsight_engine{name="prefix_hits"} 1.0' in metrics  # and its start came from the cache
+
+
+async def test_errors_come_as_the_sdk_s_exceptions(daemon):
+    async with daemon(adapters=api_config(), limits={"questions_per_sender_per_minute": 1}) as d:
+        async with client(d, "sk-wrong") as stranger:
+            with pytest.raises(openai.AuthenticationError):
+                await stranger.chat.completions.create(model="vqa", messages=question())
+        async with client(d) as api:
+            with pytest.raises(openai.NotFoundError, match="does not exist"):
+                await api.chat.completions.create(model="gpt-4o", messages=question())
+            with pytest.raises(openai.BadRequestError, match="last message"):
+                await api.chat.completions.create(model="vqa", messages=[{"role": "assistant", "content": "hi"}])
+            with pytest.raises(openai.BadRequestError, match="https"):
+                await api.chat.completions.create(model="vqa", messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "http://10.0.0.1/a.png"}}]}])
+            await api.chat.completions.create(model="vqa", messages=question(), max_tokens=2)
+            with pytest.raises(openai.RateLimitError) as limited:  # the same limits as every chat's senders
+                await api.chat.completions.create(model="vqa", messages=question(), max_tokens=2)
+        assert int(limited.value.response.headers["Retry-After"]) > 0
+        async with client(d, OTHER_KEY) as other:  # another key is another sender
+            assert (await other.chat.completions.create(model="vqa", messages=question(), max_tokens=2)).choices
+
+
+def test_every_key_is_a_secret_kept_out_of_logs(make_config):
+    from bot.config import configured_secrets
+
+    config = make_config(adapters=api_config(api_key="sk-default-key"))
+    assert {KEY, OTHER_KEY, "sk-default-key"} <= set(configured_secrets(config))
+    assert config.adapters.platform("openai").keys() == {"ci-tools": KEY, "wiki-bot": OTHER_KEY,
+                                                         "default": "sk-default-key"}
+
+
+async def test_each_user_of_a_key_is_a_conversation_of_its_own(daemon, data_dir):
+    async with daemon(adapters=api_config()) as d, client(d) as api:
+        answers = await asyncio.gather(*[
+            api.chat.completions.create(model="vqa", messages=question(f"Question from {who}"), max_tokens=3,
+                                        user=who) for who in ("ann", "bo")])
+    assert all(a.choices[0].message.content for a in answers)
+    with sqlite3.connect(data_dir / "imsight.db") as db:
+        chats = db.execute("SELECT DISTINCT chat_id, sender_id FROM messages "
+                           "WHERE platform = 'openai' AND role = 'user' ORDER BY chat_id").fetchall()
+    assert chats == [("ci-tools:ann", "ann"), ("ci-tools:bo", "bo")]

@@ -122,3 +122,30 @@ async def test_each_user_of_a_key_is_a_conversation_of_its_own(daemon, data_dir)
         chats = db.execute("SELECT DISTINCT chat_id, sender_id FROM messages "
                            "WHERE platform = 'openai' AND role = 'user' ORDER BY chat_id").fetchall()
     assert chats == [("ci-tools:ann", "ann"), ("ci-tools:bo", "bo")]
+
+
+async def test_in_front_of_a_model_server_the_server_s_counts_come_through(daemon):
+    from fake_openai import KEY as SERVER_KEY
+    from fake_openai import MODEL, FakeOpenAI
+
+    from helpers import loopback
+
+    server = FakeOpenAI(usage={"prompt_tokens": 1500, "completion_tokens": 42, "total_tokens": 1542})
+    async with loopback(server.app()) as url:
+        engine = {"kind": "openai", "base_url": f"{url}/v1", "model": MODEL, "api_key": SERVER_KEY,
+                  "connect_attempts": 1}
+        async with daemon(engine=engine, adapters=api_config()) as d, client(d) as api:
+            answer = await api.chat.completions.create(model="vqa", messages=question("Why?"), max_tokens=50)
+    assert answer.choices[0].message.content.startswith("I see 1 image(s)")  # what the server was sent
+    assert answer.usage is not None and (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (1500, 42)
+    assert server.requests[0]["max_tokens"] == 8  # capped by [engine] max_new_tokens (the tests' 8)
+
+
+async def test_too_large_a_body_is_413_in_openai_s_shape(daemon):
+    big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(2 * 2**20)).decode()
+    async with daemon(adapters=api_config(), server={"max_body_mb": 1}) as d, client(d) as api:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await api.chat.completions.create(model="vqa", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": big}}]}])
+    assert refused.value.status_code == 413
+    assert refused.value.body["code"] == "request_too_large"  # type: ignore[index]

@@ -29,7 +29,7 @@ from pydantic import Field, SecretStr
 
 from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Reply
 from adapters.http_body import read_limited
-from adapters.outbound import HostList
+from adapters.outbound import HostList, fetch_image
 from core.answer_text import CUT_NOTE
 from core.engine import Turn
 from core.errors import BadInput, Busy, ImsightError, ShuttingDown, TooLarge
@@ -39,7 +39,6 @@ __all__ = ["OpenAIAdapter", "OpenAISettings"]
 log = logging.getLogger(__name__)
 
 PLATFORM = "openai"
-_CHUNK = 256 * 1024
 
 
 class _Refused(Exception):
@@ -324,35 +323,16 @@ class OpenAIAdapter:
             if image.data is not None:
                 fetched.append(image)
                 continue
+            assert self._session is not None
             try:
-                data = await self._fetch(image.ref)
+                data = await fetch_image(self._session, image.ref, self._image_hosts, max_bytes=self._max_image,
+                                         limits=self._fetch_timeout)
             except TooLarge as exc:
                 raise _Refused(413, str(exc), "invalid_request_error", "image_too_large") from None
             except BadInput as exc:
                 raise _Refused(400, str(exc), "invalid_request_error", exc.code) from None
             fetched.append(ImageRef(data=data))
         return tuple(fetched)
-
-    async def _fetch(self, url: str) -> bytes:
-        from urllib.parse import urlsplit
-
-        host = (urlsplit(url).hostname or "").lower()
-        if not self._image_hosts.allows(host):
-            raise BadInput(f"image host {host!r} is not in allowed_image_hosts", code="image_url_refused")
-        assert self._session is not None
-        try:
-            async with self._session.get(url, allow_redirects=False, timeout=self._fetch_timeout) as resp:
-                if resp.status != 200:
-                    raise BadInput(f"image URL answered HTTP {resp.status}", code="image_fetch_failed")
-                data = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    data += chunk
-                    if len(data) > self._max_image:
-                        raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
-                return bytes(data)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BadInput(f"could not fetch image URL: {exc or type(exc).__name__}",
-                           code="image_fetch_failed") from None
 
     async def _ask(self, caller: str, asked: _Request, images: tuple[ImageRef, ...]) -> tuple[_Waiting, str]:
         """The question into the daemon (queued like any chat's); returns what to wait on, and the job."""

@@ -1,4 +1,4 @@
-"""Where the daemon may send requests that a caller names (callback URLs), and only there.
+"""Where the daemon may send requests that a caller names (callback URLs, image URLs), and only there.
 
 A name is allowed by ``allowed_callback_hosts``; the address it resolves to is checked too, and the
 connection goes to exactly that checked address (the resolver below is the connector's only
@@ -14,12 +14,15 @@ import socket
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
-from core.errors import BadInput
+from core.errors import BadInput, TooLarge
 
-__all__ = ["CallbackRefused", "HostList", "PinnedResolver"]
+_CHUNK = 256 * 1024
+
+__all__ = ["CallbackRefused", "HostList", "PinnedResolver", "fetch_image"]
 
 
 class HostList:
@@ -90,3 +93,29 @@ class PinnedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._resolver.close()
+
+
+async def fetch_image(session: aiohttp.ClientSession, url: str, hosts: HostList, *, max_bytes: int,
+                      limits: aiohttp.ClientTimeout) -> bytes:
+    """An image a caller names by URL: from a host ``hosts`` allows only, within ``max_bytes`` and the
+    timeout, no redirects (one could lead to a host that is not allowed)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in {"http", "https"}:
+        raise BadInput(f"image URL must be http(s): {url!r}", code="image_url_refused")
+    if not hosts.allows(host):
+        raise BadInput(f"image host {host!r} is not in {hosts.key}", code="image_url_refused")
+    try:
+        async with session.get(url, allow_redirects=False, timeout=limits) as resp:
+            if resp.status != 200:
+                raise BadInput(f"image URL answered HTTP {resp.status}", code="image_fetch_failed")
+            if resp.content_length is not None and resp.content_length > max_bytes:
+                raise TooLarge(f"image at {url!r} is over the {max_bytes}-byte limit")
+            data = bytearray()
+            async for chunk in resp.content.iter_chunked(_CHUNK):  # to the end: servers send pieces
+                data += chunk
+                if len(data) > max_bytes:
+                    raise TooLarge(f"image at {url!r} is over the {max_bytes}-byte limit")
+            return bytes(data)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BadInput(f"could not fetch image URL: {exc or type(exc).__name__}", code="image_fetch_failed") from None

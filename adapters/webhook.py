@@ -25,7 +25,7 @@ from pydantic import Field, SecretStr
 
 from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, JobView, PlatformSettings, Reply
 from adapters.http_body import BODY_TIMEOUT, RequestTimeout, off_loop
-from adapters.outbound import CallbackRefused, HostList, PinnedResolver
+from adapters.outbound import CallbackRefused, HostList, PinnedResolver, fetch_image
 from adapters.signing import StandardWebhookSigner, Verification
 from adapters.webhook_request import Body, decode_base64_image, refuse_unknown
 from core.errors import AdapterError, BadInput, ConfigError, Forbidden, NotFound, TooLarge, Unauthorized
@@ -95,30 +95,9 @@ class WebhookAdapter:
 
     async def download(self, image: ImageRef) -> bytes:
         """Fetch an image URL, from an allowed host only, within the size limit and timeout."""
-        url = image.ref
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        if parts.scheme not in {"http", "https"}:
-            raise BadInput(f"image URL must be http(s): {url!r}", code="image_url_refused")
-        if not self._image_hosts.allows(host):
-            raise BadInput(f"image host {host!r} is not in allowed_image_hosts", code="image_url_refused")
         assert self._session is not None
-        try:
-            # No redirects: a redirect could lead to a host that is not allowed.
-            async with self._session.get(url, allow_redirects=False, timeout=self._fetch_timeout) as resp:
-                if resp.status != 200:
-                    raise BadInput(f"image URL answered HTTP {resp.status}", code="image_fetch_failed")
-                if resp.content_length is not None and resp.content_length > self._max_image:
-                    raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
-                data = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK):  # to the end: servers send pieces
-                    data += chunk
-                    if len(data) > self._max_image:
-                        raise TooLarge(f"image at {url!r} is over the {self._max_image}-byte limit")
-                return bytes(data)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BadInput(f"could not fetch image URL: {exc or type(exc).__name__}",
-                           code="image_fetch_failed") from None
+        return await fetch_image(self._session, image.ref, self._image_hosts, max_bytes=self._max_image,
+                                 limits=self._fetch_timeout)
 
     async def send(self, reply: Reply) -> str:
         """POST the answer, signed, to the question's ``callback_url``; the id is ours either way."""

@@ -48,6 +48,7 @@ __all__ = [
     "ImageRef",
     "Incoming",
     "JobView",
+    "Keyed",
     "Moderated",
     "PlatformSettings",
     "Pulling",
@@ -302,6 +303,15 @@ class Pushed(Protocol):
     @property
     def connection(self) -> ConnectionState | None:
         """``None`` while the adapter takes its events another way (callbacks)."""
+        ...
+
+
+@runtime_checkable
+class Keyed(Protocol):
+    """An adapter whose callers sign in with named keys (the OpenAI-compatible endpoint)."""
+
+    def requests_by_key(self) -> Mapping[str, int]:
+        """Requests answered or refused so far, by the key's name (for ``/metrics``)."""
         ...
 
 

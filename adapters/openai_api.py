@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import hmac
 import json
 import logging
@@ -92,6 +93,7 @@ class OpenAIAdapter:
         self._host: Host | None = None
         self._session: aiohttp.ClientSession | None = None
         self._waiting: dict[str, _Waiting] = {}  # job id -> its request
+        self._requests: collections.Counter[str] = collections.Counter()  # by key name
 
     def mount(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self._models)
@@ -117,9 +119,14 @@ class OpenAIAdapter:
         return web.json_response({"object": "list", "data": [
             {"id": self._model, "object": "model", "created": 0, "owned_by": "imsight"}]})
 
+    def requests_by_key(self) -> Mapping[str, int]:
+        """``adapters.base.Keyed``: chat completions asked so far, by key name."""
+        return dict(self._requests)
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         try:
             caller = self._caller(request)
+            self._requests[caller] += 1
             asked = await self._parse(request)
             images = await self._fetched(asked.images)
             waiting, job_id = await self._ask(caller, asked, images)

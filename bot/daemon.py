@@ -11,7 +11,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from adapters.base import Adapter, Connected, Pulling, Pushed
+from adapters.base import Adapter, Connected, Keyed, Pulling, Pushed
 from adapters.startup import explain
 from adapters.webhook import WebhookSettings
 from bot.admin import AdminPages
@@ -178,6 +178,8 @@ class Daemon:
         metrics.probe(lambda: _stored(store))
         metrics.connections(lambda: [state for adapter in adapters if isinstance(adapter, Pushed)
                                      if (state := adapter.connection) is not None])
+        metrics.keyed_requests(lambda: [(adapter.name, key, count) for adapter in adapters if isinstance(adapter, Keyed)
+                                        for key, count in adapter.requests_by_key().items()])
         if isinstance(engine, Measured):
             measured = engine
 

@@ -56,6 +56,10 @@ class Metrics:
         """Export the push connections ``read`` returns (at each scrape)."""
         self.registry.register(_Connections(read))
 
+    def keyed_requests(self, read: Callable[[], list[tuple[str, str, int]]]) -> None:
+        """Export ``(platform, key name, requests)`` as ``read`` returns them (at each scrape)."""
+        self.registry.register(_KeyedRequests(read))
+
     def probe(self, read: Probe) -> None:
         """Read ``read()`` into gauges at every scrape: {gauge attribute or "engine:<name>": value}."""
         self._probes.append(read)
@@ -92,6 +96,20 @@ class _Connections(Collector):
             again.add_metric([state.platform], float(state.reconnects))
         yield up
         yield again
+
+
+class _KeyedRequests(Collector):
+    """Requests by API key name, read from the adapters that count them at each scrape."""
+
+    def __init__(self, read: Callable[[], list[tuple[str, str, int]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("imsight_api_key_requests", "Requests to the OpenAI-compatible endpoint, by "
+                                     "platform and API key name", labels=["platform", "key"])
+        for platform, key, count in self._read():
+            family.add_metric([platform, key], float(count))
+        yield family
 
 
 class _Tokens(Collector):

@@ -80,6 +80,7 @@ async def test_a_resent_conversation_is_answered_from_the_cached_image(daemon, h
     assert again.usage is not None and first.usage is not None
     assert again.usage.prompt_tokens > first.usage.prompt_tokens  # the whole conversation was the prompt
     assert 'imsight_engine{name="prefix_hits"} 1.0' in metrics  # and its start came from the cache
+    assert 'imsight_api_key_requests_total{key="ci-tools",platform="openai"} 2.0' in metrics  # the key's name
 
 
 async def test_errors_come_as_the_sdk_s_exceptions(daemon):

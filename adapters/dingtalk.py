@@ -281,8 +281,7 @@ class DingTalkAdapter:
         try:
             await self._fetch_token()
             if self._stream is not None:
-                socket = await self._stream.connect()
-                await socket.close()
+                await self._stream.probe()
         finally:
             await self._http.close()
             self._http = None

@@ -345,8 +345,7 @@ class FeishuAdapter:
         try:
             await self._fetch_token()
             if self._connection is not None:
-                socket = await self._connection.connect()
-                await socket.close()
+                await self._connection.probe()
         finally:
             await self._http.close()
             self._http = None

@@ -12,8 +12,6 @@ status codes, so the client libraries raise their usual exceptions.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import hmac
 import json
@@ -29,8 +27,9 @@ from aiohttp import web
 from pydantic import Field, SecretStr
 
 from adapters.base import Adapter, Deployment, Finding, Host, ImageRef, Incoming, PlatformSettings, Reply
-from adapters.http_body import read_limited
+from adapters.http_body import off_loop, parse_json, read_limited
 from adapters.outbound import HostList, fetch_image
+from adapters.webhook_request import decode_base64_image
 from core.answer_text import CUT_NOTE
 from core.engine import Turn
 from core.errors import BadInput, Busy, ImsightError, ShuttingDown, TooLarge
@@ -236,9 +235,9 @@ class OpenAIAdapter:
         except TooLarge as exc:
             raise _Refused(413, str(exc), "invalid_request_error", "request_too_large") from None
         try:
-            body = json.loads(raw)
-        except ValueError:
-            raise _Refused(400, "The body is not valid JSON.", "invalid_request_error") from None
+            body = await parse_json(raw)  # on a thread when large; deep nesting refused too
+        except BadInput as exc:
+            raise _Refused(400, str(exc), "invalid_request_error", exc.code) from None
         if not isinstance(body, dict):
             raise _Refused(400, "The body must be a JSON object.", "invalid_request_error")
         model = body.get("model")
@@ -305,35 +304,26 @@ class OpenAIAdapter:
         return "\n".join(texts), images
 
     def _image(self, url: str, where: str) -> ImageRef:
-        if url.startswith("data:"):
-            header, _, data = url.partition(",")
-            if not header.endswith(";base64"):
-                raise _Refused(400, f"{where}: a data: URL must be base64.", "invalid_request_error", param=where)
-            try:
-                decoded = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError):
-                raise _Refused(400, f"{where}: the data: URL is not valid base64.", "invalid_request_error",
-                               param=where) from None
-            if len(decoded) > self._max_image:
-                raise _Refused(413, f"{where}: an image is over the {self._max_image}-byte limit.",
-                               "invalid_request_error", "image_too_large", where)
-            return ImageRef(data=decoded)
-        if not url.startswith("https://"):
+        """The URL as named; ``_fetched`` turns it into bytes."""
+        if url.startswith("data:") and not url.partition(",")[0].endswith(";base64"):
+            raise _Refused(400, f"{where}: a data: URL must be base64.", "invalid_request_error", param=where)
+        if not url.startswith(("data:", "https://")):
             raise _Refused(400, f"{where}: image URLs must be data: or https:// URLs.", "invalid_request_error",
                            param=where)
         return ImageRef(ref=url)
 
     async def _fetched(self, images: tuple[ImageRef, ...]) -> tuple[ImageRef, ...]:
-        """https images fetched now (the client waits for the answer anyway), from allowed hosts only."""
+        """Each image's bytes: a data: URL decoded as the generic API decodes its images (on a thread when
+        large), an https one fetched now (the client waits for the answer anyway), from allowed hosts only."""
+        assert self._session is not None
         fetched = []
         for image in images:
-            if image.data is not None:
-                fetched.append(image)
-                continue
-            assert self._session is not None
             try:
-                data = await fetch_image(self._session, image.ref, self._image_hosts, max_bytes=self._max_image,
-                                         limits=self._fetch_timeout)
+                if image.ref.startswith("data:"):
+                    data = await off_loop(len(image.ref), decode_base64_image, image.ref, self._max_image)
+                else:
+                    data = await fetch_image(self._session, image.ref, self._image_hosts,
+                                             max_bytes=self._max_image, limits=self._fetch_timeout)
             except TooLarge as exc:
                 raise _Refused(413, str(exc), "invalid_request_error", "image_too_large") from None
             except BadInput as exc:

@@ -66,6 +66,11 @@ class PushConnection(ABC):
     def state(self) -> ConnectionState:
         return ConnectionState(self.platform, self._socket is not None and not self._socket.closed, self._reconnects)
 
+    async def probe(self) -> None:
+        """Open a connection and close it again (``imsight doctor --online``); raises as ``connect`` does."""
+        socket = await self.connect()
+        await socket.close()
+
     async def start(self) -> None:
         """Open the first connection now (errors stop the daemon's start), then keep it in the background."""
         self._stopping = False

@@ -150,3 +150,15 @@ async def test_too_large_a_body_is_413_in_openai_s_shape(daemon):
                 {"type": "image_url", "image_url": {"url": big}}]}])
     assert refused.value.status_code == 413
     assert refused.value.body["code"] == "request_too_large"  # type: ignore[index]
+
+
+async def test_junk_bodies_and_images_are_400_in_openai_s_shape(daemon, http):
+    async with daemon(adapters=api_config()) as d:
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        async with http.post(f"{d.url}/v1/chat/completions", data="[" * 100_000, headers=headers) as resp:
+            nested = (resp.status, await resp.json())
+        async with client(d) as api:
+            with pytest.raises(openai.BadRequestError, match="not valid base64"):
+                await api.chat.completions.create(model="vqa", messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}]}])
+    assert nested[0] == 400 and nested[1]["error"]["type"] == "invalid_request_error"

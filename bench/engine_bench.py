@@ -5,8 +5,9 @@ torchvision), saves it, loads it through imsight's own loader and engine in bf16
 prints every target of the GPU-speed work as a ratio against bare ``generate()`` on the same loaded
 model in the same run: time to first token, a cached follow-up, decode tokens/s at batch 1 (and
 against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questions arriving 200 ms
-apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4 (the default
-engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfused (captured, not compiled).
+apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, int4 (the default
+engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfused / int4-unfused
+(captured, not compiled).
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
 tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
@@ -37,6 +38,7 @@ from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
+_QUANTIZATION = {"bf16": "none", "nf4": "nf4", "int4": "int4"}  # a mode's weights; "-unfused": not compiled
 QUESTION = "What does the error in this screenshot mean, and how do I fix it?"
 FIRST, FIRST_ANSWER = "What is on this screen?", "A terminal with a failed build: the linker cannot find libssl."
 FOLLOW_UP = "Which package do I install to fix that?"
@@ -75,7 +77,8 @@ def decode_bytes(model: Any) -> int:
     The embedding table is excluded (a step reads one row of it).
     """
     total = 0
-    for name, param in model.named_parameters():
+    # Buffers too: int4 weights are buffers (packed int32, scales and zeros).
+    for name, param in [*model.named_parameters(), *model.named_buffers()]:
         if ".visual." in f".{name}" or "embed_tokens" in name:
             continue
         total += param.numel() * param.element_size()
@@ -269,7 +272,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     engine = TransformersEngine(
-        resolve("bench", model_dir, allow_download=False), quantization="nf4" if mode.startswith("nf4") else "none",
+        resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"),
         dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
         prefix_cache_bytes=4 * GiB, warmup=True,

@@ -11,13 +11,19 @@ bf16 ``F.linear``. For each: microseconds a call at 1..16 rows (decode batches) 
 
 from __future__ import annotations
 
+import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.int4_weights import Int4Linear, dequantize, pack, quantize, unpack
+
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
-ROWS = (1, 2, 4, 8, 16, 1000)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 1000)
 GROUP = 128
 
 
@@ -37,20 +43,26 @@ def timed(call: object, reps: int = 100) -> float:
 
 def int4_pack(weight: torch.Tensor, group: int = GROUP, inner_k_tiles: int = 8
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise asymmetric int4 as tinygemm takes it: the packed weight, ``[groups, out, 2]`` scales
-    and zeros, and the dequantized weight (to measure the error)."""
-    out_features, in_features = weight.shape
-    w = weight.float().reshape(out_features, in_features // group, group)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scales = (high - low).clamp(min=1e-6) / 15
-    zeros = low + scales * 8  # tinygemm's zero point is a float: w = (q - 8) * scale + zero
-    q = ((w - low) / scales).round().clamp(0, 15).to(torch.int32)
-    dequantized = ((q - 8) * scales + zeros).reshape(out_features, in_features).to(torch.bfloat16)
-    q = q.reshape(out_features, in_features)
-    nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-    packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
-    scales_zeros = torch.cat([scales, zeros], -1).to(torch.bfloat16).transpose(0, 1).contiguous()
-    return packed, scales_zeros, dequantized
+    """imsight's int4 (``core.int4_weights``): the packed weight, scales and zeros, and the dequantized weight.
+
+    Checks on the way that imsight's packer writes exactly what torch's ``_convert_weight_to_int4pack``
+    does (the layout that ``unpack`` reads back for prefill)."""
+    q, scales_zeros = quantize(weight, group)
+    packed = pack(q, inner_k_tiles)
+    torch_packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), inner_k_tiles)
+    if not torch.equal(packed, torch_packed):
+        raise SystemExit(f"int4 layout: imsight's pack differs from torch's for {tuple(weight.shape)}")
+    scales_zeros = scales_zeros.to(torch.bfloat16)
+    return packed, scales_zeros, dequantize(packed, scales_zeros, group, torch.bfloat16)
+
+
+def check_layouts() -> None:
+    """imsight's packer against torch's at every inner k-tiling, and unpack as its inverse."""
+    for tiles in (2, 4, 8):
+        q = torch.randint(0, 16, (64, 512), dtype=torch.uint8, device="cuda")
+        torch_packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+        same = torch.equal(pack(q, tiles), torch_packed) and torch.equal(unpack(torch_packed), q)
+        print(f"int4 layout, {tiles} inner k-tiles: imsight's pack/unpack {'match' if same else 'DIFFER FROM'} torch's")
 
 
 def main() -> None:
@@ -61,6 +73,8 @@ def main() -> None:
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     torch.manual_seed(0)
+    check_layouts()
+    from core.int4_unpack_gpu import dequantize_gpu
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes {bnb.__version__}")
     totals: dict[str, dict[int, float]] = {}
     for name, (k, n) in SHAPES.items():
@@ -68,13 +82,24 @@ def main() -> None:
         nf4, state = quantize_4bit(weight, quant_type="nf4", blocksize=64)
         packed, scales_zeros, int4_weight = int4_pack(weight)
         nf4_weight = dequantize_4bit(nf4, state)
+        # what imsight's Int4Linear does above KERNEL_ROWS: unpack (one Triton kernel), then cuBLAS
+        unpacking = Int4Linear(packed, scales_zeros, GROUP, None, in_features=k, kernel=False)
+        unpacking.fuse_unpacking(dequantize_gpu)
+        fused = dequantize_gpu(packed, scales_zeros, GROUP, torch.bfloat16)
+        difference = (fused.float() - int4_weight.float()).abs().max()
+        print(f"{name}: Triton unpack vs torch ops, max difference {difference:.1e} "
+              f"(largest weight {int4_weight.abs().max():.1e})")
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             calls = {
                 "bf16": partial(F.linear, x, weight),
                 "nf4 (bnb)": partial(bnb.matmul_4bit, x, nf4.t(), quant_state=state),
                 "int4 (tinygemm)": partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros),
+                "int4 (unpack+mm)": partial(unpacking, x),
             }
+            if m in (1, 1000):
+                calls["int4 unpack, torch ops"] = partial(dequantize, packed, scales_zeros, GROUP, torch.bfloat16)
+                calls["int4 unpack, Triton"] = partial(dequantize_gpu, packed, scales_zeros, GROUP, torch.bfloat16)
             if m == 1:
                 ref = F.linear(x.float(), weight.float())
                 err_nf4 = (calls["nf4 (bnb)"]().float() - F.linear(x.float(), nf4_weight.float())).abs().max()

@@ -92,8 +92,17 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
                     "on a GPU host: check nvidia-smi and install a CUDA build of torch")
     from core.quantization import pick_mode
 
-    mode = pick_mode(engine.quantization, "cuda" if cuda and engine.device != "cpu" else "cpu")
-    if mode != "none":
+    on_gpu = cuda and engine.device != "cpu"
+    mode = pick_mode(engine.quantization, "cuda" if on_gpu else "cpu",
+                     torch.cuda.get_device_capability(0) if on_gpu else None)
+    if mode == "int4":
+        capability = torch.cuda.get_device_capability(0) if cuda else (0, 0)
+        if capability >= (8, 0):
+            yield Check("int4", "ok", f"torch's int4 kernel runs on compute capability {capability[0]}.{capability[1]}")
+        else:
+            yield Check("int4", "warn", "torch's int4 kernel needs a CUDA GPU of compute capability 8.0 or later: "
+                        "int4 weights are unpacked for every forward here (slow)", "[engine] quantization = \"nf4\"")
+    elif mode != "none":
         try:
             import bitsandbytes
 

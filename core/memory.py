@@ -12,7 +12,11 @@ from core.quantization import Mode
 __all__ = ["Estimate", "available_bytes", "ensure_fits", "estimate"]
 
 GiB = 2**30
-_NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64  # 4 bits, plus one 8-bit absmax per 64-weight block (double quantisation)
+_BYTES_PER_WEIGHT = {
+    "nf4": 0.5 + 1 / 64,  # 4 bits, plus one 8-bit absmax per 64-weight block (double quantisation)
+    "int4": 0.5 + 4 / 128,  # 4 bits, plus a bf16 scale and zero per group of 128
+    "int8": 1.0,
+}
 _WORKING_FLOOR = 1 * GiB  # activations, KV cache and CUDA context for one screenshot question
 
 
@@ -20,25 +24,27 @@ _WORKING_FLOOR = 1 * GiB  # activations, KV cache and CUDA context for one scree
 class Estimate:
     weights: int
     working: int
+    loading: int = 0  # held only while loading: int4 loads full width, then quantizes
 
     @property
     def total(self) -> int:
-        return self.weights + self.working
+        return self.weights + self.working + self.loading
 
 
 def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str]) -> Estimate:
     """Bytes of a model built on the meta device, once loaded with ``mode`` and ``skip`` unquantised."""
     import torch
 
-    weights = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
+    full = weights = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
     if mode != "none":
-        per_weight = _NF4_BYTES_PER_WEIGHT if mode == "nf4" else 1.0
+        per_weight = _BYTES_PER_WEIGHT[mode]
         for name, module in meta_model.named_modules():
             if isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
                 n = module.weight.numel()
                 # The weight shrinks from full width to ``per_weight``; plus a scale per output row.
                 weights += int(n * per_weight) - n * dtype_bytes + module.out_features * 4
-    return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10))
+    return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10),
+                    loading=full - weights if mode == "int4" else 0)
 
 
 def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode) -> None:
@@ -46,9 +52,10 @@ def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode
     if need.total <= free:
         return
     hint = "" if mode == "nf4" else ' Try [engine] quantization = "nf4" (about a quarter of the bf16 weights).'
+    loading = f", {need.loading / GiB:.1f} GiB more while they load at full width" if need.loading else ""
     raise ModelUnavailable(
         f"model {model!r} needs about {need.total / GiB:.1f} GiB on {where} "
-        f"({need.weights / GiB:.1f} GiB of weights as {mode}, {need.working / GiB:.1f} GiB to work in) "
+        f"({need.weights / GiB:.1f} GiB of weights as {mode}{loading}, {need.working / GiB:.1f} GiB to work in) "
         f"but only {free / GiB:.1f} GiB is free.{hint} Or use a smaller model, or free the device "
         "(nvidia-smi lists what holds GPU memory)."
     )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from core.errors import EngineError, ModelUnavailable
 from core.memory import Estimate, available_bytes, ensure_fits, estimate
@@ -44,7 +44,7 @@ def load(
     hf_logging.disable_progress_bar()
     planned = plan(source, device=device, dtype=dtype, quantization=quantization, cache_dir=cache_dir)
     where, torch_dtype, mode, keep, need = planned.device, planned.dtype, planned.mode, planned.keep, planned.need
-    if mode != "none":
+    if mode in ("nf4", "int8"):
         _require_bitsandbytes(mode)
     name = source.name_or_path
     if planned.free is not None:
@@ -53,12 +53,19 @@ def load(
     try:
         processor = AutoProcessor.from_pretrained(name, **common)
         model = AutoModelForImageTextToText.from_pretrained(
-            name, **common, dtype=torch_dtype, device_map=where,
+            name, **common, dtype=torch_dtype, device_map="cpu" if planned.staged else where,
             quantization_config=bnb_config(mode, torch_dtype, keep),
         )
     except (OSError, ValueError, ImportError) as exc:
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     model.eval()
+    if mode == "int4":
+        from core.int4_weights import quantize_linears
+
+        replaced, kept = quantize_linears(model, keep, device=where)
+        cast(Any, model).to(where)  # the rest (vision tower, embeddings, norms, head), after the quantized layers
+        log.info("int4: %d linear layers quantized (group-wise, torch's int4 kernel)%s, %d left full width",
+                 replaced, ", one at a time from host memory" if planned.staged else "", kept)
     if getattr(model.config, MARKER, False):
         log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
     log.info("model %s loaded on %s: %s, quantization %s, about %.1f GiB", name, where, torch_dtype, mode,
@@ -77,6 +84,7 @@ class LoadPlan:
     need: Estimate
     free: int | None  # bytes free where it would live (None: unknown)
     kv_bytes_per_token: int = 0  # keys and values of one token, all layers (the decode slots' unit)
+    staged: bool = False  # int4 on a GPU: loaded into host memory, each linear quantized on its way over
 
 
 def plan(
@@ -89,7 +97,7 @@ def plan(
 
     where = pick_device(device, torch.cuda.is_available())
     torch_dtype = pick_dtype(dtype, where)
-    mode = pick_mode(quantization, where)
+    mode = pick_mode(quantization, where, torch.cuda.get_device_capability() if where == "cuda" else None)
     name = source.name_or_path
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=source.local_files_only, cache_dir=cache_dir)
@@ -99,8 +107,18 @@ def plan(
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     keep = unquantised_modules(skeleton)
     need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
+    # int4 loads at full width first. On a GPU that happens in host memory when it has room, so the
+    # GPU never holds more than the int4 model and one full-width linear (bitsandbytes' NF4 likewise).
+    host = available_bytes("cpu") if mode == "int4" and where == "cuda" else None
+    staged = host is not None and need.weights + need.loading <= host * 0.9
+    if staged:
+        need = replace(need, loading=0)
+    elif mode == "int4" and quantization == "auto":
+        # No room to stage in host memory: NF4, which bitsandbytes quantizes as the weights arrive.
+        mode = "nf4"
+        need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
     return LoadPlan(where, torch_dtype, mode, keep, need, available_bytes(where),
-                    kv_token_bytes(config, torch_dtype.itemsize))
+                    kv_token_bytes(config, torch_dtype.itemsize), staged)
 
 
 def kv_token_bytes(config: Any, itemsize: int) -> int:

@@ -136,3 +136,18 @@ async def connections_opened(server: Any, count: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{server.connections} connections opened, {count} expected")
+
+
+def bare_generate(engine: Any, images: list[Any], question: str, tokens: int, turns: Any = ()) -> str:
+    """What a plain ``model.generate()`` answers, greedy, for the same prompt."""
+    import torch
+
+    inputs = engine._inputs(images, list(turns), question)
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = engine._eos
+    shown = [t for t in new if t not in engine._hidden_ids]
+    if any(t in eos for t in new):
+        shown = shown[:next(i for i, t in enumerate(shown) if t in eos)]
+    return engine.loaded.processor.tokenizer.decode(shown, skip_special_tokens=False)

@@ -14,6 +14,7 @@ from core.answer_text import CUT_NOTE
 from core.decode_loop import buckets
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.errors import EngineError
+from helpers import bare_generate
 
 
 def _image(n: int) -> PreparedImage:
@@ -22,21 +23,6 @@ def _image(n: int) -> PreparedImage:
 
 async def _answer(engine, images, question, tokens=12, turns=()) -> str:
     return "".join([c async for c in engine.answer(images, list(turns), question, GenerationLimits(tokens))])
-
-
-def _bare_generate(engine, images, question, tokens, turns=()) -> str:
-    """What a plain ``model.generate()`` answers, greedy, for the same prompt."""
-    import torch
-
-    inputs = engine._inputs(images, list(turns), question)
-    with torch.inference_mode():
-        out = engine.loaded.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    eos = engine._eos
-    shown = [t for t in new if t not in engine._hidden_ids]
-    if any(t in eos for t in new):
-        shown = shown[:next(i for i, t in enumerate(shown) if t in eos)]
-    return engine.loaded.processor.tokenizer.decode(shown, skip_special_tokens=False)
 
 
 def test_bucket_sizes():
@@ -53,12 +39,12 @@ async def test_greedy_output_equals_bare_generate_token_for_token(make_engine):
     for n, question in enumerate(["What is on the screen?", "Why?", "Read the error message, please."]):
         images = [_image(n)] if n != 1 else []
         got = await _answer(engine, images, question, tokens=24)
-        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, 24)
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, 24)
     # Several at once, in one running batch, each with its own limit: still each one's own answer.
     asks = [([_image(10 + n)], "Q" + "?" * n, 6 + 5 * n) for n in range(4)]
     together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
     for (images, question, tokens), got in zip(asks, together, strict=True):
-        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
     assert engine.stats.batches > 0
 
 
@@ -109,7 +95,7 @@ async def test_a_prompt_longer_than_a_slot_is_answered_the_old_way(make_engine):
     engine = await make_engine(max_batch=2, context_tokens=256, prefix_cache_bytes=0)
     question = "why " * 200  # well over 256 tokens
     got = await _answer(engine, [_image(8)], question, tokens=6)
-    assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, [_image(8)], question, 6)
+    assert got.removesuffix(CUT_NOTE) == bare_generate(engine, [_image(8)], question, 6)
     assert engine.stats.decode_steps == 0
 
 
@@ -118,7 +104,7 @@ async def test_more_questions_than_slots_wait_for_a_free_one(make_engine):
     asks = [([_image(40 + n)], f"question {n}?", 4 + 3 * n) for n in range(5)]
     together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
     for (images, question, tokens), got in zip(asks, together, strict=True):
-        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
     assert engine.stats.questions == 5 and len(engine._active) == 0 and not engine._waiting
 
 
@@ -233,7 +219,7 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     assert engine.stats.decode_steps > steps
     assert after == during
     for (images, question, tokens), got in zip(asks, after, strict=True):
-        assert got.removesuffix(CUT_NOTE) == _bare_generate(engine, images, question, tokens)
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
 
 
 async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):

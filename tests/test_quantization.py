@@ -53,8 +53,9 @@ async def test_float32_pixels_reach_a_bfloat16_vision_tower_as_bfloat16(make_eng
     assert seen and set(seen) == {torch.bfloat16}
 
 
-def test_auto_quantisation_is_nf4_on_cuda_and_none_on_cpu():
-    assert pick_mode("auto", "cuda") == "nf4"
+def test_auto_quantisation_is_4_bit_on_cuda_and_none_on_cpu():
+    assert pick_mode("auto", "cuda", (9, 0)) == "int4"  # Hopper: torch's int4 kernel runs
+    assert pick_mode("auto", "cuda", (7, 5)) == "nf4"  # Turing: it does not, bitsandbytes does
     assert pick_mode("auto", "cpu") == "none"
     assert pick_mode("int8", "cpu") == "int8"
     with pytest.raises(EngineError):

@@ -1,0 +1,167 @@
+"""Group-wise int4 weights for the language model's linears: torch's own int4 kernel for decode,
+dequantize + matmul for prefill, from one copy of the weights.
+
+Why not only bitsandbytes: its NF4 mat-vec reads weights at about half of the GPU's bandwidth, and
+for more than one row it dequantizes the whole weight every call, so a decode step of 8 questions
+costs 2.6x one of a single question (bench/RESULTS.md). torch's "tinygemm" kernel
+(``aten._weight_int4pack_mm``, what gpt-fast and torchao's int4 weight-only use) reads them at
+twice the rate and holds its speed to 8 rows, but at prefill sizes it is 18x slower than a
+dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and takes
+tinygemm for up to ``KERNEL_ROWS`` rows and unpacks it to a full-width weight for more.
+
+The tiled layout is written down here (``pack``/``unpack``) after ``matrix_to_m16n8k16_Bint4_layout``
+in PyTorch's ``int4mm.cu``: an int32 tensor ``[N/8, K/(tiles*16), 32, tiles/2]`` where lane ``t``
+of an 8 x (tiles*16) block holds row ``t // 4`` and, per int32, eight values of two k-tiles. The
+tests check it against a line-by-line port of that kernel, and ``bench/int4_kernels.py`` against
+torch's own packer on the GPU. Values are affine per group of ``group`` inputs, as tinygemm takes
+them: ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 and ``[groups, N, 2]`` scales and zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KERNEL_ROWS", "Int4Linear", "dequantize", "pack", "quantize", "quantize_linears", "unpack"]
+
+log = logging.getLogger(__name__)
+
+KERNEL_ROWS = 32  # up to this many rows tinygemm beats unpack + matmul (bench/int4_kernels.py)
+_GROUPS = (128, 64, 32)  # tinygemm takes 32..256; 128 is gpt-fast's and torchao's default
+_TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
+
+
+def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [N, K]`` as 4-bit values ``[N, K]`` (uint8, 0..15) and ``[K/group, N, 2]`` scales and zeros."""
+    out_features, in_features = weight.shape
+    w = weight.float().reshape(out_features, in_features // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scales = (high - low).clamp(min=1e-6) / 15
+    q = ((w - low) / scales).round_().clamp_(0, 15).to(torch.uint8).reshape(out_features, in_features)
+    zeros = low + scales * 8  # tinygemm's zero is a float, at q = 8
+    scales_zeros = torch.cat([scales, zeros], -1).transpose(0, 1).contiguous()
+    return q, scales_zeros
+
+
+def pack(q: torch.Tensor, tiles: int) -> torch.Tensor:
+    """4-bit values ``[N, K]`` in tinygemm's tiled int32 layout (what ``_convert_weight_to_int4pack`` makes)."""
+    n, k = q.shape
+    # k = outer*tiles*16 + pair*32 + i*8 + c*2 + odd, and lane t = r*4 + c for row n = block*8 + r
+    blocks = q.reshape(n // 8, 8, k // (tiles * 16), tiles // 2, 4, 4, 2)
+    lanes = blocks.permute(0, 2, 1, 5, 3, 6, 4)  # -> [block, outer, r, c, pair, odd, i]
+    nibbles = lanes.reshape(n // 8, k // (tiles * 16), 32, tiles // 2, 4, 2)  # nibble s = odd*4 + i, two a byte
+    packed_bytes = (nibbles[..., 0] | nibbles[..., 1] << 4).contiguous()
+    return packed_bytes.view(torch.int32).reshape(n // 8, k // (tiles * 16), 32, tiles // 2)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values ``[N, K]`` (uint8) of a weight in tinygemm's tiled layout; ``pack``'s inverse."""
+    blocks, outer, _lanes, pairs = packed.shape
+    packed_bytes = packed.contiguous().view(torch.uint8).reshape(blocks, outer, 32, pairs, 4, 1)
+    nibbles = torch.cat([packed_bytes & 15, packed_bytes >> 4], -1)  # [..., byte, low/high]: nibble s = byte*2 + high
+    lanes = nibbles.reshape(blocks, outer, 8, 4, pairs, 2, 4)  # [block, outer, r, c, pair, odd, i]
+    return lanes.permute(0, 2, 1, 4, 6, 3, 5).reshape(blocks * 8, outer * pairs * 2 * 16)
+
+
+def dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The full-width weight ``[N, K]`` of a packed one, as tinygemm computes it."""
+    q = unpack(packed)
+    n, k = q.shape
+    scales_zeros = scales_zeros.to(dtype)
+    scales = scales_zeros[..., 0].t().unsqueeze(-1)  # [N, groups, 1]
+    zeros = scales_zeros[..., 1].t().unsqueeze(-1)
+    return torch.addcmul(zeros, q.reshape(n, k // group, group).to(dtype) - 8, scales).reshape(n, k)
+
+
+class Int4Linear(torch.nn.Module):
+    """A linear layer whose weight is 4-bit, group-wise affine, in tinygemm's tiled layout."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, bias: torch.Tensor | None,
+                 *, in_features: int, kernel: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, packed.shape[0] * 8, group
+        self.kernel = kernel  # tinygemm runs here (a CUDA GPU of compute capability 8.0 or later)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias: torch.nn.Parameter | None = (
+            torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None)
+        self._full_width: Callable[..., torch.Tensor] = dequantize
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, device: torch.device | str | None = None) -> Int4Linear | None:
+        """The int4 copy of ``linear`` (on ``device``, else where it is); ``None`` when its shape does not tile."""
+        out_features, in_features = linear.weight.shape
+        group = next((g for g in _GROUPS if in_features % g == 0), None)
+        tiles = next((t for t in _TILES if in_features % (t * 16) == 0), None)
+        if group is None or tiles is None or out_features % 8:
+            return None
+        weight = linear.weight.detach().to(device or linear.weight.device)
+        q, scales_zeros = quantize(weight, group)
+        kernel = weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+        bias = linear.bias.detach().to(weight.device) if linear.bias is not None else None
+        return cls(pack(q, tiles), scales_zeros.to(torch.bfloat16 if kernel else weight.dtype), group, bias,
+                   in_features=in_features, kernel=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel and x.dtype == torch.bfloat16 and flat.shape[0] <= KERNEL_ROWS:
+            y: torch.Tensor = torch.ops.aten._weight_int4pack_mm(
+                flat.contiguous(), self.packed, self._group(), self.scales_zeros)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self._full_width(self.packed, self.scales_zeros, self._group(), x.dtype), self.bias)
+
+    def _group(self) -> int:
+        # From the buffers' shapes, not an int attribute: under the compiled decode step dynamo treats
+        # modules' ints as symbolic, and the kernel's group size must be a constant.
+        blocks_of_k = self.packed.shape[1] * self.packed.shape[3] * 32
+        return int(blocks_of_k // self.scales_zeros.shape[0])
+
+    def fuse_unpacking(self, fused: Callable[..., torch.Tensor]) -> None:
+        """Unpack with ``fused`` (one kernel instead of ``dequantize``'s eight)."""
+        self._full_width = fused
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
+
+
+def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
+    """Replace the model's linears (outside ``skip``) by ``Int4Linear`` on ``device``; (replaced, left full width)."""
+    replaced = kept = 0
+    # Names, not modules: each full-width weight is freed as soon as it is replaced, so quantizing
+    # needs one layer's worth of memory more than the full-width model, not the int4 model more.
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+             and not any(name == s or name.startswith(s + ".") for s in skip)]
+    for name in names:
+        int4 = Int4Linear.from_linear(model.get_submodule(name), device)
+        if int4 is None:
+            kept += 1
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, int4)
+        replaced += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    fuse_unpacking(model)
+    return replaced, kept
+
+
+def fuse_unpacking(model: Any) -> None:
+    """On a GPU, unpack with one Triton kernel (``core.int4_unpack_gpu``); eagerly where Triton is missing."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
+    if not layers:
+        return
+    try:
+        from core.int4_unpack_gpu import dequantize_gpu
+    except ImportError as exc:
+        log.info("int4: no Triton here (%s); prefill unpacks weights with torch ops (slower first tokens)", exc)
+        return
+    for layer in layers:
+        layer.fuse_unpacking(dequantize_gpu)

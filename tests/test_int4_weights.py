@@ -1,0 +1,110 @@
+"""imsight's int4 weights (``core.int4_weights``): tinygemm's tiled layout, written and read back,
+the dequantized weight, and the tiny real model answering through int4 linears on the CPU.
+
+On a GPU the same packed weight feeds torch's kernel; ``bench/int4_kernels.py`` checks there that
+``pack`` writes byte for byte what torch's own packer writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.answer_text import CUT_NOTE
+from core.engine import GenerationLimits, PreparedImage
+from core.int4_weights import Int4Linear, dequantize, pack, quantize, unpack
+from core.memory import estimate
+from core.quantization import pick_mode, unquantised_modules
+from helpers import bare_generate
+
+
+def _kernel_pack(q: torch.Tensor, tiles: int) -> torch.Tensor:
+    """A line-by-line port of ``matrix_to_m16n8k16_Bint4_layout`` (PyTorch's int4mm.cu, the CUDA branch),
+    fed as ``_convert_weight_to_int4pack`` is: ``[n][k/2]`` bytes, the even k in the high nibble."""
+    n, k = q.shape
+    packed_bytes = (q[:, ::2] << 4 | q[:, 1::2]).tolist()
+    out = torch.zeros(n // 8, k // (tiles * 16), 32, tiles // 2, dtype=torch.int64)
+    for n_tile in range(n // 8):
+        for k_outer in range(k // (tiles * 16)):
+            for t in range(32):
+                for inner in range(0, tiles, 2):
+                    row = packed_bytes[n_tile * 8 + t // 4]
+                    base = (k_outer * tiles + inner) * 16 // 2
+                    v = [row[base + t % 4], row[base + t % 4 + 4], row[base + 8 + t % 4], row[base + 12 + t % 4]]
+                    word = ((v[3] & 0xF) << 28 | (v[2] & 0xF) << 24 | (v[1] & 0xF) << 20 | (v[0] & 0xF) << 16
+                            | (v[3] & 0xF0) << 8 | (v[2] & 0xF0) << 4 | (v[1] & 0xF0) | (v[0] & 0xF0) >> 4)
+                    out[n_tile, k_outer, t, inner // 2] = word - (1 << 32) if word >= 1 << 31 else word
+    return out.to(torch.int32)
+
+
+@pytest.mark.parametrize(("n", "k", "tiles"), [(16, 64, 2), (8, 128, 4), (24, 256, 8), (8, 512, 4)])
+def test_pack_writes_tinygemms_layout_and_unpack_reads_it_back(n, k, tiles):
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * k))
+    packed = pack(q, tiles)
+    assert torch.equal(packed, _kernel_pack(q, tiles))
+    assert torch.equal(unpack(packed), q)
+
+
+def test_the_dequantized_weight_is_within_a_group_step_of_the_original():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    q, scales_zeros = quantize(weight, 64)
+    assert scales_zeros.shape == (256 // 64, 64, 2) and int(q.max()) <= 15
+    restored = dequantize(pack(q, 8), scales_zeros, 64, torch.float32)
+    step = scales_zeros[..., 0].t().repeat_interleave(64, dim=1)  # each weight's own group's scale
+    assert ((restored - weight).abs() <= step / 2 + 1e-6).all()
+    assert 0.02 < float((restored - weight).norm() / weight.norm()) < 0.15  # 4 bits: close, not equal
+
+
+def test_an_int4_linear_computes_with_its_dequantized_weight():
+    linear = torch.nn.Linear(256, 32, bias=True)
+    int4 = Int4Linear.from_linear(linear)
+    assert int4 is not None and int4.group == 128 and not int4.kernel  # no tinygemm on the CPU
+    x = torch.randn(3, 5, 256)
+    weight = dequantize(int4.packed, int4.scales_zeros, 128, torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(int4(x), F.linear(x, weight, linear.bias), atol=1e-5)
+        assert float((int4(x) - linear(x)).norm() / linear(x).norm()) < 0.15
+
+
+def test_a_linear_that_does_not_tile_stays_full_width():
+    assert Int4Linear.from_linear(torch.nn.Linear(40, 32)) is None  # 40 inputs: no group of 32 fits
+    assert Int4Linear.from_linear(torch.nn.Linear(64, 12)) is None  # 12 outputs: not a multiple of 8
+
+
+def test_int4_is_a_mode_of_its_own_and_its_estimate_counts_the_full_width_load():
+    from transformers import AutoModelForImageTextToText, Glm4vConfig
+
+    assert pick_mode("int4", "cuda") == "int4"
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(Glm4vConfig())
+    keep = unquantised_modules(model)
+    bf16, int4 = estimate(model, "none", 2, keep), estimate(model, "int4", 2, keep)
+    assert 7.0e9 < int4.weights < 9.5e9
+    assert int4.weights + int4.loading == bf16.weights  # quantized after a full-width load
+
+
+def _image(n: int) -> PreparedImage:
+    return PreparedImage(f"int4-{n}", Image.new("RGB", (64, 48), (40 * n % 256, 90, 200)))
+
+
+async def test_the_tiny_model_answers_through_int4_linears_as_bare_generate_does(make_engine):
+    engine = await make_engine(quantization="int4", max_batch=4)
+    model = engine.loaded.model
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
+    language = {k for n, k in kinds.items() if n.startswith("model.language_model.")}
+    assert language == {"Int4Linear"}
+    assert kinds["lm_head"] == "Linear" and kinds["model.multi_modal_projector.linear_1"] == "Linear"
+    assert engine.loaded.mode == "int4"
+    footprint = model.get_memory_footprint()
+    assert 0.8 * footprint <= engine.loaded.estimate.weights <= 1.25 * footprint
+    async def ask(images: list[PreparedImage], question: str, tokens: int) -> str:
+        return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
+
+    asks = [([_image(n)], "What is this?" + "?" * n, 8 + 4 * n) for n in range(3)]
+    answers = await asyncio.gather(*[ask(*a) for a in asks])  # decoded together, in one running batch
+    for (images, question, tokens), got in zip(asks, answers, strict=True):
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)

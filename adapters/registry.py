@@ -16,6 +16,7 @@ from adapters.base import PlatformSettings
 from adapters.dingtalk import DingTalkSettings
 from adapters.feishu import FeishuSettings
 from adapters.openai_api import OpenAISettings
+from adapters.slack import SlackSettings
 from adapters.telegram import TelegramSettings
 from adapters.webhook import WebhookSettings
 
@@ -26,6 +27,7 @@ _PLATFORMS: dict[str, type[PlatformSettings]] = {
     "telegram": TelegramSettings,
     "feishu": FeishuSettings,
     "dingtalk": DingTalkSettings,
+    "slack": SlackSettings,
     "openai": OpenAISettings,  # the OpenAI-compatible endpoint for other tools
 }
 

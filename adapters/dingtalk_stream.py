@@ -74,7 +74,7 @@ class DingTalkStream(PushConnection):
             elif kind == "SYSTEM" and topic == "disconnect":
                 raise Reconnect(str(frame.get("data", ""))[:200])
             elif kind == "CALLBACK" and topic == ROBOT_TOPIC:
-                self.handle(self._callback(socket, headers, frame.get("data")))
+                self.handle(self._callback(socket, headers, frame.get("data")), after=_conversation(frame.get("data")))
             elif kind in ("CALLBACK", "EVENT"):  # nothing we subscribed to: acknowledged, not kept
                 await socket.send_json(_ack(headers, json.dumps({"response": None})))
 
@@ -87,6 +87,15 @@ class DingTalkStream(PushConnection):
             log.warning("dingtalk: a robot message refused (%s); acknowledged", exc)
         if not socket.closed:
             await socket.send_json(_ack(headers, json.dumps({"response": None})))
+
+
+def _conversation(data: Any) -> str:
+    """The conversation a robot message belongs to ("" when unreadable: ``_callback`` says why)."""
+    try:
+        message = json.loads(data) if isinstance(data, str) else data
+        return str(message.get("conversationId", "")) if isinstance(message, dict) else ""
+    except ValueError:
+        return ""
 
 
 def _ack(headers: dict[str, Any], data: Any) -> dict[str, Any]:

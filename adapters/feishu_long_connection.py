@@ -107,7 +107,7 @@ class FeishuLongConnection(PushConnection):
                             self._configure(json.loads(frame.payload))
                 elif frame.method == DATA and (payload := self._whole(headers, frame.payload)) is not None:
                     if headers.get("type") == "event":
-                        self.handle(self._event(socket, frame, payload))
+                        self.handle(self._event(socket, frame, payload), after=_chat(payload))
                     else:  # card callbacks: not used by this bot
                         await self._answer(socket, frame, 200, time.monotonic())
         finally:
@@ -158,3 +158,12 @@ class FeishuLongConnection(PushConnection):
         answer.headers.add(key="biz_rt", value=str(int((time.monotonic() - started) * 1000)))
         answer.payload = json.dumps({"code": code, "headers": None, "data": None}).encode()
         await socket.send_bytes(answer.SerializeToString())
+
+
+def _chat(payload: bytes) -> str:
+    """The chat an event's message belongs to ("" when unreadable: ``_event`` says why)."""
+    try:
+        event = json.loads(payload).get("event") or {}
+        return str((event.get("message") or {}).get("chat_id", ""))
+    except (ValueError, AttributeError):
+        return ""

@@ -25,13 +25,18 @@ import aiohttp
 from adapters.base import ConnectionState
 from core.errors import AdapterError
 
-__all__ = ["PushConnection", "Reconnect"]
+__all__ = ["PushConnection", "Reconnect", "Superseded"]
 
 log = logging.getLogger(__name__)
 
 
 class Reconnect(Exception):
     """Raised by ``serve`` when the server asks the client to connect again."""
+
+
+class Superseded(Exception):
+    """Raised by ``serve`` when the platform says a newer connection with the same credentials took over
+    (a second daemon): connecting again would only take it back, and back again, in a loop."""
 
 
 class PushConnection(ABC):
@@ -44,6 +49,7 @@ class PushConnection(ABC):
         self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._runner: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._last: dict[str, asyncio.Task[None]] = {}  # a chat's newest event task (``handle``'s order)
         self._stopping = False
         self._reconnects = 0
 
@@ -93,14 +99,29 @@ class PushConnection(ABC):
             await self._socket.close()
             self._socket = None
 
-    def handle(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` as its own task, kept until done, so a stop can wait for it."""
-        task = asyncio.create_task(work)
+    def handle(self, work: Coroutine[Any, Any, None], *, after: str = "") -> None:
+        """Run ``work`` as its own task, kept until done, so a stop can wait for it.
+
+        Events with the same ``after`` key (a chat) are taken in the order they came: an image and the
+        question after it, pushed a moment apart, must reach the store in that order (each chat's
+        events wait for its previous one; other chats' do not)."""
+        previous = self._last.get(after) if after else None
+        task = asyncio.create_task(self._in_turn(previous, work))
         self._handlers.add(task)
+        if after:
+            self._last[after] = task
         task.add_done_callback(self._handled)
+
+    @staticmethod
+    async def _in_turn(previous: asyncio.Task[None] | None, work: Coroutine[Any, Any, None]) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await work
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._handlers.discard(task)
+        for key in [key for key, last in self._last.items() if last is task]:
+            del self._last[key]
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: an event failed: %s", self.platform, task.exception())
 
@@ -119,6 +140,12 @@ class PushConnection(ABC):
                 except Reconnect as asked:
                     reason = f"the server asked to reconnect ({asked})"
                     failures = 0
+                except Superseded as why:
+                    await socket.close()
+                    self._socket = None
+                    log.error("%s: another connection with these credentials took over (%s); not connecting "
+                              "again: stop the other daemon, then restart this one", self.platform, why)
+                    return
                 except Exception as exc:  # whatever broke the reading, the connection is opened again
                     reason = f"{type(exc).__name__}: {exc}"
                 await socket.close()

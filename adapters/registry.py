@@ -19,6 +19,7 @@ from adapters.openai_api import OpenAISettings
 from adapters.slack import SlackSettings
 from adapters.telegram import TelegramSettings
 from adapters.webhook import WebhookSettings
+from adapters.wecom import WeComSettings
 
 __all__ = ["platforms", "register", "secret_fields", "unregister"]
 
@@ -28,6 +29,7 @@ _PLATFORMS: dict[str, type[PlatformSettings]] = {
     "feishu": FeishuSettings,
     "dingtalk": DingTalkSettings,
     "slack": SlackSettings,
+    "wecom": WeComSettings,
     "openai": OpenAISettings,  # the OpenAI-compatible endpoint for other tools
 }
 

@@ -78,8 +78,11 @@ class SlackSocket(PushConnection):
             if kind == "disconnect":
                 raise Reconnect(str(frame.get("reason", "")))
             if kind == "events_api" and envelope:
-                self.handle(self._envelope(socket, str(envelope), frame.get("payload"),
-                                           int(frame.get("retry_attempt") or 0)))
+                payload = frame.get("payload")
+                event = payload.get("event") if isinstance(payload, dict) else None
+                channel = str(event.get("channel", "")) if isinstance(event, dict) else ""
+                self.handle(self._envelope(socket, str(envelope), payload, int(frame.get("retry_attempt") or 0)),
+                            after=channel)
             elif envelope:  # slash commands, interactivity: not used; acknowledged so Slack stops retrying
                 await socket.send_json({"envelope_id": envelope})
 

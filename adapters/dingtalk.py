@@ -33,6 +33,7 @@ from adapters.base import (
     PlatformSettings,
     Reply,
 )
+from adapters.client_session import ClientSessionSlot
 from adapters.dingtalk_stream import DingTalkStream
 from adapters.http_body import EVENT_LIMIT, client_address, parse_json, read_limited
 from adapters.outgoing import defanged
@@ -82,12 +83,11 @@ class DingTalkAdapter:
         self._path = path
         self._allowed = set(allowed_conversations)
         self._allowed_ips = set(allowed_ips)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._http: aiohttp.ClientSession | None = None
+        self._http = ClientSessionSlot(timeout_s)
         self._host: Host | None = None
         self._tokens = TokenCache(self._fetch_token)
         self._reachability = Reachability()
-        self._stream = DingTalkStream(self._session, self._base, app_key, app_secret, self._take) if (
+        self._stream = DingTalkStream(self._http, self._base, app_key, app_secret, self._take) if (
             mode == "stream") else None
 
     def mount(self, app: web.Application) -> None:
@@ -96,7 +96,7 @@ class DingTalkAdapter:
 
     async def start(self, host: Host) -> None:
         self._host = host
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        self._http.start()
         await self._tokens.get()  # wrong credentials stop the daemon now, not at the first question
         if self._stream is not None:
             await self._stream.start()
@@ -110,13 +110,7 @@ class DingTalkAdapter:
 
     async def stop(self) -> None:
         await self.stop_intake()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        assert self._http is not None, "not started"
-        return self._http
+        await self._http.close()
 
     # ---- receiving ----------------------------------------------------------------------
 
@@ -191,9 +185,8 @@ class DingTalkAdapter:
         url = str(found.get("downloadUrl", ""))
         if not url:
             raise AdapterError(self.name, "no downloadUrl for a picture", retryable=False)
-        assert self._http is not None, "not started"
         try:
-            async with self._http.get(url) as resp:
+            async with self._http().get(url) as resp:
                 if resp.status != 200:
                     raise AdapterError(self.name, f"picture download: HTTP {resp.status}", retryable=resp.status >= 500)
                 return await resp.read()
@@ -242,7 +235,7 @@ class DingTalkAdapter:
         """``adapters.base.Connected``: DingTalk's API did not fail (network, 5xx, 429) twice in a row, and
         in stream mode the connection is open."""
         stream_open = self._stream is None or self._stream.state.open
-        return self._http is not None and self._reachability.reachable and stream_open
+        return self._http.open and self._reachability.reachable and stream_open
 
     @property
     def connection(self) -> ConnectionState | None:
@@ -253,10 +246,9 @@ class DingTalkAdapter:
         return await self._reachability.track(self._request(url, body, token=token))
 
     async def _request(self, url: str, body: dict[str, Any], *, token: str | None) -> dict[str, Any]:
-        assert self._http is not None, "not started"
         headers = {"x-acs-dingtalk-access-token": token} if token else {}
         try:
-            async with self._http.post(url, json=body, headers=headers) as resp:
+            async with self._http().post(url, json=body, headers=headers) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After", "")
                 answer = await resp.json(content_type=None)
@@ -277,14 +269,10 @@ class DingTalkAdapter:
 
     async def credentials(self) -> str:
         """``adapters.base.Verifiable``: the app's credentials tried as ``start`` does, nothing started."""
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
-        try:
+        async with self._http.briefly():
             await self._fetch_token()
             if self._stream is not None:
                 await self._stream.probe()
-        finally:
-            await self._http.close()
-            self._http = None
         return "access token issued" + (", stream connection opened" if self._stream is not None else "")
 
     async def _fetch_token(self) -> tuple[str, float]:

@@ -57,18 +57,12 @@ class DingTalkStream(PushConnection):
             raise AdapterError(self.platform, f"stream: cannot open the WebSocket: {exc}", retryable=True) from exc
 
     async def serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
-        async for message in socket:
-            if message.type == aiohttp.WSMsgType.ERROR:
-                raise aiohttp.ClientError(f"WebSocket error: {socket.exception()}")
-            if message.type != aiohttp.WSMsgType.TEXT:
+        async for frame in self.json_frames(socket):
+            kind, headers = frame.get("type"), frame.get("headers") or {}
+            if not isinstance(headers, dict):
+                log.warning("dingtalk: a stream frame without headers, ignored")
                 continue
-            try:
-                frame = json.loads(message.data)
-                kind, headers = frame.get("type"), frame.get("headers") or {}
-                topic = headers.get("topic")
-            except (ValueError, AttributeError):
-                log.warning("dingtalk: a stream frame that is not a JSON object, ignored")
-                continue
+            topic = headers.get("topic")
             if kind == "SYSTEM" and topic == "ping":
                 await socket.send_json(_ack(headers, frame.get("data")))
             elif kind == "SYSTEM" and topic == "disconnect":

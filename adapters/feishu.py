@@ -32,6 +32,7 @@ from adapters.base import (
     Replied,
     Reply,
 )
+from adapters.client_session import ClientSessionSlot
 from adapters.feishu_crypto import decrypt, verify_signature
 from adapters.feishu_long_connection import FeishuLongConnection
 from adapters.http_body import EVENT_LIMIT, parse_json, read_limited
@@ -76,14 +77,13 @@ class FeishuAdapter:
         self.endpoint = self._base  # named in start-up errors
         self._path = path
         self._allowed = set(allowed_chats)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._http: aiohttp.ClientSession | None = None
+        self._http = ClientSessionSlot(timeout_s)
         self._host: Host | None = None
         self._tokens = TokenCache(self._fetch_token)
         self._reachability = Reachability()
         self.bot_open_id = ""
         self._drafts: dict[str, _Draft] = {}  # job id -> the placeholder being edited
-        self._connection = FeishuLongConnection(self._session, self._base, app_id, app_secret, self._take) if (
+        self._connection = FeishuLongConnection(self._http, self._base, app_id, app_secret, self._take) if (
             mode == "long_connection") else None
 
     def mount(self, app: web.Application) -> None:
@@ -92,7 +92,7 @@ class FeishuAdapter:
 
     async def start(self, host: Host) -> None:
         self._host = host
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        self._http.start()
         info = await self._api("GET", "/open-apis/bot/v3/info")
         self.bot_open_id = str(info.get("bot", {}).get("open_id", ""))
         if self._connection is not None:
@@ -107,13 +107,7 @@ class FeishuAdapter:
 
     async def stop(self) -> None:
         await self.stop_intake()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        assert self._http is not None, "not started"
-        return self._http
+        await self._http.close()
 
     # ---- receiving ----------------------------------------------------------------------
 
@@ -298,7 +292,7 @@ class FeishuAdapter:
         """``adapters.base.Connected``: the Open API did not fail (network, 5xx, 429) twice in a row, and
         the long connection (where used) is open."""
         connection_open = self._connection is None or self._connection.state.open
-        return self._http is not None and self._reachability.reachable and connection_open
+        return self._http.open and self._reachability.reachable and connection_open
 
     @property
     def connection(self) -> ConnectionState | None:
@@ -314,8 +308,7 @@ class FeishuAdapter:
         for attempt in (1, 2):
             token = await self._tokens.get(refresh=attempt == 2)
             try:
-                assert self._http is not None, "not started"
-                async with self._http.request(method, self._base + path, json=json_body, params=params,
+                async with self._http().request(method, self._base + path, json=json_body, params=params,
                                               headers={"Authorization": f"Bearer {token}"}) as resp:
                     if raw and resp.status == 200 and not resp.content_type.endswith("json"):
                         return await resp.read()
@@ -341,20 +334,15 @@ class FeishuAdapter:
 
     async def credentials(self) -> str:
         """``adapters.base.Verifiable``: the app's credentials tried as ``start`` does, nothing started."""
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
-        try:
+        async with self._http.briefly():
             await self._fetch_token()
             if self._connection is not None:
                 await self._connection.probe()
-        finally:
-            await self._http.close()
-            self._http = None
         return "tenant token issued" + (", long connection opened" if self._connection is not None else "")
 
     async def _fetch_token(self) -> tuple[str, float]:
-        assert self._http is not None, "not started"
         try:
-            async with self._http.post(f"{self._base}/open-apis/auth/v3/tenant_access_token/internal",
+            async with self._http().post(f"{self._base}/open-apis/auth/v3/tenant_access_token/internal",
                                        json={"app_id": self._app_id, "app_secret": self._app_secret}) as resp:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

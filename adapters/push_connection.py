@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import aiohttp
@@ -65,6 +66,22 @@ class PushConnection(ABC):
     async def serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         """Read frames until the socket closes (return) or the server asks to reconnect (``Reconnect``);
         hand events to ``handle`` so the reading goes on while they are stored."""
+
+    async def json_frames(self, socket: aiohttp.ClientWebSocketResponse) -> AsyncIterator[dict[str, Any]]:
+        """The socket's JSON-object frames until it closes (for ``serve``); others are logged and skipped."""
+        async for message in socket:
+            if message.type == aiohttp.WSMsgType.ERROR:
+                raise aiohttp.ClientError(f"WebSocket error: {socket.exception()}")
+            if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                continue
+            try:
+                frame = json.loads(message.data)
+            except ValueError:
+                frame = None
+            if isinstance(frame, dict):
+                yield frame
+            else:
+                log.warning("%s: a frame that is not a JSON object, ignored", self.platform)
 
     # ---- running ------------------------------------------------------------------------------
 

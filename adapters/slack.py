@@ -41,6 +41,7 @@ from adapters.base import (
     Replied,
     Reply,
 )
+from adapters.client_session import ClientSessionSlot
 from adapters.outgoing import defanged
 from adapters.reachability import Reachability
 from adapters.slack_socket import SlackSocket
@@ -77,13 +78,12 @@ class SlackAdapter:
         self.endpoint = self._base  # named in start-up errors
         self._allowed = set(allowed_channels)
         self._admins = set(admins)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._http: aiohttp.ClientSession | None = None
+        self._http = ClientSessionSlot(timeout_s)
         self._web: AsyncWebClient | None = None
         self._host: Host | None = None
         self.bot_user_id = ""
         self._reachability = Reachability()
-        self._socket = SlackSocket(self._session, self._base, app_token, self._take)
+        self._socket = SlackSocket(self._http, self._base, app_token, self._take)
         self._drafts: dict[str, tuple[str, str]] = {}  # job id -> (channel, placeholder ts)
         self._edited: dict[str, float] = {}  # channel -> when its last placeholder edit went out
         self._edits: deque[float] = deque()  # when each edit of the last minute went out
@@ -94,8 +94,7 @@ class SlackAdapter:
 
     async def start(self, host: Host) -> None:
         self._host = host
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
-        self._web = AsyncWebClient(token=self._bot_token, base_url=self._base, session=self._http)
+        self._web = AsyncWebClient(token=self._bot_token, base_url=self._base, session=self._http.start())
         who = await self._call("auth.test")  # a wrong bot token stops the daemon now
         self.bot_user_id = str(who.get("user_id", ""))
         await self._socket.start()
@@ -107,13 +106,7 @@ class SlackAdapter:
 
     async def stop(self) -> None:
         await self.stop_intake()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        assert self._http is not None, "not started"
-        return self._http
+        await self._http.close()
 
     # ---- receiving ----------------------------------------------------------------------
 
@@ -200,7 +193,7 @@ class SlackAdapter:
             # The bot token goes only to Slack's own file host.
             raise AdapterError(self.name, f"an image on {host or 'no host'}, not Slack's file host", retryable=False)
         try:
-            async with self._session().get(image.ref, headers={"Authorization": f"Bearer {self._bot_token}"}) as resp:
+            async with self._http().get(image.ref, headers={"Authorization": f"Bearer {self._bot_token}"}) as resp:
                 kind = resp.headers.get("Content-Type", "")
                 if resp.status != 200:
                     raise AdapterError(self.name, f"image download: HTTP {resp.status}", retryable=resp.status >= 500)
@@ -278,7 +271,7 @@ class SlackAdapter:
     @property
     def connected(self) -> bool:
         """``adapters.base.Connected``: the Web API did not fail twice in a row, and Socket Mode is open."""
-        return self._http is not None and self._reachability.reachable and self._socket.state.open
+        return self._http.open and self._reachability.reachable and self._socket.state.open
 
     @property
     def connection(self) -> ConnectionState | None:
@@ -287,14 +280,10 @@ class SlackAdapter:
 
     async def credentials(self) -> str:
         """``adapters.base.Verifiable``: ``auth.test`` with the bot token, and one Socket Mode connection."""
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
-        self._web = AsyncWebClient(token=self._bot_token, base_url=self._base, session=self._http)
-        try:
+        async with self._http.briefly() as session:
+            self._web = AsyncWebClient(token=self._bot_token, base_url=self._base, session=session)
             who = await self._call("auth.test")
             await self._socket.probe()
-        finally:
-            await self._http.close()
-            self._http = None
         return f"bot {who.get('user', '')} in {who.get('team', '')}, Socket Mode connection opened"
 
 

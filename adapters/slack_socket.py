@@ -15,7 +15,6 @@ acknowledged that was not, and nothing taken in after ``stop_intake``). The conn
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,17 +63,8 @@ class SlackSocket(PushConnection):
             raise AdapterError(self.platform, f"cannot open the Socket Mode WebSocket: {exc}", retryable=True) from exc
 
     async def serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
-        async for message in socket:
-            if message.type == aiohttp.WSMsgType.ERROR:
-                raise aiohttp.ClientError(f"WebSocket error: {socket.exception()}")
-            if message.type != aiohttp.WSMsgType.TEXT:
-                continue
-            try:
-                frame = json.loads(message.data)
-                kind, envelope = frame.get("type"), frame.get("envelope_id")
-            except (ValueError, AttributeError):
-                log.warning("slack: a Socket Mode frame that is not a JSON object, ignored")
-                continue
+        async for frame in self.json_frames(socket):
+            kind, envelope = frame.get("type"), frame.get("envelope_id")
             if kind == "disconnect":
                 raise Reconnect(str(frame.get("reason", "")))
             if kind == "events_api" and envelope:

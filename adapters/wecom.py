@@ -37,6 +37,7 @@ from adapters.base import (
     PlatformSettings,
     Reply,
 )
+from adapters.client_session import ClientSessionSlot
 from adapters.outgoing import defanged
 from adapters.wecom_connection import WeComConnection
 from core.errors import AdapterError, BadInput, RateLimited
@@ -81,17 +82,16 @@ class WeComAdapter:
         self.endpoint = ws_url  # named in start-up errors
         self._allowed = set(allowed_chats)
         self._admins = set(admins)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._http: aiohttp.ClientSession | None = None
+        self._http = ClientSessionSlot(timeout_s)
         self._host: Host | None = None
-        self._link = WeComConnection(self._session, ws_url, bot_id, secret, self._take, ping_every_s=ping_every_s)
+        self._link = WeComConnection(self._http, ws_url, bot_id, secret, self._take, ping_every_s=ping_every_s)
 
     def mount(self, app: web.Application) -> None:
         """The long connection needs no inbound route."""
 
     async def start(self, host: Host) -> None:
         self._host = host
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
+        self._http.start()
         await self._link.start()  # a refused subscription stops the daemon now
         log.info("wecom robot %s started: long connection", self._bot_id)
 
@@ -101,13 +101,7 @@ class WeComAdapter:
 
     async def stop(self) -> None:
         await self.stop_intake()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-    def _session(self) -> aiohttp.ClientSession:
-        assert self._http is not None, "not started"
-        return self._http
+        await self._http.close()
 
     # ---- receiving ----------------------------------------------------------------------
 
@@ -156,7 +150,7 @@ class WeComAdapter:
         if not url.startswith(("https://", "http://")):
             raise AdapterError(self.name, "an image without an http(s) URL", retryable=False)
         try:
-            async with self._session().get(url) as resp:
+            async with self._http().get(url) as resp:
                 if resp.status != 200:
                     raise AdapterError(self.name, f"image download: HTTP {resp.status}", retryable=resp.status >= 500)
                 data = await resp.read()
@@ -202,7 +196,7 @@ class WeComAdapter:
     @property
     def connected(self) -> bool:
         """``adapters.base.Connected``: the long connection is open."""
-        return self._http is not None and self._link.state.open
+        return self._http.open and self._link.state.open
 
     @property
     def connection(self) -> ConnectionState | None:
@@ -211,12 +205,8 @@ class WeComAdapter:
 
     async def credentials(self) -> str:
         """``adapters.base.Verifiable``: one subscription, closed again."""
-        self._http = aiohttp.ClientSession(timeout=self._timeout)
-        try:
+        async with self._http.briefly():
             await self._link.probe()
-        finally:
-            await self._http.close()
-            self._http = None
         return "long connection opened, subscription accepted"
 
 

@@ -75,20 +75,13 @@ class WeComConnection(PushConnection):
     async def serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         pinger = asyncio.create_task(self._ping(socket))
         try:
-            async for message in socket:
-                if message.type == aiohttp.WSMsgType.ERROR:
-                    raise aiohttp.ClientError(f"WebSocket error: {socket.exception()}")
-                if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                    continue
-                try:
-                    frame = json.loads(message.data)
-                    cmd, req_id = frame.get("cmd"), str((frame.get("headers") or {}).get("req_id", ""))
-                except (ValueError, AttributeError):
-                    log.warning("wecom: a frame that is not a JSON object, ignored")
-                    continue
+            async for frame in self.json_frames(socket):
+                headers = frame.get("headers")
+                cmd, req_id = frame.get("cmd"), str(headers.get("req_id", "")) if isinstance(headers, dict) else ""
                 if cmd == "aibot_msg_callback":
-                    body = frame.get("body") if isinstance(frame.get("body"), dict) else {}
-                    chat = str(body.get("chatid") or (body.get("from") or {}).get("userid") or "")
+                    body = frame.get("body")
+                    chat = str(body.get("chatid") or (body.get("from") or {}).get("userid") or "") if (
+                        isinstance(body, dict)) else ""
                     self.handle(self._callback(frame), after=chat)
                 elif cmd == "aibot_event_callback":
                     event = (frame.get("body") or {}).get("event") or {}

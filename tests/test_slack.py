@@ -208,3 +208,32 @@ async def test_an_image_elsewhere_never_gets_the_bot_token(fake, daemon, http):
         await eventually(lambda: fake.posts or None)
         status, history = await get(http, d.url, "/api/v1/history/slack/C1")
     assert status == 200 and history["messages"][0]["images"] == []
+
+
+async def test_other_channels_edits_and_the_bots_own_messages_are_let_go(fake, daemon, http):
+    async with daemon(adapters=slack_config(fake, allowed_channels=["C1"])) as d:
+        await fake.connected(1)
+        elsewhere = await fake.push(message(f"<@{BOT_USER}> hi", ts="900.000001", channel="C9", kind="app_mention"))
+        own = await fake.push(message("an answer", ts="900.000002", user=BOT_USER))
+        edited = message("edited", ts="900.000003")
+        edited["subtype"] = "message_changed"
+        changed = await fake.push(edited)
+        for envelope in (elsewhere, own, changed):  # acknowledged, so Slack does not retry them
+            await acked(fake, envelope)
+        fine = await fake.push(message(f"<@{BOT_USER}> still there?", ts="900.000004", kind="app_mention"))
+        await acked(fake, fine)
+        await answered(d, http, 1)
+        other, _ = await get(http, d.url, "/api/v1/history/slack/C9")
+        status, history = await get(http, d.url, "/api/v1/history/slack/C1")
+    assert other == 404
+    assert status == 200 and [m["message_id"] for m in history["messages"] if m["role"] == "user"] == ["900.000004"]
+
+
+def test_long_answers_are_split_at_line_breaks_within_slacks_limit():
+    from adapters.slack import _MAX_TEXT, _pieces
+
+    text = "\n".join(f"line {n}: " + "x" * 90 for n in range(200))  # ~20,000 characters
+    pieces = _pieces(text)
+    assert len(pieces) > 4 and all(len(p) <= _MAX_TEXT for p in pieces)
+    assert "\n".join(pieces) == text  # nothing lost, nothing repeated
+    assert all(p.startswith("line ") for p in pieces)  # each cut at a line break

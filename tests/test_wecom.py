@@ -166,3 +166,14 @@ async def test_a_refused_secret_stops_the_start_and_doctor_says_so(fake, daemon)
         await settings.online()
     fake.secret = SECRET
     assert await settings.online() == "long connection opened, subscription accepted"
+
+
+async def test_a_chat_not_allowed_is_not_stored(fake, daemon, http):
+    async with daemon(adapters=wecom_config(fake, allowed_chats=["wrGroup1"])) as d:
+        await fake.connected(1)
+        await fake.push(message("x1", text="@VQA hello?", chat="wrOther"))
+        asked = await fake.push(message("x2", text="@VQA hello?"))
+        await answered(d, http, 1)
+        await finished(fake, asked)
+        status, _ = await get(http, d.url, "/api/v1/history/wecom/wrOther")
+    assert status == 404 and len({r["headers"]["req_id"] for r in fake.responses}) == 1

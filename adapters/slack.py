@@ -18,7 +18,7 @@ import html
 import logging
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 _MAX_TEXT = 3_900  # characters a message: Slack shows up to 4,000 before "Show more" and cuts at 40,000
 _EDIT_EVERY_S = 1.5  # at most one placeholder edit a channel this often ...
 _EDITS_A_MINUTE = 40  # ... and this many in all: chat.update is Tier 3 (about 50 a minute)
+_THREADS_KEPT = 10_000  # threads whose follow-ups need no mention: the most recently answered
 _KEPT_SUBTYPES = {None, "file_share", "thread_broadcast"}  # other subtypes are edits, joins, bots ...
 _IMAGE_HOSTS = ("files.slack.com",)  # where file URLs may send the bot token (besides base_url's host)
 # Slack's markup in received text: <@U1>, <#C1|general>, <!here>, <https://x|label>: the label, else the id
@@ -87,7 +88,8 @@ class SlackAdapter:
         self._drafts: dict[str, tuple[str, str]] = {}  # job id -> (channel, placeholder ts)
         self._edited: dict[str, float] = {}  # channel -> when its last placeholder edit went out
         self._edits: deque[float] = deque()  # when each edit of the last minute went out
-        self._threads: set[tuple[str, str]] = set()  # (channel, thread ts) the bot has answered in
+        # (channel, thread ts) the bot has answered in, the newest _THREADS_KEPT of them
+        self._threads: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def mount(self, app: web.Application) -> None:
         """Socket Mode needs no inbound route."""
@@ -241,7 +243,10 @@ class SlackAdapter:
             first = first or str(sent.get("ts", ""))
         if not reply.notice:
             self._drafts.pop(reply.job_id, None)
-            self._threads.add((reply.chat_id, _thread(reply)))
+            self._threads[(reply.chat_id, _thread(reply))] = None
+            self._threads.move_to_end((reply.chat_id, _thread(reply)))
+            while len(self._threads) > _THREADS_KEPT:
+                self._threads.popitem(last=False)
         return first
 
     # ---- the Web API ------------------------------------------------------------------------

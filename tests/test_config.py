@@ -30,6 +30,18 @@ def test_the_example_config_loads_and_shows_every_key():
             assert f"{key} =" in text, f"[adapters.{name}] {key} is missing from config.example.toml"
 
 
+def test_the_readme_table_lists_every_key_of_every_section():
+    config = load(ROOT / "config.example.toml", environ={})
+    readme = (ROOT / "README.md").read_text()
+    sections = [(section, model) for section, model in config if section != "adapters"]
+    sections += [(f"adapters.{name}", adapter) for name, adapter in config.adapters]
+    for section, model in sections:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `[{section}]` |")), None)
+        assert row is not None, f"README's configuration table has no row for [{section}]"
+        for key in type(model).model_fields:
+            assert f"`{key}`" in row, f"README's row for [{section}] does not name {key}"
+
+
 @pytest.mark.parametrize(("raw", "message"), [
     ({"server": {"prot": 1}}, "server.prot: unknown key"),
     ({"servr": {}}, "servr: unknown key"),

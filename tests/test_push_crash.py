@@ -1,8 +1,9 @@
 """kill -9 between storing an event that came over an outbound connection and the platform hearing
 that it arrived: the platform delivers it again to the restarted daemon, which answers it once.
 
-The daemon runs as a subprocess against a fake DingTalk (Stream mode) or Feishu (long connection)
-on loopback, whose first acknowledgement is lost; the model is a fake OpenAI-compatible server.
+The daemon runs as a subprocess against a fake DingTalk (Stream mode), Feishu (long connection) or
+Slack (Socket Mode) on loopback, whose first acknowledgement is lost; the model is a fake
+OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from fake_dingtalk import APP_KEY, FakeDingTalk, callback
 from fake_feishu import APP_ID, APP_SECRET, FakeFeishu, event
 from fake_openai import KEY, MODEL, FakeOpenAI
+from fake_slack import APP_TOKEN, BOT_TOKEN, BOT_USER, FakeSlack, message
 
 from helpers import eventually, free_port, loopback, png
 
@@ -26,11 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(path: Path, port: int, data_dir: Path, model_url: str, platform: str, platform_url: str) -> None:
-    section = (f'[adapters.dingtalk]\nenabled = true\nmode = "stream"\napp_key = "{APP_KEY}"\n'
-               f'app_secret = "demo-app-secret"\nbase_url = "{platform_url}"\nlegacy_base_url = "{platform_url}"\n'
-               if platform == "dingtalk" else
-               f'[adapters.feishu]\nenabled = true\nmode = "long_connection"\napp_id = "{APP_ID}"\n'
-               f'app_secret = "{APP_SECRET}"\nbase_url = "{platform_url}"\n')
+    section = {
+        "dingtalk": f'[adapters.dingtalk]\nenabled = true\nmode = "stream"\napp_key = "{APP_KEY}"\n'
+                    f'app_secret = "demo-app-secret"\nbase_url = "{platform_url}"\n'
+                    f'legacy_base_url = "{platform_url}"\n',
+        "feishu": f'[adapters.feishu]\nenabled = true\nmode = "long_connection"\napp_id = "{APP_ID}"\n'
+                  f'app_secret = "{APP_SECRET}"\nbase_url = "{platform_url}"\n',
+        "slack": f'[adapters.slack]\nenabled = true\napp_token = "{APP_TOKEN}"\nbot_token = "{BOT_TOKEN}"\n'
+                 f'base_url = "{platform_url}/api/"\n',
+    }[platform]
     path.write_text(f"""
 [server]
 port = {port}
@@ -68,23 +74,29 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
 
 
-@pytest.mark.parametrize("platform", ["dingtalk", "feishu"])
+@pytest.mark.parametrize("platform", ["dingtalk", "feishu", "slack"])
 async def test_kill_9_after_storing_before_the_acknowledgement_arrives_answers_once(tmp_path, platform):
     model = FakeOpenAI()
-    fake: Any = FakeDingTalk() if platform == "dingtalk" else FakeFeishu()
+    fake: Any = {"dingtalk": FakeDingTalk, "feishu": FakeFeishu, "slack": FakeSlack}[platform]()
     port = free_port()
     config, log = tmp_path / "config.toml", tmp_path / "daemon.log"
     async with loopback(model.app()) as model_url, loopback(fake.app()) as fake_url, aiohttp.ClientSession() as http:
         model.url, fake.url = model_url, fake_url
         _config(config, port, tmp_path / "data", model_url, platform, fake_url)
+        shot = png((10, 200, 30), (120, 90))
         if platform == "dingtalk":
-            fake.pictures["dlc-k"] = png((10, 200, 30), (120, 90))
+            fake.pictures["dlc-k"] = shot
             payload = callback(fake, "k1", rich=("what does this say?", "dlc-k"))
-        else:
-            fake.files[("om_k", "img_k")] = png((10, 200, 30), (120, 90))
+        elif platform == "feishu":
+            fake.files[("om_k", "img_k")] = shot
             payload = event("om_k", post=("what does this say?", "img_k"), mention_bot=True)
+        else:
+            payload = message(f"<@{BOT_USER}> what does this say?", ts="77.000001", files=[fake.file("Fk", shot)],
+                              kind="app_mention")
 
         def replies() -> int:
+            if platform == "slack":  # one answer: one message in the thread (the placeholder, then edited)
+                return sum(post.get("thread_ts") == "77.000001" for post in fake.posts)
             return len(fake.webhook_posts) if platform == "dingtalk" else len(fake.replies)
 
         proc = await _start(config, log, port, http)

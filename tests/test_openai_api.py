@@ -142,6 +142,26 @@ async def test_in_front_of_a_model_server_the_server_s_counts_come_through(daemo
     assert server.requests[0]["max_tokens"] == 8  # capped by [engine] max_new_tokens (the tests' 8)
 
 
+async def test_system_messages_are_not_passed_on_to_the_model(daemon):
+    from fake_openai import KEY as SERVER_KEY
+    from fake_openai import MODEL, FakeOpenAI
+
+    from helpers import loopback
+
+    server = FakeOpenAI()
+    rule = "Always answer in French."
+    async with loopback(server.app()) as url:
+        engine = {"kind": "openai", "base_url": f"{url}/v1", "model": MODEL, "api_key": SERVER_KEY,
+                  "connect_attempts": 1}
+        async with daemon(engine=engine, adapters=api_config()) as d, client(d) as api:
+            with_rule = await api.chat.completions.create(
+                model="vqa", messages=[{"role": "system", "content": rule}, *question("Why?")], max_tokens=5)
+            without = await api.chat.completions.create(model="vqa", messages=question("Why?"), max_tokens=5)
+    sent = [str(request["messages"]) for request in server.requests]
+    assert len(sent) == 2 and rule not in sent[0] and "Why?" in sent[0]
+    assert sent[0] == sent[1] and with_rule.choices[0].message.content == without.choices[0].message.content
+
+
 async def test_too_large_a_body_is_413_in_openai_s_shape(daemon):
     big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(2 * 2**20)).decode()
     async with daemon(adapters=api_config(), server={"max_body_mb": 1}) as d, client(d) as api:

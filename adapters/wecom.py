@@ -7,9 +7,10 @@ downloaded from the URL in the message and decrypted with its ``aeskey`` (AES-25
 Each message is stored before anything else; WeCom's ``msgid`` makes a second delivery harmless.
 
 Answers are the robot's ``stream`` message in reply to the callback (its ``req_id``), refreshed
-with the whole answer so far as it is written and closed with ``finish``; where that reply can no
-longer be made (the callback is too old, or the daemon restarted in between) the answer is pushed
-into the chat with ``aibot_send_msg`` as Markdown.
+with the whole answer so far as it is written (each refresh replaces the content) and closed with
+``finish``; where that reply can no longer be made (WeCom answers errcode 846605 "invalid req_id"
+after a restart, 846608 when the stream's update window has passed) the answer is pushed into the
+chat with ``aibot_send_msg`` as Markdown.
 """
 
 from __future__ import annotations

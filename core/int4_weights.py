@@ -149,19 +149,47 @@ def quantize_linears(model: Any, skip: list[str], device: torch.device | str | N
         replaced += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    kernels = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
+    if kernels and not torch_layout_agrees(kernels[0].packed.device):
+        # tinygemm would read these weights wrongly: every answer would be noise. Correct and slower.
+        log.warning("int4: this torch's int4 kernel packs weights differently from imsight's layout; "
+                    "decoding unpacks every weight instead (slower; quantization = \"nf4\" is faster here)")
+        for layer in kernels:
+            layer.kernel = False
     fuse_unpacking(model)
     return replaced, kept
 
 
+def torch_layout_agrees(device: torch.device | str, packer: Callable[..., torch.Tensor] | None = None) -> bool:
+    """Whether torch's own packer (``_convert_weight_to_int4pack``, the layout its int4 kernel reads)
+    writes what ``pack`` writes. Checked once at load: a torch upgrade could change the layout."""
+    packer = packer or torch.ops.aten._convert_weight_to_int4pack
+    q = torch.randint(0, 16, (16, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)).to(device)
+    try:
+        theirs = packer((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return theirs.shape == pack(q, 8).shape and torch.equal(theirs, pack(q, 8))
+
+
 def fuse_unpacking(model: Any) -> None:
-    """On a GPU, unpack with one Triton kernel (``core.int4_unpack_gpu``); eagerly where Triton is missing."""
+    """On a GPU, unpack with one Triton kernel (``core.int4_unpack_gpu``), once it has unpacked one weight
+    exactly as the torch ops do; with the torch ops where Triton is missing or disagrees."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
     if not layers:
         return
     try:
         from core.int4_unpack_gpu import dequantize_gpu
-    except ImportError as exc:
-        log.info("int4: no Triton here (%s); prefill unpacks weights with torch ops (slower first tokens)", exc)
+
+        probe = layers[0]
+        fused = dequantize_gpu(probe.packed, probe.scales_zeros, probe.group, torch.bfloat16).float()
+        ref = dequantize(probe.packed, probe.scales_zeros, probe.group, torch.bfloat16).float()
+        agrees = bool((fused - ref).abs().max() <= 1e-3 * ref.abs().max())  # a wrong layout is off by whole steps
+    except Exception as exc:  # no Triton, or a Triton that cannot build the kernel for this GPU
+        log.info("int4: the Triton unpack is unavailable here (%s); prefill unpacks with torch ops (slower)", exc)
+        return
+    if not agrees:
+        log.warning("int4: the Triton unpack disagrees with the torch ops here; prefill unpacks with torch ops")
         return
     for layer in layers:
         layer.fuse_unpacking(dequantize_gpu)

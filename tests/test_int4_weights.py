@@ -16,7 +16,7 @@ from PIL import Image
 
 from core.answer_text import CUT_NOTE
 from core.engine import GenerationLimits, PreparedImage
-from core.int4_weights import Int4Linear, dequantize, pack, quantize, unpack
+from core.int4_weights import Int4Linear, dequantize, pack, quantize, torch_layout_agrees, unpack
 from core.memory import estimate
 from core.quantization import pick_mode, unquantised_modules
 from helpers import bare_generate
@@ -47,6 +47,18 @@ def test_pack_writes_tinygemms_layout_and_unpack_reads_it_back(n, k, tiles):
     packed = pack(q, tiles)
     assert torch.equal(packed, _kernel_pack(q, tiles))
     assert torch.equal(unpack(packed), q)
+
+
+def test_a_torch_whose_packer_writes_another_layout_is_caught():
+    def port(packed_bytes: torch.Tensor, tiles: int) -> torch.Tensor:  # what torch's CUDA packer does
+        q = torch.stack([packed_bytes >> 4, packed_bytes & 15], -1).reshape(packed_bytes.shape[0], -1)
+        return _kernel_pack(q, tiles)
+
+    def transposed_tiles(packed_bytes: torch.Tensor, tiles: int) -> torch.Tensor:  # a layout of another torch
+        return port(packed_bytes, tiles).transpose(2, 3).contiguous().reshape(port(packed_bytes, tiles).shape)
+
+    assert torch_layout_agrees("cpu", port)
+    assert not torch_layout_agrees("cpu", transposed_tiles)
 
 
 def test_the_dequantized_weight_is_within_a_group_step_of_the_original():

@@ -11,7 +11,7 @@ engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfu
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
 tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
-    python bench/engine_bench.py --size 9b --modes bf16,nf4 --json results.json
+    python bench/engine_bench.py --size 9b --modes int4,nf4,bf16 --json results.json
 """
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ async def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["9b", "tiny"], default="9b")
-    parser.add_argument("--modes", default="bf16,nf4")
+    parser.add_argument("--modes", default="int4,nf4,bf16")  # int4: what a GPU gets by default
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))

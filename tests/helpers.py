@@ -6,6 +6,7 @@ import asyncio
 import base64
 import inspect
 import io
+import random
 import socket
 import sqlite3
 import time
@@ -34,7 +35,21 @@ def b64(data: bytes) -> str:
 
 
 def free_port() -> int:
-    """A port nothing listens on (until something is started there)."""
+    """A port nothing listens on (until something is started there), below the ephemeral range: a daemon
+    restarted on it (the kill -9 tests) must not find it taken meanwhile as some outgoing connection's
+    local port (a restart once failed with "address already in use" on a port from that range)."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    for _ in range(200):
+        port = random.randint(min(20000, ephemeral_low - 1000), ephemeral_low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -134,6 +134,9 @@ class Reply:
     meta: Mapping[str, str] = field(default_factory=dict)  # the question's ``Incoming.meta``
     notice: bool = False  # a word while the asker waits (the answer is late); the answer follows
     draft_id: str | None = None  # the placeholder shown while answering (``Drafting``), if any: it becomes the answer
+    # An earlier attempt at this answer ran (the daemon restarted, or the engine failed once): a placeholder it
+    # showed may be on the platform although ``draft_id`` is unknown (posted, then the daemon died).
+    retried: bool = False
     usage: tuple[int, int] | None = None  # the answer's prompt and answer tokens, where the engine counted them
 
 

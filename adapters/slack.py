@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 _MAX_TEXT = 3_900  # characters a message: Slack shows up to 4,000 before "Show more" and cuts at 40,000
 _EDIT_EVERY_S = 1.5  # at most one placeholder edit a channel this often ...
 _EDITS_A_MINUTE = 40  # ... and this many in all: chat.update is Tier 3 (about 50 a minute)
+_PLACEHOLDER = "…"  # what a thread shows until the first words of an answer
 _THREADS_KEPT = 10_000  # threads whose follow-ups need no mention: the most recently answered
 _KEPT_SUBTYPES = {None, "file_share", "thread_broadcast"}  # other subtypes are edits, joins, bots ...
 _IMAGE_HOSTS = ("files.slack.com",)  # where file URLs may send the bot token (besides base_url's host)
@@ -209,13 +210,33 @@ class SlackAdapter:
     async def draft(self, reply: Reply) -> str | None:
         """``Drafting``: a placeholder in the thread, edited as the answer grows."""
         placeholder = self._placeholder(reply)
+        if placeholder is None and reply.retried:
+            placeholder = await self._left_over(reply)
+            if placeholder is not None:
+                log.info("slack: job %s: the placeholder an earlier attempt left is used again", reply.job_id)
+                self._drafts[reply.job_id] = (reply.chat_id, placeholder)
         if placeholder is None:
-            sent = await self._call("chat.postMessage", channel=reply.chat_id, thread_ts=_thread(reply), text="…")
+            sent = await self._call("chat.postMessage", channel=reply.chat_id, thread_ts=_thread(reply),
+                                    text=_PLACEHOLDER)
             self._drafts[reply.job_id] = (reply.chat_id, str(sent.get("ts", "")))
             return str(sent.get("ts", ""))
         if reply.text and self._may_edit(reply.chat_id):
-            await self._call("chat.update", channel=reply.chat_id, ts=placeholder, text=mrkdwn(reply.text) + " …")
+            await self._call("chat.update", channel=reply.chat_id, ts=placeholder,
+                             text=f"{mrkdwn(reply.text)} {_PLACEHOLDER}")
         return placeholder
+
+    async def _left_over(self, reply: Reply) -> str | None:
+        """A bare placeholder of ours in the answer's thread, after the question: what an earlier attempt
+        posted before the daemon died without recording it (Slack has no idempotency key for posting)."""
+        try:
+            found = await self._call("conversations.replies", channel=reply.chat_id, ts=_thread(reply), limit=100)
+        except AdapterError as exc:
+            log.info("slack: cannot read thread %s for a placeholder: %s", _thread(reply), exc)
+            return None
+        ours = [str(m["ts"]) for m in found.get("messages") or []
+                if m.get("text") == _PLACEHOLDER and float(m.get("ts", 0)) > float(reply.reply_to)
+                and (m.get("user") == self.bot_user_id or m.get("bot_id"))]
+        return ours[0] if ours else None
 
     def _placeholder(self, reply: Reply) -> str | None:
         kept = self._drafts.get(reply.job_id)

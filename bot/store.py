@@ -77,7 +77,7 @@ class JobRecord:
         q = self.question
         return Reply(q.platform, q.chat_id, self.id, q.message_id, q.thread_id, text, self.images, failed=failed,
                      meta=q.meta, notice=notice, draft_id=None if notice else self.draft_id,
-                     usage=None if notice else self.usage)
+                     usage=None if notice else self.usage, retried=self.attempts > 1)
 
 
 @dataclass(frozen=True, slots=True)

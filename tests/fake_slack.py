@@ -5,6 +5,7 @@ and a WebSocket that says ``hello``, pushes envelopes and re-sends what was not 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -27,6 +28,7 @@ class FakeSlack:
         self.limited: dict[str, int] = {}  # method -> calls to refuse with 429 first
         self.refused: list[tuple[str, float]] = []  # (method, when) answered 429
         self.app_token_ok = True
+        self.post_delay_s = 0.0  # chat.postMessage answers this late (recorded at once): a slow Slack
         self.socket: web.WebSocketResponse | None = None
         self.connections = 0
         self.acks: list[str] = []
@@ -67,10 +69,16 @@ class FakeSlack:
             assert args.get("text") and args.get("channel")
             ts = f"{time.time():.0f}.{next(self._ts):06d}"
             self.posts.append({**args, "ts": ts, "at": time.monotonic()})
+            if args.get("thread_ts"):  # what conversations.replies shows of the thread
+                self.threads.setdefault(str(args["thread_ts"]), []).append(
+                    {"type": "message", "user": BOT_USER, "bot_id": "BBOT", "text": args["text"], "ts": ts})
+            await asyncio.sleep(self.post_delay_s)
             return web.json_response({"ok": True, "channel": args["channel"], "ts": ts})
         if method == "chat.update":
             assert args.get("ts") and args.get("text")
             self.updates.append(args)
+            for message in (m for thread in self.threads.values() for m in thread if m["ts"] == args["ts"]):
+                message["text"] = args["text"]
             return web.json_response({"ok": True, "channel": args["channel"], "ts": args["ts"]})
         if method == "conversations.replies":
             messages = self.threads.get(str(args.get("ts")))

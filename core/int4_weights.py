@@ -7,14 +7,16 @@ costs 2.6x one of a single question (bench/RESULTS.md). torch's "tinygemm" kerne
 (``aten._weight_int4pack_mm``, what gpt-fast and torchao's int4 weight-only use) reads them at
 twice the rate and holds its speed to 8 rows, but at prefill sizes it is 18x slower than a
 dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and takes
-tinygemm for up to ``KERNEL_ROWS`` rows and unpacks it to a full-width weight for more.
+tinygemm for up to ``KERNEL_ROWS`` rows and unpacks it to a full-width weight for more (on a GPU with
+one Triton kernel, ``core.int4_unpack_gpu``).
 
 The tiled layout is written down here (``pack``/``unpack``) after ``matrix_to_m16n8k16_Bint4_layout``
 in PyTorch's ``int4mm.cu``: an int32 tensor ``[N/8, K/(tiles*16), 32, tiles/2]`` where lane ``t``
 of an 8 x (tiles*16) block holds row ``t // 4`` and, per int32, eight values of two k-tiles. The
-tests check it against a line-by-line port of that kernel, and ``bench/int4_kernels.py`` against
-torch's own packer on the GPU. Values are affine per group of ``group`` inputs, as tinygemm takes
-them: ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 and ``[groups, N, 2]`` scales and zeros.
+tests check it against a line-by-line port of that kernel, ``bench/int4_kernels.py`` against torch's
+own packer on the GPU, and every load once more (``torch_layout_agrees``). Values are affine per
+group of ``group`` inputs, as tinygemm takes them: ``w = (q - 8) * scale + zero`` with ``q`` in 0..15
+and ``[groups, N, 2]`` scales and zeros.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KERNEL_ROWS", "Int4Linear", "dequantize", "pack", "quantize", "quantize_linears", "unpack"]
+__all__ = ["KERNEL_ROWS", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize", "quantize_linears",
+           "torch_layout_agrees", "unpack"]
 
 log = logging.getLogger(__name__)
 

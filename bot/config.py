@@ -100,6 +100,9 @@ class ContextConfig(_Section):
     window_minutes: float = Field(10, ge=0)
     history_turns: int = Field(6, ge=0)  # earlier questions and answers sent along, as text
     no_image: Literal["answer", "ask"] = "answer"
+    # An image sent alone in a direct chat: "acknowledge" (kept, one line invites the question) or
+    # "answer" (the model describes it at once, a question nobody asked)
+    image_alone: Literal["acknowledge", "answer"] = "acknowledge"
 
 
 class AdminConfig(_Section):

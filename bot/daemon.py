@@ -174,6 +174,7 @@ class Daemon:
             admission=Admission(cfg.limits.max_queued, cfg.limits.max_queued_per_chat,
                                 cfg.limits.questions_per_sender_per_minute),
             metrics=metrics, log_text=cfg.logging.message_text,
+            acknowledge_images=cfg.context.image_alone == "acknowledge",
         )
         metrics.probe(lambda: _stored(store))
         metrics.connections(lambda: [state for adapter in adapters if isinstance(adapter, Pushed)

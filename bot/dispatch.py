@@ -72,6 +72,7 @@ class Dispatcher:
         log_text: bool = False,
         download_attempts: int = 3,
         retry_base_s: float = 1.0,
+        acknowledge_images: bool = True,
     ) -> None:
         self._store, self._files, self._workers, self._outbox, self._watch = store, files, workers, outbox, watch
         self._adapters = adapters
@@ -83,6 +84,7 @@ class Dispatcher:
         self._metrics = metrics or Metrics()
         self._refused: dict[str, float] = {}  # what was refused (queue, chat, sender) -> until when, monotonic
         self._download_attempts, self._retry_base_s = download_attempts, retry_base_s
+        self._acknowledge_images = acknowledge_images
         self._intakes: set[asyncio.Task[None]] = set()
         self._chat_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._deferred: dict[tuple[str, str], int] = {}  # intakes in flight per chat
@@ -260,6 +262,8 @@ class Dispatcher:
         command = self._parsed(incoming)
         if command is not None:
             return await self._command(incoming, images, command, inbox_id)
+        if images and self._alone(incoming):
+            return await self._acknowledged(incoming, images, inbox_id)
         job = None
         if incoming.addressed and problems and not images:
             # The asker sent images and none could be taken: say so, rather than answer about another one.
@@ -320,6 +324,23 @@ class Dispatcher:
         accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
         log.info("%s chat %s message %s: command %s answered", incoming.platform, incoming.chat_id,
                  incoming.message_id, name)
+        self._outbox.wake()
+        return accepted
+
+    def _alone(self, incoming: Incoming) -> bool:
+        """An image sent on its own in a direct chat, with nothing asked: kept for the question to come."""
+        return (self._acknowledge_images and incoming.chat_kind == "direct" and not incoming.text.strip()
+                and incoming.platform != API and incoming.conversation is None)
+
+    async def _acknowledged(self, incoming: Incoming, images: Sequence[ImageInfo], inbox_id: int | None) -> Accepted:
+        """The images kept, and one line back that invites the question (no model answer nobody asked for)."""
+        count = len(images)
+        reply = (f"Got {'it' if count == 1 else f'{count} images'}. What would you like to know? "
+                 "Ask in your next message.")
+        job = NewJob((), JobContext(command="image"), reply=reply)
+        accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
+        log.info("%s chat %s message %s: %d image(s) kept, the question invited", incoming.platform,
+                 incoming.chat_id, incoming.message_id, count)
         self._outbox.wake()
         return accepted
 

@@ -46,16 +46,17 @@ def test_the_sign_matches_protocols_vectors():
 async def test_a_picture_then_a_question_then_a_follow_up(fake, daemon, http):
     fake.pictures["dlc-1"] = SHOT
     async with daemon(adapters=dingtalk_config(fake)) as d:
-        # 1:1: everything is addressed to the robot; a picture alone gets a description.
+        # 1:1: everything is addressed to the robot; a picture alone is kept, and the question invited.
         assert await deliver(http, d, callback(fake, "m1", picture="dlc-1", group=False)) == 200
         await answered(d, http, 1, "cidP1")
         await deliver(http, d, callback(fake, "m2", text="what is this?", group=False))
         await answered(d, http, 2, "cidP1")
         await deliver(http, d, callback(fake, "m3", text="and how do I fix it?", group=False))
         done = await answered(d, http, 3, "cidP1")
-    assert [a["used_images"] for a in done] == [[sha256(SHOT)]] * 3
+    assert [a["used_images"] for a in done] == [[], [sha256(SHOT)], [sha256(SHOT)]]
+    assert fake.webhook_posts[0]["markdown"]["text"].startswith("Got it. What would you like to know?")
     assert [p["session"] for p in fake.webhook_posts] == ["s-m1", "s-m2", "s-m3"]
-    assert fake.webhook_posts[0]["msgtype"] == "markdown" and "at" not in fake.webhook_posts[0]  # 1:1: no @
+    assert fake.webhook_posts[1]["msgtype"] == "markdown" and "at" not in fake.webhook_posts[1]  # 1:1: no @
 
 
 async def test_rich_text_with_a_picture_and_a_mention_in_a_group(fake, daemon, http):

@@ -71,8 +71,9 @@ async def test_it_answers_questions_and_commands_and_keeps_its_secret(fakechat, 
         await say({"id": "m1", "images": ["shot"]})
         await say({"id": "m2", "text": "what is on it?"})
         await say({"id": "m3", "text": "/help"})
-        await eventually(lambda: len(platform.sent) >= 2)
+        await eventually(lambda: {"m1", "m2", "m3"} <= {sent["reply_to"] for sent in platform.sent})
     replies = {sent["reply_to"]: sent for sent in platform.sent}
+    assert replies["m1"]["text"].startswith("Got it.") and not replies["m1"]["images"]  # kept; the question invited
     assert replies["m2"]["images"] and not replies["m2"]["failed"]  # about the image posted before
     assert "/forget" in replies["m3"]["text"]  # the help text: commands work on a new platform
     assert "fakechat: connecting" in caplog.text and TOKEN not in caplog.text

@@ -73,15 +73,26 @@ async def test_a_screenshot_question_in_a_group_and_a_follow_up_quoting_it(fake,
     assert fake.sent == []  # everything went as stream replies
 
 
-async def test_an_image_alone_then_a_question_in_a_1_to_1_chat(fake, daemon, http):
+async def test_an_image_alone_is_acknowledged_and_the_question_after_it_is_about_it(fake, daemon, http):
     picture = fake.image(OTHER)
     async with daemon(adapters=wecom_config(fake)) as d:
         await fake.connected(1)
-        await fake.push(message("p1", image=picture, chat=None))
+        shared = await fake.push(message("p1", image=picture, chat=None))
+        said = (await finished(fake, shared))["content"]
         asked = await fake.push(message("p2", text="what is in the picture?", chat=None))
-        done = await answered(d, http, 1, chat="zhangsan")
         await finished(fake, asked)
-    assert done[0]["used_images"] == [sha256(OTHER)]
+        done = await answered(d, http, 2, chat="zhangsan")
+    assert said.startswith("Got it. What would you like to know?")  # one line, not a model answer
+    assert [a["used_images"] for a in done] == [[], [sha256(OTHER)]]
+
+
+async def test_an_image_alone_is_described_at_once_when_so_configured(fake, daemon, http):
+    async with daemon(adapters=wecom_config(fake), context={"image_alone": "answer"}) as d:
+        await fake.connected(1)
+        shared = await fake.push(message("q1", image=fake.image(OTHER), chat=None))
+        said = (await finished(fake, shared))["content"]
+        done = await answered(d, http, 1, chat="zhangsan")
+    assert not said.startswith("Got it") and done[0]["used_images"] == [sha256(OTHER)]
 
 
 async def test_a_message_delivered_twice_is_answered_once(fake, daemon, http):

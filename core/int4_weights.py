@@ -166,13 +166,17 @@ def quantize_linears(model: Any, skip: list[str], device: torch.device | str | N
 def torch_layout_agrees(device: torch.device | str, packer: Callable[..., torch.Tensor] | None = None) -> bool:
     """Whether torch's own packer (``_convert_weight_to_int4pack``, the layout its int4 kernel reads)
     writes what ``pack`` writes. Checked once at load: a torch upgrade could change the layout."""
-    packer = packer or torch.ops.aten._convert_weight_to_int4pack
+    if packer is None:
+        if torch.device(device).type != "cuda":
+            return False  # other backends pack for their own kernels (the CPU's layout differs)
+        packer = torch.ops.aten._convert_weight_to_int4pack
     q = torch.randint(0, 16, (16, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)).to(device)
     try:
         theirs = packer((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
-    except (RuntimeError, NotImplementedError):
+    except RuntimeError:  # this GPU or build has no int4 packer
         return False
-    return theirs.shape == pack(q, 8).shape and torch.equal(theirs, pack(q, 8))
+    ours = pack(q, 8)
+    return theirs.shape == ours.shape and torch.equal(theirs, ours)
 
 
 def fuse_unpacking(model: Any) -> None:

@@ -59,6 +59,7 @@ def test_a_torch_whose_packer_writes_another_layout_is_caught():
 
     assert torch_layout_agrees("cpu", port)
     assert not torch_layout_agrees("cpu", transposed_tiles)
+    assert not torch_layout_agrees("cpu")  # torch's CPU packer writes the CPU kernel's layout: no tinygemm here
 
 
 def test_the_dequantized_weight_is_within_a_group_step_of_the_original():

@@ -237,3 +237,14 @@ def test_long_answers_are_split_at_line_breaks_within_slacks_limit():
     assert len(pieces) > 4 and all(len(p) <= _MAX_TEXT for p in pieces)
     assert "\n".join(pieces) == text  # nothing lost, nothing repeated
     assert all(p.startswith("line ") for p in pieces)  # each cut at a line break
+
+
+def test_placeholder_edits_are_paced_per_channel_and_in_all():
+    from adapters.slack import _EDITS_A_MINUTE, SlackAdapter
+
+    adapter = SlackAdapter(APP_TOKEN, BOT_TOKEN)
+    assert adapter._may_edit("C1")
+    assert not adapter._may_edit("C1")  # the same channel again at once: skipped (the final send still goes out)
+    assert adapter._may_edit("C2")
+    allowed = sum(adapter._may_edit(f"C{n}") for n in range(3, 100))
+    assert allowed == _EDITS_A_MINUTE - 2  # chat.update is Tier 3: at most this many a minute, all channels

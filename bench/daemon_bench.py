@@ -129,19 +129,24 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
 
 
 async def _until_compiled(url: str, started: float) -> None:
-    """An answer at once (the decode step not compiled yet), then wait for the compiled step (GPU only)."""
+    """An answer at once (nothing compiled yet), then wait for the compiled decode step and prefill (GPU only)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
         seconds, _ = await ask(http, url, {"conversation_id": "early", "text": "What does this error mean?",
                                            "images": [{"data": screenshot(1)}]})
         print(f"  an answer right after ready: {seconds * 1e3:.0f} ms")
-        for _ in range(600):
+        waiting = ["decode_compiled", "prefill_compiled"]
+        for _ in range(1200):
             async with http.get(f"{url}/metrics") as resp:
                 metrics = await resp.text()
-            if "gpu_memory_allocated_bytes" not in metrics or 'name="decode_compiled"} 1.0' in metrics:
+            if "gpu_memory_allocated_bytes" not in metrics:
+                break
+            for name in list(waiting):
+                if f'name="{name}"}} 1.0' in metrics:
+                    waiting.remove(name)
+                    print(f"  {name.replace('_', ' ')} {time.perf_counter() - started:.1f} s after the start")
+            if not waiting:
                 break
             await asyncio.sleep(0.5)
-        if 'name="decode_compiled"} 1.0' in metrics:
-            print(f"  decode step compiled {time.perf_counter() - started:.1f} s after the start")
 
 
 async def _ready(url: str, daemon: subprocess.Popen[str]) -> None:

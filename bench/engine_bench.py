@@ -211,14 +211,24 @@ def prefill_kernels(engine: TransformersEngine, image: PreparedImage) -> dict[st
     import torch
     from transformers import DynamicCache
 
+    from core.fused_layers import prefill_cache
+
     model = engine.loaded.model
     inputs = engine._inputs([image], [], QUESTION)
     out: dict[str, float] = {}
-    choices = (("engine's kernels", engine._attention_kernels), ("default kernels", contextlib.nullcontext))
-    for label, kernels in choices:
+
+    def engines() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(engine._attention_kernels())
+        stack.enter_context(engine._prefill_layers())
+        return stack
+
+    choices = (("engine's (compiled layers, its attention kernels)", engines, prefill_cache),
+               ("eager layers, default kernels", contextlib.nullcontext, DynamicCache))
+    for label, kernels, make_cache in choices:
         times = []
         for _ in range(4):
-            cache = DynamicCache(config=model.config)
+            cache = make_cache(config=model.config)
             with torch.inference_mode(), kernels():
                 sync()
                 started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -29,7 +30,7 @@ from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.decode_loop import SlotKV, Stepper, StepTokens
 from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError, EngineOutOfMemory
-from core.fused_layers import FusedLayers, compile_summary, decoder_layers
+from core.fused_layers import FusedLayers, compile_summary, decoder_layers, prefill_cache
 from core.kv_cache import (
     cache_bytes,
     cache_keyword,
@@ -75,7 +76,7 @@ class _Request:
     limits: GenerationLimits
     emit: Callable[[object], object]
     cancelled: threading.Event
-    inputs: Any = None  # the processor's output, rendered on the engine thread
+    inputs: Any = None  # the processor's output: rendered on the render thread, moved to the device when admitted
     key: tuple[str, ...] = field(default=())
     streamed: bool = False  # some of the answer has gone out: it cannot be started over
     remember: bool = True  # keep its prefix and image features for follow-ups
@@ -166,6 +167,13 @@ class TransformersEngine:
         self._loaded: LoadedModel | None = None
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        # Prompts are rendered (chat template, image processor: ~30 ms of CPU for a 1024x768 screenshot)
+        # on a thread of their own, so the engine thread never leaves the GPU idle for them.
+        self._renderer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._render_lock = threading.Lock()  # the image processor's memo serves one render at a time
+        self._intake = threading.Lock()  # a question is queued before the engine thread's last look, or refused
+        self._drained = False
+        self._prefill_fused = False  # first questions' prefill through the compiled layers (once compiled)
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
         self._image_token_ids: set[int] = set()
@@ -197,6 +205,8 @@ class TransformersEngine:
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
         # M-RoPE models (GLM-4.1V/4.6V, Qwen-VL) keep the position offset their images leave behind.
         self._mrope = hasattr(getattr(self._loaded.model, "model", None), "rope_deltas")
+        self._renderer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imsight-render")
+        self._drained = False
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
         self._thread.start()
         if self._warmup:
@@ -214,6 +224,9 @@ class TransformersEngine:
             self._requests.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
+        if self._renderer is not None:
+            self._renderer.shutdown(wait=False, cancel_futures=True)
+            self._renderer = None
         self._clear_caches()
         self._loaded = None
 
@@ -245,7 +258,12 @@ class TransformersEngine:
         request = _Request(images, turns, question, limits,
                            lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event(),
                            remember=remember, usage=usage)
-        self._requests.put(request)
+        assert self._renderer is not None
+        if await loop.run_in_executor(self._renderer, self._render, request):
+            with self._intake:
+                if self._drained:
+                    raise EngineError("engine is stopping")
+                self._requests.put(request)
 
         async def raw() -> AsyncIterator[str]:
             while (item := await chunks.get()) is not _DONE:
@@ -295,6 +313,8 @@ class TransformersEngine:
         for active in self._active:
             self._fail(active.request, EngineError("engine stopped"))
         self._active.clear()
+        with self._intake:
+            self._drained = True  # nothing is queued after this
         # Whoever is still waiting learns that the engine stopped.
         while self._waiting:
             self._fail(self._waiting.popleft(), EngineError("engine stopped"))
@@ -348,8 +368,7 @@ class TransformersEngine:
             if request.cancelled.is_set():
                 request.emit(_DONE)
                 continue
-            if not self._render(request):
-                continue
+            request.inputs = self._on_device(request.inputs)
             self._admit_safely(request)
 
     def _admit_safely(self, request: _Request) -> None:
@@ -404,14 +423,15 @@ class TransformersEngine:
                 positions = (positions + offset).unsqueeze(0).expand(3, 1, -1)
             forward = {"input_ids": ids[:, reuse:], "position_ids": positions}
         else:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
+            cache = prefill_cache(model.config)
             inputs = self._encoded(request, inputs, features)
             if self._mrope:
                 model.model.rope_deltas = None  # computed anew from this prompt's images
             forward = inputs
-        with self._attention_kernels():  # prompts come in every length: no cuDNN re-planning per length
+        # Prompts come in every length: no cuDNN re-planning per length. Compiled layers only where the
+        # cache is a ``prefill_cache`` (a kept prefix may not be).
+        fused = self._prefill_layers() if hit is None else contextlib.nullcontext()
+        with self._attention_kernels(), fused:
             out = model(**forward, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         first = int(out.logits[0, -1].argmax())
         delta = model.model.rope_deltas if self._mrope else None
@@ -505,6 +525,31 @@ class TransformersEngine:
             return None
         return FusedLayers(layers, cache_dir=self._compile_cache)
 
+    def _prefill_layers(self) -> contextlib.AbstractContextManager[None]:
+        fused = self._stepper.fused if self._stepper is not None else None
+        return fused.active() if self._prefill_fused and fused is not None else contextlib.nullcontext()
+
+    def _compile_prefill(self, fused: FusedLayers) -> None:
+        """The compiled layers for first questions' prefill too: compiled now, on a dummy screenshot
+        question (sizes are symbolic: one compilation serves every prompt length)."""
+        from PIL import Image
+
+        model = self.loaded.model
+        started = time.monotonic()
+        image = PreparedImage("imsight-compile", Image.new("RGB", (448, 336), (70, 90, 110)))
+        inputs = self._inputs([image], [], "What is on this screen?")
+        if self._mrope:
+            model.model.rope_deltas = None
+        try:
+            with self._attention_kernels(), fused.active():
+                model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: prefill_cache(model.config)})
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("cannot compile the prefill's layers (%s); first questions are prefilled eagerly", reason)
+            return
+        self._prefill_fused = True
+        log.info("prefill compiled in %.1fs", time.monotonic() - started)
+
     def _speed_up_when_idle(self, stepper: Stepper) -> Iterator[None]:
         """Capture the decode step as CUDA graphs (seconds), then compile its layers and capture it again
         (a minute), one shape per idle turn of ``_serve``: never while a question is being answered.
@@ -519,6 +564,9 @@ class TransformersEngine:
             yield from self._idle_work(stepper, fused=False)
         if stepper.fused is not None:
             yield from self._idle_work(stepper, fused=True)
+        if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
+            yield
+            self._compile_prefill(stepper.fused)
 
     def _idle_work(self, stepper: Stepper, *, fused: bool) -> Iterator[None]:
         """``stepper.captures`` a shape at a time; what cannot be done here is done without, said once."""
@@ -639,6 +687,7 @@ class TransformersEngine:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
         values["decode_compiled"] = float(self._stepper is not None and self._stepper.steps_fused)
+        values["prefill_compiled"] = float(self._prefill_fused)
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
         values["features_cache_bytes"] = float(self._features.nbytes)
         if self.device == "cuda":
@@ -653,9 +702,10 @@ class TransformersEngine:
         self._features.clear()
 
     def _render(self, request: _Request) -> bool:
-        """The prompt through the processor's chat template; ``False`` (and the error sent) on failure."""
+        """The prompt through the processor's chat template, in host memory; ``False`` (and the error
+        sent) on failure."""
         try:
-            request.inputs = self._inputs(request.images, request.turns, request.question)
+            request.inputs = self._rendered(request.images, request.turns, request.question)
             request.key = tuple(image.sha256 for image in request.images)
             return True
         except Exception as exc:
@@ -663,19 +713,27 @@ class TransformersEngine:
             request.emit(_DONE)
             return False
 
-    def _inputs(self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:
+    def _rendered(self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:
         loaded = self.loaded
         assert self._pixels is not None
-        with self._pixels.expecting([image.sha256 for image in images]):
+        with self._render_lock, self._pixels.expecting([image.sha256 for image in images]):
             inputs = loaded.processor.apply_chat_template(
                 chat_messages(images, turns, question),
                 add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
             )
         inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
-        inputs = inputs.to(loaded.model.device)
-        if "pixel_values" in inputs:
+        if "pixel_values" in inputs:  # cast here: half the bytes to move
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
         return inputs
+
+    def _on_device(self, inputs: Any) -> Any:
+        # Moved by the engine thread, on its stream: a copy from the render thread would wait for the
+        # step in flight.
+        return inputs.to(self.loaded.model.device)
+
+    def _inputs(self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:
+        """The prompt rendered and on the model's device (the engine thread's own renders, and benches)."""
+        return self._on_device(self._rendered(images, turns, question))
 
     def _answer_safely(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None = None
                        ) -> None:

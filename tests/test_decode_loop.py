@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -135,8 +136,6 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     their own positions; only the stepper's steps take the compiled layers (not a follow-up's tail,
     nor prefill). Twelve layers, more than dynamo's 8 recompiles: one compiled graph serves them all
     (it fails loudly past the limit)."""
-    import copy
-
     import torch
     from torch._dynamo.utils import counters
 
@@ -146,15 +145,8 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     from core.model_files import resolve
     from core.model_loading import load
 
-    model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
-    decoder = model.get_decoder()
-    for index in range(len(decoder.layers), 12):
-        layer = copy.deepcopy(decoder.layers[index % 2])
-        layer.self_attn.layer_idx = index
-        decoder.layers.append(layer)
-    decoder.config.num_hidden_layers = 12
+    model = _twelve_layers(load(resolve("x", tiny_model, allow_download=False), device="cpu").model)
     layers = decoder_layers(model)
-    assert len(layers) == 12
     attention = layers[0].self_attn
     heads, dim = attention.config.num_key_value_heads, attention.head_dim
 
@@ -191,10 +183,59 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the library's own attention again
 
 
+def _twelve_layers(model: Any) -> Any:
+    """The tiny model with twelve decoder layers (copies of its two): more than dynamo's 8 recompiles."""
+    import copy
+
+    decoder = model.get_decoder()
+    for index in range(len(decoder.layers), 12):
+        layer = copy.deepcopy(decoder.layers[index % 2])
+        layer.self_attn.layer_idx = index
+        decoder.layers.append(layer)
+    decoder.config.num_hidden_layers = 12
+    return model
+
+
+def test_compiled_layers_prefill_exactly_as_the_eager_ones(tiny_model):
+    """A first question's prefill through the compiled layers (its cache a ``prefill_cache``): the same
+    logits and the same cached keys and values as the eager layers, for prompts of several lengths, all
+    twelve layers within dynamo's recompile limit (past it: an error)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from core.fused_layers import FusedLayers, decoder_layers, prefill_cache
+    from core.kv_cache import cache_keyword
+    from core.model_files import resolve
+    from core.model_loading import load
+
+    model = _twelve_layers(load(resolve("x", tiny_model, allow_download=False), device="cpu").model)
+    fused = FusedLayers(decoder_layers(model))
+    keyword = cache_keyword(model)
+    generator = torch.Generator().manual_seed(3)
+    try:
+        with torch.inference_mode():
+            for length in (5, 37, 90):
+                ids = torch.randint(0, 200, (1, length), generator=generator)
+                caches = [prefill_cache(model.config), prefill_cache(model.config)]
+                eager = model(input_ids=ids, use_cache=True, **{keyword: caches[0]}).logits
+                before = counters["stats"]["calls_captured"]
+                with fused.active():
+                    compiled = model(input_ids=ids, use_cache=True, **{keyword: caches[1]}).logits
+                torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+                assert length > 5 or counters["stats"]["calls_captured"] > before  # compiled on the first
+                assert len(caches[1].layers) == 12
+                for ours, theirs in zip(caches[1].layers, caches[0].layers, strict=True):
+                    torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+                    assert ours.keys.shape[2] == length
+    finally:
+        fused.remove()
+
+
 async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny_model, started):
     """The GPU's start-up order, on the CPU: the engine answers at once with the eager step while it
-    compiles the step's layers shape by shape between questions, then switches to the compiled step;
-    the answers are the same before, during and after."""
+    compiles the step's layers shape by shape between questions, then switches to the compiled step,
+    then compiles the layers for first questions' prefill; the answers are the same before, during
+    and after (the images are new to the engine after: their prefill runs through compiled layers)."""
     from core.model_files import resolve
     from core.transformers_engine import TransformersEngine
 
@@ -214,6 +255,9 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
             break
         await asyncio.sleep(0.5)
     assert engine.measurements()["decode_compiled"] == 1
+    # Then first questions' prefill through the compiled layers too.
+    assert await asyncio.to_thread(engine.settled.wait, 300)
+    assert engine.measurements()["prefill_compiled"] == 1
     steps = engine.stats.decode_steps
     after = [await _answer(engine, images, question, tokens) for images, question, tokens in asks]
     assert engine.stats.decode_steps > steps

@@ -55,15 +55,24 @@ async def ask(http: aiohttp.ClientSession, url: str, body: dict[str, object]) ->
 async def measure(url: str) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
         await ask(http, url, {"conversation_id": "warm", "text": "warm up", "images": [{"data": screenshot(0)}]})
-        singles = []
+        # Random weights end answers at random (an end token), so each time comes with its answer's length.
+        singles, sizes = [], []
         for n in range(3):
-            seconds, _ = await ask(http, url, {"conversation_id": f"one{n}", "text": "What does this error mean?",
-                                               "images": [{"data": screenshot(10 + n)}]})
+            seconds, answer = await ask(http, url, {"conversation_id": f"one{n}", "text": "What does this error mean?",
+                                                    "images": [{"data": screenshot(10 + n)}]})
             singles.append(seconds)
+            sizes.append(len(str(answer.get("answer", ""))))
         one = sorted(singles)[1]
-        follow, _ = await ask(http, url, {"conversation_id": "one0", "text": "And how do I fix it?"})
-        print(f"one answer (screenshot + question): {one * 1e3:.0f} ms (median of 3)")
-        print(f"follow-up about the same screenshot: {follow * 1e3:.0f} ms ({follow / one:.0%} of the first)")
+        follows, follow_sizes = [], []
+        for n in range(3):
+            seconds, answer = await ask(http, url, {"conversation_id": f"one{n}", "text": "And how do I fix it?"})
+            follows.append(seconds)
+            follow_sizes.append(len(str(answer.get("answer", ""))))
+        follow = sorted(follows)[1]
+        print(f"one answer (screenshot + question): {one * 1e3:.0f} ms (median of 3: "
+              + ", ".join(f"{t * 1e3:.0f} ms/{c} chars" for t, c in zip(singles, sizes, strict=True)) + ")")
+        print(f"follow-up about the same screenshot: {follow * 1e3:.0f} ms ({follow / one:.0%} of the first; "
+              + ", ".join(f"{t * 1e3:.0f} ms/{c} chars" for t, c in zip(follows, follow_sizes, strict=True)) + ")")
 
         async def chat(n: int) -> float:
             await asyncio.sleep(n / 8)  # 8 chats within one second
@@ -82,6 +91,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="the tiny test model, a few seconds (the tests run it)")
+    parser.add_argument("--no-restart", action="store_true", help="only the first start")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imsight-daemon-bench-") as tmp:
         model = args.model_dir
@@ -100,6 +110,8 @@ def main() -> None:
         # Twice on the same data_dir: the first start compiles (cache empty), the restart reuses it.
         for label, asking in (("first start", True), ("restart, same model and settings", False)):
             _daemon(config, env, port, label, model, args.new_tokens, asking)
+            if args.no_restart:
+                break
 
 
 def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Path, new_tokens: int,

@@ -86,8 +86,9 @@ class EngineConfig(_Section):
     # On a GPU the slots take at most a quarter of the memory free after the weights (logged at start).
     context_tokens: int = Field(4096, ge=256, le=131072)
     cuda_graphs: bool = True  # capture the decode step as CUDA graphs at start (GPU); false: eager
-    # Compile the decoder layers (torch.compile) before capturing them: fewer, fused kernels a token.
-    # The compiled code is cached under data_dir/compile-cache, so a restart takes seconds.
+    # Compile the decoder layers (torch.compile), for decode steps (then captured again) and first
+    # questions' prefill: fewer, fused kernels. Done while idle after start; inductor's code is cached
+    # under data_dir/compile-cache (dynamo still traces anew in every process).
     compile_decode: bool = True
     # kind = "openai": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, Ollama).
     base_url: str = "http://127.0.0.1:8000/v1"

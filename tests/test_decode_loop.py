@@ -265,6 +265,17 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     for (images, question, tokens), got in zip(asks, after, strict=True):
         assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
 
+    # A prefill the compiled layers fail (past dynamo's recompile limit, say) is done again eagerly,
+    # and prefill stays eager.
+    def fails_compiled() -> str:
+        if engine._stepper.fused._active:
+            raise RuntimeError("recompile limit reached")
+        return "eager"
+
+    assert engine._prefilled(fails_compiled) == "eager"
+    assert engine.measurements()["prefill_compiled"] == 0
+    assert [await _answer(engine, images, question, tokens) for images, question, tokens in asks] == during
+
 
 async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):
     """``Usage``: the prompt's tokens (the image's included) and the answer's, as bare generate() counts them,

@@ -188,3 +188,35 @@ def test_hf_hub_offline_wins_over_allow_download(tmp_path, monkeypatch):
     assert str(tmp_path) in str(caught.value) and "imsight download-model acme/none" in str(caught.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert resolve("acme/none", None, allow_download=True, cache_dir=tmp_path).local_files_only is False
+
+
+async def test_a_prompt_that_cannot_be_prepared_fails_alone(engine):
+    """An image the processor cannot take (zero pixels) fails its own question with a clear error, on
+    the render thread; a question asked at the same time is answered, and so are later ones."""
+    from core.errors import EngineError
+
+    broken = PreparedImage("empty", Image.new("RGB", (0, 0)))
+    results = await asyncio.gather(_answer(engine, [broken], [], "What is it?"),
+                                   _answer(engine, [_image((1, 2, 3))], [], "What is it?"), return_exceptions=True)
+    assert isinstance(results[0], EngineError)
+    assert "cannot prepare the prompt" in str(results[0])
+    assert isinstance(results[1], str) and results[1]
+    assert await _answer(engine, [_image((1, 2, 3))], [], "What is it?") == results[1]
+
+
+async def test_questions_asked_while_the_engine_stops_end_with_an_error(tiny_model):
+    """Stopping while questions are being rendered, waiting or answered: each ends, answered or with an
+    EngineError; none is left waiting for an answer that will never come."""
+    from core.errors import EngineError
+
+    engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", warmup=False)
+    await engine.start()
+    long = GenerationLimits(max_new_tokens=100_000)
+    asks = [asyncio.create_task(_answer(engine, [_image((i, i, i))], [], "Go on", long)) for i in range(6)]
+    await asyncio.sleep(0.05)  # some rendered and queued, some still on the render thread
+    await engine.stop()
+    results = await asyncio.wait_for(asyncio.gather(*asks, return_exceptions=True), 60)
+    assert all(isinstance(result, EngineError | str) for result in results), results
+    assert any(isinstance(result, EngineError) for result in results)  # 100,000 tokens were not all said
+    with pytest.raises(EngineError, match="not started"):
+        await _answer(engine, [_image((7, 7, 7))], [], "Hi")

@@ -402,7 +402,6 @@ class TransformersEngine:
 
     def _admit(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None) -> None:
         """Prefill one question on its own, as ``generate()`` would, and give it a decode slot."""
-        import torch
 
         model = self.loaded.model
         self._make_room()
@@ -412,19 +411,8 @@ class TransformersEngine:
         if hit is not None and self._stepper is not None and self._stepper.fits_tail(prompt_len - hit[1], hit[1]):
             self._admit_follow_up(request, hit, prompt_len)
             return
-        if hit is not None:  # a tail too long for the captured forwards: prefilled eagerly
-            entry, reuse = hit
-            cache = copy.deepcopy(entry.cache)
-            crop_to(cache, reuse)
-            delta = entry.extra.get("rope_deltas")
-            positions = torch.arange(reuse, prompt_len, device=ids.device)[None, :]
-            if self._mrope:
-                model.model.rope_deltas = delta.clone() if delta is not None else None
-                offset = delta.reshape(-1)[:1] if delta is not None else 0
-                positions = (positions + offset).unsqueeze(0).expand(3, 1, -1)
-            with self._attention_kernels():  # prompts come in every length: no cuDNN re-planning per length
-                out = model(input_ids=ids[:, reuse:], position_ids=positions, use_cache=True, logits_to_keep=1,
-                            **{self._cache_kw: cache})
+        if hit is not None:  # a tail too long for the captured forwards (a long answer before it, say)
+            cache, out = self._prefilled(lambda: self._prefill_tail(hit, ids))
         else:
             # The vision encoder stays eager: its blocks compiled made the prefill slower on the H200 (116
             # vs 99 ms in one run; graph breaks at each block's per-image attention split).
@@ -446,6 +434,24 @@ class TransformersEngine:
         if self._mrope:
             model.model.rope_deltas = None  # computed anew from this prompt's images
         return cache, model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+
+    def _prefill_tail(self, hit: tuple[Prefix, int], ids: Any) -> tuple[Any, Any]:
+        """The tokens of ``ids`` after a cached prefix, into a copy of its cache: the cache and the output."""
+        import torch
+
+        model = self.loaded.model
+        entry, reuse = hit
+        cache = copy.deepcopy(entry.cache)  # a ``prefill_cache``, as every kept prefix
+        crop_to(cache, reuse)
+        delta = entry.extra.get("rope_deltas")
+        positions = torch.arange(reuse, ids.shape[1], device=ids.device)[None, :]
+        if self._mrope:
+            model.model.rope_deltas = delta.clone() if delta is not None else None
+            offset = delta.reshape(-1)[:1] if delta is not None else 0
+            positions = (positions + offset).unsqueeze(0).expand(3, 1, -1)
+        out = model(input_ids=ids[:, reuse:], position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache})
+        return cache, out
 
     def _prefilled(self, work: Callable[[], _T]) -> _T:
         """``work`` (part of a first question's prefill) through the compiled layers once they are in
@@ -469,7 +475,6 @@ class TransformersEngine:
     def _admit_follow_up(self, request: _Request, hit: tuple[Prefix, int], prompt_len: int) -> None:
         """A follow-up: the cached prefix copied into the staging row, only the new tokens prefilled
         there (one captured forward), then the row moved into a slot."""
-        from transformers import DynamicCache
 
         assert self._kv is not None
         assert self._stepper is not None
@@ -481,7 +486,7 @@ class TransformersEngine:
         first = stepper.prefill_tail(request.inputs["input_ids"][0, reuse:].tolist(), reuse)
         self._seat(request, first, prompt_len, delta, lambda kv, row: kv.move(kv.staging, row, prompt_len))
         if self._keeps(request):  # after the first token is out; the staging row still holds the prompt
-            cache = DynamicCache(config=self.loaded.model.config)
+            cache = prefill_cache(self.loaded.model.config)
             for layer, (keys, values) in enumerate(kv.prefix(kv.staging, prompt_len)):
                 cache.update(keys, values, layer)
             self._keep_prefix(request, cache, delta)
@@ -823,7 +828,7 @@ class TransformersEngine:
     def _generate(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None = None) -> None:
         """One question answered alone by ``generate()`` with a growable cache: a prompt longer than a
         slot, or a retry after running out of memory."""
-        from transformers import DynamicCache, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         from core.token_streams import RowStopper, RowStreamer
 
@@ -844,7 +849,7 @@ class TransformersEngine:
                 setattr(model.model, name, value.clone())
             inputs.pop("pixel_values", None)  # the images are already in the cache
         else:
-            cache = DynamicCache(config=model.config)
+            cache = prefill_cache(model.config)  # kept as a prefix: a later long tail may take compiled layers
             inputs = self._encoded(request, inputs, features)
 
         def done(_row: int) -> None:

@@ -198,8 +198,9 @@ def _twelve_layers(model: Any) -> Any:
 
 def test_compiled_layers_prefill_exactly_as_the_eager_ones(tiny_model):
     """A first question's prefill through the compiled layers (its cache a ``prefill_cache``): the same
-    logits and the same cached keys and values as the eager layers, for prompts of several lengths, all
-    twelve layers within dynamo's recompile limit (past it: an error)."""
+    logits and the same cached keys and values as the eager layers, for prompts of several lengths and
+    for a follow-up's tail after them, all twelve layers within dynamo's recompile limit (past it: an
+    error)."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -227,6 +228,15 @@ def test_compiled_layers_prefill_exactly_as_the_eager_ones(tiny_model):
                 for ours, theirs in zip(caches[1].layers, caches[0].layers, strict=True):
                     torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
                     assert ours.keys.shape[2] == length
+                # A follow-up's long tail: more tokens after the cached ones, at their positions.
+                tail = torch.randint(0, 200, (1, 30), generator=generator)
+                positions = torch.arange(length, length + 30)[None, :]
+                eager = model(input_ids=tail, position_ids=positions, use_cache=True, **{keyword: caches[0]}).logits
+                with fused.active():
+                    compiled = model(input_ids=tail, position_ids=positions, use_cache=True,
+                                     **{keyword: caches[1]}).logits
+                torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+                assert caches[1].get_seq_length() == length + 30
     finally:
         fused.remove()
 
@@ -240,7 +250,7 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     from core.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(resolve("x", tiny_model, allow_download=False), device="cpu", max_batch=2,
-                                prefix_cache_bytes=0, context_tokens=1024)
+                                prefix_cache_bytes=64 * 2**20, context_tokens=1024)
     engine._compile_without_graphs = True  # what CUDA does, without CUDA graphs
     await started(engine)
     assert not engine.settled.is_set()  # the warm-up question made the slots; the compiling is to come
@@ -259,11 +269,20 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     assert await asyncio.to_thread(engine.settled.wait, 300)
     assert engine.measurements()["prefill_compiled"] == 1
     steps = engine.stats.decode_steps
-    after = [await _answer(engine, images, question, tokens) for images, question, tokens in asks]
+    hits = engine.stats.prefix_hits
+    after = [await _answer(engine, [_image(61)], "What is it?", 10), await _answer(engine, [], "Why?", 8)]
     assert engine.stats.decode_steps > steps
-    assert after == during
-    for (images, question, tokens), got in zip(asks, after, strict=True):
-        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
+    assert engine.stats.prefix_hits == hits  # an image new to the engine: prefilled whole
+    assert after[1] == during[1]
+    for images, got in (([_image(60)], during[0]), ([_image(61)], after[0])):
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, "What is it?", 10)
+    # A follow-up after a long answer: its tail is longer than the captured ones (256 tokens), so it is
+    # prefilled after the cached prefix through the compiled layers.
+    turns = [Turn("user", "What is it?"), Turn("assistant", "a long answer, " * 30)]
+    follow_up = await _answer(engine, [_image(61)], "Why?", 8, turns)
+    assert engine.stats.prefix_hits == hits + 1
+    assert engine.measurements()["prefill_compiled"] == 1  # (a failure there turns it off)
+    assert follow_up.removesuffix(CUT_NOTE) == bare_generate(engine, [_image(61)], "Why?", 8, turns)
 
     # A prefill the compiled layers fail (past dynamo's recompile limit, say) is done again eagerly,
     # and prefill stays eager.
@@ -274,7 +293,8 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
 
     assert engine._prefilled(fails_compiled) == "eager"
     assert engine.measurements()["prefill_compiled"] == 0
-    assert [await _answer(engine, images, question, tokens) for images, question, tokens in asks] == during
+    eager = await _answer(engine, [_image(62)], "What is it?", 10)
+    assert eager.removesuffix(CUT_NOTE) == bare_generate(engine, [_image(62)], "What is it?", 10)
 
 
 async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):

@@ -320,7 +320,7 @@ async def first_chunk(engine: TransformersEngine, images: list[PreparedImage], t
 
 
 async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
-                  with_profile: bool = False) -> dict[str, Any]:
+                  with_profile: bool = False, long_tokens: int = 0) -> dict[str, Any]:
     import torch
 
     from core.answer_text import CUT_NOTE
@@ -436,6 +436,15 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     before, started = engine.stats.tokens_generated, time.perf_counter()
     await first_chunk(engine, [screenshot(n + 9)], [], QUESTION, new_tokens)
     out["single_tokens_per_s"] = (engine.stats.tokens_generated - before) / (time.perf_counter() - started)
+    if long_tokens:  # the same at a longer answer: the prefills weigh less against the decode
+        n += 10
+        for key, count in (("long_single_tokens_per_s", 1), ("long_batch8_tokens_per_s", 8)):
+            before, started = engine.stats.tokens_generated, time.perf_counter()
+            await asyncio.gather(*[first_chunk(engine, [screenshot(n + i)], [], f"{QUESTION} ({i})", long_tokens)
+                                   for i in range(count)])
+            out[key] = (engine.stats.tokens_generated - before) / (time.perf_counter() - started)
+            n += count
+        out["long_tokens"] = long_tokens
     if cuda:
         out["decode_bytes_per_token"] = decode_bytes(model)
         free, total = torch.cuda.mem_get_info()
@@ -502,6 +511,10 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         lines.append(f"  8 at once: {batch8:.1f} tokens/s vs one answer {single:.1f} "
                      f"({batch8 / single:.1f}x, target >= 6x); once all 8 are decoding: "
                      f"{r['batch8_decode_tokens_per_s']:.1f} tokens/s")
+        if "long_tokens" in r:
+            long8, long1 = r["long_batch8_tokens_per_s"], r["long_single_tokens_per_s"]
+            lines.append(f"  8 at once, {r['long_tokens']}-token answers: {long8:.1f} tokens/s vs one answer "
+                         f"{long1:.1f} ({long8 / long1:.1f}x)")
     return "\n".join(lines)
 
 
@@ -512,6 +525,7 @@ async def main() -> None:
     parser.add_argument("--size", choices=["9b", "tiny"], default="9b")
     parser.add_argument("--modes", default="int4,nf4,bf16")  # int4: what a GPU gets by default
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--long-tokens", type=int, default=300, help="8 at once again at this answer length (0: not)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))
     parser.add_argument("--json", type=Path)
@@ -523,7 +537,7 @@ async def main() -> None:
     if args.quick:
         from core.tiny_model import build_tiny_model
 
-        args.modes, args.new_tokens, args.reps = "bf16", 4, 1
+        args.modes, args.new_tokens, args.reps, args.long_tokens = "bf16", 4, 1, 8
         args.model_dir = args.model_dir or args.work / "tiny-llava"
         if not (args.model_dir / "config.json").exists():
             build_tiny_model(args.model_dir)
@@ -545,7 +559,8 @@ async def main() -> None:
     bandwidth = copy_bandwidth() if cuda else None
     results = []
     for mode in args.modes.split(","):
-        results.append(await measure(model_dir, mode, args.new_tokens, args.reps, with_profile=args.profile))
+        results.append(await measure(model_dir, mode, args.new_tokens, args.reps, with_profile=args.profile,
+                                     long_tokens=args.long_tokens))
         print(report(device, bandwidth, params, results[-1:]), flush=True)
         if args.json:
             args.json.write_text(json.dumps({"device": device, "bandwidth": bandwidth, "params": params,

@@ -4,7 +4,8 @@
 dynamic-resolution images (patch 14, 2x2 merge), ``<|begin_of_image|><|image|>…<|end_of_image|>``.
 Needs torchvision (GLM's processor owns a video processor). No GLM tokenizer can be had offline,
 so this writes a byte-level one that has GLM's special tokens at GLM's ids; text round-trips, and
-the image tokens land where the real processor puts them.
+the image tokens land where the real processor puts them. Its answers are printable ASCII
+(``speak_ascii``), so an answer quoted back in a follow-up takes as many tokens as it was generated in.
 ``size="9b"`` is the released 9B shape (20.6 GB in bf16); ``size="tiny"`` runs on a CPU in seconds.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 from core.tiny_model import MARKER
 
-__all__ = ["build_glm_model", "glm_config"]
+__all__ = ["build_glm_model", "glm_config", "speak_ascii"]
 
 # GLM-4.1V / 4.6V special tokens and their ids in the released tokenizer.
 _SPECIALS = {
@@ -74,6 +75,7 @@ def build_glm_model(out_dir: Path, size: Literal["9b", "tiny"] = "tiny", *, devi
     with torch.device(device):
         model = Glm4vForConditionalGeneration._from_config(config, dtype=dtype)
     tokenizer = processor.tokenizer
+    speak_ascii(model, tokenizer)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t)
                                             for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -83,14 +85,30 @@ def build_glm_model(out_dir: Path, size: Literal["9b", "tiny"] = "tiny", *, devi
     return out_dir
 
 
-def _processor(size: str) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Glm4vProcessor, Glm4vVideoProcessor, PreTrainedTokenizerFast
+def speak_ascii(model: Any, tokenizer: Any) -> None:
+    """Only printable ASCII (and line breaks) for answers: the other rows of ``lm_head`` are zero, so
+    their logits (0) lose to the largest of ~100 random ones.
 
-    try:  # transformers >= 5.2x ships a PIL backend: no torchvision needed
-        from transformers import Glm4vImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import Glm4vImageProcessor as ImageProcessor  # type: ignore[assignment]
+    Why: random weights otherwise answer in ``<|unused_N|>`` fillers, ~17 characters each, which this
+    byte-level tokenizer reads back one byte a token, so a 64-token answer returned in a follow-up's
+    history as ~1,080 tokens (a real tokenizer reads its own text back as about as many tokens as it
+    wrote). No end token can win either: every answer runs to its token limit, as before."""
+    import torch
+
+    ids = sorted({tokenizer.encode(ch, add_special_tokens=False)[0] for ch in [*map(chr, range(32, 127)), "\n"]})
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        if head.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+            raise ValueError("lm_head is tied to the input embeddings: cannot zero its rows")
+        keep = head[ids].clone()
+        head.zero_()
+        head[ids] = keep
+
+
+def _tokenizer(size: str) -> Any:
+    """A byte-level tokenizer with GLM's special tokens at GLM's ids (fillers in between)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     offset = _TINY_OFFSET if size == "tiny" else 0
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
@@ -105,6 +123,18 @@ def _processor(size: str) -> Any:
     raw.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tokenizer
+
+
+def _processor(size: str) -> Any:
+    from transformers import Glm4vProcessor, Glm4vVideoProcessor
+
+    try:  # transformers >= 5.2x ships a PIL backend: no torchvision needed
+        from transformers import Glm4vImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import Glm4vImageProcessor as ImageProcessor  # type: ignore[assignment]
+
+    tokenizer = _tokenizer(size)
     image_processor = ImageProcessor(
         # 9B: the released limits; tiny: few patches, so a CPU test stays fast.
         size={"shortest_edge": 12544, "longest_edge": 9633792} if size == "9b"

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "api_overhead.py": (["--quick"], ["daemon cost", "queued question"]),
     "soak.py": (["--quick"], ["lost answers                    0", "duplicated answers              0"]),
-    "engine_bench.py": (["--quick"], ["time to first token", "8 at once", "greedy output equals bare generate()"]),
+    "engine_bench.py": (["--quick"], ["time to first token", "8 at once", "8 at once, 8-token answers",
+                                      "greedy output equals bare generate()"]),
     "engine_smoke.py": ([], ["cuda available"]),
     "int4_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
@@ -40,3 +41,29 @@ def test_bench_script_runs_in_quick_mode(script, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for text in expected:
         assert text in done.stdout, done.stdout[-3000:]
+
+
+def test_the_bench_model_answers_in_text_its_tokenizer_reads_back_token_for_token():
+    """The GPU benches' random GLM model (``bench/glm_model.py``, here its tiny size, without the
+    processor that needs torchvision): greedy answers are printable ASCII, never an end token, and a
+    follow-up's history holds them as exactly as many tokens as were generated."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from glm_model import _tokenizer, glm_config, speak_ascii
+    from transformers import Glm4vForConditionalGeneration
+
+    tokenizer = _tokenizer("tiny")
+    torch.manual_seed(0)
+    model = Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32)
+    ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    with torch.inference_mode():
+        prompt = torch.randint(0, 250, (1, 12))
+        before = model.generate(input_ids=prompt, max_new_tokens=40, do_sample=False)[0, 12:].tolist()
+        speak_ascii(model, tokenizer)
+        after = model.generate(input_ids=prompt, max_new_tokens=40, do_sample=False, eos_token_id=ends)[0, 12:]
+    text = tokenizer.decode(after.tolist())
+    assert len(after) == 40 and not set(after.tolist()) & set(ends)
+    assert all(ch == "\n" or 32 <= ord(ch) < 127 for ch in text), text
+    assert tokenizer.encode(text, add_special_tokens=False) == after.tolist()
+    assert not all(32 <= ord(ch) < 127 for ch in tokenizer.decode(before))  # random weights alone would not

@@ -14,14 +14,13 @@ import itertools
 import os
 import random
 import re
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from fake_openai import KEY, MODEL, FakeOpenAI
+from daemon_process import DaemonProcess, model_server_engine
+from fake_openai import FakeOpenAI
 from fake_telegram import TOKEN, FakeTelegram
 
 from helpers import free_port, loopback, png
@@ -33,18 +32,14 @@ KILLS = 4
 
 
 def _config(path: Path, port: int, data_dir: Path, model_url: str, telegram_url: str) -> None:
+    engine = model_server_engine(model_url, "workers = 4\n")
     path.write_text(f"""
 [server]
 port = {port}
 shutdown_grace_seconds = 5
 [storage]
 data_dir = "{data_dir}"
-[engine]
-kind = "openai"
-base_url = "{model_url}/v1"
-model = "{MODEL}"
-api_key = "{KEY}"
-workers = 4
+{engine}
 [limits]
 max_queued = 0
 max_queued_per_chat = 0
@@ -59,44 +54,6 @@ mode = "webhook"
 webhook_url = "https://bot.example.com/telegram/webhook"
 secret_token = "{SECRET}"
 """)
-
-
-class Daemon:
-    def __init__(self, config: Path, port: int, logs: Path) -> None:
-        self.config, self.port, self.logs = config, port, logs
-        self.proc: asyncio.subprocess.Process | None = None
-        self.runs = 0
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        self.runs += 1
-        log = os.open(self.logs / f"daemon-{self.runs}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot.cli", "run", "--config", str(self.config), cwd=ROOT, stdout=log, stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        os.close(log)
-        for _ in range(300):
-            try:
-                async with http.get(f"http://127.0.0.1:{self.port}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert self.proc.returncode is None, self.tail()
-            await asyncio.sleep(0.05)
-        raise AssertionError("daemon did not start\n" + self.tail())
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.proc.wait(), 30)
-
-    def tail(self) -> str:
-        return (self.logs / f"daemon-{self.runs}.log").read_text(errors="replace")[-3000:]
 
 
 async def test_kill_9_at_random_points_loses_no_acknowledged_question(tmp_path: Path) -> None:
@@ -152,7 +109,7 @@ async def test_kill_9_at_random_points_loses_no_acknowledged_question(tmp_path: 
     async with loopback(model.app()) as model_url, loopback(telegram.app()) as telegram_url, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         _config(config, port, tmp_path / "data", model_url, telegram_url)
-        daemon = Daemon(config, port, tmp_path)
+        daemon = DaemonProcess(config, port, tmp_path, probe="/healthz")
         try:
             for _ in range(KILLS):
                 await daemon.start(http)

@@ -9,17 +9,15 @@ OpenAI-compatible server.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from daemon_process import DaemonProcess, model_server_engine
 from fake_dingtalk import APP_KEY, FakeDingTalk, callback
 from fake_feishu import APP_ID, APP_SECRET, FakeFeishu, event
-from fake_openai import KEY, MODEL, FakeOpenAI
+from fake_openai import FakeOpenAI
 from fake_slack import APP_TOKEN, BOT_TOKEN, BOT_USER, FakeSlack, message
 
 from helpers import eventually, free_port, loopback, png
@@ -42,36 +40,10 @@ def _config(path: Path, port: int, data_dir: Path, model_url: str, platform: str
 port = {port}
 [storage]
 data_dir = "{data_dir}"
-[engine]
-kind = "openai"
-base_url = "{model_url}/v1"
-model = "{MODEL}"
-api_key = "{KEY}"
+{model_server_engine(model_url)}
 [adapters.webhook]
 enabled = false
 {section}""")
-
-
-async def _start(config: Path, log: Path, port: int, http: aiohttp.ClientSession) -> asyncio.subprocess.Process:
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot.cli", "run", "--config", str(config),
-                                                cwd=ROOT, stdout=out, stderr=out,
-                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    os.close(out)
-    for _ in range(600):
-        try:
-            async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                if resp.status == 200:
-                    return proc
-        except aiohttp.ClientError:
-            pass
-        assert proc.returncode is None, _tail(log)
-        await asyncio.sleep(0.05)
-    raise AssertionError("daemon did not start\n" + _tail(log))
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:]
 
 
 @pytest.mark.parametrize("platform", ["dingtalk", "feishu", "slack"])
@@ -79,7 +51,7 @@ async def test_kill_9_after_storing_before_the_acknowledgement_arrives_answers_o
     model = FakeOpenAI()
     fake: Any = {"dingtalk": FakeDingTalk, "feishu": FakeFeishu, "slack": FakeSlack}[platform]()
     port = free_port()
-    config, log = tmp_path / "config.toml", tmp_path / "daemon.log"
+    config = tmp_path / "config.toml"
     async with loopback(model.app()) as model_url, loopback(fake.app()) as fake_url, aiohttp.ClientSession() as http:
         model.url, fake.url = model_url, fake_url
         _config(config, port, tmp_path / "data", model_url, platform, fake_url)
@@ -100,7 +72,8 @@ async def test_kill_9_after_storing_before_the_acknowledgement_arrives_answers_o
                 return sum(post.get("thread_ts") == "77.000001" for post in fake.posts)
             return len(fake.webhook_posts) if platform == "dingtalk" else len(fake.replies)
 
-        proc = await _start(config, log, port, http)
+        daemon = DaemonProcess(config, port, tmp_path)
+        await daemon.start(http)
         try:
             await fake.connected(1)
             if platform == "slack":
@@ -110,17 +83,14 @@ async def test_kill_9_after_storing_before_the_acknowledgement_arrives_answers_o
             await eventually(lambda: fake.ignore_acks == 0 or None)  # stored, and acknowledged into the void
             if platform == "slack":  # and its placeholder posted, but its id not yet known to the daemon
                 await eventually(lambda: fake.posts or None)
-            proc.send_signal(signal.SIGKILL)
+            await daemon.kill()
             fake.post_delay_s = 0.0
-            await proc.wait()
             assert frame in fake.unacked
-            proc = await _start(config, log, port, http)  # the fake delivers the event again on the new connection
+            await daemon.start(http)  # the fake delivers the event again on the new connection
             await fake.connected(2)
             await eventually(lambda: frame not in fake.unacked or None)
             await eventually(lambda: replies() >= 1 or None)
             await asyncio.sleep(1.0)  # a second answer would have come by now
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(proc.wait(), 30)
-    assert replies() == 1, _tail(log)
+            await daemon.stop()
+    assert replies() == 1, daemon.tail()

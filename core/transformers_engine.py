@@ -99,6 +99,11 @@ class _Active:
     generated: int = 0
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception in one line, for a log message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _offset(delta: Any) -> int:
     """An M-RoPE position offset (``rope_deltas``, one per prompt) as a number; 0 for other models."""
     return int(delta.reshape(-1)[0]) if delta is not None else 0
@@ -226,7 +231,7 @@ class TransformersEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
         if self._renderer is not None:
-            self._renderer.shutdown(wait=False, cancel_futures=True)
+            self._renderer.shutdown(wait=False)  # a render still queued there fails its question (closing)
             self._renderer = None
         self._clear_caches()
         self._loaded = None
@@ -466,8 +471,7 @@ class TransformersEngine:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.warning("the compiled prefill failed (%s); prefill runs eagerly from now on", reason)
+                log.warning("the compiled prefill failed (%s); prefill runs eagerly from now on", _reason(exc))
                 self._prefill_fused = False
         with self._attention_kernels():
             return work()
@@ -564,18 +568,15 @@ class TransformersEngine:
         question (sizes are symbolic: one compilation serves every prompt length)."""
         from PIL import Image
 
-        model = self.loaded.model
         started = time.monotonic()
         image = PreparedImage("imsight-compile", Image.new("RGB", (448, 336), (70, 90, 110)))
         inputs = self._inputs([image], [], "What is on this screen?")
-        if self._mrope:
-            model.model.rope_deltas = None
         try:
             with self._attention_kernels(), fused.active():
-                model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: prefill_cache(model.config)})
+                self._prefill(inputs)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning("cannot compile the prefill's layers (%s); first questions are prefilled eagerly", reason)
+            log.warning("cannot compile the prefill's layers (%s); first questions are prefilled eagerly",
+                        _reason(exc))
             return
         self._prefill_fused = True
         log.info("prefill compiled in %.1fs", time.monotonic() - started)
@@ -612,7 +613,7 @@ class TransformersEngine:
             except Exception as exc:
                 if self.device == "cuda":
                     torch.cuda.synchronize()
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                reason = _reason(exc)
                 if fused:  # a model or GPU it cannot compile for: the step stays as it is
                     assert stepper.fused is not None
                     log.warning("cannot compile the decode step (%s); it stays unfused", reason)
@@ -734,6 +735,10 @@ class TransformersEngine:
     def _render(self, request: _Request) -> bool:
         """The prompt through the processor's chat template, in host memory; ``False`` (and the error
         sent) on failure."""
+        if self._closing.is_set():
+            request.emit(_Failed(EngineError("engine is stopping")))
+            request.emit(_DONE)
+            return False
         try:
             request.inputs = self._rendered(request.images, request.turns, request.question)
             request.key = tuple(image.sha256 for image in request.images)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import statistics
@@ -204,57 +203,53 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage) 
 
 
 def prefill_kernels(engine: TransformersEngine, image: PreparedImage) -> dict[str, float]:
-    """Milliseconds of one first-question prefill forward (pixels in, a fresh cache), with the attention
-    kernels the engine allows for prefill and with torch's default choice (cuDNN included)."""
+    """Milliseconds of one first-question prefill forward (pixels in, a fresh cache): the engine's own
+    (compiled layers once compiled, the attention kernels it allows for prefill) and eager layers with
+    torch's default attention choice (cuDNN included)."""
     import statistics
 
     import torch
     from transformers import DynamicCache
 
-    from core.fused_layers import prefill_cache
-
     model = engine.loaded.model
     inputs = engine._inputs([image], [], QUESTION)
+
+    def eager() -> None:
+        model(**inputs, use_cache=True, logits_to_keep=1, **{engine._cache_kw: DynamicCache(config=model.config)})
+
     out: dict[str, float] = {}
-
-    def engines() -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(engine._attention_kernels())
-        stack.enter_context(engine._prefill_layers())
-        return stack
-
-    choices = (("engine's (compiled layers, its attention kernels)", engines, prefill_cache),
-               ("eager layers, default kernels", contextlib.nullcontext, DynamicCache))
-    for label, kernels, make_cache in choices:
+    for label, forward in (("engine's", lambda: engine_prefill(engine, inputs)), ("eager, default kernels", eager)):
         times = []
         for _ in range(4):
-            cache = make_cache(config=model.config)
-            with torch.inference_mode(), kernels():
+            with torch.inference_mode():
                 sync()
                 started = time.perf_counter()
-                model(**inputs, use_cache=True, logits_to_keep=1, past_key_values=cache)
+                forward()
                 sync()
             times.append(time.perf_counter() - started)
         out[label] = round(1e3 * statistics.median(times[1:]), 1)
     return out
 
 
-def prefill_anatomy(engine: TransformersEngine, image: PreparedImage) -> dict[str, Any]:
-    """Where one first-question prefill's time goes, the forward (vision encoder included) and the vision
-    encoder alone: wall time against the GPU time of the kernels launched (the rest is the GPU waiting
-    on Python), the kernels that take the most, and the operators whose own CPU time is the largest."""
-    import torch
-    from transformers import DynamicCache
+def engine_prefill(engine: TransformersEngine, inputs: Any) -> None:
+    """A first question's prefill forward as the engine runs it (its own code)."""
+    engine._prefilled(lambda: engine._prefill(inputs))
 
-    model = engine.loaded.model
+
+def prefill_anatomy(engine: TransformersEngine, image: PreparedImage) -> dict[str, Any]:
+    """Where one first-question prefill's time goes, the engine's forward (vision encoder included) and
+    the vision encoder alone: wall time against the GPU time of the kernels launched (the rest is the GPU
+    waiting on Python), the kernels that take the most, and the operators whose own CPU time is the largest."""
+    import torch
+
     inputs = engine._inputs([image], [], QUESTION)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.inference_mode(), engine._attention_kernels():
-        model(**inputs, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache(config=model.config))
+    with torch.inference_mode():
+        engine_prefill(engine, inputs)
         sync()
         with torch.profiler.profile(activities=activities) as prof:
             started = time.perf_counter()
-            model(**inputs, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache(config=model.config))
+            engine_prefill(engine, inputs)
             sync()
             wall_ms = (time.perf_counter() - started) * 1e3
     out = {"forward": _profiled(prof, wall_ms)}

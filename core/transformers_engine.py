@@ -407,7 +407,6 @@ class TransformersEngine:
 
     def _admit(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None) -> None:
         """Prefill one question on its own, as ``generate()`` would, and give it a decode slot."""
-
         model = self.loaded.model
         self._make_room()
         inputs = dict(request.inputs)
@@ -479,7 +478,6 @@ class TransformersEngine:
     def _admit_follow_up(self, request: _Request, hit: tuple[Prefix, int], prompt_len: int) -> None:
         """A follow-up: the cached prefix copied into the staging row, only the new tokens prefilled
         there (one captured forward), then the row moved into a slot."""
-
         assert self._kv is not None
         assert self._stepper is not None
         kv, stepper = self._kv, self._stepper
@@ -736,16 +734,14 @@ class TransformersEngine:
         """The prompt through the processor's chat template, in host memory; ``False`` (and the error
         sent) on failure."""
         if self._closing.is_set():
-            request.emit(_Failed(EngineError("engine is stopping")))
-            request.emit(_DONE)
+            self._fail(request, EngineError("engine is stopping"))
             return False
         try:
             request.inputs = self._rendered(request.images, request.turns, request.question)
             request.key = tuple(image.sha256 for image in request.images)
             return True
         except Exception as exc:
-            request.emit(_Failed(EngineError(f"cannot prepare the prompt: {exc}")))
-            request.emit(_DONE)
+            self._fail(request, EngineError(f"cannot prepare the prompt: {exc}"))
             return False
 
     def _rendered(self, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:

@@ -7,10 +7,13 @@ bf16 ``F.linear``. For each: microseconds a call at 1..16 rows (decode batches) 
 (a prefill), the weight bytes read per second at one row, and the error against the bf16 weight.
 
     python bench/int4_kernels.py
+    python bench/int4_kernels.py --fused   # the batched-decode kernel experiment (int4_batched_matmul.py)
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
 from functools import partial
 from pathlib import Path
@@ -39,6 +42,26 @@ def timed(call: object, reps: int = 100) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / reps
+
+
+def graph_timed(call: object, reps: int = 20) -> float:
+    """Microseconds a call as a decode step runs it, replayed from a CUDA graph (no Python between calls)."""
+    assert callable(call)
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
 def int4_pack(weight: torch.Tensor, group: int = GROUP, inner_k_tiles: int = 8
@@ -125,5 +148,61 @@ def main() -> None:
               f"{params * bits / 8 / totals[label][1] / 1e6:.2f} TB/s")
 
 
+def fused_sweep() -> None:
+    """``int4_batched_matmul`` (an experiment) at each launch shape, against tinygemm, at 1 to 16 rows, timed as a
+    decode step runs them (CUDA graphs): which shape wins per weight, and that it computes what the
+    dequantized weight does. "As configured" includes adding up the partial sums."""
+    if not torch.cuda.is_available():
+        print("int4 kernels: needs a CUDA GPU (cuda available: False)")
+        return
+    from int4_batched_matmul import MatmulConfig, config_for, int4_matmul, int4_matmul_partials
+
+    torch.manual_seed(0)
+    shapes = list(itertools.product((64, 128), (4, 8, 16), (4, 8), (2, 3)))
+    chosen: dict[int, float] = {}
+    best_total: dict[int, float] = {}
+    tiny: dict[int, float] = {}
+    for name, (k, n) in SHAPES.items():
+        weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, scales_zeros, int4_weight = int4_pack(weight)
+        for m in (1, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), int4_weight.float())
+            error = (int4_matmul(x, packed, scales_zeros).float() - ref).abs().max() / ref.abs().max()
+            tiny_us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
+            tiny_error = (torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float() - ref
+                          ).abs().max() / ref.abs().max()
+            results = []
+            for shape in shapes:
+                config = MatmulConfig(*shape)
+                if n % config.block_n:
+                    continue
+                try:
+                    us = graph_timed(partial(int4_matmul_partials, x, packed, scales_zeros, *config))
+                except Exception as exc:  # a shape this GPU cannot launch (shared memory)
+                    print(f"  {config}: {type(exc).__name__}")
+                    continue
+                got = int4_matmul(x, packed, scales_zeros, config)
+                results.append((us, config, float((got.float() - ref).abs().max() / ref.abs().max())))
+            results.sort()
+            default = config_for(n, k)
+            default_us = graph_timed(partial(int4_matmul, x, packed, scales_zeros, default))
+            chosen[m] = chosen.get(m, 0.0) + default_us
+            best_total[m] = best_total.get(m, 0.0) + results[0][0]
+            tiny[m] = tiny.get(m, 0.0) + tiny_us
+            print(f"{name} {k}x{n}, {m} rows: tinygemm {tiny_us:.1f} us (error {tiny_error:.1e}); fused, as "
+                  f"configured {default} {default_us:.1f} us (error {error:.1e}, with the sum); fastest "
+                  + ", ".join(f"{us:.1f} us {tuple(c)} (error {e:.1e})" for us, c, e in results[:4]))
+    bytes_per_layer = sum(k * n for k, n in SHAPES.values()) * 4.25 / 8
+    for m in (1, 4, 8, 16):
+        print(f"one layer's four linears, {m} rows: tinygemm {tiny[m]:.1f} us, fused as configured {chosen[m]:.1f} "
+              f"us ({bytes_per_layer / chosen[m] / 1e6:.2f} TB/s), fastest shapes {best_total[m]:.1f} us")
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fused", action="store_true", help="only imsight's few-row kernel, launch shapes swept")
+    if parser.parse_args().fused:
+        fused_sweep()
+    else:
+        main()

@@ -116,6 +116,7 @@ def main() -> None:
 
 def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Path, new_tokens: int,
             asking: bool) -> None:
+    spawned = time.strftime("%H:%M:%S")  # against the log's timestamps: where the time to ready goes
     daemon = subprocess.Popen([sys.executable, "-m", "bot.cli", "run", "--config", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -123,7 +124,7 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
         started = time.perf_counter()
         asyncio.run(_ready(url, daemon))
         print(f"{label}: imsight run ready in {time.perf_counter() - started:.1f} s "
-              f"(model {model.name}, {new_tokens}-token answers)")
+              f"(model {model.name}, {new_tokens}-token answers; started at {spawned})")
         asyncio.run(_until_compiled(url, started))
         if asking:
             asyncio.run(measure(url))
@@ -134,9 +135,9 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
         except subprocess.TimeoutExpired:
             daemon.kill()
             _, err = daemon.communicate()
-        for line in err.splitlines():
-            if any(word in line for word in ("loaded", "warmed up", "KV slots", "CUDA graph", "decoding eagerly",
-                                             "decode step", "compil", "ready")):
+        for n, line in enumerate(err.splitlines()):
+            if n == 0 or any(word in line for word in ("loaded", "quantized", "warmed up", "KV slots", "CUDA graph",
+                                                       "decoding eagerly", "decode step", "compil", "ready")):
                 print("  daemon log:", line)
 
 

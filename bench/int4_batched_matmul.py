@@ -14,9 +14,10 @@ What it measured (bench/RESULTS.md, sixth step; ``bench/int4_kernels.py --fused`
 its best launch shape 126 us a layer at 8 rows against tinygemm's 146, 149 against 246 at 16 rows,
 but 114 against 61 at one row (0.9 TB/s: far from the bandwidth). Wired into ``Int4Linear`` for 5-16
 rows with its partial sums added after it, the compiled 8-row step got slower (11.7 ms against 9.5):
-the partial sums and the opaque op cost more inside the compiled step than the kernel saved. What
-would make it worth it: no partial sums (atomics, or a split-free shape that keeps enough bytes in
-flight) and about twice the read rate at one row, so one kernel serves every step.
+the partial sums and the opaque op cost more inside the compiled step than the kernel saved. Adding
+into one output with atomics instead (``atomic``) did not close the gap at 8 rows either (161.5 us
+with the zeroing and the cast, tinygemm 145.5). What would make it worth it: about twice the read
+rate at one row, so that one kernel serves every step.
 """
 
 from __future__ import annotations
@@ -37,20 +38,21 @@ class MatmulConfig(NamedTuple):
     split: int  # programs sharing one block of outputs, each over 1/split of the inputs
     warps: int
     stages: int
+    atomic: int = 0  # 1: the split programs add into one float32 output (atomics), no partial sums to add up
 
 
 def config_for(n_out: int, k_in: int) -> MatmulConfig:
     """The launch shape that was fastest, or within 5 % of it, for each of GLM-4.6V's four weights at 1 to
     16 rows on the H200 (``bench/int4_kernels.py --fused``)."""
     block_n = next(b for b in (128, 64, 32, 16) if n_out % b == 0)
-    return MatmulConfig(block_n=block_n, split=16, warps=4, stages=2)
+    return MatmulConfig(block_n=block_n, split=16, warps=4, stages=2, atomic=1)
 
 
 # One compiled kernel for every row count and weight (Triton would otherwise specialise on m == 1
 # and on each int's divisibility by 16): fewer compiles, and nothing those hints would speed.
 @triton.jit(do_not_specialize=["m", "k_in", "outer_tiles", "tiles_per_split"])  # type: ignore[untyped-decorator,unused-ignore]
 def _int4_matmul(x, packed, scales_zeros, out, m, n_out, k_in, outer_tiles, tiles_per_split,  # type: ignore[no-untyped-def]
-                 TILES: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr) -> None:
+                 TILES: tl.constexpr, BLOCK_N: tl.constexpr, M_PAD: tl.constexpr, ATOMIC: tl.constexpr) -> None:
     program, split = tl.program_id(0), tl.program_id(1)
     n = program * BLOCK_N + tl.arange(0, BLOCK_N)
     block, r = n // 8, n % 8
@@ -78,7 +80,10 @@ def _int4_matmul(x, packed, scales_zeros, out, m, n_out, k_in, outer_tiles, tile
         scale = tl.load(scales_zeros + group_at).to(tl.float32)
         zero = tl.load(scales_zeros + group_at + 1).to(tl.float32)
         acc += dot * scale[None, :] + x_sum[:, None] * zero[None, :]
-    tl.store(out + (split * m + rows[:, None]) * n_out + n[None, :], acc.to(out.dtype.element_ty), mask=row_ok)
+    if ATOMIC:
+        tl.atomic_add(out + rows[:, None] * n_out + n[None, :], acc, mask=row_ok)
+    else:
+        tl.store(out + (split * m + rows[:, None]) * n_out + n[None, :], acc.to(out.dtype.element_ty), mask=row_ok)
 
 
 def supports(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> bool:
@@ -89,24 +94,28 @@ def supports(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> bo
 
 @torch.library.custom_op("imsight_bench::int4_matmul_partials", mutates_args=())  # type: ignore[misc,unused-ignore]
 def int4_matmul_partials(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
-                         block_n: int, split: int, warps: int, stages: int) -> torch.Tensor:
-    """``[split, rows, n_out]`` partial products of ``x [rows <= 16, k_in]`` and the packed weight;
-    float32 when split, else ``x``'s dtype. An op of its own so that dynamo and CUDA graphs take it whole."""
+                         block_n: int, split: int, warps: int, stages: int, atomic: int = 0) -> torch.Tensor:
+    """``[split, rows, n_out]`` partial products of ``x [rows <= 16, k_in]`` and the packed weight
+    (``[1, rows, n_out]``, their sum, when ``atomic``); float32 when split, else ``x``'s dtype. An op of
+    its own so that dynamo and CUDA graphs take it whole."""
     blocks, outer_tiles, _lanes, pairs = packed.shape
     m, k_in = x.shape
     n_out = blocks * 8
-    out = torch.empty(split, m, n_out, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    dtype = torch.float32 if split > 1 else x.dtype
+    out = (torch.zeros(1, m, n_out, device=x.device, dtype=dtype) if atomic
+           else torch.empty(split, m, n_out, device=x.device, dtype=dtype))
     per_split = triton.cdiv(outer_tiles, split)
     _int4_matmul[(n_out // block_n, split)](x, packed, scales_zeros, out, m, n_out, k_in, outer_tiles, per_split,
-                                            TILES=pairs * 2, BLOCK_N=block_n, M_PAD=ROWS,
+                                            TILES=pairs * 2, BLOCK_N=block_n, M_PAD=ROWS, ATOMIC=bool(atomic),
                                             num_warps=warps, num_stages=stages)
     return out
 
 
 @int4_matmul_partials.register_fake  # type: ignore[misc,unused-ignore]
 def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
-      block_n: int, split: int, warps: int, stages: int) -> torch.Tensor:
-    return x.new_empty(split, x.shape[0], packed.shape[0] * 8, dtype=torch.float32 if split > 1 else x.dtype)
+      block_n: int, split: int, warps: int, stages: int, atomic: int = 0) -> torch.Tensor:
+    return x.new_empty(1 if atomic else split, x.shape[0], packed.shape[0] * 8,
+                       dtype=torch.float32 if split > 1 else x.dtype)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
@@ -115,4 +124,4 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     n_out, k_in = packed.shape[0] * 8, x.shape[1]
     config = config or config_for(n_out, k_in)
     partials: torch.Tensor = int4_matmul_partials(x.contiguous(), packed, scales_zeros, *config)
-    return partials[0] if config.split == 1 else partials.sum(0).to(x.dtype)
+    return partials[0] if config.split == 1 else partials.sum(0).to(x.dtype)  # (atomic: a sum of one)

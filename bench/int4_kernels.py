@@ -158,7 +158,7 @@ def fused_sweep() -> None:
     from int4_batched_matmul import MatmulConfig, config_for, int4_matmul, int4_matmul_partials
 
     torch.manual_seed(0)
-    shapes = list(itertools.product((64, 128), (4, 8, 16), (4, 8), (2, 3)))
+    shapes = list(itertools.product((64, 128), (4, 8, 16), (4, 8), (2, 3), (0, 1)))
     chosen: dict[int, float] = {}
     best_total: dict[int, float] = {}
     tiny: dict[int, float] = {}

@@ -93,6 +93,7 @@ class Daemon:
         self._stack = AsyncExitStack()
         self.web: WebServer | None = None
         self.store: Store | None = None  # while running
+        self.dispatcher: Dispatcher | None = None  # while running
         self._ready = False
         self._adapters: list[Adapter] = []
         self.engine: Engine | None = None  # once started
@@ -176,6 +177,7 @@ class Daemon:
             metrics=metrics, log_text=cfg.logging.message_text,
             acknowledge_images=cfg.context.image_alone == "acknowledge",
         )
+        self.dispatcher = dispatcher
         metrics.probe(lambda: _stored(store))
         metrics.connections(lambda: [state for adapter in adapters if isinstance(adapter, Pushed)
                                      if (state := adapter.connection) is not None])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -50,6 +51,7 @@ def load(
     if planned.free is not None:
         ensure_fits(need, planned.free, where=where, model=name, mode=mode)
     common: dict[str, Any] = {"local_files_only": source.local_files_only, "cache_dir": cache_dir}
+    started = time.monotonic()  # the phases are logged: they are most of a restart's time to ready
     try:
         processor = AutoProcessor.from_pretrained(name, **common)
         model = AutoModelForImageTextToText.from_pretrained(
@@ -59,17 +61,19 @@ def load(
     except (OSError, ValueError, ImportError) as exc:
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     model.eval()
+    read = time.monotonic()
     if mode == "int4":
         from core.int4_weights import quantize_linears
 
         replaced, kept = quantize_linears(model, keep, device=where)
         cast(Any, model).to(where)  # the rest (vision tower, embeddings, norms, head), after the quantized layers
-        log.info("int4: %d linear layers quantized (group-wise, torch's int4 kernel)%s, %d left full width",
-                 replaced, ", one at a time from host memory" if planned.staged else "", kept)
+        log.info("int4: %d linear layers quantized in %.1fs (group-wise, torch's int4 kernel)%s, %d left full width",
+                 replaced, time.monotonic() - read, ", one at a time from host memory" if planned.staged else "",
+                 kept)
     if getattr(model.config, MARKER, False):
         log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
-    log.info("model %s loaded on %s: %s, quantization %s, about %.1f GiB", name, where, torch_dtype, mode,
-             need.weights / 2**30)
+    log.info("model %s loaded on %s in %.1fs (weights read in %.1fs): %s, quantization %s, about %.1f GiB", name,
+             where, time.monotonic() - started, read - started, torch_dtype, mode, need.weights / 2**30)
     return LoadedModel(model, processor, where, torch_dtype, mode, vision_dtype(model, keep), need)
 
 

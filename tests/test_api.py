@@ -26,6 +26,18 @@ async def test_image_and_question_get_an_answer_about_that_image(daemon, http):
     assert body["message_id"]
 
 
+async def test_a_message_that_reaches_a_stopping_daemon_is_a_503_to_send_again(daemon, http, data_dir):
+    async with daemon() as d:
+        d.dispatcher.close_intake()  # stopping's first step, which a request still in flight can meet
+        before = counts(data_dir)
+        status, body = await post(http, d.url, {
+            "conversation_id": "c1", "text": "What is this?", "wait": True, "images": [{"data": b64(RED)}],
+        })
+    assert status == 503, body
+    assert body["error"]["code"] == "shutting_down"
+    assert counts(data_dir) == before  # nothing half-taken in: the sender delivers it again
+
+
 async def test_follow_up_without_image_uses_the_first_image(daemon, http):
     async with daemon() as d:
         _, first = await post(http, d.url, {

@@ -104,6 +104,17 @@ async def test_errors_come_as_the_sdk_s_exceptions(daemon):
             assert (await other.chat.completions.create(model="vqa", messages=question(), max_tokens=2)).choices
 
 
+async def test_a_request_that_reaches_a_stopping_daemon_is_a_503_to_send_again(daemon, data_dir):
+    async with daemon(adapters=api_config()) as d, client(d) as api:
+        d.dispatcher.close_intake()  # stopping's first step, which a request still in flight can meet
+        with pytest.raises(openai.InternalServerError) as refused:
+            await api.chat.completions.create(model="vqa", messages=question(), max_tokens=2)
+    assert refused.value.status_code == 503
+    assert refused.value.code == "shutting_down" and "stopping" in refused.value.message
+    with sqlite3.connect(data_dir / "imsight.db") as db:  # nothing half-taken in
+        assert db.execute("SELECT COUNT(*) FROM messages WHERE platform = 'openai'").fetchone() == (0,)
+
+
 def test_every_key_is_a_secret_kept_out_of_logs(make_config):
     from bot.config import configured_secrets
 

@@ -66,7 +66,8 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
                 x = torch.randn(rows, k)
                 ref = x @ weight.t()
                 # more splits than k-tiles too: those programs own no inputs and must add nothing
-                for config in (MatmulConfig(16, 1, 4, 2), MatmulConfig(16, 3, 4, 2), config_for(n, k)):
+                for config in (MatmulConfig(16, 1, 4, 2), MatmulConfig(16, 3, 4, 2), MatmulConfig(16, 3, 4, 2, 1),
+                               config_for(n, k)):
                     got = int4_matmul(x, packed, scales_zeros, config)
                     assert got.shape == (rows, n)
                     error = ((got - ref).abs().max() / ref.abs().max()).item()
@@ -74,4 +75,4 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
                     checked += 1
         print("checked", checked)
     """)
-    assert "checked 27" in out
+    assert "checked 36" in out

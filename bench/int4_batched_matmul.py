@@ -43,7 +43,8 @@ class MatmulConfig(NamedTuple):
 
 def config_for(n_out: int, k_in: int) -> MatmulConfig:
     """The launch shape that was fastest, or within 5 % of it, for each of GLM-4.6V's four weights at 1 to
-    16 rows on the H200 (``bench/int4_kernels.py --fused``)."""
+    16 rows on the H200 (``bench/int4_kernels.py --fused``), adding up with atomics: with the sums
+    counted, that measured best (run 6)."""
     block_n = next(b for b in (128, 64, 32, 16) if n_out % b == 0)
     return MatmulConfig(block_n=block_n, split=16, warps=4, stages=2, atomic=1)
 
@@ -101,6 +102,7 @@ def int4_matmul_partials(x: torch.Tensor, packed: torch.Tensor, scales_zeros: to
     blocks, outer_tiles, _lanes, pairs = packed.shape
     m, k_in = x.shape
     n_out = blocks * 8
+    atomic = int(atomic and split > 1)  # one program per output: nothing to add up
     dtype = torch.float32 if split > 1 else x.dtype
     out = (torch.zeros(1, m, n_out, device=x.device, dtype=dtype) if atomic
            else torch.empty(split, m, n_out, device=x.device, dtype=dtype))
@@ -114,7 +116,7 @@ def int4_matmul_partials(x: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 @int4_matmul_partials.register_fake  # type: ignore[misc,unused-ignore]
 def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
       block_n: int, split: int, warps: int, stages: int, atomic: int = 0) -> torch.Tensor:
-    return x.new_empty(1 if atomic else split, x.shape[0], packed.shape[0] * 8,
+    return x.new_empty(1 if atomic and split > 1 else split, x.shape[0], packed.shape[0] * 8,
                        dtype=torch.float32 if split > 1 else x.dtype)
 
 

@@ -5,7 +5,8 @@ one wrote the full-width weight at ~0.45 TB/s on the H200 (about 1 ms a decoder 
 the 1,000-token matmul after it). Here each program takes one 8 x (tiles*16) block of the tiled
 layout, whose 512 bytes sit together, and writes its rows contiguously: reading 0.5 and writing 2
 bytes a weight, at the bandwidth. Imported only where Triton is (a CUDA build of torch); the CPU
-tests check ``dequantize`` itself, and ``bench/int4_kernels.py`` checks this against it.
+tests run it in Triton's interpreter against ``dequantize`` (tests/test_triton_kernels.py), and every
+load on a GPU checks it once more (``core.int4_weights.fuse_unpacking``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Why not only bitsandbytes: its NF4 mat-vec reads weights at about half of the GP
 for more than one row it dequantizes the whole weight every call, so a decode step of 8 questions
 costs 2.6x one of a single question (bench/RESULTS.md). torch's "tinygemm" kernel
 (``aten._weight_int4pack_mm``, what gpt-fast and torchao's int4 weight-only use) reads them at
-twice the rate and holds its speed to 8 rows, but at prefill sizes it is 18x slower than a
+twice the rate (its cost still doubles from 1 row to 8; ``bench/int4_batched_matmul.py`` is a try at
+a kernel that does not), but at prefill sizes it is 18x slower than a
 dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and takes
 tinygemm for up to ``KERNEL_ROWS`` rows and unpacks it to a full-width weight for more (on a GPU with
 one Triton kernel, ``core.int4_unpack_gpu``).

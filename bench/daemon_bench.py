@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -52,27 +53,26 @@ async def ask(http: aiohttp.ClientSession, url: str, body: dict[str, object]) ->
     return time.perf_counter() - started, answer
 
 
+async def three(http: aiohttp.ClientSession, url: str, body: Callable[[int], dict[str, object]]) -> tuple[float, str]:
+    """Three questions one after another: the median seconds, and each time with its answer's length
+    (random weights end answers at random, at an end token)."""
+    times = []
+    for n in range(3):
+        seconds, answer = await ask(http, url, body(n))
+        times.append((seconds, len(str(answer.get("answer", "")))))
+    return sorted(times)[1][0], ", ".join(f"{t * 1e3:.0f} ms/{c} chars" for t, c in times)
+
+
 async def measure(url: str) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
         await ask(http, url, {"conversation_id": "warm", "text": "warm up", "images": [{"data": screenshot(0)}]})
-        # Random weights end answers at random (an end token), so each time comes with its answer's length.
-        singles, sizes = [], []
-        for n in range(3):
-            seconds, answer = await ask(http, url, {"conversation_id": f"one{n}", "text": "What does this error mean?",
-                                                    "images": [{"data": screenshot(10 + n)}]})
-            singles.append(seconds)
-            sizes.append(len(str(answer.get("answer", ""))))
-        one = sorted(singles)[1]
-        follows, follow_sizes = [], []
-        for n in range(3):
-            seconds, answer = await ask(http, url, {"conversation_id": f"one{n}", "text": "And how do I fix it?"})
-            follows.append(seconds)
-            follow_sizes.append(len(str(answer.get("answer", ""))))
-        follow = sorted(follows)[1]
-        print(f"one answer (screenshot + question): {one * 1e3:.0f} ms (median of 3: "
-              + ", ".join(f"{t * 1e3:.0f} ms/{c} chars" for t, c in zip(singles, sizes, strict=True)) + ")")
+        firsts = await three(http, url, lambda n: {"conversation_id": f"one{n}", "text": "What does this error mean?",
+                                                   "images": [{"data": screenshot(10 + n)}]})
+        follows = await three(http, url, lambda n: {"conversation_id": f"one{n}", "text": "And how do I fix it?"})
+        one, follow = firsts[0], follows[0]
+        print(f"one answer (screenshot + question): {one * 1e3:.0f} ms (median of 3: {firsts[1]})")
         print(f"follow-up about the same screenshot: {follow * 1e3:.0f} ms ({follow / one:.0%} of the first; "
-              + ", ".join(f"{t * 1e3:.0f} ms/{c} chars" for t, c in zip(follows, follow_sizes, strict=True)) + ")")
+              f"{follows[1]})")
 
         async def chat(n: int) -> float:
             await asyncio.sleep(n / 8)  # 8 chats within one second

@@ -320,12 +320,7 @@ class Dispatcher:
             reply = COMMANDS_HELP
         else:  # a command the platform marked, that imsight does not have
             reply = f"I don't know {name}. /help says what I understand."
-        job = NewJob((), JobContext(command=name), reply=reply)
-        accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
-        log.info("%s chat %s message %s: command %s answered", incoming.platform, incoming.chat_id,
-                 incoming.message_id, name)
-        self._outbox.wake()
-        return accepted
+        return await self._reply_at_once(incoming, images, name, reply, inbox_id, f"command {name} answered")
 
     def _alone(self, incoming: Incoming) -> bool:
         """An image sent on its own in a direct chat, with nothing asked: kept for the question to come."""
@@ -337,10 +332,16 @@ class Dispatcher:
         count = len(images)
         reply = (f"Got {'it' if count == 1 else f'{count} images'}. What would you like to know? "
                  "Ask in your next message.")
-        job = NewJob((), JobContext(command="image"), reply=reply)
+        return await self._reply_at_once(incoming, images, "image", reply, inbox_id,
+                                         f"{count} image(s) kept, the question invited")
+
+    async def _reply_at_once(self, incoming: Incoming, images: Sequence[ImageInfo], kind: str, reply: str,
+                             inbox_id: int | None, what: str) -> Accepted:
+        """The message and its images stored with a reply that needs no model (``kind``: the job's
+        command), handed to the outbox."""
+        job = NewJob((), JobContext(command=kind), reply=reply)
         accepted = await self._store.record(incoming, images, job, inbox_id=inbox_id)
-        log.info("%s chat %s message %s: %d image(s) kept, the question invited", incoming.platform,
-                 incoming.chat_id, incoming.message_id, count)
+        log.info("%s chat %s message %s: %s", incoming.platform, incoming.chat_id, incoming.message_id, what)
         self._outbox.wake()
         return accepted
 

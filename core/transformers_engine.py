@@ -179,7 +179,7 @@ class TransformersEngine:
         self._render_lock = threading.Lock()  # the image processor's memo serves one render at a time
         self._intake = threading.Lock()  # a question is queued before the engine thread's last look, or refused
         self._drained = False
-        self._prefill_fused = False  # first questions' prefill through the compiled layers (once compiled)
+        self._fused_prefill: FusedLayers | None = None  # the compiled layers first questions' prefill takes
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
         self._image_token_ids: set[int] = set()
@@ -234,6 +234,7 @@ class TransformersEngine:
             self._renderer.shutdown(wait=False)  # a render still queued there fails its question (closing)
             self._renderer = None
         self._clear_caches()
+        self._fused_prefill = None  # (its layers are the model's, which goes now)
         self._loaded = None
 
     async def answer(
@@ -463,15 +464,15 @@ class TransformersEngine:
         from then on. Only cuDNN-free attention: prompts come in every length, cuDNN re-plans for each."""
         import torch
 
-        if self._prefill_fused:
+        if self._fused_prefill is not None:
             try:
-                with self._attention_kernels(), self._prefill_layers():
+                with self._attention_kernels(), self._fused_prefill.active():
                     return work()
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
                 log.warning("the compiled prefill failed (%s); prefill runs eagerly from now on", _reason(exc))
-                self._prefill_fused = False
+                self._fused_prefill = None
         with self._attention_kernels():
             return work()
 
@@ -557,10 +558,6 @@ class TransformersEngine:
             return None
         return FusedLayers(layers, cache_dir=self._compile_cache)
 
-    def _prefill_layers(self) -> contextlib.AbstractContextManager[None]:
-        fused = self._stepper.fused if self._stepper is not None else None
-        return fused.active() if self._prefill_fused and fused is not None else contextlib.nullcontext()
-
     def _compile_prefill(self, fused: FusedLayers) -> None:
         """The compiled layers for first questions' prefill too: compiled now, on a dummy screenshot
         question (sizes are symbolic: one compilation serves every prompt length)."""
@@ -576,7 +573,7 @@ class TransformersEngine:
             log.warning("cannot compile the prefill's layers (%s); first questions are prefilled eagerly",
                         _reason(exc))
             return
-        self._prefill_fused = True
+        self._fused_prefill = fused
         log.info("prefill compiled in %.1fs", time.monotonic() - started)
 
     def _speed_up_when_idle(self, stepper: Stepper) -> Iterator[None]:
@@ -716,7 +713,7 @@ class TransformersEngine:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
         values["decode_compiled"] = float(self._stepper is not None and self._stepper.steps_fused)
-        values["prefill_compiled"] = float(self._prefill_fused)
+        values["prefill_compiled"] = float(self._fused_prefill is not None)
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
         values["features_cache_bytes"] = float(self._features.nbytes)
         if self.device == "cuda":

@@ -144,16 +144,45 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             stepper._eager("step", 1, 1024)
             torch.cuda.synchronize()
+        sdpa_by_shape = _steps_with_sdpa(engine, [(1, 2048), (8, 2048), (1, 4096)])
         kv.positions.copy_(saved)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in kernels)
     kinds = [e for e in prof.key_averages() if e.device_time_total > 0]
     top = sorted(kinds, key=lambda e: -e.device_time_total)[:6]
     most = sorted(kinds, key=lambda e: -e.count)[:12]
-    return {"replay_ms": replay_s * 1e3, "replay_ms_by_rows_x_span": by_shape,
+    return {"replay_ms": replay_s * 1e3, "replay_ms_by_rows_x_span": by_shape, "sdpa_replay_ms": sdpa_by_shape,
             "kernels_per_step": len(kernels), "kernel_ms": gpu_us / 1e3,
             "top_kernels": [(e.key[:60], round(e.device_time_total / 1e3, 2), e.count) for e in top],
             "most_launched": [(e.key[:70], e.count, round(e.device_time_total / 1e3, 3)) for e in most]}
+
+
+def _steps_with_sdpa(engine: TransformersEngine, shapes: list[tuple[int, int]]) -> dict[str, float]:
+    """The same steps captured again with SDPA as their attention instead of the split-KV kernel, and
+    replayed: the kernel's share of a step, in one process (nothing is compiled anew: attention
+    stays outside the compiled layers)."""
+    import torch
+
+    stepper, attention = engine._stepper, engine._step_attention
+    if stepper is None or attention is None:
+        return {}
+    attention.enabled = False
+    try:
+        replay = {}
+        for rows, span in shapes:
+            graph, _ = stepper._capture(("step", rows, span), stepper.steps_fused, None)
+            assert graph is not None
+            graph.replay()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+            replay[f"{rows}x{span}"] = round((time.perf_counter() - started) * 1e2, 2)
+            del graph
+        return replay
+    finally:
+        attention.enabled = True
 
 
 async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, other: PreparedImage
@@ -342,6 +371,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["weight_bytes"] = model.get_memory_footprint()
     out["kv_slot_bytes"] = engine._kv.nbytes if engine._kv is not None else 0
     out["graphs"] = bool(engine._stepper and engine._stepper.use_graphs)
+    out["step_attention"] = "split-KV kernel" if engine._step_attention is not None else "SDPA"
     out["image_tokens"] = int((engine._inputs([screenshot(0)], [], QUESTION)["input_ids"]
                                == model.config.image_token_id).sum())
     n = 100
@@ -466,7 +496,8 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
     for r in results:
         lines.append(f"\n[{r['mode']}] started in {r['start_s']:.1f} s (load, warm-up, CUDA graphs: {r['graphs']}), "
                      f"decode step at full speed (compiled) {r['compiled_s']:.1f} s after the start; "
-                     f"image tokens per 1024x768 screenshot: {r['image_tokens']}")
+                     f"image tokens per 1024x768 screenshot: {r['image_tokens']}; "
+                     f"decode steps' attention: {r.get('step_attention')}")
         lines.append(f"  weights {r['weight_bytes'] / 1e9:.2f} GB + KV slots {r['kv_slot_bytes'] / 1e9:.2f} GB"
                      + (f"; peak allocated, load + one question {r['peak_allocated_bytes'] / 1e9:.2f} GB"
                         if "peak_allocated_bytes" in r else ""))
@@ -504,6 +535,9 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
             lines.append("  most launched: " + "; ".join(f"{k} x{n} {ms} ms" for k, n, ms in r["most_launched"]))
             lines.append("  step replay (ms) by rows x span: "
                          + ", ".join(f"{k} {v}" for k, v in r["replay_ms_by_rows_x_span"].items()))
+            if r.get("sdpa_replay_ms"):
+                lines.append("  the same steps with SDPA as their attention (ms): "
+                             + ", ".join(f"{k} {v}" for k, v in r["sdpa_replay_ms"].items()))
         batch8, single = r["batch8_tokens_per_s"], r["single_tokens_per_s"]
         lines.append(f"  8 at once: {batch8:.1f} tokens/s vs one answer {single:.1f} "
                      f"({batch8 / single:.1f}x, target >= 6x); once all 8 are decoding: "

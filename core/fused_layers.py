@@ -52,10 +52,12 @@ class FusedLayers:
 
         self._attention = getattr(getattr(getattr(layers[0], "self_attn", None), "config", None),
                                   "_attn_implementation", None) if layers else None
+        self._replaced: Callable[..., Any] | None = None
         if self._attention in ALL_ATTENTION_FUNCTIONS:
-            # The registry's own way to replace an implementation (here: the same one, never compiled).
-            original = ALL_ATTENTION_FUNCTIONS[self._attention]
-            ALL_ATTENTION_FUNCTIONS[self._attention] = torch.compiler.disable(original)  # type: ignore[no-untyped-call]
+            # The registry's own way to replace an implementation (here: the same one, never compiled;
+            # the decode steps' own where the engine installed it, core/step_attention.py).
+            self._replaced = ALL_ATTENTION_FUNCTIONS[self._attention]
+            ALL_ATTENTION_FUNCTIONS[self._attention] = torch.compiler.disable(self._replaced)  # type: ignore[no-untyped-call]
         if cache_dir is not None:
             # Inductor's caches (graphs, kernels) spare a restart with the same model and settings the
             # code generation; an operator's own TORCHINDUCTOR_CACHE_DIR wins.
@@ -95,7 +97,8 @@ class FusedLayers:
 
         for layer in self._layers:
             vars(layer).pop("forward", None)
-        ALL_ATTENTION_FUNCTIONS._local_mapping.pop(self._attention, None)  # the library's own again
+        if self._replaced is not None:
+            ALL_ATTENTION_FUNCTIONS[self._attention] = self._replaced
 
 
 def prefill_cache(config: Any) -> Any:

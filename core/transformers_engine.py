@@ -44,6 +44,7 @@ from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
+from core.step_attention import StepAttention
 
 __all__ = ["EngineStats", "TransformersEngine"]
 
@@ -180,6 +181,7 @@ class TransformersEngine:
         self._intake = threading.Lock()  # a question is queued before the engine thread's last look, or refused
         self._drained = False
         self._fused_prefill: FusedLayers | None = None  # the compiled layers first questions' prefill takes
+        self._step_attention: StepAttention | None = None  # decode steps' attention, where its kernel runs
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
         self._image_token_ids: set[int] = set()
@@ -235,6 +237,9 @@ class TransformersEngine:
             self._renderer = None
         self._clear_caches()
         self._fused_prefill = None  # (its layers are the model's, which goes now)
+        if self._step_attention is not None:
+            self._step_attention.remove()
+            self._step_attention = None
         self._loaded = None
 
     async def answer(
@@ -534,17 +539,19 @@ class TransformersEngine:
             room = self._free_gpu_bytes() // 4
             length = max(512, min(length, room // (per_token * self.max_batch)))
         self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
+        self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
+                                                     dtype=keys.dtype)
         graphs = self._use_graphs and keys.device.type == "cuda"
         compiles = self._compile_decode and (graphs or self._compile_without_graphs)
         self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,
-                                use_graphs=graphs, fused=self._fuse() if compiles else None)
+                                use_graphs=graphs)
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
         if graphs or compiles:
             log.info("the decode step runs eagerly until it is %s, while idle (batch sizes %s x spans %s; "
                      "follow-up tails %s)", "captured and compiled" if compiles else "captured",
                      self._stepper.sizes, self._stepper.spans, self._stepper.tails)
-            self._speeding_up = self._speed_up_when_idle(self._stepper)
+            self._speeding_up = self._speed_up_when_idle(self._stepper, compiles=compiles)
         else:
             log.info("%s: the decode step runs eagerly, neither compiled nor captured",
                      "cuda_graphs = false" if keys.device.type == "cuda" else "no GPU")
@@ -576,18 +583,23 @@ class TransformersEngine:
         self._fused_prefill = fused
         log.info("prefill compiled in %.1fs", time.monotonic() - started)
 
-    def _speed_up_when_idle(self, stepper: Stepper) -> Iterator[None]:
+    def _speed_up_when_idle(self, stepper: Stepper, *, compiles: bool) -> Iterator[None]:
         """Capture the decode step as CUDA graphs (seconds), then compile its layers and capture it again
         (a minute), one shape per idle turn of ``_serve``: never while a question is being answered.
 
         Why not at start: dynamo traces every graph anew in each process, inductor's cache or not
         (measured on the H200: 45 of a restart's 62 s, 35 s of it tracing), so the daemon would be
         ready a minute late on every restart. This way it is ready once the model is loaded; until
-        then steps run eagerly, then captured (85 tokens/s in bf16), then compiled (117). A question
+        then steps run eagerly, then captured, then compiled (int4 on the H200: 230 tokens/s). A question
         that comes meanwhile waits for the shape in hand: under a second while capturing, up to
         ~20 s while the first shapes compile (GLM-4.6V-Flash on the H200)."""
         if stepper.use_graphs:
             yield from self._idle_work(stepper, fused=False)
+        if compiles:
+            # Made here, not with the stepper: torch.compile's first call imports the compiler, seconds
+            # that would delay ready (measured on the H200: 3.2 s of a 21 s restart).
+            yield
+            stepper.fused = self._fuse()
         if stepper.fused is not None:
             yield from self._idle_work(stepper, fused=True)
         if stepper.fused is not None:  # (still: it is dropped where it cannot compile)

@@ -21,6 +21,7 @@ SCRIPTS = {
                                       "greedy output equals bare generate()"]),
     "engine_smoke.py": ([], ["cuda available"]),
     "int4_kernels.py": ([], ["cuda available"]),
+    "attention_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
 }
 

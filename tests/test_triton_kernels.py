@@ -1,10 +1,12 @@
-"""The int4 Triton kernels, run by Triton's interpreter on the CPU (on a GPU they run compiled).
+"""The Triton kernels, run by Triton's interpreter on the CPU (on a GPU they run compiled).
 
 ``core.int4_unpack_gpu`` unpacks int4 weights for every prefill on a GPU; ``bench/int4_batched_matmul.py``
 is an experiment kept for the next try. Both compute from tinygemm's tiled layout with index
 arithmetic of their own, which is what these tests check: on the GPU a wrong index reads the right
-bytes in the wrong order and still looks like a weight. The interpreter decides when a kernel is
-defined (``TRITON_INTERPRET``), so each check runs in a fresh interpreter process of its own.
+bytes in the wrong order and still looks like a weight. ``core.split_kv_attention`` is every decode
+step's attention on a GPU: checked against SDPA, and inside the engine against bare ``generate()``.
+The interpreter decides when a kernel is defined (``TRITON_INTERPRET``), so each check runs in a
+fresh interpreter process of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_interpreted(script: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"}
+    path = os.pathsep.join(str(p) for p in (ROOT, ROOT / "bench", ROOT / "tests"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -76,3 +79,117 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
         print("checked", checked)
     """)
     assert "checked 36" in out
+
+
+def test_split_kv_attention_computes_what_sdpa_does() -> None:
+    out = run_interpreted("""
+        import torch
+        from core.split_kv_attention import split_kv_attention
+        from core.step_attention import fits
+
+        torch.manual_seed(0)
+        checked = 0
+        # (rows, query heads, K/V heads, dim, span): grouped heads padded to 16 and not; one row and one
+        # head, so that the span is split (4 programs under the interpreter); spans off the block size.
+        for rows, heads, kv_heads, dim, span in [(1, 32, 2, 128, 300), (3, 2, 1, 32, 512), (1, 4, 1, 64, 700),
+                                                 (2, 8, 8, 16, 65)]:
+            # Views into a slot cache, as a decode step gets them: rows and positions of a bigger tensor.
+            cache_k, cache_v = torch.randn(2, rows + 2, kv_heads, span + 50, dim).unbind(0)
+            key, value = cache_k[1:rows + 1, :, :span], cache_v[1:rows + 1, :, :span]
+            query = torch.randn(rows, heads, 1, dim)
+            everything, some, one = torch.full((rows,), span), torch.randint(1, span + 1, (rows,)), torch.ones(rows)
+            for lengths in (everything, some, one):
+                mask = (torch.arange(span)[None, :] < lengths[:, None])[:, None, None, :]
+                assert fits(query, key, value, mask, dropout=0.0, scaling=0.1)
+                got = split_kv_attention(query, key, value, mask, 0.1)
+                groups = heads // kv_heads
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=mask,
+                    scale=0.1).transpose(1, 2)
+                assert got.shape == ref.shape == (rows, 1, heads, dim)
+                assert torch.allclose(got, ref, atol=1e-5), (rows, heads, span, (got - ref).abs().max())
+                checked += 1
+            # What the kernel is not for goes to the model's own attention.
+            mask = torch.ones(rows, 1, 1, span, dtype=torch.bool)
+            two_tokens = torch.randn(rows, heads, 2, dim)
+            assert not fits(two_tokens, key, value, torch.ones(rows, 1, 2, span, dtype=torch.bool))
+            assert not fits(query, key, value, mask.float())
+            assert not fits(query, key, value, None)
+            assert not fits(query, key, value, mask, dropout=0.1)
+            assert not fits(query, key, value, mask, softcap=30.0)
+        # Installed, it takes the registry's calls as the model makes them (the mask by position or by
+        # name) and hands on what is not its own.
+        from types import SimpleNamespace
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from core.step_attention import StepAttention
+
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        installed = StepAttention("sdpa")
+        module = SimpleNamespace(num_key_value_groups=4, is_causal=False, training=False)
+        query, key, value = torch.randn(2, 8, 1, 32), torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32)
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+        mask[0, ..., 10:] = False
+        ref = sdpa(module, query, key, value, mask, scaling=0.2, dropout=0.0)[0]
+        assert torch.allclose(ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, scaling=0.2)[0], ref,
+                              atol=1e-5)
+        assert torch.allclose(ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask=mask,
+                                                              scaling=0.2)[0], ref, atol=1e-5)
+        many = torch.randn(2, 8, 5, 32)
+        assert torch.equal(ALL_ATTENTION_FUNCTIONS["sdpa"](module, many, key, value, attention_mask=None)[0],
+                           sdpa(module, many, key, value, None)[0])
+        installed.remove()
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+        print("checked", checked)
+    """)
+    assert "checked 12" in out
+
+
+def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> None:
+    """The tiny model's engine under the interpreter, where the kernel runs: every decode step's
+    attention is the kernel's (several rows at once), and each answer is still bare ``generate()``'s."""
+    out = run_interpreted("""
+        import asyncio, tempfile
+        from pathlib import Path
+        from PIL import Image
+        import core.split_kv_attention as kernel
+        from core.answer_text import CUT_NOTE
+        from core.engine import GenerationLimits, PreparedImage
+        from core.model_files import resolve
+        from core.tiny_model import build_tiny_model
+        from core.transformers_engine import TransformersEngine
+        from helpers import bare_generate
+
+        rows = []
+        original = kernel.split_kv_attention
+        def counted(*args):
+            rows.append(args[0].shape[0])
+            return original(*args)
+        kernel.split_kv_attention = counted
+
+        async def answer(engine, images, question, tokens):
+            return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
+
+        async def main():
+            model = resolve("tiny", build_tiny_model(Path(tempfile.mkdtemp())), allow_download=False)
+            engine = TransformersEngine(model, device="cpu", max_batch=4, prefix_cache_bytes=0)
+            await engine.start()
+            try:
+                asks = [([PreparedImage(f"i{n}", Image.new("RGB", (64, 48), (40 * n, 90, 200)))], "Q" + "?" * n,
+                         10 + 4 * n) for n in range(3)]
+                expected = [bare_generate(engine, images, question, tokens) for images, question, tokens in asks]
+                before = len(rows)
+                got = await asyncio.gather(*[answer(engine, *ask) for ask in asks])
+                assert len(rows) > before and max(rows) >= 3, rows  # the steps went through it, together
+                for want, have in zip(expected, got, strict=True):
+                    assert have.removesuffix(CUT_NOTE) == want and want, (want, have)
+                print("answered", len(got))
+            finally:
+                await engine.stop()
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original_sdpa  # stopped: the library's own again
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        asyncio.run(main())
+    """)
+    assert "answered 3" in out

@@ -39,6 +39,7 @@ def load(
     cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load ``source``; raise ``ModelUnavailable`` with what to do when it cannot be."""
+    called = time.monotonic()
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
@@ -72,8 +73,9 @@ def load(
                  kept)
     if getattr(model.config, MARKER, False):
         log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
-    log.info("model %s loaded on %s in %.1fs (weights read in %.1fs): %s, quantization %s, about %.1f GiB", name,
-             where, time.monotonic() - started, read - started, torch_dtype, mode, need.weights / 2**30)
+    log.info("model %s loaded on %s in %.1fs (weights read in %.1fs; before that, importing transformers and "
+             "planning on the device %.1fs): %s, quantization %s, about %.1f GiB", name, where,
+             time.monotonic() - started, read - started, started - called, torch_dtype, mode, need.weights / 2**30)
     return LoadedModel(model, processor, where, torch_dtype, mode, vision_dtype(model, keep), need)
 
 

@@ -77,10 +77,10 @@ def _merge_slices(part_out, part_max, part_sum, out, splits,  # type: ignore[no-
     at = (row_head * splits + s) * GROUP_PAD + member
     best = tl.load(part_max + at, mask=s < splits, other=float("-inf"))
     top = tl.max(best, 0)
-    scale = tl.exp(best - top)  # a slice that saw nothing has weight 0 (the row's own token is always seen)
-    total = tl.sum(tl.load(part_sum + at, mask=s < splits, other=0.0) * scale, 0)
+    weight = tl.exp(best - top)  # a slice that saw nothing weighs 0 (the row's own token is always seen)
+    total = tl.sum(tl.load(part_sum + at, mask=s < splits, other=0.0) * weight, 0)
     acc = tl.load(part_out + at[:, None] * DIM + d[None, :], mask=(s < splits)[:, None], other=0.0)
-    merged = tl.sum(acc * scale[:, None], 0) / total
+    merged = tl.sum(acc * weight[:, None], 0) / total
     tl.store(out + (row_head * GROUP + member) * DIM + d, merged.to(out.dtype.element_ty))
 
 

@@ -131,16 +131,8 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
             graph.replay()
         torch.cuda.synchronize()
         replay_s = (time.perf_counter() - started) / 50
-        by_shape = {}  # how a step's GPU time grows with rows and span
-        for (kind, size, span), each in stepper._graphs.items():
-            if kind == "step" and span <= 4096:
-                each.replay()
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                for _ in range(10):
-                    each.replay()
-                torch.cuda.synchronize()
-                by_shape[f"{size}x{span}"] = round((time.perf_counter() - started) * 1e2, 2)
+        by_shape = {f"{size}x{span}": _replay_ms(each)  # how a step's GPU time grows with rows and span
+                    for (kind, size, span), each in stepper._graphs.items() if kind == "step" and span <= 4096}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             stepper._eager("step", 1, 1024)
             torch.cuda.synchronize()
@@ -161,7 +153,6 @@ def _steps_with_sdpa(engine: TransformersEngine, shapes: list[tuple[int, int]]) 
     """The same steps captured again with SDPA as their attention instead of the split-KV kernel, and
     replayed: the kernel's share of a step, in one process (nothing is compiled anew: attention
     stays outside the compiled layers)."""
-    import torch
 
     stepper, attention = engine._stepper, engine._step_attention
     if stepper is None or attention is None:
@@ -172,17 +163,23 @@ def _steps_with_sdpa(engine: TransformersEngine, shapes: list[tuple[int, int]]) 
         for rows, span in shapes:
             graph, _ = stepper._capture(("step", rows, span), stepper.steps_fused, None)
             assert graph is not None
-            graph.replay()
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(10):
-                graph.replay()
-            torch.cuda.synchronize()
-            replay[f"{rows}x{span}"] = round((time.perf_counter() - started) * 1e2, 2)
-            del graph
+            replay[f"{rows}x{span}"] = _replay_ms(graph)
         return replay
     finally:
         attention.enabled = True
+
+
+def _replay_ms(graph: Any, times: int = 10) -> float:
+    """Milliseconds a replay of ``graph``, back to back (after one to warm up)."""
+    import torch
+
+    graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(times):
+        graph.replay()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - started) * 1e3 / times, 2)
 
 
 async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, other: PreparedImage

@@ -90,6 +90,9 @@ class EngineConfig(_Section):
     # questions' prefill: fewer, fused kernels. Done while idle after start; inductor's code is cached
     # under data_dir/compile-cache (dynamo still traces anew in every process).
     compile_decode: bool = True
+    # Decode steps' attention through imsight's split-KV Triton kernel (GPU; it is checked against SDPA
+    # at start, and SDPA stays where it disagrees or cannot run); false: SDPA always.
+    split_kv_attention: bool = True
     # kind = "openai": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, Ollama).
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr | None = None

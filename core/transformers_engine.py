@@ -144,6 +144,7 @@ class TransformersEngine:
         context_tokens: int = 4096,
         cuda_graphs: bool = True,
         compile_decode: bool = True,
+        split_kv_attention: bool = True,
         compile_cache: Path | None = None,
     ) -> None:
         self._source = source
@@ -162,6 +163,7 @@ class TransformersEngine:
         self._context_tokens = context_tokens
         self._use_graphs = cuda_graphs
         self._compile_decode = compile_decode
+        self._split_kv_attention = split_kv_attention
         self._compile_cache = compile_cache
         self._kv: SlotKV | None = None
         self._speeding_up: Iterator[None] | None = None  # capturing and compiling the step, a shape per idle turn
@@ -539,8 +541,9 @@ class TransformersEngine:
             room = self._free_gpu_bytes() // 4
             length = max(512, min(length, room // (per_token * self.max_batch)))
         self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
-        self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
-                                                     dtype=keys.dtype)
+        if self._split_kv_attention:
+            self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
+                                                         dtype=keys.dtype)
         graphs = self._use_graphs and keys.device.type == "cuda"
         compiles = self._compile_decode and (graphs or self._compile_without_graphs)
         self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,
@@ -596,8 +599,8 @@ class TransformersEngine:
         if stepper.use_graphs:
             yield from self._idle_work(stepper, fused=False)
         if compiles:
-            # Made here, not with the stepper: torch.compile's first call imports the compiler, seconds
-            # that would delay ready (measured on the H200: 3.2 s of a 21 s restart).
+            # Made here, not with the stepper: torch.compile's first call imports inductor, seconds that
+            # would delay ready (measured on the H200: 3.2 s of a 21 s restart).
             yield
             stepper.fused = self._fuse()
         if stepper.fused is not None:

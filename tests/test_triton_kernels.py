@@ -146,7 +146,8 @@ def test_split_kv_attention_computes_what_sdpa_does() -> None:
 
 def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> None:
     """The tiny model's engine under the interpreter, where the kernel runs: every decode step's
-    attention is the kernel's (several rows at once), and each answer is still bare ``generate()``'s."""
+    attention is the kernel's (several rows at once), and each answer is still bare ``generate()``'s;
+    with ``split_kv_attention = false`` in the config, the same answer through SDPA alone."""
     out = run_interpreted("""
         import asyncio, tempfile
         from pathlib import Path
@@ -170,7 +171,8 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
             return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
 
         async def main():
-            model = resolve("tiny", build_tiny_model(Path(tempfile.mkdtemp())), allow_download=False)
+            directory = build_tiny_model(Path(tempfile.mkdtemp()))
+            model = resolve("tiny", directory, allow_download=False)
             engine = TransformersEngine(model, device="cpu", max_batch=4, prefix_cache_bytes=0)
             await engine.start()
             try:
@@ -188,8 +190,26 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
             assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original_sdpa  # stopped: the library's own again
 
+            # ``[engine] split_kv_attention = false``: the same answers, through SDPA only.
+            from bot.config import parse
+            from bot.daemon import build_engine
+
+            config = parse({"storage": {"data_dir": tempfile.mkdtemp()},
+                            "engine": {"model_path": str(directory), "device": "cpu", "max_batch": 4,
+                                       "prefix_cache_mb": 0, "split_kv_attention": False}}, environ={})
+            engine = build_engine(config)
+            await engine.start()
+            try:
+                before = len(rows)
+                assert await answer(engine, *asks[0]) == got[0]
+                assert len(rows) == before and ALL_ATTENTION_FUNCTIONS["sdpa"] is original_sdpa
+            finally:
+                await engine.stop()
+            print("switched off")
+
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         original_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         asyncio.run(main())
     """)
     assert "answered 3" in out
+    assert "switched off" in out

@@ -24,6 +24,7 @@ import triton.language as tl
 __all__ = ["split_kv_attention"]
 
 BLOCK = 64  # positions a program's loop takes at a time
+MAX_SPLITS = 64  # the merge holds one partial row per slice in registers: 64 x dim floats at most
 
 
 @triton.jit  # type: ignore[untyped-decorator,unused-ignore]
@@ -101,7 +102,7 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     kv_heads, span = key.shape[1], key.shape[2]
     group = heads // kv_heads
     blocks = triton.cdiv(span, BLOCK)
-    splits = min(blocks, max(1, _programs(query.device) // (rows * kv_heads)))
+    splits = min(blocks, MAX_SPLITS, max(1, _programs(query.device) // (rows * kv_heads)))
     per_split = triton.cdiv(blocks, splits) * BLOCK
     splits = triton.cdiv(span, per_split)
     group_pad = max(16, triton.next_power_of_2(group))

@@ -84,6 +84,7 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
 def test_split_kv_attention_computes_what_sdpa_does() -> None:
     out = run_interpreted("""
         import torch
+        import core.split_kv_attention as kernel
         from core.split_kv_attention import split_kv_attention
         from core.step_attention import fits
 
@@ -117,6 +118,14 @@ def test_split_kv_attention_computes_what_sdpa_does() -> None:
             assert not fits(query, key, value, None)
             assert not fits(query, key, value, mask, dropout=0.1)
             assert not fits(query, key, value, mask, softcap=30.0)
+        # A long span on a GPU with many programs: at most MAX_SPLITS slices, each over several blocks.
+        kernel._programs = lambda device: 1000
+        query, key, value = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 5000, 16), torch.randn(1, 1, 5000, 16)
+        mask = torch.ones(1, 1, 1, 5000, dtype=torch.bool)
+        mask[..., 4321:] = False
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask).transpose(1, 2)
+        assert torch.allclose(split_kv_attention(query, key, value, mask, 16 ** -0.5), ref, atol=1e-5)
         # Installed, it takes the registry's calls as the model makes them (the mask by position or by
         # name) and hands on what is not its own.
         from types import SimpleNamespace

@@ -32,6 +32,7 @@ def main() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     import core.split_kv_attention as kernel
+    from core.step_attention import reference
 
     torch.manual_seed(0)
     default_block, default_programs = kernel.BLOCK, kernel._programs
@@ -55,10 +56,7 @@ def main() -> None:
             def split(query=query, key=key, value=value, mask=mask):
                 return kernel.split_kv_attention(query, key, value, mask, scale)
 
-            groups = HEADS // KV_HEADS
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                query.float(), key.float().repeat_interleave(groups, 1), value.float().repeat_interleave(groups, 1),
-                attn_mask=mask, scale=scale).transpose(1, 2)
+            ref = reference(query, key, value, mask, scale)
             error = ((split().float() - ref).abs().max() / ref.abs().max()).item()
             sdpa_error = ((sdpa().float() - ref).abs().max() / ref.abs().max()).item()
             sdpa_us, split_us = graph_timed(sdpa), graph_timed(split)

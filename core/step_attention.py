@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepAttention", "fits"]
+__all__ = ["StepAttention", "fits", "reference"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,16 @@ def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
             and not kwargs.get("dropout") and kwargs.get("softcap") is None
             and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None
             and not kwargs.get("output_attentions"))
+
+
+def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """What ``split_kv_attention`` must return, in float32: SDPA with each K/V head repeated for its
+    query heads, ``[rows, 1, heads, dim]`` (the start-up check and the bench compare against it)."""
+    groups = query.shape[1] // key.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float().repeat_interleave(groups, 1), value.float().repeat_interleave(groups, 1),
+        attn_mask=mask, scale=scale).transpose(1, 2)
 
 
 class StepAttention:
@@ -132,8 +142,5 @@ class _Probe:
 
         scale = self.query.shape[-1] ** -0.5
         got = split_kv_attention(self.query, self.key, self.value, self.mask, scale).float()
-        groups = self.query.shape[1] // self.key.shape[1]
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            self.query.float(), self.key.float().repeat_interleave(groups, 1),
-            self.value.float().repeat_interleave(groups, 1), attn_mask=self.mask, scale=scale).transpose(1, 2)
+        ref = reference(self.query, self.key, self.value, self.mask, scale)
         return bool((got - ref).abs().max() <= 2e-2 * ref.abs().max())

@@ -544,6 +544,8 @@ class TransformersEngine:
         if self._split_kv_attention:
             self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
                                                          dtype=keys.dtype)
+        elif keys.device.type == "cuda":
+            log.info("split_kv_attention = false: decode steps' attention is SDPA")
         graphs = self._use_graphs and keys.device.type == "cuda"
         compiles = self._compile_decode and (graphs or self._compile_without_graphs)
         self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,

@@ -37,7 +37,8 @@ from core.model_files import resolve
 from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
-_QUANTIZATION = {"bf16": "none", "nf4": "nf4", "int4": "int4"}  # a mode's weights; "-unfused": not compiled
+# a mode's weights; "-unfused": not compiled
+_QUANTIZATION = {"bf16": "none", "nf4": "nf4", "int4": "int4", "fp8": "fp8"}
 QUESTION = "What does the error in this screenshot mean, and how do I fix it?"
 FIRST, FIRST_ANSWER = "What is on this screen?", "A terminal with a failed build: the linker cannot find libssl."
 FOLLOW_UP = "Which package do I install to fix that?"
@@ -136,6 +137,9 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             stepper._eager("step", 1, 1024)
             torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as replayed:
+            graph.replay()  # the step as it runs: compiled layers, captured
+            torch.cuda.synchronize()
         sdpa_by_shape = _steps_with_sdpa(engine, [(1, 2048), (8, 2048), (1, 4096)])
         kv.positions.copy_(saved)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -143,7 +147,12 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
     kinds = [e for e in prof.key_averages() if e.device_time_total > 0]
     top = sorted(kinds, key=lambda e: -e.device_time_total)[:6]
     most = sorted(kinds, key=lambda e: -e.count)[:12]
-    return {"replay_ms": replay_s * 1e3, "replay_ms_by_rows_x_span": by_shape, "sdpa_replay_ms": sdpa_by_shape,
+    in_graph = [e for e in replayed.key_averages() if e.device_time_total > 0]
+    return {"graph_kernels": sum(e.count for e in in_graph),
+            "graph_kernel_ms": round(sum(e.device_time_total for e in in_graph) / 1e3, 2),
+            "graph_top": [(e.key[:60], round(e.device_time_total / 1e3, 3), e.count)
+                          for e in sorted(in_graph, key=lambda e: -e.device_time_total)[:14]],
+            "replay_ms": replay_s * 1e3, "replay_ms_by_rows_x_span": by_shape, "sdpa_replay_ms": sdpa_by_shape,
             "kernels_per_step": len(kernels), "kernel_ms": gpu_us / 1e3,
             "top_kernels": [(e.key[:60], round(e.device_time_total / 1e3, 2), e.count) for e in top],
             "most_launched": [(e.key[:70], e.count, round(e.device_time_total / 1e3, 3)) for e in most]}
@@ -532,6 +541,10 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
             lines.append("  most launched: " + "; ".join(f"{k} x{n} {ms} ms" for k, n, ms in r["most_launched"]))
             lines.append("  step replay (ms) by rows x span: "
                          + ", ".join(f"{k} {v}" for k, v in r["replay_ms_by_rows_x_span"].items()))
+            if r.get("graph_kernels"):
+                lines.append(f"  the step replayed (batch 1, span 1024): {r['graph_kernels']} kernels, "
+                             f"{r['graph_kernel_ms']} ms of GPU time summed; top: "
+                             + "; ".join(f"{k} {ms} ms x{n}" for k, ms, n in r["graph_top"]))
             if r.get("sdpa_replay_ms"):
                 lines.append("  the same steps with SDPA as their attention (ms): "
                              + ", ".join(f"{k} {v}" for k, v in r["sdpa_replay_ms"].items()))

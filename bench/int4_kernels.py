@@ -8,6 +8,7 @@ bf16 ``F.linear``. For each: microseconds a call at 1..16 rows (decode batches) 
 
     python bench/int4_kernels.py
     python bench/int4_kernels.py --fused   # the batched-decode kernel experiment (int4_batched_matmul.py)
+    python bench/int4_kernels.py --planes  # the same in a layout chosen for Triton (int4_planes_matmul.py)
 """
 
 from __future__ import annotations
@@ -199,10 +200,69 @@ def fused_sweep() -> None:
               f"us ({bytes_per_layer / chosen[m] / 1e6:.2f} TB/s), fastest shapes {best_total[m]:.1f} us")
 
 
+def planes_sweep() -> None:
+    """``int4_planes_matmul`` (an experiment: weights in nibble planes) at each launch shape, against tinygemm on the
+    same weights, at 1 to 16 rows, timed as a decode step runs them (CUDA graphs, partial sums added)."""
+    if not torch.cuda.is_available():
+        print("int4 kernels: needs a CUDA GPU (cuda available: False)")
+        return
+    from int4_planes_matmul import Launch, int4_matmul, launch_for, pack_planes
+
+    torch.manual_seed(0)
+    launches = [Launch(*shape) for shape in itertools.product((32, 64, 128, 256), (1, 2, 4, 8, 16), (4, 8), (2, 3, 4))]
+    rows = (1, 2, 4, 8, 16)
+    tiny: dict[int, float] = {}
+    best: dict[int, float] = {}
+    default: dict[int, float] = {}
+    for name, (k, n) in SHAPES.items():
+        weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        q, scales_zeros = quantize(weight, GROUP)
+        packed = pack(q, 8)
+        planes = pack_planes(q, GROUP)
+        scales_zeros = scales_zeros.to(torch.bfloat16)
+        int4_weight = dequantize(packed, scales_zeros, GROUP, torch.bfloat16)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), int4_weight.float())
+            tiny_us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
+            tiny_error = (torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float() - ref
+                          ).abs().max() / ref.abs().max()
+            results = []
+            for launch in launches:
+                if n % launch.block_n or (k // GROUP) < launch.split:
+                    continue
+                try:
+                    us = graph_timed(partial(int4_matmul, x, planes, scales_zeros, GROUP, launch))
+                except Exception as exc:  # a shape this GPU cannot launch (shared memory, registers)
+                    print(f"  {tuple(launch)}: {type(exc).__name__}")
+                    continue
+                got = int4_matmul(x, planes, scales_zeros, GROUP, launch)
+                results.append((us, launch, float((got.float() - ref).abs().max() / ref.abs().max())))
+            results.sort()
+            chosen = launch_for(n, k, GROUP)
+            chosen_us = graph_timed(partial(int4_matmul, x, planes, scales_zeros, GROUP, chosen))
+            tiny[m] = tiny.get(m, 0.0) + tiny_us
+            best[m] = best.get(m, 0.0) + results[0][0]
+            default[m] = default.get(m, 0.0) + chosen_us
+            print(f"{name} {k}x{n}, {m} rows: tinygemm {tiny_us:.1f} us (error {tiny_error:.1e}); planes "
+                  f"{tuple(chosen)} {chosen_us:.1f} us; fastest "
+                  + ", ".join(f"{us:.1f} us {tuple(c)} (error {e:.1e})" for us, c, e in results[:4]))
+    bytes_per_layer = sum(k * n for k, n in SHAPES.values()) * 4.25 / 8
+    for m in rows:
+        print(f"one layer's four linears, {m} rows: tinygemm {tiny[m]:.1f} us, planes as configured {default[m]:.1f} "
+              f"us ({bytes_per_layer / default[m] / 1e6:.2f} TB/s), fastest shapes {best[m]:.1f} us "
+              f"({bytes_per_layer / best[m] / 1e6:.2f} TB/s)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fused", action="store_true", help="only imsight's few-row kernel, launch shapes swept")
-    if parser.parse_args().fused:
+    parser.add_argument("--fused", action="store_true",
+                        help="only the tinygemm-layout few-row kernel, launch shapes swept")
+    parser.add_argument("--planes", action="store_true", help="only the nibble-plane kernel, launch shapes swept")
+    args = parser.parse_args()
+    if args.planes:
+        planes_sweep()
+    elif args.fused:
         fused_sweep()
     else:
         main()

@@ -75,7 +75,7 @@ class EngineConfig(_Section):
     allow_download: bool = False  # fetch `model` from the hub when it is not cached
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["auto", "nf4", "int4", "int8", "none"] = "auto"
+    quantization: Literal["auto", "nf4", "int4", "fp8", "int8", "none"] = "auto"
     max_new_tokens: int = Field(512, ge=1)
     workers: int = Field(8, ge=1, le=64)  # jobs answered at once (one per chat at a time)
     max_batch: int = Field(8, ge=1, le=64)  # questions generated together in one batch

@@ -90,12 +90,21 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
     else:
         yield Check("gpu", "warn", f"no CUDA GPU (torch {torch.__version__}): the model runs on the CPU, slowly",
                     "on a GPU host: check nvidia-smi and install a CUDA build of torch")
+    from core.errors import EngineError
     from core.quantization import pick_mode
 
     on_gpu = cuda and engine.device != "cpu"
-    mode = pick_mode(engine.quantization, "cuda" if on_gpu else "cpu",
-                     torch.cuda.get_device_capability(0) if on_gpu else None)
-    if mode == "int4":
+    try:
+        mode = pick_mode(engine.quantization, "cuda" if on_gpu else "cpu",
+                         torch.cuda.get_device_capability(0) if on_gpu else None)
+    except EngineError as exc:  # fp8 on a GPU that cannot multiply it
+        yield Check("quantization", "fail", str(exc))
+        yield from _model(config)
+        return
+    if mode == "fp8":
+        yield Check("fp8", "ok", "cuBLAS's fp8 product runs here" + (
+            f" (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if on_gpu else ""))
+    elif mode == "int4":
         capability = torch.cuda.get_device_capability(0) if cuda else (0, 0)
         if capability >= (8, 0):
             yield Check("int4", "ok", f"torch's int4 kernel runs on compute capability {capability[0]}.{capability[1]}")

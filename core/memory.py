@@ -15,6 +15,7 @@ GiB = 2**30
 _BYTES_PER_WEIGHT = {
     "nf4": 0.5 + 1 / 64,  # 4 bits, plus one 8-bit absmax per 64-weight block (double quantisation)
     "int4": 0.5 + 4 / 128,  # 4 bits, plus a bf16 scale and zero per group of 128
+    "fp8": 1.0,  # e4m3, plus a float32 scale per output row (counted below)
     "int8": 1.0,
 }
 _WORKING_FLOOR = 1 * GiB  # activations, KV cache and CUDA context for one screenshot question
@@ -24,7 +25,7 @@ _WORKING_FLOOR = 1 * GiB  # activations, KV cache and CUDA context for one scree
 class Estimate:
     weights: int
     working: int
-    loading: int = 0  # held only while loading: int4 loads full width, then quantizes
+    loading: int = 0  # held only while loading: int4 and fp8 load full width, then quantize
 
     @property
     def total(self) -> int:
@@ -44,7 +45,7 @@ def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str]) -> 
                 # The weight shrinks from full width to ``per_weight``; plus a scale per output row.
                 weights += int(n * per_weight) - n * dtype_bytes + module.out_features * 4
     return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10),
-                    loading=full - weights if mode == "int4" else 0)
+                    loading=full - weights if mode in ("int4", "fp8") else 0)
 
 
 def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode) -> None:

@@ -63,14 +63,16 @@ def load(
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     model.eval()
     read = time.monotonic()
-    if mode == "int4":
-        from core.int4_weights import quantize_linears
-
+    if mode in ("int4", "fp8"):
+        if mode == "int4":
+            from core.int4_weights import quantize_linears
+        else:
+            from core.fp8_weights import quantize_linears
         replaced, kept = quantize_linears(model, keep, device=where)
         cast(Any, model).to(where)  # the rest (vision tower, embeddings, norms, head), after the quantized layers
-        log.info("int4: %d linear layers quantized in %.1fs (group-wise, torch's int4 kernel)%s, %d left full width",
-                 replaced, time.monotonic() - read, ", one at a time from host memory" if planned.staged else "",
-                 kept)
+        log.info("%s: %d linear layers quantized in %.1fs (%s)%s, %d left full width", mode, replaced,
+                 time.monotonic() - read, _KERNELS[mode],
+                 ", one at a time from host memory" if planned.staged else "", kept)
     if getattr(model.config, MARKER, False):
         log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
     log.info("model %s loaded on %s in %.1fs (weights read in %.1fs; before that, importing transformers and "
@@ -78,6 +80,8 @@ def load(
              time.monotonic() - started, read - started, started - called, torch_dtype, mode, need.weights / 2**30)
     return LoadedModel(model, processor, where, torch_dtype, mode, vision_dtype(model, keep), need)
 
+
+_KERNELS = {"int4": "group-wise, torch's int4 kernel", "fp8": "e4m3 a scale per output, cuBLAS's fp8 product"}
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
@@ -90,7 +94,7 @@ class LoadPlan:
     need: Estimate
     free: int | None  # bytes free where it would live (None: unknown)
     kv_bytes_per_token: int = 0  # keys and values of one token, all layers (the decode slots' unit)
-    staged: bool = False  # int4 on a GPU: loaded into host memory, each linear quantized on its way over
+    staged: bool = False  # int4/fp8 on a GPU: loaded into host memory, each linear quantized on its way over
 
 
 def plan(
@@ -113,9 +117,9 @@ def plan(
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     keep = unquantised_modules(skeleton)
     need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
-    # int4 loads at full width first. On a GPU that happens in host memory when it has room, so the
-    # GPU never holds more than the int4 model and one full-width linear (bitsandbytes' NF4 likewise).
-    host = available_bytes("cpu") if mode == "int4" and where == "cuda" else None
+    # int4 and fp8 load at full width first. On a GPU that happens in host memory when it has room, so
+    # the GPU never holds more than the quantized model and one full-width linear (bitsandbytes' NF4 likewise).
+    host = available_bytes("cpu") if mode in ("int4", "fp8") and where == "cuda" else None
     staged = host is not None and need.weights + need.loading <= host * 0.9
     if staged:
         need = replace(need, loading=0)

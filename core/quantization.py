@@ -1,7 +1,8 @@
 """Quantisation: which mode, which modules stay unquantised, and bitsandbytes' config for its modes.
 
-``nf4`` and ``int8`` are bitsandbytes'; ``int4`` is imsight's own (``core.int4_weights``: torch's int4
-kernel for decode), applied after a full-width load.
+``nf4`` and ``int8`` are bitsandbytes'; ``int4`` (``core.int4_weights``: torch's int4 kernel for
+decode) and ``fp8`` (``core.fp8_weights``: cuBLAS's e4m3 product) are imsight's own, applied after a
+full-width load.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from core.errors import EngineError
 
 __all__ = ["Mode", "bnb_config", "pick_mode", "unquantised_modules"]
 
-Mode = Literal["nf4", "int4", "int8", "none"]
+Mode = Literal["nf4", "int4", "fp8", "int8", "none"]
 
 _LANGUAGE_MODEL_NAMES = {"language_model", "text_model", "llm"}
 
@@ -23,14 +24,23 @@ def pick_mode(setting: str, device: str, capability: tuple[int, int] | None = No
     The 4-bit mode is int4 on GPUs whose compute capability (``capability``) runs torch's int4
     kernel (8.0, Ampere, and later): on the H200 it decodes 1.3x faster than NF4 alone and 2.2x with
     8 questions at once, at the same memory (bench/RESULTS.md). NF4 on older GPUs.
+
+    ``fp8`` is asked for, never picked: twice int4's weight memory, for decode steps of several
+    questions that cost what one question's does. It needs compute capability 8.9 (Ada, Hopper) or
+    later, and says so otherwise rather than running slowly.
     """
     if setting == "auto":
         if device != "cuda":
             return "none"
         return "int4" if capability is not None and capability >= (8, 0) else "nf4"
-    if setting in ("nf4", "int4", "int8", "none"):
+    if setting == "fp8" and device == "cuda" and (capability is None or capability < (8, 9)):
+        found = f"{capability[0]}.{capability[1]}" if capability else "unknown"
+        raise EngineError(f'[engine] quantization = "fp8" needs a GPU of compute capability 8.9 or later '
+                          f'(Ada, Hopper); this one is {found}. Fix: quantization = "int4" (same speed for '
+                          f'one question, half the memory) or "auto"')
+    if setting in ("nf4", "int4", "fp8", "int8", "none"):
         return setting  # type: ignore[return-value]
-    raise EngineError(f"[engine] quantization = {setting!r}: expected auto, nf4, int4, int8 or none")
+    raise EngineError(f"[engine] quantization = {setting!r}: expected auto, nf4, int4, fp8, int8 or none")
 
 
 def unquantised_modules(meta_model: Any) -> list[str]:
@@ -55,7 +65,7 @@ def bnb_config(mode: Mode, compute_dtype: Any, skip: list[str]) -> Any:
 
     ``load_in_4bit=`` on ``from_pretrained`` was removed in transformers 5: this is the only way.
     """
-    if mode in ("none", "int4"):
+    if mode in ("none", "int4", "fp8"):
         return None
     from transformers import BitsAndBytesConfig
 

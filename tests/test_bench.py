@@ -21,13 +21,15 @@ SCRIPTS = {
                                       "greedy output equals bare generate()"]),
     "engine_smoke.py": ([], ["cuda available"]),
     "int4_kernels.py": ([], ["cuda available"]),
+    "fp8_kernels.py": ([], ["cuda available"]),
     "attention_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
 }
 
 
 def test_every_bench_script_is_covered():
-    helpers = {"stand_in.py", "glm_model.py", "screens.py", "int4_batched_matmul.py"}  # (the last: test_triton_kernels)
+    # (the int4 experiments: test_triton_kernels)
+    helpers = {"stand_in.py", "glm_model.py", "screens.py", "int4_batched_matmul.py", "int4_planes_matmul.py"}
     found = {p.name for p in (ROOT / "bench").glob("*.py")} - helpers
     assert found == set(SCRIPTS)
 

@@ -1,7 +1,7 @@
 """The Triton kernels, run by Triton's interpreter on the CPU (on a GPU they run compiled).
 
 ``core.int4_unpack_gpu`` unpacks int4 weights for every prefill on a GPU; ``bench/int4_batched_matmul.py``
-is an experiment kept for the next try. Both compute from tinygemm's tiled layout with index
+and ``bench/int4_planes_matmul.py`` are experiments kept for the next try. Both compute from tinygemm's tiled layout with index
 arithmetic of their own, which is what these tests check: on the GPU a wrong index reads the right
 bytes in the wrong order and still looks like a weight. ``core.split_kv_attention`` is every decode
 step's attention on a GPU: checked against SDPA, and inside the engine against bare ``generate()``.
@@ -79,6 +79,38 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
         print("checked", checked)
     """)
     assert "checked 36" in out
+
+
+def test_the_nibble_plane_kernel_multiplies_as_the_dequantized_weight_does():
+    """``bench/int4_planes_matmul.py``, the second try (a layout chosen for Triton): its packing read
+    back, and its product against the dequantized weight over rows 1..16, split and not."""
+    out = run_interpreted("""
+        import torch
+        from core.int4_weights import quantize
+        from int4_planes_matmul import Launch, int4_matmul, launch_for, pack_planes, unpack_planes
+
+        torch.manual_seed(0)
+        checked = 0
+        for n, k in [(64, 256), (96, 512), (48, 384)]:
+            q, scales_zeros = quantize(torch.randn(n, k), 128)
+            planes = pack_planes(q, 128)
+            assert planes.shape == (k // 8, n) and torch.equal(unpack_planes(planes, 128), q)
+            scales = scales_zeros[..., 0].t().repeat_interleave(128, 1)
+            zeros = scales_zeros[..., 1].t().repeat_interleave(128, 1)
+            weight = (q.float() - 8) * scales + zeros
+            for rows in (1, 5, 16):
+                x = torch.randn(rows, k)
+                ref = x @ weight.t()
+                # more splits than groups too: those programs own no inputs and must add nothing
+                for launch in (Launch(16, 1, 4, 2), Launch(16, 4, 4, 2), launch_for(n, k, 128)):
+                    got = int4_matmul(x, planes, scales_zeros, 128, launch)
+                    assert got.shape == (rows, n)
+                    error = ((got - ref).abs().max() / ref.abs().max()).item()
+                    assert error < 1e-5, (n, k, rows, launch, error)
+                    checked += 1
+        print("checked", checked)
+    """)
+    assert "checked 27" in out
 
 
 def test_split_kv_attention_computes_what_sdpa_does() -> None:

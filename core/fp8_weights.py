@@ -1,0 +1,109 @@
+"""8-bit floating-point weights for the language model's linears: e4m3, one scale per output, the
+rows quantized to e4m3 on the fly (one scale per row), multiplied by cuBLAS (``torch._scaled_mm``).
+
+Why next to int4: torch's int4 kernel (tinygemm) reads a weight once per call but its cost grows with
+the rows (62 to 146 us for a decoder layer's four weights from 1 row to 8 on the H200), so a decode
+step of 8 questions costs 1.8x one of a single question. cuBLAS's fp8 product reads twice int4's bytes
+and costs the same at 1 row and 16 (58-62 us a layer), and at prefill sizes it is faster than bf16
+(``bench/fp8_kernels.py``). The error against the full-width weight is a third of int4's with groups of
+128 (relative norm 0.037 against 0.099). The price is memory: a byte a weight against int4's ~0.53.
+
+The scales are applied to the product's output, not handed to ``_scaled_mm``: with a scale per row
+and per output it runs a kernel that costs 2-3x at a few rows (cuBLAS's own fp8 path takes only one
+scale each, here 1). In the compiled decode step the rows' quantizing and the output's scaling fuse
+into the kernels before and after the product.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+__all__ = ["FP8", "Fp8Linear", "dequantize", "quantize", "quantize_linears", "runs_here"]
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+_LARGEST = float(torch.finfo(FP8).max)  # 448
+_TINY = 1e-12  # a row or output of zeros: any scale will do, but not zero
+
+
+def runs_here(device: torch.device | str) -> bool:
+    """Whether ``torch._scaled_mm`` multiplies e4m3 on ``device``: the CPU, and GPUs of compute
+    capability 8.9 (Ada) and later."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [N, K]`` as e4m3 ``[N, K]`` and its float32 scale per output ``[N]``."""
+    scale = weight.float().abs().amax(1).clamp(min=_TINY) / _LARGEST
+    return (weight.float() / scale[:, None]).to(FP8), scale
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The full-width weight ``[N, K]`` of a quantized one."""
+    return (weight.float() * scale[:, None]).to(dtype)
+
+
+class Fp8Linear(torch.nn.Module):
+    """A linear layer whose weight is e4m3 with a float32 scale per output."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    one: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("one", torch.ones((), dtype=torch.float32, device=weight.device))
+        self.bias: torch.nn.Parameter | None = (
+            torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, device: torch.device | str | None = None) -> Fp8Linear | None:
+        """The fp8 copy of ``linear`` (on ``device``, else where it is); ``None`` for a shape cuBLAS's fp8
+        product does not take (both sides a multiple of 16)."""
+        out_features, in_features = linear.weight.shape
+        if out_features % 16 or in_features % 16:
+            return None
+        weight = linear.weight.detach().to(device or linear.weight.device)
+        bias = linear.bias.detach().to(weight.device) if linear.bias is not None else None
+        return cls(*quantize(weight), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        rows = flat.abs().amax(1, keepdim=True).clamp(min=_TINY) / _LARGEST
+        y = torch._scaled_mm((flat / rows).to(FP8), self.weight.t(), scale_a=self.one, scale_b=self.one,
+                             out_dtype=torch.float32)
+        y = (y * rows * self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
+
+
+def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
+    """Replace the model's linears (outside ``skip``) by ``Fp8Linear`` on ``device``; (replaced, left full width)."""
+    replaced = kept = 0
+    # Names, not modules: each full-width weight is freed as soon as it is replaced.
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+             and not any(name == s or name.startswith(s + ".") for s in skip)]
+    for name in names:
+        fp8 = Fp8Linear.from_linear(model.get_submodule(name), device)
+        if fp8 is None:
+            kept += 1
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
+        replaced += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return replaced, kept
+

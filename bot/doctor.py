@@ -98,7 +98,8 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
         mode = pick_mode(engine.quantization, "cuda" if on_gpu else "cpu",
                          torch.cuda.get_device_capability(0) if on_gpu else None)
     except EngineError as exc:  # fp8 on a GPU that cannot multiply it
-        yield Check("quantization", "fail", str(exc))
+        detail, _, fix = str(exc).partition(" Fix: ")
+        yield Check("quantization", "fail", detail, fix)
         yield from _model(config)
         return
     if mode == "fp8":

@@ -47,6 +47,17 @@ async def test_a_healthy_cpu_host_passes_with_warnings(tmp_path, tiny_model):
     assert status == 0 and "WARN  gpu" in text and "0 failed, 1 warning(s)" in text
 
 
+async def test_fp8_is_checked_where_it_would_run(tmp_path, tiny_model):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[engine]\nmodel_path = "{tiny_model}"\n'
+                      'quantization = "fp8"\n[adapters.webhook]\ntoken = "doctor-token"\n')
+    status, out = await doctor(config, "--json")
+    checks = by_name(out)
+    assert status == 0, out
+    assert checks["fp8"]["status"] == "ok" and "fp8 product runs here" in checks["fp8"]["detail"]
+    assert "bitsandbytes" not in checks  # imsight's own mode: no bitsandbytes needed
+
+
 async def test_each_failure_says_how_to_fix_it(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f"""

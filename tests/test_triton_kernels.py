@@ -1,9 +1,10 @@
 """The Triton kernels, run by Triton's interpreter on the CPU (on a GPU they run compiled).
 
 ``core.int4_unpack_gpu`` unpacks int4 weights for every prefill on a GPU; ``bench/int4_batched_matmul.py``
-and ``bench/int4_planes_matmul.py`` are experiments kept for the next try. Both compute from tinygemm's tiled layout with index
-arithmetic of their own, which is what these tests check: on the GPU a wrong index reads the right
-bytes in the wrong order and still looks like a weight. ``core.split_kv_attention`` is every decode
+and ``bench/int4_planes_matmul.py`` are experiments kept for the next try. They compute from packed
+layouts (tinygemm's, and the second try's own) with index arithmetic of their own, which is what
+these tests check: on the GPU a wrong index reads the right bytes in the wrong order and still looks
+like a weight. ``core.split_kv_attention`` is every decode
 step's attention on a GPU: checked against SDPA, and inside the engine against bare ``generate()``.
 The interpreter decides when a kernel is defined (``TRITON_INTERPRET``), so each check runs in a
 fresh interpreter process of its own.

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +151,22 @@ def main() -> None:
               f"{params * bits / 8 / totals[label][1] / 1e6:.2f} TB/s")
 
 
+def fastest(configs: list[Any], timed_call: Callable[[Any], Callable[[], object]],
+            product: Callable[[Any], torch.Tensor], ref: torch.Tensor) -> list[tuple[float, Any, float]]:
+    """Each launch shape timed as a decode step runs it (CUDA graphs) and its product's error against
+    ``ref``: (us, shape, error), fastest first. A shape this GPU cannot launch is named and skipped."""
+    results = []
+    for config in configs:
+        try:
+            us = graph_timed(timed_call(config))
+        except Exception as exc:  # shared memory or registers: too big a tile here
+            print(f"  {tuple(config)}: {type(exc).__name__}")
+            continue
+        error = float((product(config).float() - ref).abs().max() / ref.abs().max())
+        results.append((us, config, error))
+    return sorted(results, key=lambda r: r[0])
+
+
 def fused_sweep() -> None:
     """``int4_batched_matmul`` (an experiment) at each launch shape, against tinygemm, at 1 to 16 rows, timed as a
     decode step runs them (CUDA graphs): which shape wins per weight, and that it computes what the
@@ -173,19 +191,10 @@ def fused_sweep() -> None:
             tiny_us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
             tiny_error = (torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float() - ref
                           ).abs().max() / ref.abs().max()
-            results = []
-            for shape in shapes:
-                config = MatmulConfig(*shape)
-                if n % config.block_n:
-                    continue
-                try:
-                    us = graph_timed(partial(int4_matmul_partials, x, packed, scales_zeros, *config))
-                except Exception as exc:  # a shape this GPU cannot launch (shared memory)
-                    print(f"  {config}: {type(exc).__name__}")
-                    continue
-                got = int4_matmul(x, packed, scales_zeros, config)
-                results.append((us, config, float((got.float() - ref).abs().max() / ref.abs().max())))
-            results.sort()
+            configs = [c for c in map(MatmulConfig._make, shapes) if n % c.block_n == 0]
+            # (the lambdas run inside fastest(), before the loop moves on)
+            results = fastest(configs, lambda c: partial(int4_matmul_partials, x, packed, scales_zeros, *c),  # noqa: B023
+                              lambda c: int4_matmul(x, packed, scales_zeros, c), ref)  # noqa: B023
             default = config_for(n, k)
             default_us = graph_timed(partial(int4_matmul, x, packed, scales_zeros, default))
             chosen[m] = chosen.get(m, 0.0) + default_us
@@ -227,18 +236,9 @@ def planes_sweep() -> None:
             tiny_us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
             tiny_error = (torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float() - ref
                           ).abs().max() / ref.abs().max()
-            results = []
-            for launch in launches:
-                if n % launch.block_n or (k // GROUP) < launch.split:
-                    continue
-                try:
-                    us = graph_timed(partial(int4_matmul, x, planes, scales_zeros, GROUP, launch))
-                except Exception as exc:  # a shape this GPU cannot launch (shared memory, registers)
-                    print(f"  {tuple(launch)}: {type(exc).__name__}")
-                    continue
-                got = int4_matmul(x, planes, scales_zeros, GROUP, launch)
-                results.append((us, launch, float((got.float() - ref).abs().max() / ref.abs().max())))
-            results.sort()
+            fitting = [c for c in launches if n % c.block_n == 0 and k // GROUP >= c.split]
+            results = fastest(fitting, partial(partial, int4_matmul, x, planes, scales_zeros, GROUP),
+                              partial(int4_matmul, x, planes, scales_zeros, GROUP), ref)
             chosen = launch_for(n, k, GROUP)
             chosen_us = graph_timed(partial(int4_matmul, x, planes, scales_zeros, GROUP, chosen))
             tiny[m] = tiny.get(m, 0.0) + tiny_us

@@ -16,27 +16,17 @@ into the kernels before and after the product.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
-__all__ = ["FP8", "Fp8Linear", "dequantize", "quantize", "quantize_linears", "runs_here"]
+from core.quantized_linears import replace_linears
 
-log = logging.getLogger(__name__)
+__all__ = ["FP8", "Fp8Linear", "dequantize", "quantize", "quantize_linears"]
 
 FP8 = torch.float8_e4m3fn
 _LARGEST = float(torch.finfo(FP8).max)  # 448
 _TINY = 1e-12  # a row or output of zeros: any scale will do, but not zero
-
-
-def runs_here(device: torch.device | str) -> bool:
-    """Whether ``torch._scaled_mm`` multiplies e4m3 on ``device``: the CPU, and GPUs of compute
-    capability 8.9 (Ada) and later."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,19 +81,4 @@ class Fp8Linear(torch.nn.Module):
 
 def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
     """Replace the model's linears (outside ``skip``) by ``Fp8Linear`` on ``device``; (replaced, left full width)."""
-    replaced = kept = 0
-    # Names, not modules: each full-width weight is freed as soon as it is replaced.
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-             and not any(name == s or name.startswith(s + ".") for s in skip)]
-    for name in names:
-        fp8 = Fp8Linear.from_linear(model.get_submodule(name), device)
-        if fp8 is None:
-            kept += 1
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
-        replaced += 1
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return replaced, kept
-
+    return replace_linears(model, skip, lambda linear: Fp8Linear.from_linear(linear, device))

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.quantized_linears import replace_linears
+
 __all__ = ["KERNEL_ROWS", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize", "quantize_linears",
            "torch_layout_agrees", "unpack"]
 
@@ -138,21 +140,7 @@ class Int4Linear(torch.nn.Module):
 
 def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
     """Replace the model's linears (outside ``skip``) by ``Int4Linear`` on ``device``; (replaced, left full width)."""
-    replaced = kept = 0
-    # Names, not modules: each full-width weight is freed as soon as it is replaced, so quantizing
-    # needs one layer's worth of memory more than the full-width model, not the int4 model more.
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-             and not any(name == s or name.startswith(s + ".") for s in skip)]
-    for name in names:
-        int4 = Int4Linear.from_linear(model.get_submodule(name), device)
-        if int4 is None:
-            kept += 1
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, int4)
-        replaced += 1
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    replaced, kept = replace_linears(model, skip, lambda linear: Int4Linear.from_linear(linear, device))
     kernels = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
     if kernels and not torch_layout_agrees(kernels[0].packed.device):
         # tinygemm would read these weights wrongly: every answer would be noise. Correct and slower.

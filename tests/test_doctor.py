@@ -31,10 +31,16 @@ def by_name(output: str) -> dict[str, dict[str, Any]]:
     return {check["name"]: check for check in json.loads(output)}
 
 
-async def test_a_healthy_cpu_host_passes_with_warnings(tmp_path, tiny_model):
+def healthy_config(tmp_path: Path, model: Path, engine: str = "") -> Path:
+    """A config that passes on this CPU host: the tiny model, the webhook adapter, ``engine`` lines added."""
     config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[engine]\nmodel_path = "{tiny_model}"\n'
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[engine]\nmodel_path = "{model}"\n{engine}'
                       '[adapters.webhook]\ntoken = "doctor-token"\n')
+    return config
+
+
+async def test_a_healthy_cpu_host_passes_with_warnings(tmp_path, tiny_model):
+    config = healthy_config(tmp_path, tiny_model)
     status, out = await doctor(config, "--json")
     checks = by_name(out)
     assert status == 0, out
@@ -48,10 +54,7 @@ async def test_a_healthy_cpu_host_passes_with_warnings(tmp_path, tiny_model):
 
 
 async def test_fp8_is_checked_where_it_would_run(tmp_path, tiny_model):
-    config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[engine]\nmodel_path = "{tiny_model}"\n'
-                      'quantization = "fp8"\n[adapters.webhook]\ntoken = "doctor-token"\n')
-    status, out = await doctor(config, "--json")
+    status, out = await doctor(healthy_config(tmp_path, tiny_model, 'quantization = "fp8"\n'), "--json")
     checks = by_name(out)
     assert status == 0, out
     assert checks["fp8"]["status"] == "ok" and "fp8 product runs here" in checks["fp8"]["detail"]

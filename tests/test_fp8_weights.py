@@ -1,24 +1,18 @@
 """imsight's fp8 weights (``core.fp8_weights``): e4m3 with a scale per output, the rows quantized on
-the fly, multiplied through ``torch._scaled_mm`` (which runs on the CPU too), and the tiny real model
-answering through them. ``bench/fp8_kernels.py`` times the same product on the GPU.
+the fly, multiplied through ``torch._scaled_mm`` (which runs on the CPU too; the tiny model answering
+through them: tests/test_quantization.py). ``bench/fp8_kernels.py`` times the same product on the GPU.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from core.answer_text import CUT_NOTE
-from core.engine import GenerationLimits, PreparedImage
 from core.errors import EngineError
 from core.fp8_weights import FP8, Fp8Linear, dequantize, quantize
 from core.memory import estimate
 from core.quantization import pick_mode, unquantised_modules
-from helpers import bare_generate
 
 
 def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
@@ -80,27 +74,3 @@ def test_fp8s_estimate_is_a_byte_a_weight_after_a_full_width_load():
     assert abs(bf16.weights - fp8.weights - linears) < 0.01 * linears  # a byte a weight less than bf16's two
     assert fp8.weights + fp8.loading == bf16.weights  # quantized after a full-width load
     assert abs(fp8.weights - int4.weights - 0.47 * linears) < 0.01 * linears  # int4: 0.53 bytes a weight
-
-
-def _image(n: int) -> PreparedImage:
-    return PreparedImage(f"fp8-{n}", Image.new("RGB", (64, 48), (40 * n % 256, 90, 200)))
-
-
-async def test_the_tiny_model_answers_through_fp8_linears_as_bare_generate_does(make_engine):
-    engine = await make_engine(quantization="fp8", max_batch=4)
-    model = engine.loaded.model
-    kinds = {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
-    language = {k for n, k in kinds.items() if n.startswith("model.language_model.")}
-    assert language == {"Fp8Linear"}
-    assert kinds["lm_head"] == "Linear" and kinds["model.multi_modal_projector.linear_1"] == "Linear"
-    assert engine.loaded.mode == "fp8"
-    footprint = model.get_memory_footprint()
-    assert 0.8 * footprint <= engine.loaded.estimate.weights <= 1.25 * footprint
-
-    async def ask(images: list[PreparedImage], question: str, tokens: int) -> str:
-        return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
-
-    asks = [([_image(n)], "What is this?" + "?" * n, 8 + 4 * n) for n in range(3)]
-    answers = await asyncio.gather(*[ask(*a) for a in asks])  # decoded together, in one running batch
-    for (images, question, tokens), got in zip(asks, answers, strict=True):
-        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)

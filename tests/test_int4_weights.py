@@ -1,5 +1,5 @@
-"""imsight's int4 weights (``core.int4_weights``): tinygemm's tiled layout, written and read back,
-the dequantized weight, and the tiny real model answering through int4 linears on the CPU.
+"""imsight's int4 weights (``core.int4_weights``): tinygemm's tiled layout, written and read back, and
+the dequantized weight (the tiny model answering through them: tests/test_quantization.py).
 
 On a GPU the same packed weight feeds torch's kernel; ``bench/int4_kernels.py`` checks there that
 ``pack`` writes byte for byte what torch's own packer writes.
@@ -7,19 +7,13 @@ On a GPU the same packed weight feeds torch's kernel; ``bench/int4_kernels.py`` 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from core.answer_text import CUT_NOTE
-from core.engine import GenerationLimits, PreparedImage
 from core.int4_weights import Int4Linear, dequantize, pack, quantize, torch_layout_agrees, unpack
 from core.memory import estimate
 from core.quantization import pick_mode, unquantised_modules
-from helpers import bare_generate
 
 
 def _kernel_pack(q: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -98,26 +92,3 @@ def test_int4_is_a_mode_of_its_own_and_its_estimate_counts_the_full_width_load()
     bf16, int4 = estimate(model, "none", 2, keep), estimate(model, "int4", 2, keep)
     assert 7.0e9 < int4.weights < 9.5e9
     assert int4.weights + int4.loading == bf16.weights  # quantized after a full-width load
-
-
-def _image(n: int) -> PreparedImage:
-    return PreparedImage(f"int4-{n}", Image.new("RGB", (64, 48), (40 * n % 256, 90, 200)))
-
-
-async def test_the_tiny_model_answers_through_int4_linears_as_bare_generate_does(make_engine):
-    engine = await make_engine(quantization="int4", max_batch=4)
-    model = engine.loaded.model
-    kinds = {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
-    language = {k for n, k in kinds.items() if n.startswith("model.language_model.")}
-    assert language == {"Int4Linear"}
-    assert kinds["lm_head"] == "Linear" and kinds["model.multi_modal_projector.linear_1"] == "Linear"
-    assert engine.loaded.mode == "int4"
-    footprint = model.get_memory_footprint()
-    assert 0.8 * footprint <= engine.loaded.estimate.weights <= 1.25 * footprint
-    async def ask(images: list[PreparedImage], question: str, tokens: int) -> str:
-        return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
-
-    asks = [([_image(n)], "What is this?" + "?" * n, 8 + 4 * n) for n in range(3)]
-    answers = await asyncio.gather(*[ask(*a) for a in asks])  # decoded together, in one running batch
-    for (images, question, tokens), got in zip(asks, answers, strict=True):
-        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)

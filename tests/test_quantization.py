@@ -1,16 +1,20 @@
-"""Quantisation, dtypes and memory on the tiny real model: NF4/int8 on CPU, pixel casts, the memory guard."""
+"""Quantisation, dtypes and memory on the tiny real model: NF4/int8 on CPU, imsight's own int4 and fp8
+linears answering as bare ``generate()`` does, pixel casts, the memory guard."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
 from PIL import Image
 
+from core.answer_text import CUT_NOTE
 from core.engine import GenerationLimits, PreparedImage
 from core.errors import EngineError, ModelUnavailable
 from core.memory import Estimate, GiB, ensure_fits, estimate
 from core.quantization import pick_mode, unquantised_modules
-from helpers import eventually
+from helpers import bare_generate, eventually
 
 LIMITS = GenerationLimits(max_new_tokens=6)
 IMAGE = PreparedImage("a" * 64, Image.new("RGB", (64, 48), (250, 10, 10)))
@@ -23,6 +27,28 @@ async def _answer(engine, question="What is it?") -> str:
 
 def _linear_kinds(model) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules() if "Linear" in type(m).__name__}
+
+
+@pytest.mark.parametrize(("mode", "quantised_class"), [("int4", "Int4Linear"), ("fp8", "Fp8Linear")])
+async def test_the_tiny_model_answers_through_imsights_quantized_linears_as_bare_generate_does(
+        make_engine, mode, quantised_class):
+    engine = await make_engine(quantization=mode, max_batch=4)
+    model = engine.loaded.model
+    kinds = _linear_kinds(model)
+    assert {k for n, k in kinds.items() if n.startswith("model.language_model.")} == {quantised_class}
+    assert kinds["lm_head"] == "Linear" and kinds["model.multi_modal_projector.linear_1"] == "Linear"
+    assert engine.loaded.mode == mode
+    footprint = model.get_memory_footprint()
+    assert 0.8 * footprint <= engine.loaded.estimate.weights <= 1.25 * footprint
+
+    async def ask(images: list[PreparedImage], question: str, tokens: int) -> str:
+        return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
+
+    images = [PreparedImage(f"{mode}-{n}", Image.new("RGB", (64, 48), (40 * n % 256, 90, 200))) for n in range(3)]
+    asks = [([images[n]], "What is this?" + "?" * n, 8 + 4 * n) for n in range(3)]
+    answers = await asyncio.gather(*[ask(*a) for a in asks])  # decoded together, in one running batch
+    for (image, question, tokens), got in zip(asks, answers, strict=True):
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, image, question, tokens)
 
 
 @pytest.mark.parametrize(("mode", "quantised_class"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])

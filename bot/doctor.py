@@ -90,24 +90,31 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
     else:
         yield Check("gpu", "warn", f"no CUDA GPU (torch {torch.__version__}): the model runs on the CPU, slowly",
                     "on a GPU host: check nvidia-smi and install a CUDA build of torch")
+    on_gpu = cuda and engine.device != "cpu"
+    capability = torch.cuda.get_device_capability(0) if on_gpu else None
+    checks = list(quantization_checks(engine.quantization, capability))
+    yield from checks
+    # After a quantization that cannot run here, the model is checked as "auto" would load it.
+    failed = any(c.name == "quantization" and c.status == "fail" for c in checks)
+    yield from _model(config, "auto" if failed else engine.quantization)
+
+
+def quantization_checks(setting: str, capability: tuple[int, int] | None) -> Iterator[Check]:
+    """What the quantization ``setting`` needs, on a GPU of ``capability`` (``None``: the CPU)."""
     from core.errors import EngineError
     from core.quantization import pick_mode
 
-    on_gpu = cuda and engine.device != "cpu"
     try:
-        mode = pick_mode(engine.quantization, "cuda" if on_gpu else "cpu",
-                         torch.cuda.get_device_capability(0) if on_gpu else None)
+        mode = pick_mode(setting, "cpu" if capability is None else "cuda", capability)
     except EngineError as exc:  # fp8 on a GPU that cannot multiply it
         detail, _, fix = str(exc).partition(" Fix: ")
         yield Check("quantization", "fail", detail, fix)
-        yield from _model(config)
         return
     if mode == "fp8":
         yield Check("fp8", "ok", "cuBLAS's fp8 product runs here" + (
-            f" (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})" if on_gpu else ""))
+            f" (compute capability {capability[0]}.{capability[1]})" if capability else ""))
     elif mode == "int4":
-        capability = torch.cuda.get_device_capability(0) if cuda else (0, 0)
-        if capability >= (8, 0):
+        if capability is not None and capability >= (8, 0):
             yield Check("int4", "ok", f"torch's int4 kernel runs on compute capability {capability[0]}.{capability[1]}")
         else:
             yield Check("int4", "warn", "torch's int4 kernel needs a CUDA GPU of compute capability 8.0 or later: "
@@ -120,7 +127,6 @@ def _gpu_and_model(config: Config) -> Iterator[Check]:
         except Exception as exc:  # its import probes CUDA libraries and may fail in many ways
             yield Check("bitsandbytes", "fail", f"cannot import bitsandbytes for {mode}: {exc}",
                         "pip install bitsandbytes (a build for this CUDA), or [engine] quantization = \"none\"")
-    yield from _model(config)
 
 
 def _driver() -> str:
@@ -138,14 +144,14 @@ def _driver() -> str:
     return done.stdout.splitlines()[0].strip() if done.stdout.strip() else "unknown"
 
 
-def _model(config: Config) -> Iterator[Check]:
+def _model(config: Config, quantization: str) -> Iterator[Check]:
     from core.model_files import resolve
     from core.model_loading import plan
 
     engine = config.engine
     try:
         source = resolve(engine.model, engine.model_path, allow_download=False, cache_dir=engine.cache_dir)
-        planned = plan(source, device=engine.device, dtype=engine.dtype, quantization=engine.quantization,
+        planned = plan(source, device=engine.device, dtype=engine.dtype, quantization=quantization,
                        cache_dir=engine.cache_dir)
     except ImsightError as exc:
         yield Check("model files", "fail", str(exc).split(". ")[0], _after_first_sentence(str(exc)))
@@ -161,7 +167,8 @@ def _model(config: Config) -> Iterator[Check]:
     if planned.free is None:
         yield Check("memory", "warn", f"free memory on {planned.device} unknown", "")
     elif need.total > planned.free:
-        fix = "[engine] quantization = \"nf4\"" if planned.mode != "nf4" else "free the GPU or use a smaller model"
+        fix = {"fp8": '[engine] quantization = "int4" (half the weight memory)', "nf4": "free the GPU or use a "
+               "smaller model"}.get(planned.mode, '[engine] quantization = "nf4"')
         yield Check("memory", "fail", f"needs about {need.total / GiB:.1f} GiB, {planned.free / GiB:.1f} GiB free "
                     f"on {planned.device}", fix)
     else:

@@ -18,6 +18,9 @@ __all__ = ["LoadPlan", "LoadedModel", "load", "pick_device", "pick_dtype", "plan
 
 log = logging.getLogger(__name__)
 
+# imsight's own quantized linears, as the load's log names them
+_KERNELS = {"int4": "group-wise, torch's int4 kernel", "fp8": "e4m3 a scale per output, cuBLAS's fp8 product"}
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
@@ -64,10 +67,9 @@ def load(
     model.eval()
     read = time.monotonic()
     if mode in ("int4", "fp8"):
-        if mode == "int4":
-            from core.int4_weights import quantize_linears
-        else:
-            from core.fp8_weights import quantize_linears
+        from core import fp8_weights, int4_weights
+
+        quantize_linears = {"int4": int4_weights, "fp8": fp8_weights}[mode].quantize_linears
         replaced, kept = quantize_linears(model, keep, device=where)
         cast(Any, model).to(where)  # the rest (vision tower, embeddings, norms, head), after the quantized layers
         log.info("%s: %d linear layers quantized in %.1fs (%s)%s, %d left full width", mode, replaced,
@@ -80,8 +82,6 @@ def load(
              time.monotonic() - started, read - started, started - called, torch_dtype, mode, need.weights / 2**30)
     return LoadedModel(model, processor, where, torch_dtype, mode, vision_dtype(model, keep), need)
 
-
-_KERNELS = {"int4": "group-wise, torch's int4 kernel", "fp8": "e4m3 a scale per output, cuBLAS's fp8 product"}
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:

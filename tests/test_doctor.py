@@ -61,6 +61,19 @@ async def test_fp8_is_checked_where_it_would_run(tmp_path, tiny_model):
     assert "bitsandbytes" not in checks  # imsight's own mode: no bitsandbytes needed
 
 
+def test_the_quantization_check_says_what_this_gpu_runs():
+    from bot.doctor import quantization_checks
+
+    [old_gpu] = quantization_checks("fp8", (8, 0))  # an A100: no fp8 product
+    assert old_gpu.status == "fail" and "8.9 or later" in old_gpu.detail and "this one is 8.0" in old_gpu.detail
+    assert 'quantization = "int4"' in old_gpu.fix
+    [hopper] = quantization_checks("fp8", (9, 0))
+    assert hopper.status == "ok" and "9.0" in hopper.detail
+    assert [c.status for c in quantization_checks("int4", (9, 0))] == ["ok"]
+    assert [c.status for c in quantization_checks("int4", None)] == ["warn"]  # unpacked every forward on the CPU
+    assert list(quantization_checks("none", None)) == []
+
+
 async def test_each_failure_says_how_to_fix_it(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f"""

@@ -22,6 +22,7 @@ SCRIPTS = {
     "engine_smoke.py": ([], ["cuda available"]),
     "int4_kernels.py": ([], ["cuda available"]),
     "fp8_kernels.py": ([], ["cuda available"]),
+    "prefill_batching.py": (["--quick"], ["2 questions", "first tokens the same both ways: 2 of 2"]),
     "attention_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
 }

@@ -26,33 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from int4_kernels import GROUP, SHAPES, graph_timed
 
+from core.fp8_weights import FP8, Fp8Linear
+from core.fp8_weights import quantize as fp8_quantize
 from core.int4_weights import dequantize, pack, quantize
 
 ROWS = (1, 2, 4, 8, 16, 1000)
-FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
-def fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [N, K]`` as e4m3 and one float32 scale per output ``[1, N]``."""
-    scale = weight.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (weight.float() / scale).to(FP8), scale.t().contiguous()
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear_rowwise(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The alternative ``Fp8Linear`` does not take: the rows' and outputs' scales handed to ``_scaled_mm``
+    (``weight_scale`` as ``[1, N]``), its row-wise path."""
     scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
     x8 = (x.float() / scale).to(FP8)
     return torch._scaled_mm(x8, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=x.dtype)
-
-
-def fp8_linear_unit_scales(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                           one: torch.Tensor) -> torch.Tensor:
-    """The same product with cuBLAS's per-tensor path (scales of 1), the rows' and outputs' scales
-    applied to its output (what a compiled step would fuse into the next kernel)."""
-    scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    x8 = (x.float() / scale).to(FP8)
-    y = torch._scaled_mm(x8, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-    return (y * scale * weight_scale).to(x.dtype)
 
 
 def main() -> None:
@@ -62,13 +49,14 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     torch._dynamo.config.recompile_limit = 64
-    compiled = torch.compile(fp8_linear, dynamic=False)
-    compiled_unit = torch.compile(fp8_linear_unit_scales, dynamic=False)
+    compiled = torch.compile(fp8_linear_rowwise, dynamic=False)
     one = torch.ones((), device="cuda")
     totals: dict[str, dict[int, float]] = {}
     for name, (k, n) in SHAPES.items():
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        w8, w_scale = fp8_weight(weight)
+        w8, out_scale = fp8_quantize(weight)
+        w_scale = out_scale[None, :].contiguous()
+        layer = torch.compile(Fp8Linear(w8, out_scale, None), dynamic=False)  # what quantization = "fp8" runs
         q, scales_zeros = quantize(weight, GROUP)
         packed, scales_zeros = pack(q, 8), scales_zeros.to(torch.bfloat16)
         int4_weight = dequantize(packed, scales_zeros, GROUP, torch.bfloat16)
@@ -78,11 +66,11 @@ def main() -> None:
             calls = {
                 "bf16": partial(F.linear, x, weight),
                 "int4 (tinygemm)": partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros),
-                "fp8, eager": partial(fp8_linear, x, w8, w_scale),
+                "fp8, eager": partial(fp8_linear_rowwise, x, w8, w_scale),
                 "fp8, compiled": partial(compiled, x, w8, w_scale),
                 "fp8 per-tensor, matmul alone": partial(torch._scaled_mm, x.to(FP8), w8.t(), scale_a=one,
                                                         scale_b=one, out_dtype=torch.bfloat16),
-                "fp8 per-tensor, compiled": partial(compiled_unit, x, w8, w_scale, one),
+                "fp8 per-tensor, compiled": partial(layer, x),
             }
             if m > 16:
                 del calls["int4 (tinygemm)"]
@@ -98,7 +86,7 @@ def main() -> None:
             if m in (1, 8):
                 scale = ref.norm()
                 err8 = (compiled(x, w8, w_scale).float() - ref).norm() / scale
-                err8u = (compiled_unit(x, w8, w_scale, one).float() - ref).norm() / scale
+                err8u = (layer(x).float() - ref).norm() / scale
                 err4 = (F.linear(x.float(), int4_weight.float()) - ref).norm() / scale
                 line.append(f"error vs bf16 (relative norm): fp8 {err8:.4f}, per-tensor path {err8u:.4f}, "
                             f"int4 g{GROUP} {err4:.4f}")

@@ -167,7 +167,7 @@ def _model(config: Config, quantization: str) -> Iterator[Check]:
     if planned.free is None:
         yield Check("memory", "warn", f"free memory on {planned.device} unknown", "")
     elif need.total > planned.free:
-        fix = {"fp8": '[engine] quantization = "int4" (half the weight memory)', "nf4": "free the GPU or use a "
+        fix = {"fp8": '[engine] quantization = "int4" (half the bytes a weight)', "nf4": "free the GPU or use a "
                "smaller model"}.get(planned.mode, '[engine] quantization = "nf4"')
         yield Check("memory", "fail", f"needs about {need.total / GiB:.1f} GiB, {planned.free / GiB:.1f} GiB free "
                     f"on {planned.device}", fix)

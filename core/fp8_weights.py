@@ -22,9 +22,10 @@ import torch
 
 from core.quantized_linears import replace_linears
 
-__all__ = ["FP8", "Fp8Linear", "dequantize", "quantize", "quantize_linears"]
+__all__ = ["FP8", "KERNEL", "Fp8Linear", "dequantize", "quantize", "quantize_linears"]
 
 FP8 = torch.float8_e4m3fn
+KERNEL = "e4m3 a scale per output, cuBLAS's fp8 product"  # as the load's log names it
 _LARGEST = float(torch.finfo(FP8).max)  # 448
 _TINY = 1e-12  # a row or output of zeros: any scale will do, but not zero
 

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from core.quantized_linears import replace_linears
 
-__all__ = ["KERNEL_ROWS", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize", "quantize_linears",
-           "torch_layout_agrees", "unpack"]
+__all__ = ["KERNEL", "KERNEL_ROWS", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize",
+           "quantize_linears", "torch_layout_agrees", "unpack"]
 
 log = logging.getLogger(__name__)
 
+KERNEL = "group-wise, torch's int4 kernel"  # as the load's log names it
 KERNEL_ROWS = 32  # up to this many rows tinygemm beats unpack + matmul (bench/int4_kernels.py)
 _GROUPS = (128, 64, 32)  # tinygemm takes 32..256; 128 is gpt-fast's and torchao's default
 _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelUnavailable
-from core.quantization import Mode
+from core.quantization import OWN_MODES, Mode
 
 __all__ = ["Estimate", "available_bytes", "ensure_fits", "estimate"]
 
@@ -45,7 +45,7 @@ def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str]) -> 
                 # The weight shrinks from full width to ``per_weight``; plus a scale per output row.
                 weights += int(n * per_weight) - n * dtype_bytes + module.out_features * 4
     return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10),
-                    loading=full - weights if mode in ("int4", "fp8") else 0)
+                    loading=full - weights if mode in OWN_MODES else 0)
 
 
 def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode) -> None:

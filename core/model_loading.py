@@ -11,15 +11,12 @@ from typing import Any, cast
 from core.errors import EngineError, ModelUnavailable
 from core.memory import Estimate, available_bytes, ensure_fits, estimate
 from core.model_files import ModelSource, unavailable
-from core.quantization import Mode, bnb_config, pick_mode, unquantised_modules
+from core.quantization import OWN_MODES, Mode, bnb_config, pick_mode, unquantised_modules
 from core.tiny_model import MARKER
 
 __all__ = ["LoadPlan", "LoadedModel", "load", "pick_device", "pick_dtype", "plan", "vision_dtype"]
 
 log = logging.getLogger(__name__)
-
-# imsight's own quantized linears, as the load's log names them
-_KERNELS = {"int4": "group-wise, torch's int4 kernel", "fp8": "e4m3 a scale per output, cuBLAS's fp8 product"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +63,14 @@ def load(
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     model.eval()
     read = time.monotonic()
-    if mode in ("int4", "fp8"):
+    if mode in OWN_MODES:
         from core import fp8_weights, int4_weights
 
-        quantize_linears = {"int4": int4_weights, "fp8": fp8_weights}[mode].quantize_linears
-        replaced, kept = quantize_linears(model, keep, device=where)
+        weights = {"int4": int4_weights, "fp8": fp8_weights}[mode]
+        replaced, kept = weights.quantize_linears(model, keep, device=where)
         cast(Any, model).to(where)  # the rest (vision tower, embeddings, norms, head), after the quantized layers
         log.info("%s: %d linear layers quantized in %.1fs (%s)%s, %d left full width", mode, replaced,
-                 time.monotonic() - read, _KERNELS[mode],
+                 time.monotonic() - read, weights.KERNEL,
                  ", one at a time from host memory" if planned.staged else "", kept)
     if getattr(model.config, MARKER, False):
         log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
@@ -119,7 +116,7 @@ def plan(
     need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
     # int4 and fp8 load at full width first. On a GPU that happens in host memory when it has room, so
     # the GPU never holds more than the quantized model and one full-width linear (bitsandbytes' NF4 likewise).
-    host = available_bytes("cpu") if mode in ("int4", "fp8") and where == "cuda" else None
+    host = available_bytes("cpu") if mode in OWN_MODES and where == "cuda" else None
     staged = host is not None and need.weights + need.loading <= host * 0.9
     if staged:
         need = replace(need, loading=0)

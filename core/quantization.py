@@ -11,9 +11,10 @@ from typing import Any, Literal
 
 from core.errors import EngineError
 
-__all__ = ["Mode", "bnb_config", "pick_mode", "unquantised_modules"]
+__all__ = ["OWN_MODES", "Mode", "bnb_config", "pick_mode", "unquantised_modules"]
 
 Mode = Literal["nf4", "int4", "fp8", "int8", "none"]
+OWN_MODES: tuple[Mode, ...] = ("int4", "fp8")  # imsight's own: loaded at full width, then each linear quantized
 
 _LANGUAGE_MODEL_NAMES = {"language_model", "text_model", "llm"}
 
@@ -25,7 +26,7 @@ def pick_mode(setting: str, device: str, capability: tuple[int, int] | None = No
     kernel (8.0, Ampere, and later): on the H200 it decodes 1.3x faster than NF4 alone and 2.2x with
     8 questions at once, at the same memory (bench/RESULTS.md). NF4 on older GPUs.
 
-    ``fp8`` is asked for, never picked: twice int4's weight memory, for decode steps of several
+    ``fp8`` is asked for, never picked: twice int4's bytes a weight, for decode steps of several
     questions that cost what one question's does. It needs compute capability 8.9 (Ada, Hopper) or
     later, and says so otherwise rather than running slowly.
     """
@@ -36,8 +37,8 @@ def pick_mode(setting: str, device: str, capability: tuple[int, int] | None = No
     if setting == "fp8" and device == "cuda" and (capability is None or capability < (8, 9)):
         found = f"{capability[0]}.{capability[1]}" if capability else "unknown"
         raise EngineError(f'[engine] quantization = "fp8" needs a GPU of compute capability 8.9 or later '
-                          f'(Ada, Hopper); this one is {found}. Fix: quantization = "int4" (same speed for '
-                          f'one question, half the memory) or "auto"')
+                          f'(Ada, Hopper); this one is {found}. Fix: quantization = "int4" (faster for one '
+                          f'question, half the bytes a weight) or "auto"')
     if setting in ("nf4", "int4", "fp8", "int8", "none"):
         return setting  # type: ignore[return-value]
     raise EngineError(f"[engine] quantization = {setting!r}: expected auto, nf4, int4, fp8, int8 or none")
@@ -65,7 +66,7 @@ def bnb_config(mode: Mode, compute_dtype: Any, skip: list[str]) -> Any:
 
     ``load_in_4bit=`` on ``from_pretrained`` was removed in transformers 5: this is the only way.
     """
-    if mode in ("none", "int4", "fp8"):
+    if mode == "none" or mode in OWN_MODES:
         return None
     from transformers import BitsAndBytesConfig
 

@@ -157,6 +157,14 @@ class Stepper:
         self._host = [torch.zeros(kv.slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._launched = 0
         self.use_graphs = use_graphs
+        # One side stream and one memory pool for every capture, both passes. cuBLAS keeps a workspace
+        # per stream it has run on (32 MiB each on Hopper, never freed), and ``torch.cuda.Stream()``
+        # hands out up to 32 different streams: a new stream per shape held ~1.1 GB on the H200 (GLM-4.6V-
+        # Flash, 56 captures). The graphs never run at the same time and keep nothing in the pool that
+        # another reads (inputs and outputs live in the stepper's and slots' own tensors), so one pool
+        # serves them all; a pool per pass kept both passes' memory, the first with the tail graphs.
+        self._stream: torch.cuda.Stream | None = None
+        self._pool: Any = None
         self.fused = fused  # compiled layers, used by steps once ``captures(fused=True)`` has run
         self.steps_fused = False
 
@@ -205,14 +213,13 @@ class Stepper:
         H200 (their token counts and call patterns), and they are rare. Without CUDA graphs only the
         warm-ups run (they compile, where ``fused``).
         """
-        pool = None  # one memory pool for the graphs of a pass: they never run at the same time
         made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         shapes = self._shapes()
         # Steps first (every answer needs them), each kind the largest first: the others fit in what it took.
         kinds = ("step",) if fused else ("step", "tail")
         order = [shape for kind in kinds for shape in reversed(shapes) if shape[0] == kind]
         for shape in order:
-            graph, pool = self._capture(shape, fused, pool)
+            graph = self._capture(shape, fused)
             if graph is not None:
                 made[shape] = graph
                 if not fused:
@@ -226,14 +233,14 @@ class Stepper:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
         return shapes + [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
 
-    def _capture(self, shape: tuple[str, int, int], fused: bool, pool: Any) -> tuple[torch.cuda.CUDAGraph | None, Any]:
+    def _capture(self, shape: tuple[str, int, int], fused: bool) -> torch.cuda.CUDAGraph | None:
         """One shape warmed up (compilation, lazy inits and autotuning stay out of the graph), then
-        captured where there are graphs; returns the graph and the memory pool it used. Row contents
-        do not matter and nothing is kept."""
+        captured where there are graphs. Row contents do not matter and nothing is kept."""
         kv = self._kv
         saved = kv.positions.clone()
-        stream = torch.cuda.Stream() if self.use_graphs else None
-        if stream is not None:
+        stream = None
+        if self.use_graphs:
+            stream = self._stream = self._stream or torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(3):
@@ -244,13 +251,13 @@ class Stepper:
             torch.cuda.current_stream().wait_stream(stream)
             kv.positions.zero_()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 self._eager(*shape, fused=fused)
-            pool = graph.pool()
+            self._pool = graph.pool()
         kv.positions.copy_(saved)
         if stream is not None:
             torch.cuda.synchronize()
-        return graph, pool
+        return graph
 
     def _run(self, kind: str, size: int, span: int) -> None:
         graph = self._graphs.get((kind, size, span)) if self.use_graphs else None

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from core.quantized_linears import replace_linears
 
-__all__ = ["KERNEL", "KERNEL_ROWS", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize",
+__all__ = ["KERNEL", "KERNEL_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize",
            "quantize_linears", "torch_layout_agrees", "unpack"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ KERNEL = "group-wise, torch's int4 kernel"  # as the load's log names it
 KERNEL_ROWS = 32  # up to this many rows tinygemm beats unpack + matmul (bench/int4_kernels.py)
 _GROUPS = (128, 64, 32)  # tinygemm takes 32..256; 128 is gpt-fast's and torchao's default
 _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
+# A prefill unpacks a weight a slice of outputs at a time, at most this big: GLM-4.6V-Flash's gate/up
+# weight whole is 224 MB in bf16, most of what one question adds to the GPU's peak over the weights
+# (measured on the H200: 10.64 GB peak with one question unpacked whole, 10.51 sliced; the GPU time
+# of the prefill the same, 69-70 ms).
+UNPACKED_BYTES = 64 * 2**20
 
 
 def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +128,21 @@ class Int4Linear(torch.nn.Module):
                 flat.contiguous(), self.packed, self._group(), self.scales_zeros)
             y = y.reshape(*x.shape[:-1], y.shape[-1])
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self._full_width(self.packed, self.scales_zeros, self._group(), x.dtype), self.bias)
+        return self._unpacked_linear(x)
+
+    def _unpacked_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the weight unpacked to ``x``'s dtype, at most ``UNPACKED_BYTES`` of it at a time."""
+        blocks, outer, _lanes, pairs = self.packed.shape  # shapes, not attributes: constants to dynamo
+        step = max(1, UNPACKED_BYTES // (8 * outer * pairs * 32 * x.element_size()))  # blocks of 8 outputs
+        parts = []
+        for start in range(0, blocks, step):
+            stop = min(blocks, start + step)
+            whole = start == 0 and stop == blocks
+            packed = self.packed if whole else self.packed[start:stop]
+            scales_zeros = self.scales_zeros if whole else self.scales_zeros[:, start * 8:stop * 8].contiguous()
+            bias = None if self.bias is None else self.bias[start * 8:stop * 8]
+            parts.append(F.linear(x, self._full_width(packed, scales_zeros, self._group(), x.dtype), bias))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _group(self) -> int:
         # From the buffers' shapes, not an int attribute: under the compiled decode step dynamo treats

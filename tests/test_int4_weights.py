@@ -77,6 +77,24 @@ def test_an_int4_linear_computes_with_its_dequantized_weight():
         assert float((int4(x) - linear(x)).norm() / linear(x).norm()) < 0.15
 
 
+def test_a_prefill_unpacks_the_weight_a_slice_of_outputs_at_a_time(monkeypatch):
+    import core.int4_weights
+
+    linear = torch.nn.Linear(256, 40, bias=True)
+    int4 = Int4Linear.from_linear(linear)
+    x = torch.randn(2, 7, 256)
+    with torch.no_grad():
+        whole = int4(x)
+        widths = []
+        unpack_slice = int4._full_width
+        int4.fuse_unpacking(lambda packed, *args: widths.append(packed.shape[0] * 8) or unpack_slice(packed, *args))
+        # 16 outputs x 256 inputs x 4 bytes: two blocks of 8 outputs a slice, and the last one alone
+        monkeypatch.setattr(core.int4_weights, "UNPACKED_BYTES", 16 * 256 * 4)
+        sliced = int4(x)
+    assert widths == [16, 16, 8]
+    assert torch.allclose(sliced, whole, atol=1e-6)
+
+
 def test_a_linear_that_does_not_tile_stays_full_width():
     assert Int4Linear.from_linear(torch.nn.Linear(40, 32)) is None  # 40 inputs: no group of 32 fits
     assert Int4Linear.from_linear(torch.nn.Linear(64, 12)) is None  # 12 outputs: not a multiple of 8

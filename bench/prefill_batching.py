@@ -1,7 +1,8 @@
-"""What prefilling questions that arrive together in one batch would save, before building it.
+"""What prefilling questions that arrive together in one batch saves (measured before the engine
+did it, core/prefill_batch.py; kept to check it on other models and GPUs).
 
-The engine prefills each first question on its own, one after another (as ``generate()`` would), and
-that is what 8 chats asking at once wait on (bench/RESULTS.md, seventh and eighth steps). Here the
+One after another (as the engine prefilled first questions until the ninth step) is what 8 chats asking
+at once waited on (bench/RESULTS.md, seventh and eighth steps). Here the
 loaded model (imsight's own loading, any quantization) prefills N screenshot questions one after
 another and then as one left-padded batch, both eagerly, with the vision encoder: milliseconds each,
 and whether each question's first token is the same both ways (the batch's padding, attention mask

@@ -42,6 +42,7 @@ from core.kv_cache import (
 from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
+from core.prefill_batch import image_inputs, join_encoder_outputs, left_padded, prefill_together, split_encoder_outputs
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
 from core.step_attention import StepAttention
@@ -66,6 +67,7 @@ class EngineStats:
     features_hits: int = 0  # no usable prefix, but the images' encoder output was reused
     tokens_reused: int = 0  # prompt tokens not prefilled again thanks to a cached prefix
     tokens_generated: int = 0
+    prefill_batches: int = 0  # forwards that prefilled several first questions together
     oom_retries: int = 0
     decode_steps: int = 0
 
@@ -103,6 +105,18 @@ class _Active:
 def _reason(exc: BaseException) -> str:
     """An exception in one line, for a log message."""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _row_cache(config: Any, layers: list[tuple[Any, Any]]) -> Any:
+    """A ``prefill_cache`` holding one question's KV, given per layer (batch of one)."""
+    cache = prefill_cache(config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+def _place(kv: SlotKV, row: int, *, layers: list[tuple[Any, Any]], length: int) -> None:
+    kv.place(row, layers, length)
 
 
 def _offset(delta: Any) -> int:
@@ -183,12 +197,14 @@ class TransformersEngine:
         self._intake = threading.Lock()  # a question is queued before the engine thread's last look, or refused
         self._drained = False
         self._fused_prefill: FusedLayers | None = None  # the compiled layers first questions' prefill takes
+        self._fused_together = False  # whether several prefilled together take them too
         self._step_attention: StepAttention | None = None  # decode steps' attention, where its kernel runs
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
         self._image_token_ids: set[int] = set()
         self._hidden_ids: set[int] = set()
         self._eos: set[int] = set()
+        self._pad_id = 0
         self._mrope = False
         self._pixels: ImageProcessorMemo | None = None
         self.stats = EngineStats()
@@ -211,6 +227,9 @@ class TransformersEngine:
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
         self._hidden_ids = hidden_special_ids(processor.tokenizer)
         self._eos = eos_ids(self._loaded.model)
+        tokenizer = processor.tokenizer
+        # Fills the front of shorter prompts in a batch: masked, so any token will do.
+        self._pad_id = next((t for t in (tokenizer.pad_token_id, *sorted(self._eos)) if t is not None), 0)
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
         # M-RoPE models (GLM-4.1V/4.6V, Qwen-VL) keep the position offset their images leave behind.
@@ -376,23 +395,34 @@ class TransformersEngine:
             idle = False
 
     def _admit_waiting(self) -> None:
-        """Prefill waiting questions into free slots (they join the next decode step)."""
-        while self._waiting and len(self._active) < self.max_batch and not self._closing.is_set():
+        """Prefill waiting questions into free slots (they join the next decode step); first questions
+        that wait together are prefilled together (core/prefill_batch.py)."""
+        together: list[tuple[_Request, Features | None]] = []
+        while self._waiting and len(self._active) + len(together) < self.max_batch and not self._closing.is_set():
             request = self._waiting.popleft()
             if request.cancelled.is_set():
                 request.emit(_DONE)
                 continue
             request.inputs = self._on_device(request.inputs)
-            self._admit_safely(request)
+            hit = self._lookup(request)
+            features = self._features.get(request.key) if hit is None and request.key else None
+            self.stats.features_hits += features is not None
+            if hit is None and self._fits_slot(request):
+                together.append((request, features))
+            else:
+                self._admit_safely(request, hit, features)
+        if len(together) > 1:
+            together = self._admit_together(together)
+        for request, features in together:
+            self._admit_safely(request, None, features)
 
-    def _admit_safely(self, request: _Request) -> None:
+    def _fits_slot(self, request: _Request) -> bool:
+        return int(request.inputs["input_ids"].shape[1]) + 1 < self._slot_tokens()
+
+    def _admit_safely(self, request: _Request, hit: tuple[Prefix, int] | None, features: Features | None) -> None:
         import torch
 
-        hit = self._lookup(request)
-        features = self._features.get(request.key) if hit is None and request.key else None
-        self.stats.features_hits += features is not None
-        prompt_len = int(request.inputs["input_ids"].shape[1])
-        if prompt_len + 1 >= self._slot_tokens():
+        if not self._fits_slot(request):
             # Longer than a slot: answered alone by generate(), with a growable cache.
             self._answer_safely(request, hit, features)
             return
@@ -405,6 +435,43 @@ class TransformersEngine:
         except Exception as exc:
             log.warning("generation failed: %s", exc)
             self._fail(request, exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))
+
+    def _admit_together(self, group: list[tuple[_Request, Features | None]]
+                        ) -> list[tuple[_Request, Features | None]]:
+        """First questions prefilled as one batch, each then seated as if prefilled alone; returns what
+        is left to admit one at a time: all of them where the batch cannot be made or run (out of
+        memory, say), so each question keeps its own retry and its own error."""
+        model = self.loaded.model
+        self._make_room()
+        try:
+            with self._attention_kernels():
+                inputs = self._encoded_together(group)
+            outputs = [one.pop("mm_encoder_outputs")["image"] for one in inputs if "mm_encoder_outputs" in one]
+            batch = left_padded(inputs, self._pad_id)
+            if batch is not None and outputs:
+                joined = join_encoder_outputs(outputs)
+                batch = batch | {"mm_encoder_outputs": {"image": joined}} if joined is not None else None
+            if batch is None:
+                return group
+            cache = prefill_cache(model.config)
+            rows = self._prefilled(lambda: prefill_together(model, batch, cache, cache_keyword=self._cache_kw,
+                                                            mrope=self._mrope), together=True)
+        except Exception as exc:  # out of memory too
+            log.info("%d questions could not be prefilled together (%s); one at a time", len(group), _reason(exc))
+            return group
+        self.stats.prefill_batches += 1
+        for (request, _), row in zip(group, rows, strict=True):
+            try:
+                if self._keeps(request):
+                    kept = _row_cache(model.config, row.layers)
+                    own_storage(kept)  # not views that pin the whole batch's cache
+                    self._keep_prefix(request, kept, row.delta)
+                self._seat(request, row.first, row.length, row.delta,
+                           partial(_place, layers=row.layers, length=row.length), cache)
+            except Exception as exc:
+                log.warning("generation failed: %s", exc)
+                self._fail(request, EngineError(f"generation failed: {exc}"))
+        return []
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         request.emit(_Failed(error))
@@ -465,21 +532,26 @@ class TransformersEngine:
                     **{self._cache_kw: cache})
         return cache, out
 
-    def _prefilled(self, work: Callable[[], _T]) -> _T:
-        """``work`` (part of a first question's prefill) through the compiled layers once they are in
-        use; where they fail it (a shape past dynamo's recompile limit, say), again eagerly, and eagerly
-        from then on. Only cuDNN-free attention: prompts come in every length, cuDNN re-plans for each."""
+    def _prefilled(self, work: Callable[[], _T], *, together: bool = False) -> _T:
+        """``work`` (part of a first question's prefill, or of several ``together``) through the compiled
+        layers once they are in use; where they fail it (a shape past dynamo's recompile limit, say),
+        again eagerly, and eagerly from then on. Only cuDNN-free attention: prompts come in every
+        length, cuDNN re-plans for each."""
         import torch
 
-        if self._fused_prefill is not None:
+        if self._fused_prefill is not None and (self._fused_together or not together):
             try:
                 with self._attention_kernels(), self._fused_prefill.active():
                     return work()
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
-                log.warning("the compiled prefill failed (%s); prefill runs eagerly from now on", _reason(exc))
-                self._fused_prefill = None
+                log.warning("the compiled prefill%s failed (%s); it runs eagerly from now on",
+                            " of several questions together" if together else "", _reason(exc))
+                if together:
+                    self._fused_together = False
+                else:
+                    self._fused_prefill = None
         with self._attention_kernels():
             return work()
 
@@ -496,10 +568,7 @@ class TransformersEngine:
         first = stepper.prefill_tail(request.inputs["input_ids"][0, reuse:].tolist(), reuse)
         self._seat(request, first, prompt_len, delta, lambda kv, row: kv.move(kv.staging, row, prompt_len))
         if self._keeps(request):  # after the first token is out; the staging row still holds the prompt
-            cache = prefill_cache(self.loaded.model.config)
-            for layer, (keys, values) in enumerate(kv.prefix(kv.staging, prompt_len)):
-                cache.update(keys, values, layer)
-            self._keep_prefix(request, cache, delta)
+            self._keep_prefix(request, _row_cache(self.loaded.model.config, kv.prefix(kv.staging, prompt_len)), delta)
 
     def _seat(self, request: _Request, first: int, prompt_len: int, delta: Any,
               place: Callable[[SlotKV, int], None], cache: Any = None) -> None:
@@ -588,6 +657,37 @@ class TransformersEngine:
         self._fused_prefill = fused
         log.info("prefill compiled in %.1fs", time.monotonic() - started)
 
+    def _compile_prefill_together(self, fused: FusedLayers) -> None:
+        """The compiled layers for first questions prefilled together too. A batch takes graphs of its own,
+        one where its prompts' lengths differ (padding, an attention mask) and one where they do not (no
+        mask): each compiled here on two dummy questions rather than when chats first ask at once (7-12 s
+        each on the H200, every asker waiting)."""
+        from PIL import Image
+
+        if self._fused_prefill is not fused:
+            return
+        started = time.monotonic()
+        model = self.loaded.model
+        images = [PreparedImage(f"imsight-compile-{n}", Image.new("RGB", (448, 336), (70, 90, 110 + n)))
+                  for n in range(2)]
+        question = "What is on this screen?"
+        pairs = [(self._inputs(images[:1], [], question), self._inputs([], [], "And now?")),
+                 (self._inputs(images[:1], [], question), self._inputs(images[1:], [], question))]
+        try:
+            for pair in pairs:
+                batch = left_padded(pair, self._pad_id)
+                if batch is None:
+                    raise EngineError("this model's inputs cannot be joined")
+                with self._attention_kernels(), fused.active():
+                    prefill_together(model, batch, prefill_cache(model.config), cache_keyword=self._cache_kw,
+                                     mrope=self._mrope)
+        except Exception as exc:
+            log.warning("cannot compile the prefill of several questions together (%s); they are prefilled "
+                        "together eagerly", _reason(exc))
+            return
+        self._fused_together = True
+        log.info("prefill of several questions together compiled in %.1fs", time.monotonic() - started)
+
     def _speed_up_when_idle(self, stepper: Stepper, *, compiles: bool) -> Iterator[None]:
         """Capture the decode step as CUDA graphs (seconds), then compile its layers and capture it again
         (a minute), one shape per idle turn of ``_serve``: never while a question is being answered.
@@ -610,6 +710,8 @@ class TransformersEngine:
         if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
             yield
             self._compile_prefill(stepper.fused)
+            yield
+            self._compile_prefill_together(stepper.fused)
 
     def _idle_work(self, stepper: Stepper, *, fused: bool) -> Iterator[None]:
         """``stepper.captures`` a shape at a time; what cannot be done here is done without, said once."""
@@ -735,6 +837,7 @@ class TransformersEngine:
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
         values["decode_compiled"] = float(self._stepper is not None and self._stepper.steps_fused)
         values["prefill_compiled"] = float(self._fused_prefill is not None)
+        values["prefill_together_compiled"] = float(self._fused_prefill is not None and self._fused_together)
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
         values["features_cache_bytes"] = float(self._features.nbytes)
         if self.device == "cuda":
@@ -911,6 +1014,33 @@ class TransformersEngine:
         encoded = {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}
         encoded["mm_encoder_outputs"] = {"image": features.outputs}
         return encoded
+
+    def _encoded_together(self, group: list[tuple[_Request, Features | None]]) -> list[dict[str, Any]]:
+        """``_encoded`` for several questions, the images without cached encoder output encoded in one run."""
+        fresh = [request for request, features in group if features is None and request.key]
+        made: dict[int, Features | None] = {}
+        if self._encodes_ahead and len(fresh) > 1:
+            made = dict(zip(map(id, fresh), self._encode_together(fresh), strict=True))
+        return [self._encoded(request, dict(request.inputs), features or made.get(id(request)))
+                for request, features in group]
+
+    def _encode_together(self, requests: list[_Request]) -> list[Features | None]:
+        """The vision encoder run once over several questions' images, kept per question as ``_encode``
+        keeps one's; where its output cannot be split per question, each encoded on its own."""
+        model = self.loaded.model
+        encoded = model._prepare_multimodal_encoder_kwargs_for_generation(
+            image_inputs([request.inputs for request in requests]))
+        outputs = encoded.get("mm_encoder_outputs", {}).get("image")
+        parts = split_encoder_outputs(outputs, [len(request.images) for request in requests]) \
+            if outputs is not None else None
+        if parts is None:
+            return [self._encode(request.key, request.inputs) for request in requests]
+        kept: list[Features | None] = [Features(part, tensor_bytes(part)) for part in parts]
+        if self._features.budget > 0:
+            for request, features in zip(requests, kept, strict=True):
+                assert features is not None
+                self._features.put(request.key, features)
+        return kept
 
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""

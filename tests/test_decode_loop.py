@@ -49,6 +49,58 @@ async def test_greedy_output_equals_bare_generate_token_for_token(make_engine):
     assert engine.stats.batches > 0
 
 
+async def test_first_questions_that_wait_together_are_prefilled_together(make_engine):
+    engine = await make_engine(max_batch=4, batch_window_s=0.5)
+    plain = await make_engine(max_batch=4, prefix_cache_bytes=0)
+    asks = [([_image(60)], "What is it?", 9), ([], "No picture, a longer question than the others.", 14),
+            ([_image(61), _image(62)], "Both?", 7)]
+    encoder_runs = []
+    hook = engine.loaded.model.model.vision_tower.register_forward_hook(lambda *_: encoder_runs.append(1))
+    together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
+    hook.remove()
+    assert engine.stats.prefill_batches == 1  # the three waited for the window, then one forward
+    assert len(encoder_runs) == 1  # and one vision-encoder run for the two questions' three images
+    for (images, question, tokens), got in zip(asks, together, strict=True):
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
+    # Each one's prompt was kept from its row of the batch: a follow-up reads only its new tokens.
+    images, question, _ = asks[2]
+    turns = [Turn("user", question), Turn("assistant", together[2].removesuffix(CUT_NOTE))]
+    follow = await _answer(engine, images, "And then?", turns=turns)
+    assert engine.stats.prefix_hits == 1
+    assert follow == await _answer(plain, images, "And then?", turns=turns)
+
+
+async def test_a_batch_that_cannot_be_prefilled_falls_back_to_one_at_a_time(make_engine):
+    import torch
+
+    engine = await make_engine(max_batch=4, batch_window_s=0.5, prefix_cache_bytes=0)
+
+    def out_of_memory_for_several(_module, args, kwargs):  # prefilling more than one prompt (not a step)
+        rows, tokens = kwargs["inputs_embeds"].shape[:2]
+        if rows > 1 and tokens > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (a batch too large for this GPU)")
+
+    language = engine.loaded.model.model.language_model
+    hook = language.register_forward_pre_hook(out_of_memory_for_several, with_kwargs=True)
+    asks = [([_image(70)], "What is it?", 8), ([], "And without a picture?", 6)]
+    together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
+    hook.remove()
+    assert engine.stats.prefill_batches == 0 and engine.stats.oom_retries == 0
+    for (images, question, tokens), got in zip(asks, together, strict=True):
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
+
+    # A picture that breaks the vision tower fails its own question only, batch or not.
+    def refuse_pictures(_module, _args):
+        raise ValueError("this image broke the vision tower")
+
+    hook = engine.loaded.model.model.vision_tower.register_forward_pre_hook(refuse_pictures)
+    outcomes = await asyncio.gather(_answer(engine, [_image(71)], "and this?"), _answer(engine, [], "text only"),
+                                    return_exceptions=True)
+    hook.remove()
+    assert isinstance(outcomes[0], EngineError) and "broke the vision tower" in str(outcomes[0])
+    assert isinstance(outcomes[1], str) and outcomes[1]
+
+
 async def test_a_late_question_joins_the_running_batch_and_finishes_first(make_engine):
     engine = await make_engine(max_batch=4)
     long = engine.answer([_image(1)], [], "a long answer", GenerationLimits(max_new_tokens=100_000))
@@ -291,6 +343,10 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
             raise RuntimeError("recompile limit reached")
         return "eager"
 
+    assert engine.measurements()["prefill_together_compiled"] == 1
+    assert engine._prefilled(fails_compiled, together=True) == "eager"  # several together: only they go eager
+    assert engine.measurements()["prefill_together_compiled"] == 0
+    assert engine.measurements()["prefill_compiled"] == 1
     assert engine._prefilled(fails_compiled) == "eager"
     assert engine.measurements()["prefill_compiled"] == 0
     eager = await _answer(engine, [_image(62)], "What is it?", 10)

@@ -1,0 +1,134 @@
+"""Prefilling first questions together (core/prefill_batch.py): each row of the batch comes out as its
+own prefill would have left it (first token, KV, M-RoPE offset), on the tiny LLaVA-shaped model and on
+a tiny GLM-4.1V-shaped one (M-RoPE), float32 on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from core.engine import PreparedImage
+from core.fused_layers import prefill_cache
+from core.kv_cache import cache_keyword
+from core.model_files import resolve
+from core.model_loading import load
+from core.prefill_batch import (
+    image_inputs,
+    join_encoder_outputs,
+    left_padded,
+    prefill_together,
+    split_encoder_outputs,
+)
+from core.prompt_inputs import chat_messages
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def _alone(model: Any, inputs: dict[str, Any], mrope: bool) -> tuple[int, Any, Any]:
+    """One question's own prefill: its first token, cache and M-RoPE offset."""
+    cache = prefill_cache(model.config)
+    if mrope:
+        model.model.rope_deltas = None
+    out = model(**inputs, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    return int(out.logits[0, -1].argmax()), cache, model.model.rope_deltas if mrope else None
+
+
+def _assert_rows_as_alone(model: Any, inputs: list[dict[str, Any]], pad_id: int, mrope: bool) -> None:
+    batch = left_padded(inputs, pad_id)
+    assert batch is not None
+    assert batch["input_ids"].shape == (len(inputs), max(one["input_ids"].shape[1] for one in inputs))
+    rows = prefill_together(model, batch, prefill_cache(model.config), cache_keyword=cache_keyword(model),
+                            mrope=mrope)
+    for one, row in zip(inputs, rows, strict=True):
+        first, cache, delta = _alone(model, one, mrope)
+        assert row.first == first
+        assert row.length == one["input_ids"].shape[1]
+        for (keys, values), layer in zip(row.layers, cache.layers, strict=True):
+            torch.testing.assert_close(keys, layer.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(values, layer.values, atol=1e-5, rtol=1e-4)
+        if mrope:  # (a prompt without images has none alone, and 0 in a batch with images: the same)
+            assert row.delta is not None
+            assert row.delta.tolist() == (delta.tolist() if delta is not None else [[0]])
+
+
+def test_each_row_of_a_padded_batch_is_its_own_prefill(tiny_model):
+    loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
+    image = PreparedImage("a", Image.new("RGB", (64, 48), (200, 30, 90)))
+    asks = [([image], "What is on the screen?"), ([], "A question without a picture, and a longer one than that."),
+            ([image, image], "Two?")]
+    inputs = [dict(loaded.processor.apply_chat_template(chat_messages(images, [], question),
+                                                        add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True, return_tensors="pt"))
+              for images, question in asks]
+    assert len({one["input_ids"].shape[1] for one in inputs}) == 3  # so there is padding to get right
+    with torch.inference_mode():
+        _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=False)
+
+
+def _glm_inputs(config: Any, grid: tuple[int, int, int] | None, text: list[int], seed: int) -> dict[str, Any]:
+    """A GLM-4.1V prompt built by hand (its processor needs torchvision): text, one image of ``grid``
+    patches (or none), more text."""
+    generator = torch.Generator().manual_seed(seed)
+    start = [5, 6]
+    ids, types = list(start), [0, 0]
+    inputs: dict[str, Any] = {}
+    if grid is not None:
+        tokens = grid[0] * grid[1] * grid[2] // 4  # the vision tower merges 2 x 2 patches
+        ids += [config.image_start_token_id, *[config.image_token_id] * tokens, config.image_end_token_id]
+        types += [0, *[1] * tokens, 0]
+        vision = config.vision_config
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        inputs["pixel_values"] = torch.randn(grid[0] * grid[1] * grid[2], width, generator=generator)
+        inputs["image_grid_thw"] = torch.tensor([grid])
+    ids += text
+    types += [0] * len(text)
+    inputs["input_ids"] = torch.tensor([ids])
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["mm_token_type_ids"] = torch.tensor([types])
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def glm() -> Any:
+    from glm_model import glm_config
+    from transformers import Glm4vForConditionalGeneration
+
+    torch.manual_seed(0)
+    return Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32).eval()
+
+
+def test_m_rope_rows_keep_their_own_positions_and_offsets(glm):
+    config = glm.config
+    inputs = [_glm_inputs(config, (1, 4, 6), [40, 41, 42], seed=1),
+              _glm_inputs(config, (1, 6, 8), [43] * 17, seed=2),  # more image tokens, a longer question
+              _glm_inputs(config, None, [44, 45, 46, 47, 48, 49, 50], seed=3)]  # no image
+    with torch.inference_mode():
+        _assert_rows_as_alone(glm, inputs, pad_id=config.text_config.pad_token_id, mrope=True)
+
+
+def test_encoder_outputs_split_per_question_and_join_back(glm):
+    config = glm.config
+    inputs = [_glm_inputs(config, (1, 4, 6), [40], seed=1), _glm_inputs(config, (1, 6, 8), [41], seed=2)]
+    with torch.inference_mode():
+        together = glm.model.get_image_features(**image_inputs(inputs), return_dict=True)
+        alone = [glm.model.get_image_features(one["pixel_values"], one["image_grid_thw"], return_dict=True)
+                 for one in inputs]
+        parts = split_encoder_outputs(together, [1, 1])
+        assert parts is not None
+        for part, own in zip(parts, alone, strict=True):
+            torch.testing.assert_close(part.pooler_output[0], own.pooler_output[0], atol=1e-5, rtol=1e-4)
+        joined = join_encoder_outputs(parts)
+        assert [t.shape for t in joined.pooler_output] == [t.shape for t in together.pooler_output]
+    assert split_encoder_outputs(together, [1, 2]) is None  # not one entry per image: not split
+
+
+def test_inputs_it_does_not_know_are_not_batched():
+    one = {"input_ids": torch.ones(1, 3, dtype=torch.long), "second_per_grid_ts": torch.ones(1)}
+    assert left_padded([one, one], pad_id=0) is None
+    assert left_padded([{"input_ids": torch.ones(1, 3, dtype=torch.long)}, {"pixel_values": torch.ones(1)}],
+                       pad_id=0) is None

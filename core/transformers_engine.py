@@ -115,10 +115,6 @@ def _row_cache(config: Any, layers: list[tuple[Any, Any]]) -> Any:
     return cache
 
 
-def _place(kv: SlotKV, row: int, *, layers: list[tuple[Any, Any]], length: int) -> None:
-    kv.place(row, layers, length)
-
-
 def _offset(delta: Any) -> int:
     """An M-RoPE position offset (``rope_deltas``, one per prompt) as a number; 0 for other models."""
     return int(delta.reshape(-1)[0]) if delta is not None else 0
@@ -467,7 +463,7 @@ class TransformersEngine:
                     own_storage(kept)  # not views that pin the whole batch's cache
                     self._keep_prefix(request, kept, row.delta)
                 self._seat(request, row.first, row.length, row.delta,
-                           partial(_place, layers=row.layers, length=row.length), cache)
+                           partial(SlotKV.place, layers=row.layers, length=row.length), cache)
             except Exception as exc:
                 log.warning("generation failed: %s", exc)
                 self._fail(request, EngineError(f"generation failed: {exc}"))
@@ -1018,10 +1014,10 @@ class TransformersEngine:
     def _encoded_together(self, group: list[tuple[_Request, Features | None]]) -> list[dict[str, Any]]:
         """``_encoded`` for several questions, the images without cached encoder output encoded in one run."""
         fresh = [request for request, features in group if features is None and request.key]
-        made: dict[int, Features | None] = {}
+        made: dict[_Request, Features | None] = {}
         if self._encodes_ahead and len(fresh) > 1:
-            made = dict(zip(map(id, fresh), self._encode_together(fresh), strict=True))
-        return [self._encoded(request, dict(request.inputs), features or made.get(id(request)))
+            made = dict(zip(fresh, self._encode_together(fresh), strict=True))
+        return [self._encoded(request, dict(request.inputs), features or made.get(request))
                 for request, features in group]
 
     def _encode_together(self, requests: list[_Request]) -> list[Features | None]:

@@ -167,6 +167,15 @@ def fastest(configs: list[Any], timed_call: Callable[[Any], Callable[[], object]
     return sorted(results, key=lambda r: r[0])
 
 
+def tinygemm_timed(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, ref: torch.Tensor
+                   ) -> tuple[float, float]:
+    """torch's int4 kernel on ``x`` as a decode step runs it (CUDA graphs): microseconds, and its error
+    against ``ref`` (relative to ``ref``'s largest value), the sweeps' baseline."""
+    us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
+    product = torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float()
+    return us, float((product - ref).abs().max() / ref.abs().max())
+
+
 def fused_sweep() -> None:
     """``int4_batched_matmul`` (an experiment) at each launch shape, against tinygemm, at 1 to 16 rows, timed as a
     decode step runs them (CUDA graphs): which shape wins per weight, and that it computes what the
@@ -188,9 +197,7 @@ def fused_sweep() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), int4_weight.float())
             error = (int4_matmul(x, packed, scales_zeros).float() - ref).abs().max() / ref.abs().max()
-            tiny_us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
-            tiny_error = (torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float() - ref
-                          ).abs().max() / ref.abs().max()
+            tiny_us, tiny_error = tinygemm_timed(x, packed, scales_zeros, ref)
             configs = [c for c in map(MatmulConfig._make, shapes) if n % c.block_n == 0]
             # (the lambdas run inside fastest(), before the loop moves on)
             results = fastest(configs, lambda c: partial(int4_matmul_partials, x, packed, scales_zeros, *c),  # noqa: B023
@@ -233,9 +240,7 @@ def planes_sweep() -> None:
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), int4_weight.float())
-            tiny_us = graph_timed(partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP, scales_zeros))
-            tiny_error = (torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, scales_zeros).float() - ref
-                          ).abs().max() / ref.abs().max()
+            tiny_us, tiny_error = tinygemm_timed(x, packed, scales_zeros, ref)
             fitting = [c for c in launches if n % c.block_n == 0 and k // GROUP >= c.split]
             results = fastest(fitting, partial(partial, int4_matmul, x, planes, scales_zeros, GROUP),
                               partial(int4_matmul, x, planes, scales_zeros, GROUP), ref)

@@ -136,12 +136,11 @@ class Int4Linear(torch.nn.Module):
         step = max(1, UNPACKED_BYTES // (8 * outer * pairs * 32 * x.element_size()))  # blocks of 8 outputs
         parts = []
         for start in range(0, blocks, step):
-            stop = min(blocks, start + step)
-            whole = start == 0 and stop == blocks
-            packed = self.packed if whole else self.packed[start:stop]
-            scales_zeros = self.scales_zeros if whole else self.scales_zeros[:, start * 8:stop * 8].contiguous()
-            bias = None if self.bias is None else self.bias[start * 8:stop * 8]
-            parts.append(F.linear(x, self._full_width(packed, scales_zeros, self._group(), x.dtype), bias))
+            outputs = slice(start * 8, (start + step) * 8)
+            # (all of a weight in one slice: views of the same tensors, no copies)
+            weight = self._full_width(self.packed[start:start + step], self.scales_zeros[:, outputs].contiguous(),
+                                      self._group(), x.dtype)
+            parts.append(F.linear(x, weight, None if self.bias is None else self.bias[outputs]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _group(self) -> int:

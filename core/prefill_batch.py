@@ -25,6 +25,7 @@ __all__ = ["Prefilled", "image_inputs", "join_encoder_outputs", "left_padded", "
 # One value per prompt token (padded at the front), and one entry per image (joined in order).
 _TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
 _IMAGE_KEYS = frozenset({"pixel_values", "image_grid_thw", "image_sizes"})
+_ENCODED = "mm_encoder_outputs"  # the vision encoder's output in place of pixels, per modality
 # What a vision encoder's output may hold for ``pooler_output`` alone to carry its images into the
 # language model (a model whose forward reads more from it is not batched).
 _PLAIN_OUTPUT = frozenset({"last_hidden_state", "pooler_output", "hidden_states", "attentions"})
@@ -42,11 +43,19 @@ class Prefilled:
 
 def left_padded(inputs: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any] | None:
     """Single-question model inputs as one batch: per-token tensors left-padded to the longest prompt,
-    per-image ones joined in order. ``None`` where an input is of a kind this cannot join (the
-    questions are then prefilled one at a time)."""
+    per-image ones (pixels, or the vision encoder's output already made) joined in order. ``None``
+    where an input is of a kind this cannot join (the questions are then prefilled one at a time)."""
     keys = {key for one in inputs for key in one}
-    if not keys <= _TOKEN_KEYS | _IMAGE_KEYS or any("input_ids" not in one for one in inputs):
+    if not keys <= _TOKEN_KEYS | _IMAGE_KEYS | {_ENCODED} or any("input_ids" not in one for one in inputs):
         return None
+    encoded = [one[_ENCODED] for one in inputs if _ENCODED in one]
+    joined = None
+    if encoded:
+        if any(set(one) != {"image"} for one in encoded):
+            return None
+        joined = join_encoder_outputs([one["image"] for one in encoded])
+        if joined is None:
+            return None
     width = max(int(one["input_ids"].shape[1]) for one in inputs)
     batch: dict[str, Any] = {}
     for key in keys & _TOKEN_KEYS | {"attention_mask"}:
@@ -59,6 +68,8 @@ def left_padded(inputs: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, A
                 row = torch.zeros_like(ids)
             rows.append(torch.cat([row.new_full((1, width - row.shape[1]), fill), row], dim=1))
         batch[key] = torch.cat(rows)
+    if joined is not None:
+        batch[_ENCODED] = {"image": joined}
     return batch | image_inputs(inputs)
 
 
@@ -101,8 +112,8 @@ def _plain(outputs: Any) -> bool:
 
 def prefill_together(model: Any, batch: dict[str, Any], cache: Any, *, cache_keyword: str,
                      mrope: bool) -> list[Prefilled]:
-    """One forward over a ``left_padded`` batch (plus any joined ``mm_encoder_outputs``) into ``cache``
-    (empty); each row's first token, KV and position offset."""
+    """One forward over a ``left_padded`` batch into ``cache`` (empty); each row's first token, KV and
+    position offset."""
     mask = batch["attention_mask"]
     if mrope:
         model.model.rope_deltas = None  # computed anew from these prompts' images and mask

@@ -42,7 +42,7 @@ from core.kv_cache import (
 from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
-from core.prefill_batch import image_inputs, join_encoder_outputs, left_padded, prefill_together, split_encoder_outputs
+from core.prefill_batch import image_inputs, left_padded, prefill_together, split_encoder_outputs
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
 from core.step_attention import StepAttention
@@ -441,12 +441,7 @@ class TransformersEngine:
         self._make_room()
         try:
             with self._attention_kernels():
-                inputs = self._encoded_together(group)
-            outputs = [one.pop("mm_encoder_outputs")["image"] for one in inputs if "mm_encoder_outputs" in one]
-            batch = left_padded(inputs, self._pad_id)
-            if batch is not None and outputs:
-                joined = join_encoder_outputs(outputs)
-                batch = batch | {"mm_encoder_outputs": {"image": joined}} if joined is not None else None
+                batch = left_padded(self._encoded_together(group), self._pad_id)
             if batch is None:
                 return group
             cache = prefill_cache(model.config)
@@ -638,51 +633,48 @@ class TransformersEngine:
     def _compile_prefill(self, fused: FusedLayers) -> None:
         """The compiled layers for first questions' prefill too: compiled now, on a dummy screenshot
         question (sizes are symbolic: one compilation serves every prompt length)."""
-        from PIL import Image
-
-        started = time.monotonic()
-        image = PreparedImage("imsight-compile", Image.new("RGB", (448, 336), (70, 90, 110)))
-        inputs = self._inputs([image], [], "What is on this screen?")
-        try:
-            with self._attention_kernels(), fused.active():
-                self._prefill(inputs)
-        except Exception as exc:
-            log.warning("cannot compile the prefill's layers (%s); first questions are prefilled eagerly",
-                        _reason(exc))
-            return
-        self._fused_prefill = fused
-        log.info("prefill compiled in %.1fs", time.monotonic() - started)
+        if self._compiles(fused, "the prefill", lambda: self._prefill(self._dummy_question(0))):
+            self._fused_prefill = fused
 
     def _compile_prefill_together(self, fused: FusedLayers) -> None:
         """The compiled layers for first questions prefilled together too. A batch takes graphs of its own,
         one where its prompts' lengths differ (padding, an attention mask) and one where they do not (no
         mask): each compiled here on two dummy questions rather than when chats first ask at once (7-12 s
         each on the H200, every asker waiting)."""
-        from PIL import Image
-
         if self._fused_prefill is not fused:
             return
-        started = time.monotonic()
         model = self.loaded.model
-        images = [PreparedImage(f"imsight-compile-{n}", Image.new("RGB", (448, 336), (70, 90, 110 + n)))
-                  for n in range(2)]
-        question = "What is on this screen?"
-        pairs = [(self._inputs(images[:1], [], question), self._inputs([], [], "And now?")),
-                 (self._inputs(images[:1], [], question), self._inputs(images[1:], [], question))]
-        try:
+
+        def both() -> None:
+            pairs = [(self._dummy_question(0), self._inputs([], [], "And now?")),
+                     (self._dummy_question(0), self._dummy_question(1))]
             for pair in pairs:
                 batch = left_padded(pair, self._pad_id)
                 if batch is None:
                     raise EngineError("this model's inputs cannot be joined")
-                with self._attention_kernels(), fused.active():
-                    prefill_together(model, batch, prefill_cache(model.config), cache_keyword=self._cache_kw,
-                                     mrope=self._mrope)
+                prefill_together(model, batch, prefill_cache(model.config), cache_keyword=self._cache_kw,
+                                 mrope=self._mrope)
+
+        self._fused_together = self._compiles(fused, "the prefill of several questions together", both)
+
+    def _compiles(self, fused: FusedLayers, what: str, work: Callable[[], object]) -> bool:
+        """Whether ``work`` ran through the compiled layers (compiling them for its shapes); logged."""
+        started = time.monotonic()
+        try:
+            with self._attention_kernels(), fused.active():
+                work()
         except Exception as exc:
-            log.warning("cannot compile the prefill of several questions together (%s); they are prefilled "
-                        "together eagerly", _reason(exc))
-            return
-        self._fused_together = True
-        log.info("prefill of several questions together compiled in %.1fs", time.monotonic() - started)
+            log.warning("cannot compile %s (%s); it runs eagerly", what, _reason(exc))
+            return False
+        log.info("%s compiled in %.1fs", what, time.monotonic() - started)
+        return True
+
+    def _dummy_question(self, n: int) -> Any:
+        """A screenshot-sized question about a blank image of its own, rendered: what compiling runs on."""
+        from PIL import Image
+
+        image = PreparedImage(f"imsight-compile-{n}", Image.new("RGB", (448, 336), (70, 90, 110 + n)))
+        return self._inputs([image], [], "What is on this screen?")
 
     def _speed_up_when_idle(self, stepper: Stepper, *, compiles: bool) -> Iterator[None]:
         """Capture the decode step as CUDA graphs (seconds), then compile its layers and capture it again

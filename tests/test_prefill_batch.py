@@ -124,7 +124,13 @@ def test_encoder_outputs_split_per_question_and_join_back(glm):
             torch.testing.assert_close(part.pooler_output[0], own.pooler_output[0], atol=1e-5, rtol=1e-4)
         joined = join_encoder_outputs(parts)
         assert [t.shape for t in joined.pooler_output] == [t.shape for t in together.pooler_output]
+        # Questions whose images come already encoded (the engine's memo) batch as those with pixels do.
+        encoded = [{**{k: v for k, v in one.items() if k != "pixel_values"}, "mm_encoder_outputs": {"image": part}}
+                   for one, part in zip(inputs, parts, strict=True)]
+        _assert_rows_as_alone(glm, encoded, pad_id=config.text_config.pad_token_id, mrope=True)
     assert split_encoder_outputs(together, [1, 2]) is None  # not one entry per image: not split
+    video = {**encoded[0], "mm_encoder_outputs": {"video": parts[0]}}
+    assert left_padded([encoded[1], video], pad_id=0) is None  # only images' encoder outputs are joined
 
 
 def test_inputs_it_does_not_know_are_not_batched():

@@ -9,6 +9,7 @@ bf16 ``F.linear``. For each: microseconds a call at 1..16 rows (decode batches) 
     python bench/int4_kernels.py
     python bench/int4_kernels.py --fused   # the batched-decode kernel experiment (int4_batched_matmul.py)
     python bench/int4_kernels.py --planes  # the same in a layout chosen for Triton (int4_planes_matmul.py)
+    python bench/int4_kernels.py --gemlite  # GemLite's Triton kernels (pip install gemlite)
 """
 
 from __future__ import annotations
@@ -259,13 +260,79 @@ def planes_sweep() -> None:
               f"({bytes_per_layer / best[m] / 1e6:.2f} TB/s)")
 
 
+def gemlite_sweep() -> None:
+    """GemLite's A16W4 Triton kernels (``pip install gemlite``, a library, not a dependency of imsight) on the
+    same int4 weights as tinygemm, at 1 to 16 rows timed as a decode step runs them (CUDA graphs, each
+    shape autotuned by GemLite first), and at 1,076 rows (a screenshot question's prefill) against
+    imsight's unpack + cuBLAS. Run with both of GemLite's split-K sums: into bf16 (its default on Hopper)
+    and into float32."""
+    if not torch.cuda.is_available():
+        print("int4 kernels: needs a CUDA GPU (cuda available: False)")
+        return
+    import gemlite
+    from gemlite import DType, GemLiteLinear
+
+    from core.int4_unpack_gpu import dequantize_gpu
+
+    torch.manual_seed(0)
+    rows = (1, 2, 4, 8, 16)
+    layers = {}
+    for name, (k, n) in SHAPES.items():
+        weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        q, scales_zeros = quantize(weight, GROUP)
+        packed, scales_zeros = pack(q, 8), scales_zeros.to(torch.bfloat16)
+        imsight = Int4Linear(packed, scales_zeros, GROUP, None, in_features=k, kernel=True)
+        imsight.fuse_unpacking(dequantize_gpu)
+        # imsight's w = (q - 8) * scale + zero is GemLite's "fma" form w = q * scale + (zero - 8 * scale)
+        scales, zeros = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()
+        theirs = GemLiteLinear(4, group_size=GROUP, in_features=k, out_features=n, input_dtype=DType.BF16,
+                               output_dtype=DType.BF16)
+        theirs.pack(q, scales.to(torch.bfloat16), (8 - zeros / scales), None)  # their zeros: w = (q - z) * s
+        # pack() keeps -z * s in z's dtype, laid out [N, groups] and seen transposed; bf16 here, and from
+        # imsight's zero directly (a bf16 z would shift every weight by up to 1/32 of a step)
+        theirs.zeros.data = (zeros - 8 * scales).to(torch.bfloat16).contiguous().t()
+        layers[name] = (imsight, theirs, dequantize(packed, scales_zeros, GROUP, torch.bfloat16))
+    totals: dict[str, dict[int, float]] = {}
+    for sums in ("bf16", "float32"):
+        gemlite.set_native_atomic_bfp16(sums == "bf16")
+        for name, (imsight, theirs, int4_weight) in layers.items():
+            for m in rows:
+                x = torch.randn(m, imsight.in_features, device="cuda", dtype=torch.bfloat16)
+                ref = F.linear(x.float(), int4_weight.float())
+                theirs(x)  # autotunes this shape (seconds)
+                error = float((theirs(x).float() - ref).norm() / ref.norm())
+                us = graph_timed(partial(theirs, x))
+                label = f"gemlite, sums in {sums}"
+                totals.setdefault(label, {})[m] = totals.get(label, {}).get(m, 0.0) + us
+                if sums == "bf16":
+                    tiny_us, _ = tinygemm_timed(x, imsight.packed, imsight.scales_zeros, ref)
+                    totals.setdefault("tinygemm", {})[m] = totals.get("tinygemm", {}).get(m, 0.0) + tiny_us
+                print(f"{name}, {m} rows: {label} {us:.1f} us (relative error {error:.1e})")
+    bytes_per_layer = sum(k * n for k, n in SHAPES.values()) * 4.25 / 8
+    print("one layer's four linears, microseconds by rows (CUDA graphs):")
+    for label, by_rows in totals.items():
+        print(f"  {label:22s} " + "  ".join(f"{m}: {us:6.1f}" for m, us in by_rows.items())
+              + f"   one row at {bytes_per_layer / by_rows[1] / 1e6:.2f} TB/s")
+    prefill = {"imsight (unpack + cuBLAS)": 0.0, "gemlite": 0.0}
+    for imsight, theirs, _ in layers.values():
+        x = torch.randn(1076, imsight.in_features, device="cuda", dtype=torch.bfloat16)
+        theirs(x)
+        prefill["imsight (unpack + cuBLAS)"] += timed(partial(imsight, x), reps=20)
+        prefill["gemlite"] += timed(partial(theirs, x), reps=20)
+    print("one layer's four linears at 1,076 rows: " + ", ".join(f"{k} {us:.0f} us" for k, us in prefill.items()))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fused", action="store_true",
                         help="only the tinygemm-layout few-row kernel, launch shapes swept")
     parser.add_argument("--planes", action="store_true", help="only the nibble-plane kernel, launch shapes swept")
+    parser.add_argument("--gemlite", action="store_true",
+                        help="GemLite's 4-bit kernels against tinygemm (pip install gemlite)")
     args = parser.parse_args()
-    if args.planes:
+    if args.gemlite:
+        gemlite_sweep()
+    elif args.planes:
         planes_sweep()
     elif args.fused:
         fused_sweep()

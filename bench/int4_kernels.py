@@ -288,9 +288,9 @@ def gemlite_sweep() -> None:
         theirs = GemLiteLinear(4, group_size=GROUP, in_features=k, out_features=n, input_dtype=DType.BF16,
                                output_dtype=DType.BF16)
         theirs.pack(q, scales.to(torch.bfloat16), (8 - zeros / scales), None)  # their zeros: w = (q - z) * s
-        # pack() keeps -z * s in z's dtype, laid out [N, groups] and seen transposed; bf16 here, and from
-        # imsight's zero directly (a bf16 z would shift every weight by up to 1/32 of a step)
-        theirs.zeros.data = (zeros - 8 * scales).to(torch.bfloat16).contiguous().t()
+        # pack() keeps -z * s in z's dtype, [groups, N] contiguous; bf16 here, and from imsight's zero
+        # directly (a bf16 z would shift every weight by up to 1/32 of a step)
+        theirs.zeros.data = (zeros - 8 * scales).t().contiguous().to(torch.bfloat16)
         layers[name] = (imsight, theirs, dequantize(packed, scales_zeros, GROUP, torch.bfloat16))
     totals: dict[str, dict[int, float]] = {}
     for sums in ("bf16", "float32"):

@@ -42,9 +42,10 @@ class Prefilled:
 
 
 def left_padded(inputs: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any] | None:
-    """Single-question model inputs as one batch: per-token tensors left-padded to the longest prompt,
-    per-image ones (pixels, or the vision encoder's output already made) joined in order. ``None``
-    where an input is of a kind this cannot join (the questions are then prefilled one at a time)."""
+    """Single-question model inputs as one batch: per-token tensors left-padded to the longest prompt
+    (one token beyond it where all are as long), per-image ones (pixels, or the vision encoder's output
+    already made) joined in order. ``None`` where an input is of a kind this cannot join (the questions
+    are then prefilled one at a time)."""
     keys = {key for one in inputs for key in one}
     if not keys <= _TOKEN_KEYS | _IMAGE_KEYS | {_ENCODED} or any("input_ids" not in one for one in inputs):
         return None
@@ -56,7 +57,12 @@ def left_padded(inputs: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, A
         joined = join_encoder_outputs([one["image"] for one in encoded])
         if joined is None:
             return None
-    width = max(int(one["input_ids"].shape[1]) for one in inputs)
+    lengths = {int(one["input_ids"].shape[1]) for one in inputs}
+    # A pad token more where every prompt is as long: transformers drops an attention mask without
+    # padding, and compiled layers would take a second graph for such batches (compiled at start,
+    # ~12 s on the H200; unpadded batches are rare outside benchmarks: every screenshot's size and
+    # question's length alike). The extra token is cut off with the rest of the padding.
+    width = max(lengths) + (len(lengths) == 1)
     batch: dict[str, Any] = {}
     for key in keys & _TOKEN_KEYS | {"attention_mask"}:
         fill = pad_id if key == "input_ids" else 0

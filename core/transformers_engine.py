@@ -637,25 +637,21 @@ class TransformersEngine:
             self._fused_prefill = fused
 
     def _compile_prefill_together(self, fused: FusedLayers) -> None:
-        """The compiled layers for first questions prefilled together too. A batch takes graphs of its own,
-        one where its prompts' lengths differ (padding, an attention mask) and one where they do not (no
-        mask): each compiled here on two dummy questions rather than when chats first ask at once (7-12 s
-        each on the H200, every asker waiting)."""
+        """The compiled layers for first questions prefilled together too. A batch takes a graph of its own
+        (several rows, an attention mask: ``left_padded`` always pads), compiled here on two dummy questions
+        rather than when chats first ask at once (7-12 s on the H200, every asker waiting)."""
         if self._fused_prefill is not fused:
             return
         model = self.loaded.model
 
-        def both() -> None:
-            pairs = [(self._dummy_question(0), self._inputs([], [], "And now?")),
-                     (self._dummy_question(0), self._dummy_question(1))]
-            for pair in pairs:
-                batch = left_padded(pair, self._pad_id)
-                if batch is None:
-                    raise EngineError("this model's inputs cannot be joined")
-                prefill_together(model, batch, prefill_cache(model.config), cache_keyword=self._cache_kw,
-                                 mrope=self._mrope)
+        def pair() -> None:
+            batch = left_padded([self._dummy_question(0), self._dummy_question(1)], self._pad_id)
+            if batch is None:
+                raise EngineError("this model's inputs cannot be joined")
+            prefill_together(model, batch, prefill_cache(model.config), cache_keyword=self._cache_kw,
+                             mrope=self._mrope)
 
-        self._fused_together = self._compiles(fused, "the prefill of several questions together", both)
+        self._fused_together = self._compiles(fused, "the prefill of several questions together", pair)
 
     def _compiles(self, fused: FusedLayers, what: str, work: Callable[[], object]) -> bool:
         """Whether ``work`` ran through the compiled layers (compiling them for its shapes); logged."""

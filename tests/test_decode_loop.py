@@ -336,6 +336,22 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     assert engine.measurements()["prefill_compiled"] == 1  # (a failure there turns it off)
     assert follow_up.removesuffix(CUT_NOTE) == bare_generate(engine, [_image(61)], "Why?", 8, turns)
 
+    # Questions prefilled together take the graph compiled while idle, prompts of one length too (they
+    # are padded anyway: without padding transformers drops the mask, a graph of its own to compile).
+    from torch._dynamo.utils import counters
+
+    assert engine.measurements()["prefill_together_compiled"] == 1
+    graphs, batches = counters["stats"]["unique_graphs"], engine.stats.prefill_batches
+    engine._window_s = 0.5
+    for pair in ([([_image(63)], "What is it?", 6), ([_image(64)], "What is it?", 6)],
+                 [([_image(65)], "What is it?", 6), ([], "And a longer question without a picture?", 5)]):
+        got = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in pair])
+        for (images, question, tokens), answer in zip(pair, got, strict=True):
+            assert answer.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)
+    engine._window_s = 0.0
+    assert engine.stats.prefill_batches == batches + 2
+    assert counters["stats"]["unique_graphs"] == graphs
+
     # A prefill the compiled layers fail (past dynamo's recompile limit, say) is done again eagerly,
     # and prefill stays eager.
     def fails_compiled() -> str:

@@ -41,7 +41,10 @@ def _alone(model: Any, inputs: dict[str, Any], mrope: bool) -> tuple[int, Any, A
 def _assert_rows_as_alone(model: Any, inputs: list[dict[str, Any]], pad_id: int, mrope: bool) -> None:
     batch = left_padded(inputs, pad_id)
     assert batch is not None
-    assert batch["input_ids"].shape == (len(inputs), max(one["input_ids"].shape[1] for one in inputs))
+    lengths = [one["input_ids"].shape[1] for one in inputs]
+    # (prompts all of one length are padded by a token too: a batch always has a mask to keep)
+    assert batch["input_ids"].shape == (len(inputs), max(lengths) + (len(set(lengths)) == 1))
+    assert not batch["attention_mask"].all()
     rows = prefill_together(model, batch, prefill_cache(model.config), cache_keyword=cache_keyword(model),
                             mrope=mrope)
     for one, row in zip(inputs, rows, strict=True):
@@ -66,6 +69,16 @@ def test_each_row_of_a_padded_batch_is_its_own_prefill(tiny_model):
                                                         return_dict=True, return_tensors="pt"))
               for images, question in asks]
     assert len({one["input_ids"].shape[1] for one in inputs}) == 3  # so there is padding to get right
+    with torch.inference_mode():
+        _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=False)
+
+
+def test_prompts_of_one_length_are_padded_and_each_row_is_its_own_prefill(tiny_model):
+    loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
+    inputs = [dict(loaded.processor.apply_chat_template(
+        chat_messages([PreparedImage(str(n), Image.new("RGB", (64, 48), (n, 30, 90)))], [], "What is it?"),
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")) for n in (10, 200)]
+    assert len({one["input_ids"].shape[1] for one in inputs}) == 1
     with torch.inference_mode():
         _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=False)
 

@@ -59,9 +59,9 @@ def left_padded(inputs: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, A
             return None
     lengths = {int(one["input_ids"].shape[1]) for one in inputs}
     # A pad token more where every prompt is as long: transformers drops an attention mask without
-    # padding, and compiled layers would take a second graph for such batches (compiled at start,
-    # ~12 s on the H200; unpadded batches are rare outside benchmarks: every screenshot's size and
-    # question's length alike). The extra token is cut off with the rest of the padding.
+    # padding, and compiled layers would take a second graph for such batches (one more to compile at
+    # every start, for batches rare outside benchmarks: every screenshot's size and question's length
+    # alike). The extra token is cut off with the rest of the padding.
     width = max(lengths) + (len(lengths) == 1)
     batch: dict[str, Any] = {}
     for key in keys & _TOKEN_KEYS | {"attention_mask"}:

@@ -31,15 +31,13 @@ from core.fp8_weights import quantize as fp8_quantize
 from core.int4_weights import dequantize, pack, quantize
 
 ROWS = (1, 2, 4, 8, 16, 1000)
-FP8_MAX = torch.finfo(FP8).max
 
 
 def fp8_linear_rowwise(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """The alternative ``Fp8Linear`` does not take: the rows' and outputs' scales handed to ``_scaled_mm``
     (``weight_scale`` as ``[1, N]``), its row-wise path."""
-    scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    x8 = (x.float() / scale).to(FP8)
-    return torch._scaled_mm(x8, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=x.dtype)
+    x8, scale = fp8_quantize(x)
+    return torch._scaled_mm(x8, weight.t(), scale_a=scale[:, None], scale_b=weight_scale, out_dtype=x.dtype)
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
-"""What prefilling questions that arrive together in one batch saves (measured before the engine
-did it, core/prefill_batch.py; kept to check it on other models and GPUs).
+"""What prefilling questions that arrive together in one batch saves, through the engine's own batching
+(core/prefill_batch.py; measured before the engine did it, kept to check it on other models and GPUs).
 
 One after another (as the engine prefilled first questions until the ninth step) is what 8 chats asking
 at once waited on (bench/RESULTS.md, seventh and eighth steps). Here the
 loaded model (imsight's own loading, any quantization) prefills N screenshot questions one after
-another and then as one left-padded batch, both eagerly, with the vision encoder: milliseconds each,
-and whether each question's first token is the same both ways (the batch's padding, attention mask
-and per-row M-RoPE positions as transformers computes them).
+another and then as one batch (``left_padded``, ``prefill_together``), both eagerly, with the vision
+encoder: milliseconds each, and whether each question's first token is the same both ways (the batch's
+padding, attention mask and per-row M-RoPE positions).
 
     python bench/prefill_batching.py --model-dir /path/to/glm-9b [--quantization int4]
     python bench/prefill_batching.py --quick   # the tiny test model on the CPU (the tests run it)
@@ -27,30 +27,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from screens import screenshot_image
 
 from core.engine import PreparedImage
+from core.fused_layers import prefill_cache
+from core.kv_cache import cache_keyword
 from core.model_files import resolve
 from core.model_loading import LoadedModel, load
+from core.prefill_batch import left_padded, prefill_together
 from core.prompt_inputs import chat_messages
 
 QUESTION = "What does the error in this screenshot mean, and how do I fix it?"
 
 
-def rendered(loaded: LoadedModel, conversations: list[Any]) -> Any:
-    """The processor's batch for ``conversations`` (left-padded), on the model's device."""
-    inputs = loaded.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True, return_tensors="pt",
-                                                  processor_kwargs={"padding": True})
+def rendered(loaded: LoadedModel, conversation: Any) -> dict[str, Any]:
+    """One question's inputs, as the engine renders them, on the model's device."""
+    inputs = dict(loaded.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt"))
     inputs.pop("token_type_ids", None)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
-    return inputs.to(loaded.model.device)
+    return {key: value.to(loaded.model.device) for key, value in inputs.items()}
 
 
-def first_tokens(loaded: LoadedModel, inputs: Any) -> list[int]:
+def alone(loaded: LoadedModel, inputs: dict[str, Any], mrope: bool) -> int:
+    """The first token of one question's own prefill."""
     import torch
 
+    if mrope:
+        loaded.model.model.rope_deltas = None  # worked out anew from this prompt
     with torch.inference_mode():
         out = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    return [int(t) for t in out.logits[:, -1].argmax(-1)]
+    return int(out.logits[0, -1].argmax())
+
+
+def together(loaded: LoadedModel, batch: dict[str, Any], mrope: bool) -> list[int]:
+    """Each question's first token, prefilled in one batch as the engine does."""
+    import torch
+
+    model = loaded.model
+    with torch.inference_mode():
+        rows = prefill_together(model, batch, prefill_cache(model.config), cache_keyword=cache_keyword(model),
+                                mrope=mrope)
+    return [row.first for row in rows]
 
 
 def seconds(work: Any, reps: int) -> float:
@@ -89,19 +105,21 @@ def main() -> None:
     if args.model_dir is None:
         parser.error("--model-dir is needed (or --quick)")
     loaded = load(resolve("bench", args.model_dir, allow_download=False), quantization=args.quantization)
-    loaded.processor.tokenizer.padding_side = "left"  # the last position of every row is its own last token
+    mrope = hasattr(getattr(loaded.model, "model", None), "rope_deltas")  # as the engine tells
+    pad_id = loaded.processor.tokenizer.pad_token_id or 0
     print(f"{args.model_dir.name} on {loaded.device}, quantization {loaded.mode}")
     for n in (int(b) for b in args.batches.split(",")):
-        conversations = [chat_messages([PreparedImage(f"s{i}", screenshot_image(i))], [], f"{QUESTION} ({i})")
-                         for i in range(n)]
-        singles = [rendered(loaded, [c]) for c in conversations]
-        batch = rendered(loaded, conversations)
-        alone = [first_tokens(loaded, inputs)[0] for inputs in singles]
-        together = first_tokens(loaded, batch)
-        one_by_one = seconds(lambda singles=singles: [first_tokens(loaded, s) for s in singles], args.reps)
-        batched = seconds(lambda batch=batch: first_tokens(loaded, batch), args.reps)
-        agree = sum(a == b for a, b in zip(alone, together, strict=True))
-        print(f"{n} questions ({int(batch['input_ids'].shape[1])} tokens a row): one after another "
+        singles = [rendered(loaded, chat_messages([PreparedImage(f"s{i}", screenshot_image(i))], [],
+                                                  f"{QUESTION} ({i})")) for i in range(n)]
+        batch = left_padded(singles, pad_id)
+        assert batch is not None
+        firsts = [alone(loaded, inputs, mrope) for inputs in singles]
+        batch_firsts = together(loaded, batch, mrope)
+        one_by_one = seconds(lambda singles=singles: [alone(loaded, s, mrope) for s in singles], args.reps)
+        batched = seconds(lambda batch=batch: together(loaded, batch, mrope), args.reps)
+        agree = sum(a == b for a, b in zip(firsts, batch_firsts, strict=True))
+        longest = max(int(inputs["input_ids"].shape[1]) for inputs in singles)
+        print(f"{n} questions (up to {longest} tokens each): one after another "
               f"{1e3 * one_by_one:.1f} ms, in one batch {1e3 * batched:.1f} ms ({batched / one_by_one:.2f}x); "
               f"first tokens the same both ways: {agree} of {n}")
         if torch.cuda.is_available():

@@ -31,7 +31,8 @@ _TINY = 1e-12  # a row or output of zeros: any scale will do, but not zero
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [N, K]`` as e4m3 ``[N, K]`` and its float32 scale per output ``[N]``."""
+    """``weight [N, K]`` as e4m3 ``[N, K]`` and its float32 scale per output ``[N]`` (rows going in: the
+    same, a scale per row)."""
     scale = weight.float().abs().amax(1).clamp(min=_TINY) / _LARGEST
     return (weight.float() / scale[:, None]).to(FP8), scale
 
@@ -69,11 +70,9 @@ class Fp8Linear(torch.nn.Module):
         return cls(*quantize(weight), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        rows = flat.abs().amax(1, keepdim=True).clamp(min=_TINY) / _LARGEST
-        y = torch._scaled_mm((flat / rows).to(FP8), self.weight.t(), scale_a=self.one, scale_b=self.one,
-                             out_dtype=torch.float32)
-        y = (y * rows * self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rows, row_scale = quantize(x.reshape(-1, self.in_features))
+        y = torch._scaled_mm(rows, self.weight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.float32)
+        y = (y * row_scale[:, None] * self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -98,7 +98,8 @@ def join_encoder_outputs(outputs: Sequence[Any]) -> Any:
 
 def split_encoder_outputs(outputs: Any, counts: Sequence[int]) -> list[Any] | None:
     """The vision encoder's output for several questions' images, encoded together, back as one output
-    per question (``counts[i]`` images each); ``None`` where it is not plain or not one entry per image."""
+    per question (``counts[i]`` images each); ``None`` where there is none, or it is not plain or not one
+    entry per image."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     if not _plain(outputs) or len(outputs.pooler_output) != sum(counts):

@@ -724,8 +724,8 @@ class TransformersEngine:
             busy += time.monotonic() - shape_started
             if not done:
                 yield
-        # The graphs' own memory comes on top of the weights and slots the load logged (~1.1 GB for
-        # GLM-4.6V-Flash in int4 on the H200): what the GPU holds now says it.
+        # The graphs' own memory comes on top of the weights and slots the load logged (0.03 GB for
+        # GLM-4.6V-Flash in int4 on the H200, bench/RESULTS.md ninth step): what the GPU holds now says it.
         held = f"; GPU memory allocated now {torch.cuda.memory_allocated() / 1e9:.2f} GB" if self.device == "cuda" \
             else ""
         log.info("decode step %s: %.1fs of work over %.1fs%s%s",
@@ -1015,23 +1015,19 @@ class TransformersEngine:
         encoded = model._prepare_multimodal_encoder_kwargs_for_generation(
             image_inputs([request.inputs for request in requests]))
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
-        parts = split_encoder_outputs(outputs, [len(request.images) for request in requests]) \
-            if outputs is not None else None
+        parts = split_encoder_outputs(outputs, [len(request.images) for request in requests])
         if parts is None:
             return [self._encode(request.key, request.inputs) for request in requests]
-        kept: list[Features | None] = [Features(part, tensor_bytes(part)) for part in parts]
-        if self._features.budget > 0:
-            for request, features in zip(requests, kept, strict=True):
-                assert features is not None
-                self._features.put(request.key, features)
-        return kept
+        return [self._keep_features(request.key, part) for request, part in zip(requests, parts, strict=True)]
 
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""
         encoded = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
-        if outputs is None:
-            return None
+        return self._keep_features(key, outputs) if outputs is not None else None
+
+    def _keep_features(self, key: tuple[str, ...], outputs: Any) -> Features:
+        """The vision encoder's output for this set of images, kept for the next question about them."""
         features = Features(outputs, tensor_bytes(outputs))
         if self._features.budget > 0:
             self._features.put(key, features)

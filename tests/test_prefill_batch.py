@@ -142,6 +142,7 @@ def test_encoder_outputs_split_per_question_and_join_back(glm):
                    for one, part in zip(inputs, parts, strict=True)]
         _assert_rows_as_alone(glm, encoded, pad_id=config.text_config.pad_token_id, mrope=True)
     assert split_encoder_outputs(together, [1, 2]) is None  # not one entry per image: not split
+    assert split_encoder_outputs(None, [1, 1]) is None  # a model whose encoder kept nothing
     video = {**encoded[0], "mm_encoder_outputs": {"video": parts[0]}}
     assert left_padded([encoded[1], video], pad_id=0) is None  # only images' encoder outputs are joined
 

@@ -7,7 +7,8 @@ model in the same run: time to first token, a cached follow-up, decode tokens/s 
 against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questions arriving 200 ms
 apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, int4 (the default
 engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfused / int4-unfused
-(captured, not compiled).
+(captured, not compiled); int4-tinygemm: int4 with torch's int4 kernel for decode instead of
+imsight's (``core.int4_mma``), to compare the two in one run.
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
 tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
@@ -356,11 +357,15 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
                   with_profile: bool = False, long_tokens: int = 0) -> dict[str, Any]:
     import torch
 
+    import core.int4_weights
     from core.answer_text import CUT_NOTE
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    use_mma_kernel = core.int4_weights.use_mma_kernel
+    if mode.endswith("-tinygemm"):  # the load's switch to imsight's decode kernel, left out
+        core.int4_weights.use_mma_kernel = lambda model: None
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"),
@@ -369,6 +374,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     )
     started = time.perf_counter()
     await engine.start()  # load, warm-up, slots and CUDA graph capture
+    core.int4_weights.use_mma_kernel = use_mma_kernel
     out: dict[str, Any] = {"mode": mode, "start_s": time.perf_counter() - started}
     await asyncio.to_thread(engine.settled.wait)  # the compiled decode step comes while idle, after start
     out["compiled_s"] = time.perf_counter() - started

@@ -10,6 +10,7 @@ bf16 ``F.linear``. For each: microseconds a call at 1..16 rows (decode batches) 
     python bench/int4_kernels.py --fused   # the batched-decode kernel experiment (int4_batched_matmul.py)
     python bench/int4_kernels.py --planes  # the same in a layout chosen for Triton (int4_planes_matmul.py)
     python bench/int4_kernels.py --gemlite  # GemLite's Triton kernels (pip install gemlite)
+    python bench/int4_kernels.py --mma  # imsight's CUDA kernel for decode (core/int4_mma.py), shapes swept
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -30,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.int4_weights import Int4Linear, dequantize, pack, quantize, unpack
 
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
+# GLM-4.6V-Flash's text layers keep q, k and v apart (2 key/value heads of 128): six weights a layer
+LAYER = {"q": (4096, 4096), "k": (4096, 256), "v": (4096, 256), "o": (4096, 4096), "gate_up": (4096, 27392),
+         "down": (13696, 4096)}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 1000)
 GROUP = 128
 
@@ -322,6 +327,48 @@ def gemlite_sweep() -> None:
     print("one layer's four linears at 1,076 rows: " + ", ".join(f"{k} {us:.0f} us" for k, us in prefill.items()))
 
 
+def mma_sweep() -> None:
+    """``core.int4_mma``'s kernel against tinygemm at 1-16 rows, every launch shape, as a decode step
+    runs them (CUDA graphs); then one decoder layer's six weights at each row count."""
+    from core.int4_mma import Kernels, MmaConfig, config_for
+
+    torch.manual_seed(0)
+    configs = [MmaConfig(w, t, u, stage) for w in (4, 8, 16, 32) for t in (1, 2) for u in (1, 2) for stage in (0, 1)
+               if w * t <= 32]  # (the partial sums of 32 warps x 2 blocks would not fit in 48 KB)
+    began = time.perf_counter()
+    kernels = Kernels(configs)
+    print(f"NVRTC compiled {len(configs) * 2} kernels in {time.perf_counter() - began:.1f} s")
+    layer: dict[str, dict[int, float]] = {"tinygemm": {}, "mma, best shape each": {}, "mma, config_for": {}}
+    for name, (k, n) in LAYER.items():
+        weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, scales_zeros, int4_weight = int4_pack(weight)
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), int4_weight.float())
+            tiny_us, tiny_err = tinygemm_timed(x, packed, scales_zeros, ref)
+            call = partial(kernels, x, packed, scales_zeros, GROUP)
+            ranked = fastest(configs, partial(partial, call), call, ref)
+            for us, config, _err in ranked:
+                label = f"mma w{config.warps} t{config.tiles} u{config.unroll} s{config.stage}"
+                layer.setdefault(label, {})[m] = layer.get(label, {}).get(m, 0.0) + us
+            best_us, best, best_err = ranked[0]
+            picked = next(us for us, config, _e in ranked if config == config_for(n, m))
+            layer["mma, config_for"][m] = layer["mma, config_for"].get(m, 0.0) + picked
+            layer["tinygemm"][m] = layer["tinygemm"].get(m, 0.0) + tiny_us
+            layer["mma, best shape each"][m] = layer["mma, best shape each"].get(m, 0.0) + best_us
+            worst_err = max(e for _u, _c, e in ranked)
+            print(f"{name:7s} rows {m:2d}: tinygemm {tiny_us:6.1f} us (error {tiny_err:.1e}); mma best "
+                  f"{best_us:6.1f} us {tuple(best)} (error {best_err:.1e}, worst of all shapes {worst_err:.1e}); "
+                  "next: " + ", ".join(f"{tuple(c)} {u:.1f}" for u, c, _e in ranked[1:4]))
+    print("one decoder layer's four weights, microseconds (CUDA graphs):")
+    for label, by_rows in sorted(layer.items(), key=lambda kv: kv[1].get(8, 0.0)):
+        print(f"  {label:22s} " + "  ".join(f"{m} rows {us:7.1f}" for m, us in sorted(by_rows.items())))
+    params = sum(k * n for k, n in LAYER.values())
+    for label in ("tinygemm", "mma, best shape each", "mma, config_for"):
+        print(f"  {label}: one row reads {params * 4.25 / 8 / 1e6:.0f} MB a layer at "
+              f"{params * 4.25 / 8 / layer[label][1] / 1e6:.2f} TB/s")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fused", action="store_true",
@@ -329,8 +376,12 @@ if __name__ == "__main__":
     parser.add_argument("--planes", action="store_true", help="only the nibble-plane kernel, launch shapes swept")
     parser.add_argument("--gemlite", action="store_true",
                         help="GemLite's 4-bit kernels against tinygemm (pip install gemlite)")
+    parser.add_argument("--mma", action="store_true",
+                        help="imsight's CUDA kernel for decode (core/int4_mma.py) against tinygemm")
     args = parser.parse_args()
-    if args.gemlite:
+    if args.mma:
+        mma_sweep()
+    elif args.gemlite:
         gemlite_sweep()
     elif args.planes:
         planes_sweep()

@@ -7,6 +7,8 @@ step of 8 questions costs 1.8x one of a single question. cuBLAS's fp8 product re
 and costs the same at 1 row and 16 (58-62 us a layer), and at prefill sizes it is faster than bf16
 (``bench/fp8_kernels.py``). The error against the full-width weight is a third of int4's with groups of
 128 (relative norm 0.037 against 0.099). The price is memory: a byte a weight against int4's ~0.53.
+(Since then imsight's own int4 decode kernel, ``core.int4_mma``, costs 1.1x from 1 row to 8 too, so
+what fp8 still buys is the smaller error.)
 
 The scales are applied to the product's output, not handed to ``_scaled_mm``: with a scale per row
 and per output it runs a kernel that costs 2-3x at a few rows (cuBLAS's own fp8 path takes only one

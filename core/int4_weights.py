@@ -5,11 +5,12 @@ Why not only bitsandbytes: its NF4 mat-vec reads weights at about half of the GP
 for more than one row it dequantizes the whole weight every call, so a decode step of 8 questions
 costs 2.6x one of a single question (bench/RESULTS.md). torch's "tinygemm" kernel
 (``aten._weight_int4pack_mm``, what gpt-fast and torchao's int4 weight-only use) reads them at
-twice the rate (its cost still doubles from 1 row to 8; ``bench/int4_batched_matmul.py`` is a try at
-a kernel that does not), but at prefill sizes it is 18x slower than a
-dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and takes
-tinygemm for up to ``KERNEL_ROWS`` rows and unpacks it to a full-width weight for more (on a GPU with
-one Triton kernel, ``core.int4_unpack_gpu``).
+twice the rate, but its cost doubles from 1 row to 8, and at prefill sizes it is 18x slower than a
+dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and reads it
+three ways: for decode steps of up to ``int4_mma.MAX_ROWS`` rows with imsight's own CUDA kernel
+(``core.int4_mma``: 8 rows cost 1.4x one, not 2.4x; ``use_mma_kernel``), for up to ``KERNEL_ROWS``
+with tinygemm (also where that kernel cannot compile), and for more unpacked to a full-width weight
+(on a GPU with one Triton kernel, ``core.int4_unpack_gpu``).
 
 The tiled layout is written down here (``pack``/``unpack``) after ``matrix_to_m16n8k16_Bint4_layout``
 in PyTorch's ``int4mm.cu``: an int32 tensor ``[N/8, K/(tiles*16), 32, tiles/2]`` where lane ``t``
@@ -23,6 +24,7 @@ and ``[groups, N, 2]`` scales and zeros.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +34,11 @@ import torch.nn.functional as F
 from core.quantized_linears import replace_linears
 
 __all__ = ["KERNEL", "KERNEL_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize",
-           "quantize_linears", "torch_layout_agrees", "unpack"]
+           "quantize_linears", "torch_layout_agrees", "unpack", "use_mma_kernel"]
 
 log = logging.getLogger(__name__)
 
-KERNEL = "group-wise, torch's int4 kernel"  # as the load's log names it
+KERNEL = "group-wise, in torch's int4 layout"  # as the load's log names it
 KERNEL_ROWS = 32  # up to this many rows tinygemm beats unpack + matmul (bench/int4_kernels.py)
 _GROUPS = (128, 64, 32)  # tinygemm takes 32..256; 128 is gpt-fast's and torchao's default
 _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
@@ -45,6 +47,7 @@ _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
 # (measured on the H200: 10.64 GB peak with one question unpacked whole, 10.51 sliced; the GPU time
 # of the prefill the same, 69-70 ms).
 UNPACKED_BYTES = 64 * 2**20
+_MMA_ROWS = 16  # core.int4_mma.MAX_ROWS (that module is imported only on a GPU)
 
 
 def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +103,7 @@ class Int4Linear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, packed.shape[0] * 8, group
         self.kernel = kernel  # tinygemm runs here (a CUDA GPU of compute capability 8.0 or later)
+        self.mma = False  # imsight's kernel takes up to int4_mma.MAX_ROWS rows (use_mma_kernel)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.bias: torch.nn.Parameter | None = (
@@ -124,8 +128,10 @@ class Int4Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.kernel and x.dtype == torch.bfloat16 and flat.shape[0] <= KERNEL_ROWS:
-            y: torch.Tensor = torch.ops.aten._weight_int4pack_mm(
-                flat.contiguous(), self.packed, self._group(), self.scales_zeros)
+            if self.mma and flat.shape[0] <= _MMA_ROWS:
+                y: torch.Tensor = torch.ops.imsight.int4_mma(flat, self.packed, self.scales_zeros, self._group())
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, self._group(), self.scales_zeros)
             y = y.reshape(*x.shape[:-1], y.shape[-1])
             return y + self.bias if self.bias is not None else y
         return self._unpacked_linear(x)
@@ -168,6 +174,7 @@ def quantize_linears(model: Any, skip: list[str], device: torch.device | str | N
         for layer in kernels:
             layer.kernel = False
     fuse_unpacking(model)
+    use_mma_kernel(model)
     return replaced, kept
 
 
@@ -208,3 +215,45 @@ def fuse_unpacking(model: Any) -> None:
         return
     for layer in layers:
         layer.fuse_unpacking(dequantize_gpu)
+
+
+def use_mma_kernel(model: Any) -> None:
+    """On a GPU, let decode steps multiply with imsight's CUDA kernel (``core.int4_mma``), once it has
+    compiled and matched the unpacked weight on each shape; with tinygemm where it cannot."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
+    if not layers:
+        return
+    device = layers[0].packed.device
+    try:
+        from core import int4_mma
+
+        fits = [m for m in layers if m.packed.device == device and int4_mma.supports(m.packed, m.group)]
+        if not fits:
+            return
+        began = time.perf_counter()
+        with torch.cuda.device(device):
+            int4_mma.load({(m.out_features, m.group) for m in fits})
+            worst = max(_mma_error(m, rows) for m in {(m.out_features, m.group): m for m in fits}.values()
+                        for rows in (1, 5, int4_mma.MAX_ROWS))
+    except Exception as exc:  # no NVRTC, a GPU it cannot build for, a driver that cannot load it
+        log.info("int4: imsight's decode kernel is unavailable here (%s); decode steps use torch's int4 kernel", exc)
+        return
+    if worst > 2e-2:  # rounding is ~3e-3 of the largest output; a misread layout is off by whole steps
+        log.warning("int4: imsight's decode kernel disagrees with the unpacked weight here (error %.1e); "
+                    "decode steps use torch's int4 kernel", worst)
+        return
+    for layer in fits:
+        layer.mma = True
+    log.info("int4: decode steps of up to %d rows multiply with imsight's CUDA kernel (%d of %d weights; "
+             "compiled and checked in %.1f s)", int4_mma.MAX_ROWS, len(fits), len(layers), time.perf_counter() - began)
+
+
+def _mma_error(layer: Int4Linear, rows: int) -> float:
+    """``core.int4_mma``'s product for ``rows`` random rows against the unpacked weight's, relative to its
+    largest value."""
+    generator = torch.Generator(layer.packed.device).manual_seed(rows)
+    x = torch.randn(rows, layer.in_features, device=layer.packed.device, generator=generator).to(torch.bfloat16)
+    ours = torch.ops.imsight.int4_mma(x, layer.packed, layer.scales_zeros, layer.group).float()
+    weight = dequantize(layer.packed, layer.scales_zeros, layer.group, torch.bfloat16)
+    ref = F.linear(x.float(), weight.float())
+    return float((ours - ref).abs().max() / ref.abs().max())

@@ -1,8 +1,8 @@
 """Quantisation: which mode, which modules stay unquantised, and bitsandbytes' config for its modes.
 
-``nf4`` and ``int8`` are bitsandbytes'; ``int4`` (``core.int4_weights``: torch's int4 kernel for
-decode) and ``fp8`` (``core.fp8_weights``: cuBLAS's e4m3 product) are imsight's own, applied after a
-full-width load.
+``nf4`` and ``int8`` are bitsandbytes'; ``int4`` (``core.int4_weights``: imsight's CUDA kernel,
+``core.int4_mma``, or torch's int4 kernel for decode) and ``fp8`` (``core.fp8_weights``: cuBLAS's e4m3
+product) are imsight's own, applied after a full-width load.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def pick_mode(setting: str, device: str, capability: tuple[int, int] | None = No
     kernel (8.0, Ampere, and later): on the H200 it decodes 1.3x faster than NF4 alone and 2.2x with
     8 questions at once, at the same memory (bench/RESULTS.md). NF4 on older GPUs.
 
-    ``fp8`` is asked for, never picked: twice int4's bytes a weight, for decode steps of several
-    questions that cost what one question's does. It needs compute capability 8.9 (Ada, Hopper) or
-    later, and says so otherwise rather than running slowly.
+    ``fp8`` is asked for, never picked: twice int4's bytes a weight, for a third of int4's error (with
+    imsight's int4 decode kernel, int4 is as fast with several questions at once). It needs compute
+    capability 8.9 (Ada, Hopper) or later, and says so otherwise rather than running slowly.
     """
     if setting == "auto":
         if device != "cuda":

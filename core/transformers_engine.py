@@ -679,7 +679,7 @@ class TransformersEngine:
         Why not at start: dynamo traces every graph anew in each process, inductor's cache or not
         (measured on the H200: 45 of a restart's 62 s, 35 s of it tracing), so the daemon would be
         ready a minute late on every restart. This way it is ready once the model is loaded; until
-        then steps run eagerly, then captured, then compiled (int4 on the H200: 230 tokens/s). A question
+        then steps run eagerly, then captured, then compiled (int4 on the H200: 252 tokens/s). A question
         that comes meanwhile waits for the shape in hand: under a second while capturing, up to
         ~20 s while the first shapes compile (GLM-4.6V-Flash on the H200)."""
         if stepper.use_graphs:

@@ -74,6 +74,13 @@ def test_the_quantization_check_says_what_this_gpu_runs():
     assert list(quantization_checks("none", None)) == []
 
 
+def test_the_int4_decode_kernel_check_warns_where_the_kernel_cannot_compile():
+    from bot.doctor import int4_decode_kernel_check
+
+    check = int4_decode_kernel_check()  # torch's CPU build: no GPU to compile for
+    assert check.status == "warn" and "torch's int4 kernel" in check.detail and "nvrtc" in check.fix
+
+
 async def test_each_failure_says_how_to_fix_it(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f"""

@@ -1,0 +1,71 @@
+"""imsight's int4 decode kernel (``core.int4_mma``): what it reads from tinygemm's layout, its nibble
+arithmetic, and its launch shapes. The kernel itself runs only on a CUDA GPU: every load there checks
+it against the unpacked weight (``core.int4_weights.use_mma_kernel``), and ``bench/int4_kernels.py
+--mma`` times it and prints its error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from core import int4_mma, int4_weights
+from core.int4_weights import pack
+
+
+def test_the_kernels_operands_read_from_tinygemms_layout_are_the_weight():
+    # The kernel's index arithmetic, line for line: program tile i's lane (g, t) takes, for k-tile kt of
+    # an outer tile, word kt // 2 of output blocks 2i (rows g) and 2i + 1 (rows g + 8), shifted by
+    # (kt % 2) * 8, and reads two nibbles (bits 0-3, 16-19) at shift 0 (inputs 2t, 2t+1) and 4 (+8).
+    n, k = 32, 256
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    words = pack(q, 8).to(torch.int64) & 0xFFFFFFFF
+    read = torch.full((n, k), -1, dtype=torch.int64)
+    for tile in range(n // 16):
+        for outer in range(k // 128):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for kt in range(8):
+                    for block, row in ((2 * tile, g), (2 * tile + 1, g + 8)):
+                        word = int(words[block, outer, lane, kt // 2]) >> (kt % 2) * 8
+                        for shift, column in ((0, 2 * t), (4, 2 * t + 8)):
+                            at = outer * 128 + kt * 16 + column
+                            read[tile * 16 + row, at] = word >> shift & 15
+                            read[tile * 16 + row, at + 1] = word >> shift + 16 & 15
+    assert torch.equal(read, q.to(torch.int64))
+
+
+def test_the_exponent_trick_turns_nibbles_into_q_minus_8_exactly():
+    q = torch.arange(16, dtype=torch.int32)
+    as_bf16 = (q | 0x4300).to(torch.int16).view(torch.bfloat16)  # the kernel's 0x43004300 | nibbles
+    assert torch.equal(as_bf16.float(), 128.0 + q.float())
+    one, minus_136 = (torch.tensor([v], dtype=torch.int16).view(torch.bfloat16) for v in (0x3F80, -0x3CF8))  # 0xC308
+    assert one.item() == 1.0 and minus_136.item() == -136.0
+    assert torch.equal((as_bf16 * one + minus_136).float(), q.float() - 8)  # exact in bf16
+
+
+def test_every_launch_shape_tiles_its_weight_and_is_compiled_at_load():
+    weights = {(4608, 128), (4096, 128), (27392, 128), (16 * 3, 64), (16 * 107, 32)}
+    compiled = set(int4_mma.launch_shapes(weights))
+    for n, _group in weights:
+        for rows in range(1, int4_mma.MAX_ROWS + 1):
+            config = int4_mma.config_for(n, rows)
+            assert (n // 16) % config.tiles == 0, (n, rows, config)
+            assert config in compiled
+
+
+def test_what_the_kernel_takes():
+    assert int4_weights._MMA_ROWS == int4_mma.MAX_ROWS  # int4_weights keeps its own copy: no import on the CPU
+    q = torch.zeros(32, 256, dtype=torch.uint8)
+    assert int4_mma.supports(pack(q, 8), 128)
+    assert not int4_mma.supports(pack(q, 4), 128)  # 4 inner k-tiles: two words a lane, not four
+    assert not int4_mma.supports(pack(q[:8], 8), 128)  # 8 outputs: not a block of 16
+
+
+def test_compiled_steps_see_the_products_shape():
+    # What dynamo and inductor see of the operator when they trace a decode step (its fake kernel).
+    with FakeTensorMode():
+        x = torch.empty(5, 256, dtype=torch.bfloat16)
+        packed = torch.empty(4, 2, 32, 4, dtype=torch.int32)
+        y = torch.ops.imsight.int4_mma(x, packed, torch.empty(2, 32, 2, dtype=torch.bfloat16), 128)
+    assert tuple(y.shape) == (5, 32) and y.dtype == torch.bfloat16

@@ -30,14 +30,11 @@ on the GPU host), and checked against the unpacked weight before any layer uses 
 from __future__ import annotations
 
 import ctypes
-import logging
 from typing import Any, NamedTuple
 
 import torch
 
 __all__ = ["MAX_ROWS", "Kernels", "MmaConfig", "config_for", "int4_mma", "launch_shapes", "load", "supports"]
-
-log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # two right-hand operands of 8 rows
 
@@ -230,11 +227,12 @@ def supports(packed: torch.Tensor, group: int) -> bool:
 
 
 def config_for(n_out: int, rows: int) -> MmaConfig:
-    """The launch shape for a weight of ``n_out`` outputs at ``rows`` rows: the fastest, or within 5 %
-    of it, for each of GLM-4.6V's four weights on the H200 (``bench/int4_kernels.py --mma``). From 3
-    rows on, rows go through shared memory (at 8 rows a decoder layer's four weights take 48.8 us that
-    way, 72.1 straight from memory, as the rows' 4-byte loads touch a line each); at 9-16 two blocks of
-    outputs a program share them."""
+    """The launch shape for a weight of ``n_out`` outputs at ``rows`` rows. One rule for every weight,
+    within 6 % of each weight's fastest shape on the H200 for GLM-4.6V's layer (51.8 against 49.0 us at
+    one row, 55.3 against 54.3 at eight; ``bench/int4_kernels.py --mma``). From 3 rows on, rows go
+    through shared memory (at 8 rows 48.8 us against 72.1 straight from memory, for the layer's four
+    largest weights: the rows' 4-byte loads touch a line each); at 9-16 two blocks of outputs a
+    program share them."""
     if rows <= 2:
         config = MmaConfig(warps=8, tiles=1, unroll=1, stage=0)
     else:
@@ -286,7 +284,7 @@ def launch_shapes(weights: set[tuple[int, int]]) -> list[MmaConfig]:
     return sorted({config_for(n, rows) for n, _group in weights for rows in range(1, MAX_ROWS + 1)})
 
 
-@torch.library.custom_op("imsight::int4_mma", mutates_args=())
+@torch.library.custom_op("imsight::int4_mma", mutates_args=(), device_types="cuda")
 def int4_mma(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """``x [m <= MAX_ROWS, k]`` times an int4 weight in tinygemm's layout, as bf16 ``[m, n]``. An operator
     of its own so that compiled decode steps call it as one opaque kernel (dynamo cannot trace ctypes)."""
@@ -298,6 +296,15 @@ def int4_mma(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, 
 @int4_mma.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[0] * 8)
+
+
+@int4_mma.register_kernel("cpu")
+def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    # What the kernel computes, the slow way: the CPU tests run the operator's path through
+    # Int4Linear and a compiled step with it.
+    from core.int4_weights import dequantize
+
+    return torch.nn.functional.linear(x, dequantize(packed, scales_zeros, group, x.dtype))
 
 
 def _compile(source: str, names: list[str], arch: str) -> dict[str, Any]:

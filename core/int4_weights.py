@@ -8,7 +8,7 @@ costs 2.6x one of a single question (bench/RESULTS.md). torch's "tinygemm" kerne
 twice the rate, but its cost doubles from 1 row to 8, and at prefill sizes it is 18x slower than a
 dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and reads it
 three ways: for decode steps of up to ``int4_mma.MAX_ROWS`` rows with imsight's own CUDA kernel
-(``core.int4_mma``: 8 rows cost 1.4x one, not 2.4x; ``use_mma_kernel``), for up to ``KERNEL_ROWS``
+(``core.int4_mma``: 8 rows cost 1.1x one, not 2.4x; ``use_mma_kernel``), for up to ``KERNEL_ROWS``
 with tinygemm (also where that kernel cannot compile), and for more unpacked to a full-width weight
 (on a GPU with one Triton kernel, ``core.int4_unpack_gpu``).
 
@@ -236,7 +236,8 @@ def use_mma_kernel(model: Any) -> None:
             worst = max(_mma_error(m, rows) for m in {(m.out_features, m.group): m for m in fits}.values()
                         for rows in (1, 5, int4_mma.MAX_ROWS))
     except Exception as exc:  # no NVRTC, a GPU it cannot build for, a driver that cannot load it
-        log.info("int4: imsight's decode kernel is unavailable here (%s); decode steps use torch's int4 kernel", exc)
+        log.warning("int4: imsight's decode kernel is unavailable here (%s); decode steps use torch's int4 kernel "
+                    "(several questions at once decode ~1.6x slower)", exc)
         return
     if worst > 2e-2:  # rounding is ~3e-3 of the largest output; a misread layout is off by whole steps
         log.warning("int4: imsight's decode kernel disagrees with the unpacked weight here (error %.1e); "

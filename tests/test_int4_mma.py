@@ -7,10 +7,11 @@ it against the unpacked weight (``core.int4_weights.use_mma_kernel``), and ``ben
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from core import int4_mma, int4_weights
-from core.int4_weights import pack
+from core.int4_weights import Int4Linear, dequantize, pack, quantize
 
 
 def test_the_kernels_operands_read_from_tinygemms_layout_are_the_weight():
@@ -69,3 +70,25 @@ def test_compiled_steps_see_the_products_shape():
         packed = torch.empty(4, 2, 32, 4, dtype=torch.int32)
         y = torch.ops.imsight.int4_mma(x, packed, torch.empty(2, 32, 2, dtype=torch.bfloat16), 128)
     assert tuple(y.shape) == (5, 32) and y.dtype == torch.bfloat16
+
+
+def test_int4_linear_takes_the_operator_for_few_rows_eagerly_and_compiled():
+    # The operator's CPU kernel computes what the CUDA one does (the unpacked weight's product), so the
+    # layer's way to it runs here: up to MAX_ROWS rows through it, and a compiled step calling it
+    # as one opaque node (dynamo traces its fake kernel; aot_eager needs no C++ compiler).
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(32, 256, generator=generator)
+    q, scales_zeros = quantize(weight, 128)
+    bias = torch.randn(32, generator=generator).to(torch.bfloat16)
+    layer = Int4Linear(pack(q, 8), scales_zeros.to(torch.bfloat16), 128, bias, in_features=256, kernel=True)
+    layer.mma = True
+    full = dequantize(layer.packed, layer.scales_zeros, 128, torch.bfloat16)
+    for rows in (1, 5, int4_mma.MAX_ROWS):
+        x = torch.randn(rows, 256, generator=generator).to(torch.bfloat16)
+        expected = F.linear(x, full) + bias  # the layer adds its bias to the product, as tinygemm's path does
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            eager = layer(x)
+        assert sum(event.name == "imsight::int4_mma" for event in profile.events()) == 1
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        assert torch.equal(eager, expected) and torch.equal(compiled, expected)
+    torch.compiler.reset()

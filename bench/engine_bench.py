@@ -373,8 +373,10 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         prefix_cache_bytes=4 * GiB, warmup=True,
     )
     started = time.perf_counter()
-    await engine.start()  # load, warm-up, slots and CUDA graph capture
-    core.int4_weights.use_mma_kernel = use_mma_kernel
+    try:
+        await engine.start()  # load, warm-up, slots and CUDA graph capture
+    finally:
+        core.int4_weights.use_mma_kernel = use_mma_kernel
     out: dict[str, Any] = {"mode": mode, "start_s": time.perf_counter() - started}
     await asyncio.to_thread(engine.settled.wait)  # the compiled decode step comes while idle, after start
     out["compiled_s"] = time.perf_counter() - started

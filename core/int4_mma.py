@@ -259,6 +259,10 @@ class Kernels:
         """``x [m, k] @ W^T`` as bf16 ``[m, n]`` for ``m <= MAX_ROWS``."""
         m, k = x.shape
         n = packed.shape[0] * 8
+        if not 0 < m <= MAX_ROWS:  # (the kernel reads row m - 1 for rows past m, and writes at most 16)
+            if m == 0:
+                return x.new_empty(0, n)
+            raise ValueError(f"int4_mma takes 1 to {MAX_ROWS} rows, not {m}")
         config = config or config_for(n, m)
         if x.data_ptr() % 16:  # a view into the middle of a tensor: the staged loads take 16 bytes at a time
             x = x.clone()

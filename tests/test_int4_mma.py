@@ -6,6 +6,7 @@ it against the unpacked weight (``core.int4_weights.use_mma_kernel``), and ``ben
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -92,3 +93,15 @@ def test_int4_linear_takes_the_operator_for_few_rows_eagerly_and_compiled():
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
         assert torch.equal(eager, expected) and torch.equal(compiled, expected)
     torch.compiler.reset()
+
+
+def test_the_launcher_refuses_rows_the_kernel_cannot_take():
+    # Before any launch (so on the CPU too): more than 16 rows would leave rows unwritten, and none would
+    # make the kernel read row -1.
+    kernels = int4_mma.Kernels.__new__(int4_mma.Kernels)
+    kernels._kernels = {}  # nothing compiled: neither call reaches a kernel
+    packed = pack(torch.zeros(32, 256, dtype=torch.uint8), 8)
+    scales_zeros = torch.zeros(2, 32, 2, dtype=torch.bfloat16)
+    assert kernels(torch.empty(0, 256, dtype=torch.bfloat16), packed, scales_zeros, 128).shape == (0, 32)
+    with pytest.raises(ValueError, match="1 to 16 rows, not 17"):
+        kernels(torch.empty(17, 256, dtype=torch.bfloat16), packed, scales_zeros, 128)

@@ -360,7 +360,7 @@ def mma_sweep() -> None:
             print(f"{name:7s} rows {m:2d}: tinygemm {tiny_us:6.1f} us (error {tiny_err:.1e}); mma best "
                   f"{best_us:6.1f} us {tuple(best)} (error {best_err:.1e}, worst of all shapes {worst_err:.1e}); "
                   "next: " + ", ".join(f"{tuple(c)} {u:.1f}" for u, c, _e in ranked[1:4]))
-    print("one decoder layer's four weights, microseconds (CUDA graphs):")
+    print("one decoder layer's six weights (q, k, v apart, as GLM-4.6V-Flash has them), microseconds (CUDA graphs):")
     for label, by_rows in sorted(layer.items(), key=lambda kv: kv[1].get(8, 0.0)):
         print(f"  {label:22s} " + "  ".join(f"{m} rows {us:7.1f}" for m, us in sorted(by_rows.items())))
     params = sum(k * n for k, n in LAYER.values())

@@ -31,8 +31,8 @@ from core.fused_layers import prefill_cache
 from core.kv_cache import cache_keyword
 from core.model_files import resolve
 from core.model_loading import LoadedModel, load
-from core.prefill_batch import left_padded, prefill_together
-from core.prompt_inputs import chat_messages
+from core.prefill_batch import left_padded, pad_token, prefill_together, uses_mrope
+from core.prompt_inputs import chat_messages, eos_ids
 
 QUESTION = "What does the error in this screenshot mean, and how do I fix it?"
 
@@ -105,8 +105,8 @@ def main() -> None:
     if args.model_dir is None:
         parser.error("--model-dir is needed (or --quick)")
     loaded = load(resolve("bench", args.model_dir, allow_download=False), quantization=args.quantization)
-    mrope = hasattr(getattr(loaded.model, "model", None), "rope_deltas")  # as the engine tells
-    pad_id = loaded.processor.tokenizer.pad_token_id or 0
+    mrope = uses_mrope(loaded.model)
+    pad_id = pad_token(loaded.processor.tokenizer, eos_ids(loaded.model))
     print(f"{args.model_dir.name} on {loaded.device}, quantization {loaded.mode}")
     for n in (int(b) for b in args.batches.split(",")):
         singles = [rendered(loaded, chat_messages([PreparedImage(f"s{i}", screenshot_image(i))], [],

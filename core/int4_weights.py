@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core import int4_mma
 from core.quantized_linears import replace_linears
 
 __all__ = ["KERNEL", "KERNEL_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize",
@@ -47,7 +48,7 @@ _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
 # (measured on the H200: 10.64 GB peak with one question unpacked whole, 10.51 sliced; the GPU time
 # of the prefill the same, 69-70 ms).
 UNPACKED_BYTES = 64 * 2**20
-_MMA_ROWS = 16  # core.int4_mma.MAX_ROWS (that module is imported only on a GPU)
+_MMA_ROWS = int4_mma.MAX_ROWS
 
 
 def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,16 +222,12 @@ def use_mma_kernel(model: Any) -> None:
     """On a GPU, let decode steps multiply with imsight's CUDA kernel (``core.int4_mma``), once it has
     compiled and matched the unpacked weight on each shape; with tinygemm where it cannot."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
-    if not layers:
+    device = layers[0].packed.device if layers else None
+    fits = [m for m in layers if m.packed.device == device and int4_mma.supports(m.packed, m.group)]
+    if not fits:
         return
-    device = layers[0].packed.device
+    began = time.perf_counter()
     try:
-        from core import int4_mma
-
-        fits = [m for m in layers if m.packed.device == device and int4_mma.supports(m.packed, m.group)]
-        if not fits:
-            return
-        began = time.perf_counter()
         with torch.cuda.device(device):
             int4_mma.load({(m.out_features, m.group) for m in fits})
             worst = max(_mma_error(m, rows) for m in {(m.out_features, m.group): m for m in fits}.values()

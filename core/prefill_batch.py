@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Prefilled", "image_inputs", "join_encoder_outputs", "left_padded", "prefill_together",
-           "split_encoder_outputs"]
+__all__ = ["Prefilled", "image_inputs", "join_encoder_outputs", "left_padded", "pad_token", "prefill_together",
+           "split_encoder_outputs", "uses_mrope"]
 
 # One value per prompt token (padded at the front), and one entry per image (joined in order).
 _TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
@@ -39,6 +39,18 @@ class Prefilled:
     length: int  # prompt tokens
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # keys, values per layer: [1, heads, length, dim] views
     delta: torch.Tensor | None  # M-RoPE position offset, [1, 1]; None for other models
+
+
+def uses_mrope(model: Any) -> bool:
+    """Whether ``model`` is an M-RoPE model (GLM-4.1V/4.6V, Qwen-VL): one that keeps the position offset
+    its images leave behind (``rope_deltas``), per prompt."""
+    return hasattr(getattr(model, "model", None), "rope_deltas")
+
+
+def pad_token(tokenizer: Any, eos: set[int]) -> int:
+    """The token that fills the front of shorter prompts in a batch: masked, so any will do; the
+    tokenizer's pad token, else an end-of-sequence one, else 0."""
+    return next((t for t in (tokenizer.pad_token_id, *sorted(eos)) if t is not None), 0)
 
 
 def left_padded(inputs: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any] | None:

@@ -42,7 +42,14 @@ from core.kv_cache import (
 from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
-from core.prefill_batch import image_inputs, left_padded, prefill_together, split_encoder_outputs
+from core.prefill_batch import (
+    image_inputs,
+    left_padded,
+    pad_token,
+    prefill_together,
+    split_encoder_outputs,
+    uses_mrope,
+)
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
 from core.step_attention import StepAttention
@@ -223,13 +230,10 @@ class TransformersEngine:
         self._pixels = processor.image_processor = ImageProcessorMemo(processor.image_processor)
         self._hidden_ids = hidden_special_ids(processor.tokenizer)
         self._eos = eos_ids(self._loaded.model)
-        tokenizer = processor.tokenizer
-        # Fills the front of shorter prompts in a batch: masked, so any token will do.
-        self._pad_id = next((t for t in (tokenizer.pad_token_id, *sorted(self._eos)) if t is not None), 0)
+        self._pad_id = pad_token(processor.tokenizer, self._eos)
         # transformers >= 5.2x encodes images before prefill and accepts the result back.
         self._encodes_ahead = bool(getattr(self._loaded.model, "_supports_mm_encoder_outputs", lambda: False)())
-        # M-RoPE models (GLM-4.1V/4.6V, Qwen-VL) keep the position offset their images leave behind.
-        self._mrope = hasattr(getattr(self._loaded.model, "model", None), "rope_deltas")
+        self._mrope = uses_mrope(self._loaded.model)
         self._renderer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imsight-render")
         self._drained = False
         self._thread = threading.Thread(target=self._serve, name="imsight-engine", daemon=True)
@@ -639,7 +643,7 @@ class TransformersEngine:
     def _compile_prefill_together(self, fused: FusedLayers) -> None:
         """The compiled layers for first questions prefilled together too. A batch takes a graph of its own
         (several rows, an attention mask: ``left_padded`` always pads), compiled here on two dummy questions
-        rather than when chats first ask at once (7-12 s on the H200, every asker waiting)."""
+        rather than when chats first ask at once (20-25 s on the H200, every asker waiting)."""
         if self._fused_prefill is not fused:
             return
         model = self.loaded.model

@@ -57,7 +57,7 @@ def test_every_launch_shape_tiles_its_weight_and_is_compiled_at_load():
 
 
 def test_what_the_kernel_takes():
-    assert int4_weights._MMA_ROWS == int4_mma.MAX_ROWS  # int4_weights keeps its own copy: no import on the CPU
+    assert int4_weights._MMA_ROWS == int4_mma.MAX_ROWS  # the layer hands the operator no more rows than it takes
     q = torch.zeros(32, 256, dtype=torch.uint8)
     assert int4_mma.supports(pack(q, 8), 128)
     assert not int4_mma.supports(pack(q, 4), 128)  # 4 inner k-tiles: two words a lane, not four

@@ -21,8 +21,10 @@ from core.prefill_batch import (
     image_inputs,
     join_encoder_outputs,
     left_padded,
+    pad_token,
     prefill_together,
     split_encoder_outputs,
+    uses_mrope,
 )
 from core.prompt_inputs import chat_messages
 
@@ -69,8 +71,9 @@ def test_each_row_of_a_padded_batch_is_its_own_prefill(tiny_model):
                                                         return_dict=True, return_tensors="pt"))
               for images, question in asks]
     assert len({one["input_ids"].shape[1] for one in inputs}) == 3  # so there is padding to get right
+    assert not uses_mrope(loaded.model)  # LLaVA-shaped: positions given per row
     with torch.inference_mode():
-        _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=False)
+        _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=uses_mrope(loaded.model))
 
 
 def test_prompts_of_one_length_are_padded_and_each_row_is_its_own_prefill(tiny_model):
@@ -121,7 +124,8 @@ def test_m_rope_rows_keep_their_own_positions_and_offsets(glm):
               _glm_inputs(config, (1, 6, 8), [43] * 17, seed=2),  # more image tokens, a longer question
               _glm_inputs(config, None, [44, 45, 46, 47, 48, 49, 50], seed=3)]  # no image
     with torch.inference_mode():
-        _assert_rows_as_alone(glm, inputs, pad_id=config.text_config.pad_token_id, mrope=True)
+        assert uses_mrope(glm)
+        _assert_rows_as_alone(glm, inputs, pad_id=config.text_config.pad_token_id, mrope=uses_mrope(glm))
 
 
 def test_encoder_outputs_split_per_question_and_join_back(glm):
@@ -140,7 +144,7 @@ def test_encoder_outputs_split_per_question_and_join_back(glm):
         # Questions whose images come already encoded (the engine's memo) batch as those with pixels do.
         encoded = [{**{k: v for k, v in one.items() if k != "pixel_values"}, "mm_encoder_outputs": {"image": part}}
                    for one, part in zip(inputs, parts, strict=True)]
-        _assert_rows_as_alone(glm, encoded, pad_id=config.text_config.pad_token_id, mrope=True)
+        _assert_rows_as_alone(glm, encoded, pad_id=config.text_config.pad_token_id, mrope=uses_mrope(glm))
     assert split_encoder_outputs(together, [1, 2]) is None  # not one entry per image: not split
     assert split_encoder_outputs(None, [1, 1]) is None  # a model whose encoder kept nothing
     video = {**encoded[0], "mm_encoder_outputs": {"video": parts[0]}}
@@ -152,3 +156,12 @@ def test_inputs_it_does_not_know_are_not_batched():
     assert left_padded([one, one], pad_id=0) is None
     assert left_padded([{"input_ids": torch.ones(1, 3, dtype=torch.long)}, {"pixel_values": torch.ones(1)}],
                        pad_id=0) is None
+
+
+def test_the_pad_token_is_the_tokenizers_else_an_end_of_sequence_one():
+    from types import SimpleNamespace
+
+    assert pad_token(SimpleNamespace(pad_token_id=5), {2, 1}) == 5
+    assert pad_token(SimpleNamespace(pad_token_id=0), {2}) == 0  # 0 is a token, not "none"
+    assert pad_token(SimpleNamespace(pad_token_id=None), {9, 4}) == 4
+    assert pad_token(SimpleNamespace(pad_token_id=None), set()) == 0

@@ -8,7 +8,9 @@ against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questio
 apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, int4 (the default
 engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfused / int4-unfused
 (captured, not compiled); int4-tinygemm: int4 with torch's int4 kernel for decode instead of
-imsight's (``core.int4_mma``), to compare the two in one run.
+imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill`` suffix (int4-model-
+prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
+stepper's captured one.
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
 tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
@@ -201,8 +203,9 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, 
     import torch
 
     parts: dict[str, float] = {}
-    originals = {name: getattr(engine, name) for name in ("_render", "_encoded", "_seat")}
+    originals = {name: getattr(engine, name) for name in ("_render", "_encoded", "_embedded", "_seat")}
     forward = engine.loaded.model.forward
+    stepper = engine._stepper
 
     def timed(name: str, call: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -218,12 +221,16 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, 
     for name, call in originals.items():
         setattr(engine, name, timed(name.strip("_"), call))
     engine.loaded.model.forward = timed("prefill forward", forward)
+    if stepper is not None:  # the captured prefill (the model's forward is not called then)
+        stepper.prefill = timed("captured prefill", stepper.prefill)  # type: ignore[method-assign]
     try:
         total = (await first_chunk(engine, [image], [], QUESTION, 1))[0]
     finally:
         for name in originals:
             delattr(engine, name)
         del engine.loaded.model.forward
+        if stepper is not None:
+            del stepper.prefill
     parts["whole (through answer())"] = total
 
     def bare() -> None:
@@ -357,15 +364,18 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
                   with_profile: bool = False, long_tokens: int = 0) -> dict[str, Any]:
     import torch
 
+    import core.decode_loop
     import core.int4_weights
     from core.answer_text import CUT_NOTE
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    use_mma_kernel = core.int4_weights.use_mma_kernel
+    use_mma_kernel, prefill_sizes = core.int4_weights.use_mma_kernel, core.decode_loop.PREFILL_SIZES
     if mode.endswith("-tinygemm"):  # the load's switch to imsight's decode kernel, left out
         core.int4_weights.use_mma_kernel = lambda model: None
+    if mode.endswith("-model-prefill"):  # no captured first-question prefill (the stepper is made at start)
+        core.decode_loop.PREFILL_SIZES = ()
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"),
@@ -376,7 +386,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     try:
         await engine.start()  # load, warm-up, slots and CUDA graph capture
     finally:
-        core.int4_weights.use_mma_kernel = use_mma_kernel
+        core.int4_weights.use_mma_kernel, core.decode_loop.PREFILL_SIZES = use_mma_kernel, prefill_sizes
     out: dict[str, Any] = {"mode": mode, "start_s": time.perf_counter() - started}
     await asyncio.to_thread(engine.settled.wait)  # the compiled decode step comes while idle, after start
     out["compiled_s"] = time.perf_counter() - started
@@ -477,6 +487,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["batch8_tokens_per_s"] = generated / (time.perf_counter() - started)
     out["batch8_first_tokens_s"] = max(e[0] for e in eight)  # all eight prefilled (rendered, encoded, prefilled)
     out["batch8_prefill_batches"] = engine.stats.prefill_batches - batches
+    out["slot_prefills"], out["questions"] = engine.stats.slot_prefills, engine.stats.questions
     # After the last one's first token all eight decode together (their prefills before that).
     out["batch8_decode_tokens_per_s"] = (generated - 8) / max(1e-9, max(e[1] for e in eight) - max(e[0] for e in eight))
     before, started = engine.stats.tokens_generated, time.perf_counter()
@@ -524,6 +535,8 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         lines.append(f"  time to first token: {first * 1e3:.0f} ms vs bare generate() {bare * 1e3:.0f} ms "
                      f"(ratio {first / bare:.2f}, target <= 1.0)")
         lines.append("  first token, by part (ms): " + ", ".join(f"{k} {v}" for k, v in r["ttft_anatomy_ms"].items()))
+        lines.append(f"  first questions prefilled by the captured forward: {r['slot_prefills']} "
+                     f"(of {r['questions']} questions so far, follow-ups and batches included)")
         lines.append("  prefill forward alone (ms): "
                      + ", ".join(f"{k} {v}" for k, v in r["prefill_forward_ms"].items()))
         if anatomy := r.get("prefill_anatomy"):

@@ -5,8 +5,10 @@ batch runs to its longest answer, and transformers never compiles a bitsandbytes
 transformers' ``ContinuousBatchingManager``: it takes token ids only (``add_request(input_ids)``),
 with no way in for pixels, encoder outputs or M-RoPE positions, so a vision prefill cannot join it.
 
-So: each question is prefilled on its own, eagerly, exactly as ``generate()`` would (the model's
-own forward and cache), and its KV is copied into a free row (a "slot") of one preallocated cache.
+So: each question is prefilled on its own, as ``generate()`` would, and its KV lands in a free row
+(a "slot") of one preallocated cache: copied there from the model's own forward and cache, or, once
+captured, by the stepper's forward over the prompt's embeddings into the spare "staging" row (a
+follow-up's new tokens after a cached prefix take that way too), then moved.
 Every step then decodes all active rows at once: one token each, each row at its own position,
 with a mask that hides the unused end of its row. Rows stay packed at the front (a finished row's
 place is taken by the last one), so a step over ``n`` rows runs on the first bucket size >= ``n``
@@ -26,9 +28,15 @@ import torch
 
 from core.fused_layers import FusedLayers
 
-__all__ = ["SlotKV", "StepTokens", "Stepper", "buckets"]
+__all__ = ["PREFILL_SIZES", "SlotKV", "StepTokens", "Stepper", "buckets"]
 
 log = logging.getLogger(__name__)
+
+
+# Sizes a first question's prefill is captured at: short text questions, then steps of 128 tokens up to
+# 2,048 (a 1024x768 screenshot question is ~1,070 tokens with GLM-4.6V-Flash; at most 127 tokens padded).
+# Longer prompts are prefilled the way they were before (compiled layers, not captured).
+PREFILL_SIZES = (16, 32, 64, *range(128, 2048 + 1, 128))
 
 
 def buckets(slots: int, start: int = 1) -> list[int]:
@@ -150,7 +158,20 @@ class Stepper:
         self.tails = [t for t in (8, 16, 32, 64, 128, 256) if t < kv.length]
         self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
-        self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}  # ("step"|"tail", size, span)
+        # A first question's prompt after the vision encoder (its input embeddings and positions) is
+        # prefilled into the staging row by a captured forward too, padded to the next of these sizes: a
+        # compiled prefill is one launch per fused kernel from Python, and with 40 layers the GPU waits on
+        # the CPU (70 ms of GPU work in 130-210 ms, H200, int4). Padding goes after the prompt, where the
+        # causal mask hides it from the prompt's tokens; its KV lands past the row's end, unused.
+        self.prefills = [t for t in PREFILL_SIZES if t < kv.length]
+        width = max(self.prefills, default=1)
+        embedding = model.get_input_embeddings()
+        self._embeds = torch.zeros((1, width, embedding.embedding_dim), dtype=embedding.weight.dtype, device=device)
+        self._rope = torch.zeros((3, 1, width) if mrope else (1, width), dtype=torch.long, device=device)
+        self._last = torch.zeros(1, dtype=torch.long, device=device)  # the prompt's last token, in the padded one
+        self._prefill_next = torch.zeros((1, 1), dtype=torch.long, device=device)
+        # ("step"|"tail"|"prefill", size, span)
+        self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         # Where each step's tokens land on the host: two, since one may be unread while the next step
         # runs. Pinned on the GPU, so the copy is asynchronous.
         pinned = device.type == "cuda"
@@ -202,6 +223,32 @@ class Stepper:
     def fits_tail(self, count: int, start: int) -> bool:
         return bool(self.tails) and count <= self.tails[-1] and start + self.tails[-1] <= self._kv.length
 
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor | None) -> int:
+        """A first question's prompt into the staging row from its start: its input embeddings
+        (``[1, n, hidden]``, images merged in) and the positions the model gave them (M-RoPE's
+        ``[3, 1, n]``; ``None``: 0 .. n-1). Returns the token that follows; the row then holds ``n``."""
+        kv = self._kv
+        count = int(embeds.shape[1])
+        size = next(t for t in self.prefills if t >= count)
+        self._embeds[:, :count] = embeds
+        self._embeds[:, count:size] = 0
+        self._rope[..., :size] = self._span[:size]
+        if positions is not None:
+            self._rope[..., :count] = positions
+        self._last.fill_(count - 1)
+        kv.positions[kv.staging] = 0
+        self._run("prefill", size, self._span_for(size))
+        kv.positions[kv.staging] = count
+        return int(self._prefill_next[0, 0])
+
+    def fits_prefill(self, count: int, *, captured: bool = True) -> bool:
+        """Whether ``prefill`` takes a prompt of ``count`` tokens (``captured``: from a graph made for it)."""
+        size = next((t for t in self.prefills if t >= count), None)
+        return size is not None and (not captured or ("prefill", size, self._span_for(size)) in self._graphs)
+
+    def _span_for(self, tokens: int) -> int:
+        return next(s for s in self.spans if s >= tokens)
+
     def captures(self, *, fused: bool) -> Iterator[None]:
         """Warm up and capture every (kind, size, span) forward, one shape per ``next``: the caller may
         decode in between with what it has, but not during one (it uses the slots' rows).
@@ -216,7 +263,7 @@ class Stepper:
         made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         shapes = self._shapes()
         # Steps first (every answer needs them), each kind the largest first: the others fit in what it took.
-        kinds = ("step",) if fused else ("step", "tail")
+        kinds = ("step",) if fused else ("step", "tail", "prefill")
         order = [shape for kind in kinds for shape in reversed(shapes) if shape[0] == kind]
         for shape in order:
             graph = self._capture(shape, fused)
@@ -231,7 +278,8 @@ class Stepper:
 
     def _shapes(self) -> list[tuple[str, int, int]]:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
-        return shapes + [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
+        shapes += [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
+        return shapes + [("prefill", size, self._span_for(size)) for size in self.prefills]
 
     def _capture(self, shape: tuple[str, int, int], fused: bool) -> torch.cuda.CUDAGraph | None:
         """One shape warmed up (compilation, lazy inits and autotuning stay out of the graph), then
@@ -243,7 +291,10 @@ class Stepper:
             stream = self._stream = self._stream or torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for _ in range(3):
+            # Compiling can take more than one call (a recompile on the second); eager layers only need their
+            # lazy starts (cuBLAS plans, Triton's autotuning) out of the way: one call each, since the first
+            # questions' prefill sizes made the captures ~10 s longer (H200, int4).
+            for _ in range(3 if fused else 1):
                 kv.positions.zero_()
                 self._eager(*shape, fused=fused)
         graph = None
@@ -269,25 +320,36 @@ class Stepper:
     def _eager(self, kind: str, size: int, span: int, *, fused: bool = False) -> None:
         kv = self._kv
         if kind == "step":  # ``size`` rows from the first, one token each
-            self.tokens[:size] = self._forward(self.tokens[:size, None], 0, span, fused)[:, -1]
+            self.tokens[:size] = self._forward(0, span, fused, ids=self.tokens[:size, None])[:, -1]
             kv.positions[:size] = torch.clamp(kv.positions[:size] + 1, max=kv.length - 1)
-        else:  # the staging row, ``size`` tokens
-            self._tail_next[:size] = self._forward(self._tail_ids[:, :size], kv.staging, span, fused)[0]
+        elif kind == "tail":  # the staging row, ``size`` tokens
+            self._tail_next[:size] = self._forward(kv.staging, span, fused, ids=self._tail_ids[:, :size])[0]
+        else:  # "prefill": the staging row, ``size`` embeddings at their own positions; the last one's token
+            self._prefill_next[:] = self._forward(kv.staging, span, fused, embeds=self._embeds[:, :size],
+                                                  rope=self._rope[..., :size], keep=self._last)
 
-    def _forward(self, ids: torch.Tensor, first: int, span: int, fused: bool) -> torch.Tensor:
-        """Rows ``first ..`` take the new tokens ``ids`` (``[rows, count]``), each row at its position;
-        returns the greedy next token after each of them, ``[rows, count]``."""
+    def _forward(self, first: int, span: int, fused: bool, *, ids: torch.Tensor | None = None,
+                 embeds: torch.Tensor | None = None, rope: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``first ..`` take new tokens, as ``ids`` (``[rows, count]``) or ``embeds`` (``[rows,
+        count, hidden]``), each row at its position; returns the greedy next token after each of them
+        (``[rows, count]``), or after those ``keep`` names. ``rope``: the tokens' rotary positions where
+        they are not the row's positions (plus its M-RoPE offset)."""
         kv = self._kv
-        rows, count = ids.shape
+        rows, count = (ids if ids is not None else embeds).shape[:2]  # type: ignore[union-attr]
         # Token t of row r sits at positions[r] + t and sees that row's tokens up to there, nothing past.
         where = kv.positions[first:first + rows, None] + self._span[None, :count]
         kv.aim(first, where, span)
         mask = (self._span[None, None, :span] <= where[:, :, None])[:, None]
-        if self._mrope:  # text after the image: all three M-RoPE sections at position + the row's offset
-            where = (where + self.rope_deltas[first:first + rows, None]).unsqueeze(0).expand(3, rows, count)
+        if rope is None:
+            rope = where
+            if self._mrope:  # text after the image: all three M-RoPE sections at position + the row's offset
+                rope = (where + self.rope_deltas[first:first + rows, None]).unsqueeze(0).expand(3, rows, count)
+        tokens = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
         with self.fused.active() if fused and self.fused is not None else contextlib.nullcontext():
-            out = self._model(input_ids=ids, position_ids=where, attention_mask=mask, use_cache=True,
-                              logits_to_keep=0 if count > 1 else 1, **{self._cache_kw: kv})
+            out = self._model(**tokens, position_ids=rope, attention_mask=mask, use_cache=True,
+                              logits_to_keep=keep if keep is not None else 0 if count > 1 else 1,
+                              **{self._cache_kw: kv})
         kv.first = 0
         next_tokens: torch.Tensor = out.logits.argmax(-1)
         return next_tokens

@@ -51,6 +51,7 @@ from core.prefill_batch import (
     uses_mrope,
 )
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
+from core.prompt_embeddings import PromptEmbeddings, prompt_embeddings
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
 from core.step_attention import StepAttention
 
@@ -75,6 +76,7 @@ class EngineStats:
     tokens_reused: int = 0  # prompt tokens not prefilled again thanks to a cached prefix
     tokens_generated: int = 0
     prefill_batches: int = 0  # forwards that prefilled several first questions together
+    slot_prefills: int = 0  # first questions prefilled by the stepper's forward (a CUDA graph on a GPU)
     oom_retries: int = 0
     decode_steps: int = 0
 
@@ -186,6 +188,7 @@ class TransformersEngine:
         self._speeding_up: Iterator[None] | None = None  # capturing and compiling the step, a shape per idle turn
         self.settled = threading.Event()  # the decode step is as fast as it will get (compiled, or not to be)
         self._compile_without_graphs = False  # compile where CUDA graphs cannot be captured (tests, on the CPU)
+        self._prefill_uncaptured = False  # first questions through ``Stepper.prefill`` without its graphs (tests)
         self._stepper: Stepper | None = None
         self._active: list[_Active] = []  # questions being decoded; index = slot row
         self._in_flight: tuple[list[_Active], StepTokens] | None = None  # a launched step, tokens unread
@@ -492,6 +495,10 @@ class TransformersEngine:
             # vs 99 ms in one run; graph breaks at each block's per-image attention split).
             with self._attention_kernels():
                 encoded = self._encoded(request, inputs, features)
+                prompt = self._embedded(encoded, prompt_len)
+            if prompt is not None:
+                self._admit_in_slot(request, prompt, prompt_len)
+                return
             cache, out = self._prefilled(lambda: self._prefill(encoded))
         first = int(out.logits[0, -1].argmax())
         delta = model.model.rope_deltas if self._mrope else None
@@ -550,6 +557,27 @@ class TransformersEngine:
         with self._attention_kernels():
             return work()
 
+    def _embedded(self, encoded: dict[str, Any], prompt_len: int) -> PromptEmbeddings | None:
+        """A first question's prompt as its language model takes it, where a captured forward can prefill
+        it (else ``None``: prefilled by the model's own forward)."""
+        stepper = self._stepper
+        if stepper is None or not stepper.fits_prefill(prompt_len, captured=not self._prefill_uncaptured):
+            return None
+        model = self.loaded.model
+        if self._mrope:
+            model.model.rope_deltas = None  # computed anew from this prompt's images
+        return prompt_embeddings(model, encoded)
+
+    def _admit_in_slot(self, request: _Request, prompt: PromptEmbeddings, prompt_len: int) -> None:
+        """A first question prefilled by one captured forward into the staging row (its vision encoder
+        and embeddings already run), then moved into a slot, as a follow-up's tail is."""
+        assert self._kv is not None
+        assert self._stepper is not None
+        delta = self.loaded.model.model.rope_deltas if self._mrope else None
+        first = self._stepper.prefill(prompt.embeds, prompt.positions)
+        self.stats.slot_prefills += 1
+        self._seat_from_staging(request, first, prompt_len, delta)
+
     def _admit_follow_up(self, request: _Request, hit: tuple[Prefix, int], prompt_len: int) -> None:
         """A follow-up: the cached prefix copied into the staging row, only the new tokens prefilled
         there (one captured forward), then the row moved into a slot."""
@@ -561,6 +589,12 @@ class TransformersEngine:
         delta = entry.extra.get("rope_deltas")
         stepper.rope_deltas[kv.staging] = _offset(delta)
         first = stepper.prefill_tail(request.inputs["input_ids"][0, reuse:].tolist(), reuse)
+        self._seat_from_staging(request, first, prompt_len, delta)
+
+    def _seat_from_staging(self, request: _Request, first: int, prompt_len: int, delta: Any) -> None:
+        """``_seat`` for a question whose prompt the staging row holds; kept as a prefix from there."""
+        assert self._kv is not None
+        kv = self._kv
         self._seat(request, first, prompt_len, delta, lambda kv, row: kv.move(kv.staging, row, prompt_len))
         if self._keeps(request):  # after the first token is out; the staging row still holds the prompt
             self._keep_prefix(request, _row_cache(self.loaded.model.config, kv.prefix(kv.staging, prompt_len)), delta)

@@ -1,0 +1,128 @@
+"""A first question prefilled by the stepper's own forward (``Stepper.prefill``, captured as CUDA graphs
+on a GPU): the prompt as the model hands it to its language model (core/prompt_embeddings.py), padded
+to a captured size, into the staging row. On the CPU, float32, it must leave exactly what the model's
+own prefill leaves: the first token, the KV and the M-RoPE offset; and the engine's answers through it
+must be bare ``generate()``'s."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from core.answer_text import CUT_NOTE
+from core.decode_loop import PREFILL_SIZES, SlotKV, Stepper
+from core.engine import GenerationLimits, PreparedImage, Turn
+from core.fused_layers import decoder_layers, prefill_cache
+from core.kv_cache import cache_keyword
+from core.model_files import resolve
+from core.model_loading import load
+from core.prefill_batch import uses_mrope
+from core.prompt_embeddings import prompt_embeddings
+from core.prompt_inputs import chat_messages
+from tests.helpers import bare_generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def _stepper(model: Any, length: int = 1024) -> tuple[SlotKV, Stepper]:
+    attention = decoder_layers(model)[0].self_attn
+    config = attention.config
+    kv = SlotKV(len(decoder_layers(model)), 2, config.num_key_value_heads, attention.head_dim, length,
+                dtype=torch.float32, device="cpu")
+    return kv, Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=uses_mrope(model), use_graphs=False)
+
+
+def _assert_as_own_prefill(model: Any, inputs: dict[str, Any]) -> None:
+    mrope = uses_mrope(model)
+    kv, stepper = _stepper(model)
+    count = int(inputs["input_ids"].shape[1])
+    assert count not in stepper.prefills  # so the prompt is padded
+    if mrope:
+        model.model.rope_deltas = None
+    prompt = prompt_embeddings(model, inputs)
+    assert prompt is not None and prompt.embeds.shape[:2] == (1, count)
+    delta = model.model.rope_deltas if mrope else None
+    first = stepper.prefill(prompt.embeds, prompt.positions)
+
+    cache = prefill_cache(model.config)
+    if mrope:
+        model.model.rope_deltas = None
+    out = model(**inputs, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    assert first == int(out.logits[0, -1].argmax())
+    assert int(kv.positions[kv.staging]) == count
+    for index, layer in enumerate(cache.layers):
+        torch.testing.assert_close(kv.keys[index][kv.staging, :, :count], layer.keys[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kv.values[index][kv.staging, :, :count], layer.values[0], atol=1e-5, rtol=1e-4)
+    if mrope:
+        own = model.model.rope_deltas
+        assert (delta is None) == (own is None)
+        if delta is not None:
+            assert delta.tolist() == own.tolist()
+
+
+def test_a_first_question_prefilled_in_the_staging_row_is_its_own_prefill(tiny_model):
+    loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
+    image = PreparedImage("a", Image.new("RGB", (64, 48), (200, 30, 90)))
+    with torch.inference_mode():
+        for images, question in (([image], "What is on the screen?"), ([], "A question without a picture."),
+                                 ([image, image], "Two?")):
+            inputs = dict(loaded.processor.apply_chat_template(chat_messages(images, [], question),
+                                                               add_generation_prompt=True, tokenize=True,
+                                                               return_dict=True, return_tensors="pt"))
+            _assert_as_own_prefill(loaded.model, inputs)
+
+
+@pytest.fixture(scope="module")
+def glm() -> Any:
+    from glm_model import glm_config
+    from transformers import Glm4vForConditionalGeneration
+
+    torch.manual_seed(0)
+    return Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32).eval()
+
+
+def test_m_rope_prompts_keep_the_models_positions(glm):
+    """GLM-4.1V-shaped: the image's 3-D positions come from the model's own forward, the offset too; a
+    prompt without an image takes the plain positions the language model would have given it."""
+    from test_prefill_batch import _glm_inputs
+
+    config = glm.config
+    assert uses_mrope(glm)
+    with torch.inference_mode():
+        for grid, text, seed in (((1, 4, 6), [40, 41, 42], 1), ((1, 6, 8), [43] * 17, 2), (None, [44, 45, 46], 3)):
+            _assert_as_own_prefill(glm, _glm_inputs(config, grid, text, seed))
+
+
+def test_prompt_embeddings_need_a_language_model_inside():
+    assert prompt_embeddings(torch.nn.Linear(2, 2), {}) is None
+
+
+def test_prefill_sizes_cover_a_screenshot_question_in_steps_of_128():
+    sizes = list(PREFILL_SIZES)
+    assert sizes == sorted(sizes) and sizes[-1] == 2048
+    assert all(b - a <= 128 for a, b in itertools.pairwise(sizes))
+
+
+async def test_the_engine_answers_first_questions_through_it(make_engine):
+    """The engine's way on a GPU once the prefill graphs are captured, taken here without them: first
+    questions (images or none, alone and several at once) and follow-ups answer as bare ``generate()``."""
+    engine = await make_engine(max_batch=2)
+    engine._prefill_uncaptured = True
+    image = PreparedImage("b", Image.new("RGB", (64, 48), (20, 130, 90)))
+    before = engine.stats.slot_prefills
+    asks: list[tuple[list[PreparedImage], list[Turn], str, int]] = [
+        ([image], [], "What is on the screen?", 8),
+        ([], [], "Hello there?", 6),
+        ([image], [Turn("user", "What is on the screen?"), Turn("assistant", "a chart")], "Which colour?", 6),
+    ]
+    for images, turns, question, tokens in asks:
+        got = "".join([part async for part in engine.answer(images, turns, question, GenerationLimits(tokens))])
+        assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens, turns)
+    assert engine.stats.slot_prefills == before + 2  # the follow-up took the cached prefix instead
+    assert engine.stats.prefix_hits >= 1

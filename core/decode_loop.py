@@ -188,6 +188,7 @@ class Stepper:
         self._pool: Any = None
         self.fused = fused  # compiled layers, used by steps once ``captures(fused=True)`` has run
         self.steps_fused = False
+        self.prefills_fused = False  # first questions' prefill through the compiled layers (``captures(kind=...)``)
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.sizes if size >= rows)
@@ -249,21 +250,22 @@ class Stepper:
     def _span_for(self, tokens: int) -> int:
         return next(s for s in self.spans if s >= tokens)
 
-    def captures(self, *, fused: bool) -> Iterator[None]:
+    def captures(self, *, fused: bool, kind: str = "step") -> Iterator[None]:
         """Warm up and capture every (kind, size, span) forward, one shape per ``next``: the caller may
         decode in between with what it has, but not during one (it uses the slots' rows).
 
-        ``fused=False``: with the eager layers; each graph is used as soon as it is made.
-        ``fused=True``: compile the layers and capture the steps again; the compiled graphs replace
-        the others together, once all are made (after an error, none). Follow-up tails keep the eager
-        layers: compiling them too took GLM-4.6V-Flash past dynamo's 8 recompiles of one frame on the
-        H200 (their token counts and call patterns), and they are rare. Without CUDA graphs only the
+        ``fused=False``: with the eager layers, every kind; each graph is used as soon as it is made.
+        ``fused=True``: compile the layers and capture that ``kind`` again ("step" or "prefill", a
+        pass each, so that one failing leaves the other); the compiled graphs replace the others
+        together, once all are made (after an error, none). Follow-up tails keep the eager layers:
+        compiling them too took GLM-4.6V-Flash past dynamo's 8 recompiles of one frame on the H200
+        (their token counts and call patterns), and they are rare. Without CUDA graphs only the
         warm-ups run (they compile, where ``fused``).
         """
         made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         shapes = self._shapes()
         # Steps first (every answer needs them), each kind the largest first: the others fit in what it took.
-        kinds = ("step",) if fused else ("step", "tail", "prefill")
+        kinds = (kind,) if fused else ("step", "tail", "prefill")
         order = [shape for kind in kinds for shape in reversed(shapes) if shape[0] == kind]
         for shape in order:
             graph = self._capture(shape, fused)
@@ -274,7 +276,8 @@ class Stepper:
             yield
         if fused:
             self._graphs.update(made)
-            self.steps_fused = True
+            self.steps_fused = self.steps_fused or kind == "step"
+            self.prefills_fused = self.prefills_fused or kind == "prefill"
 
     def _shapes(self) -> list[tuple[str, int, int]]:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
@@ -315,7 +318,8 @@ class Stepper:
         if graph is not None:
             graph.replay()
         else:
-            self._eager(kind, size, span, fused=self.steps_fused and kind == "step")
+            fused = self.steps_fused if kind == "step" else self.prefills_fused if kind == "prefill" else False
+            self._eager(kind, size, span, fused=fused)
 
     def _eager(self, kind: str, size: int, span: int, *, fused: bool = False) -> None:
         kv = self._kv
@@ -325,8 +329,13 @@ class Stepper:
         elif kind == "tail":  # the staging row, ``size`` tokens
             self._tail_next[:size] = self._forward(kv.staging, span, fused, ids=self._tail_ids[:, :size])[0]
         else:  # "prefill": the staging row, ``size`` embeddings at their own positions; the last one's token
-            self._prefill_next[:] = self._forward(kv.staging, span, fused, embeds=self._embeds[:, :size],
-                                                  rope=self._rope[..., :size], keep=self._last)
+            # Copied out of the wider buffers: a slice's strides (even the batch's, of size 1) tell one size
+            # from another, a recompile of the compiled layers per size.
+            dense = torch.contiguous_format
+            self._prefill_next[:] = self._forward(kv.staging, span, fused,
+                                                  embeds=self._embeds[:, :size].clone(memory_format=dense),
+                                                  rope=self._rope[..., :size].clone(memory_format=dense),
+                                                  keep=self._last)
 
     def _forward(self, first: int, span: int, fused: bool, *, ids: torch.Tensor | None = None,
                  embeds: torch.Tensor | None = None, rope: torch.Tensor | None = None,

@@ -729,18 +729,21 @@ class TransformersEngine:
             stepper.fused = self._fuse()
         if stepper.fused is not None:
             yield from self._idle_work(stepper, fused=True)
+        if stepper.fused is not None and stepper.use_graphs and stepper.prefills:
+            yield from self._idle_work(stepper, fused=True, kind="prefill")
         if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
             yield
             self._compile_prefill(stepper.fused)
             yield
             self._compile_prefill_together(stepper.fused)
 
-    def _idle_work(self, stepper: Stepper, *, fused: bool) -> Iterator[None]:
+    def _idle_work(self, stepper: Stepper, *, fused: bool, kind: str = "step") -> Iterator[None]:
         """``stepper.captures`` a shape at a time; what cannot be done here is done without, said once."""
         import torch
 
         started, busy = time.monotonic(), 0.0
-        work = stepper.captures(fused=fused)
+        work = stepper.captures(fused=fused, kind=kind)
+        what = "first questions' prefill" if kind == "prefill" else "decode step"
         done = False
         while not done:
             shape_started = time.monotonic()
@@ -750,7 +753,9 @@ class TransformersEngine:
                 if self.device == "cuda":
                     torch.cuda.synchronize()
                 reason = _reason(exc)
-                if fused:  # a model or GPU it cannot compile for: the step stays as it is
+                if kind == "prefill":  # its graphs of the eager layers stay
+                    log.warning("cannot compile first questions' captured prefill (%s); it stays unfused", reason)
+                elif fused:  # a model or GPU it cannot compile for: the step stays as it is
                     assert stepper.fused is not None
                     log.warning("cannot compile the decode step (%s); it stays unfused", reason)
                     stepper.fused.remove()
@@ -766,7 +771,7 @@ class TransformersEngine:
         # GLM-4.6V-Flash in int4 on the H200, bench/RESULTS.md ninth step): what the GPU holds now says it.
         held = f"; GPU memory allocated now {torch.cuda.memory_allocated() / 1e9:.2f} GB" if self.device == "cuda" \
             else ""
-        log.info("decode step %s: %.1fs of work over %.1fs%s%s",
+        log.info("%s %s: %.1fs of work over %.1fs%s%s", what,
                  ("compiled and captured" if stepper.use_graphs else "compiled") if fused else "captured",
                  busy, time.monotonic() - started, f" ({compile_summary()})" if fused else "", held)
 

@@ -126,3 +126,50 @@ async def test_the_engine_answers_first_questions_through_it(make_engine):
         assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens, turns)
     assert engine.stats.slot_prefills == before + 2  # the follow-up took the cached prefix instead
     assert engine.stats.prefix_hits >= 1
+
+
+def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
+    """The GPU's last pass, on the CPU: the stepper's prefill through the compiled decoder layers (its
+    warm-ups compile them; a graph is captured per size on a GPU) leaves the eager forward's first token
+    and KV; one compilation serves every size (the sizes are symbolic)."""
+    from torch._dynamo.utils import counters
+
+    from core.fused_layers import FusedLayers
+
+    loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
+    model = loaded.model
+    inputs = dict(loaded.processor.apply_chat_template(
+        chat_messages([PreparedImage("c", Image.new("RGB", (64, 48), (9, 99, 199)))], [], "What is it?"),
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"))
+    fused = FusedLayers(decoder_layers(model))
+    try:
+        with torch.inference_mode():
+            prompt = prompt_embeddings(model, inputs)
+            assert prompt is not None
+            seen = []
+            for compiled in (False, True):
+                kv, stepper = _stepper(model, length=256)
+                stepper.fused = fused
+                if compiled:
+                    work = stepper.captures(fused=True, kind="prefill")
+                    next(work)  # the largest size: compiled here
+                    graphs = counters["stats"]["unique_graphs"]
+                    for _ in work:
+                        pass
+                    assert counters["stats"]["unique_graphs"] == graphs  # the smaller sizes: no new graph
+                    assert stepper.prefills_fused and not stepper.steps_fused
+                active: list[bool] = []
+                hook = decoder_layers(model)[0].register_forward_pre_hook(
+                    lambda *_, seen=active: seen.append(fused._active))
+                try:
+                    first = stepper.prefill(prompt.embeds, prompt.positions)
+                finally:
+                    hook.remove()
+                assert active == [compiled]  # through the compiled layers exactly when they were compiled for it
+                count = prompt.embeds.shape[1]
+                seen.append((first, [k[kv.staging, :, :count].clone() for k in kv.keys]))
+        assert seen[0][0] == seen[1][0]
+        for eager_keys, compiled_keys in zip(seen[0][1], seen[1][1], strict=True):
+            torch.testing.assert_close(compiled_keys, eager_keys, atol=1e-5, rtol=1e-4)
+    finally:
+        fused.remove()

@@ -187,8 +187,7 @@ class Stepper:
         self._stream: torch.cuda.Stream | None = None
         self._pool: Any = None
         self.fused = fused  # compiled layers, used by steps once ``captures(fused=True)`` has run
-        self.steps_fused = False
-        self.prefills_fused = False  # first questions' prefill through the compiled layers (``captures(kind=...)``)
+        self.fused_kinds: set[str] = set()  # the kinds that run through the compiled layers (``captures``)
 
     def bucket(self, rows: int) -> int:
         return next(size for size in self.sizes if size >= rows)
@@ -255,11 +254,9 @@ class Stepper:
         decode in between with what it has, but not during one (it uses the slots' rows).
 
         ``fused=False``: with the eager layers, every kind; each graph is used as soon as it is made.
-        ``fused=True``: compile the layers and capture that ``kind`` again ("step" or "prefill", a
-        pass each, so that one failing leaves the other); the compiled graphs replace the others
-        together, once all are made (after an error, none). Follow-up tails keep the eager layers:
-        compiling them too took GLM-4.6V-Flash past dynamo's 8 recompiles of one frame on the H200
-        (their token counts and call patterns), and they are rare. Without CUDA graphs only the
+        ``fused=True``: compile the layers and capture that ``kind`` again ("step", "prefill" or
+        "tail", a pass each, so that one failing leaves the others); the compiled graphs replace the
+        others together, once all are made (after an error, none). Without CUDA graphs only the
         warm-ups run (they compile, where ``fused``).
         """
         made: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
@@ -276,8 +273,7 @@ class Stepper:
             yield
         if fused:
             self._graphs.update(made)
-            self.steps_fused = self.steps_fused or kind == "step"
-            self.prefills_fused = self.prefills_fused or kind == "prefill"
+            self.fused_kinds.add(kind)
 
     def _shapes(self) -> list[tuple[str, int, int]]:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
@@ -318,8 +314,7 @@ class Stepper:
         if graph is not None:
             graph.replay()
         else:
-            fused = self.steps_fused if kind == "step" else self.prefills_fused if kind == "prefill" else False
-            self._eager(kind, size, span, fused=fused)
+            self._eager(kind, size, span, fused=kind in self.fused_kinds)
 
     def _eager(self, kind: str, size: int, span: int, *, fused: bool = False) -> None:
         kv = self._kv

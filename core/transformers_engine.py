@@ -729,8 +729,9 @@ class TransformersEngine:
             stepper.fused = self._fuse()
         if stepper.fused is not None:
             yield from self._idle_work(stepper, fused=True)
-        if stepper.fused is not None and stepper.use_graphs and stepper.prefills:
-            yield from self._idle_work(stepper, fused=True, kind="prefill")
+        for kind in ("prefill", "tail"):  # first questions' prompts, follow-ups' new tokens
+            if stepper.fused is not None and stepper.use_graphs:
+                yield from self._idle_work(stepper, fused=True, kind=kind)
         if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
             yield
             self._compile_prefill(stepper.fused)
@@ -743,7 +744,7 @@ class TransformersEngine:
 
         started, busy = time.monotonic(), 0.0
         work = stepper.captures(fused=fused, kind=kind)
-        what = "first questions' prefill" if kind == "prefill" else "decode step"
+        what = {"prefill": "first questions' prefill", "tail": "follow-ups' prefill"}.get(kind, "decode step")
         done = False
         while not done:
             shape_started = time.monotonic()
@@ -753,8 +754,8 @@ class TransformersEngine:
                 if self.device == "cuda":
                     torch.cuda.synchronize()
                 reason = _reason(exc)
-                if kind == "prefill":  # its graphs of the eager layers stay
-                    log.warning("cannot compile first questions' captured prefill (%s); it stays unfused", reason)
+                if kind != "step":  # its graphs of the eager layers stay
+                    log.warning("cannot compile %s (%s); it stays unfused", what, reason)
                 elif fused:  # a model or GPU it cannot compile for: the step stays as it is
                     assert stepper.fused is not None
                     log.warning("cannot compile the decode step (%s); it stays unfused", reason)
@@ -862,7 +863,7 @@ class TransformersEngine:
     def measurements(self) -> dict[str, float]:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
-        values["decode_compiled"] = float(self._stepper is not None and self._stepper.steps_fused)
+        values["decode_compiled"] = float(self._stepper is not None and "step" in self._stepper.fused_kinds)
         values["prefill_compiled"] = float(self._fused_prefill is not None)
         values["prefill_together_compiled"] = float(self._fused_prefill is not None and self._fused_together)
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)

@@ -157,7 +157,7 @@ def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
                     for _ in work:
                         pass
                     assert counters["stats"]["unique_graphs"] == graphs  # the smaller sizes: no new graph
-                    assert stepper.prefills_fused and not stepper.steps_fused
+                    assert stepper.fused_kinds == {"prefill"}
                 active: list[bool] = []
                 hook = decoder_layers(model)[0].register_forward_pre_hook(
                     lambda *_, seen=active: seen.append(fused._active))
@@ -171,5 +171,51 @@ def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
         assert seen[0][0] == seen[1][0]
         for eager_keys, compiled_keys in zip(seen[0][1], seen[1][1], strict=True):
             torch.testing.assert_close(compiled_keys, eager_keys, atol=1e-5, rtol=1e-4)
+    finally:
+        fused.remove()
+
+
+def test_follow_up_tails_through_compiled_layers_are_the_eager_ones(tiny_model):
+    """The same for a follow-up's new tokens after a cached prefix (the staging row from ``start``):
+    the eager forward's next token and KV, one compilation for every tail size and start."""
+    from torch._dynamo.utils import counters
+
+    from core.fused_layers import FusedLayers
+
+    model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
+    fused = FusedLayers(decoder_layers(model))
+    asks = [(list(range(20, 40)), 12), (list(range(50, 53)), 7), (list(range(60, 160)), 30)]
+    try:
+        with torch.inference_mode():
+            seen = []
+            for compiled in (False, True):
+                kv, stepper = _stepper(model, length=256)
+                stepper.fused = fused
+                if compiled:
+                    work = stepper.captures(fused=True, kind="tail")
+                    next(work)
+                    graphs = counters["stats"]["unique_graphs"]
+                    for _ in work:
+                        pass
+                    assert counters["stats"]["unique_graphs"] == graphs
+                    assert stepper.fused_kinds == {"tail"}
+                    for tensor in (*kv.keys, *kv.values):  # the warm-ups' writes: the rows start as the eager's
+                        tensor.zero_()
+                firsts, keys, active = [], [], []
+                hook = decoder_layers(model)[0].register_forward_pre_hook(
+                    lambda *_, seen=active: seen.append(fused._active))
+                try:
+                    for ids, start in asks:
+                        kv.positions[kv.staging] = start
+                        firsts.append(stepper.prefill_tail(ids, start))
+                        keys.append([k[kv.staging, :, :start + len(ids)].clone() for k in kv.keys])
+                finally:
+                    hook.remove()
+                assert active == [compiled] * len(asks)
+                seen.append((firsts, keys))
+        assert seen[0][0] == seen[1][0]
+        for eager_rows, compiled_rows in zip(seen[0][1], seen[1][1], strict=True):
+            for eager_keys, compiled_keys in zip(eager_rows, compiled_rows, strict=True):
+                torch.testing.assert_close(compiled_keys, eager_keys, atol=1e-5, rtol=1e-4)
     finally:
         fused.remove()

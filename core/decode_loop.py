@@ -159,10 +159,10 @@ class Stepper:
         self._tail_ids = torch.zeros((1, max(self.tails, default=1)), dtype=torch.long, device=device)
         self._tail_next = torch.zeros(max(self.tails, default=1), dtype=torch.long, device=device)
         # A first question's prompt after the vision encoder (its input embeddings and positions) is
-        # prefilled into the staging row by a captured forward too, padded to the next of these sizes: a
-        # compiled prefill is one launch per fused kernel from Python, and with 40 layers the GPU waits on
-        # the CPU (70 ms of GPU work in 130-210 ms, H200, int4). Padding goes after the prompt, where the
-        # causal mask hides it from the prompt's tokens; its KV lands past the row's end, unused.
+        # prefilled into the staging row by a captured forward too, padded to the next of these sizes: the
+        # model's own forward through compiled layers launches from Python between them, and the GPU waits
+        # (71 ms for ~42 ms of GPU work, H200, int4; replayed: 48 ms). Padding goes after the prompt, where
+        # the causal mask hides it from the prompt's tokens; its KV lands past the row's end, unused.
         self.prefills = [t for t in PREFILL_SIZES if t < kv.length]
         width = max(self.prefills, default=1)
         embedding = model.get_input_embeddings()
@@ -240,6 +240,11 @@ class Stepper:
         self._run("prefill", size, self._span_for(size))
         kv.positions[kv.staging] = count
         return int(self._prefill_next[0, 0])
+
+    def takes_positions(self, positions: torch.Tensor | None, count: int) -> bool:
+        """Whether ``prefill`` takes these positions for ``count`` tokens: M-RoPE's three sections, or one
+        row, or none (a model that hands its language model a fourth section, say, is prefilled its own way)."""
+        return positions is None or tuple(positions.shape) == ((3, 1, count) if self._mrope else (1, count))
 
     def fits_prefill(self, count: int, *, captured: bool = True) -> bool:
         """Whether ``prefill`` takes a prompt of ``count`` tokens (``captured``: from a graph made for it)."""

@@ -566,7 +566,8 @@ class TransformersEngine:
         model = self.loaded.model
         if self._mrope:
             model.model.rope_deltas = None  # computed anew from this prompt's images
-        return prompt_embeddings(model, encoded)
+        prompt = prompt_embeddings(model, encoded)
+        return prompt if prompt is not None and stepper.takes_positions(prompt.positions, prompt_len) else None
 
     def _admit_in_slot(self, request: _Request, prompt: PromptEmbeddings, prompt_len: int) -> None:
         """A first question prefilled by one captured forward into the staging row (its vision encoder

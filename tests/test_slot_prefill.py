@@ -6,8 +6,10 @@ must be bare ``generate()``'s."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,8 @@ def _assert_as_own_prefill(model: Any, inputs: dict[str, Any]) -> None:
         model.model.rope_deltas = None
     prompt = prompt_embeddings(model, inputs)
     assert prompt is not None and prompt.embeds.shape[:2] == (1, count)
+    assert stepper.takes_positions(prompt.positions, count)
+    assert not stepper.takes_positions(torch.zeros(4, 1, count, dtype=torch.long), count)  # (text positions too)
     delta = model.model.rope_deltas if mrope else None
     first = stepper.prefill(prompt.embeds, prompt.positions)
 
@@ -132,8 +136,6 @@ def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
     """The GPU's last pass, on the CPU: the stepper's prefill through the compiled decoder layers (its
     warm-ups compile them; a graph is captured per size on a GPU) leaves the eager forward's first token
     and KV; one compilation serves every size (the sizes are symbolic)."""
-    from torch._dynamo.utils import counters
-
     from core.fused_layers import FusedLayers
 
     loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
@@ -151,20 +153,9 @@ def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
                 kv, stepper = _stepper(model, length=256)
                 stepper.fused = fused
                 if compiled:
-                    work = stepper.captures(fused=True, kind="prefill")
-                    next(work)  # the largest size: compiled here
-                    graphs = counters["stats"]["unique_graphs"]
-                    for _ in work:
-                        pass
-                    assert counters["stats"]["unique_graphs"] == graphs  # the smaller sizes: no new graph
-                    assert stepper.fused_kinds == {"prefill"}
-                active: list[bool] = []
-                hook = decoder_layers(model)[0].register_forward_pre_hook(
-                    lambda *_, seen=active: seen.append(fused._active))
-                try:
+                    _compiled_pass(stepper, "prefill")
+                with _through_compiled_layers(model, fused) as active:
                     first = stepper.prefill(prompt.embeds, prompt.positions)
-                finally:
-                    hook.remove()
                 assert active == [compiled]  # through the compiled layers exactly when they were compiled for it
                 count = prompt.embeds.shape[1]
                 seen.append((first, [k[kv.staging, :, :count].clone() for k in kv.keys]))
@@ -178,8 +169,6 @@ def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
 def test_follow_up_tails_through_compiled_layers_are_the_eager_ones(tiny_model):
     """The same for a follow-up's new tokens after a cached prefix (the staging row from ``start``):
     the eager forward's next token and KV, one compilation for every tail size and start."""
-    from torch._dynamo.utils import counters
-
     from core.fused_layers import FusedLayers
 
     model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
@@ -192,25 +181,15 @@ def test_follow_up_tails_through_compiled_layers_are_the_eager_ones(tiny_model):
                 kv, stepper = _stepper(model, length=256)
                 stepper.fused = fused
                 if compiled:
-                    work = stepper.captures(fused=True, kind="tail")
-                    next(work)
-                    graphs = counters["stats"]["unique_graphs"]
-                    for _ in work:
-                        pass
-                    assert counters["stats"]["unique_graphs"] == graphs
-                    assert stepper.fused_kinds == {"tail"}
+                    _compiled_pass(stepper, "tail")
                     for tensor in (*kv.keys, *kv.values):  # the warm-ups' writes: the rows start as the eager's
                         tensor.zero_()
-                firsts, keys, active = [], [], []
-                hook = decoder_layers(model)[0].register_forward_pre_hook(
-                    lambda *_, seen=active: seen.append(fused._active))
-                try:
+                firsts, keys = [], []
+                with _through_compiled_layers(model, fused) as active:
                     for ids, start in asks:
                         kv.positions[kv.staging] = start
                         firsts.append(stepper.prefill_tail(ids, start))
                         keys.append([k[kv.staging, :, :start + len(ids)].clone() for k in kv.keys])
-                finally:
-                    hook.remove()
                 assert active == [compiled] * len(asks)
                 seen.append((firsts, keys))
         assert seen[0][0] == seen[1][0]
@@ -219,3 +198,27 @@ def test_follow_up_tails_through_compiled_layers_are_the_eager_ones(tiny_model):
                 torch.testing.assert_close(compiled_keys, eager_keys, atol=1e-5, rtol=1e-4)
     finally:
         fused.remove()
+
+
+def _compiled_pass(stepper: Stepper, kind: str) -> None:
+    """``kind``'s pass through the compiled layers, all its sizes: compiled once, for the first (largest)."""
+    from torch._dynamo.utils import counters
+
+    work = stepper.captures(fused=True, kind=kind)
+    next(work)
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in work:
+        pass
+    assert counters["stats"]["unique_graphs"] == graphs  # the smaller sizes: no new graph
+    assert stepper.fused_kinds == {kind}
+
+
+@contextlib.contextmanager
+def _through_compiled_layers(model: Any, fused: Any) -> Iterator[list[bool]]:
+    """For each forward of the first decoder layer meanwhile: whether it took the compiled layers."""
+    active: list[bool] = []
+    hook = decoder_layers(model)[0].register_forward_pre_hook(lambda *_: active.append(fused._active))
+    try:
+        yield active
+    finally:
+        hook.remove()

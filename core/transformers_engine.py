@@ -869,9 +869,12 @@ class TransformersEngine:
     def measurements(self) -> dict[str, float]:
         """``core.engine.Measured``: the counters of ``stats``, cache sizes, and GPU memory in use."""
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
-        values["decode_compiled"] = float(self._stepper is not None and "step" in self._stepper.fused_kinds)
+        fused_kinds = self._stepper.fused_kinds if self._stepper is not None else set()
+        values["decode_compiled"] = float("step" in fused_kinds)
         values["prefill_compiled"] = float(self._fused_prefill is not None)
         values["prefill_together_compiled"] = float(self._fused_prefill is not None and self._fused_together)
+        values["prompt_graphs_compiled"] = float("prefill" in fused_kinds)  # first questions' captured prefill
+        values["tail_graphs_compiled"] = float("tail" in fused_kinds)  # follow-ups' captured tails
         values["prefix_cache_bytes"] = float(self._prefixes.nbytes)
         values["features_cache_bytes"] = float(self._features.nbytes)
         if self.device == "cuda":

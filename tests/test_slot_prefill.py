@@ -149,11 +149,7 @@ def test_the_prefill_through_compiled_layers_is_the_eager_one(tiny_model):
             prompt = prompt_embeddings(model, inputs)
             assert prompt is not None
             seen = []
-            for compiled in (False, True):
-                kv, stepper = _stepper(model, length=256)
-                stepper.fused = fused
-                if compiled:
-                    _compiled_pass(stepper, "prefill")
+            for compiled, kv, stepper in _eager_then_compiled(model, fused, "prefill"):
                 with _through_compiled_layers(model, fused) as active:
                     first = stepper.prefill(prompt.embeds, prompt.positions)
                 assert active == [compiled]  # through the compiled layers exactly when they were compiled for it
@@ -177,13 +173,7 @@ def test_follow_up_tails_through_compiled_layers_are_the_eager_ones(tiny_model):
     try:
         with torch.inference_mode():
             seen = []
-            for compiled in (False, True):
-                kv, stepper = _stepper(model, length=256)
-                stepper.fused = fused
-                if compiled:
-                    _compiled_pass(stepper, "tail")
-                    for tensor in (*kv.keys, *kv.values):  # the warm-ups' writes: the rows start as the eager's
-                        tensor.zero_()
+            for compiled, kv, stepper in _eager_then_compiled(model, fused, "tail"):
                 firsts, keys = [], []
                 with _through_compiled_layers(model, fused) as active:
                     for ids, start in asks:
@@ -198,6 +188,19 @@ def test_follow_up_tails_through_compiled_layers_are_the_eager_ones(tiny_model):
                 torch.testing.assert_close(compiled_keys, eager_keys, atol=1e-5, rtol=1e-4)
     finally:
         fused.remove()
+
+
+def _eager_then_compiled(model: Any, fused: Any, kind: str) -> Iterator[tuple[bool, SlotKV, Stepper]]:
+    """A stepper with the eager layers, then one whose ``kind`` went through the compiled layers' pass
+    (the warm-ups' writes to its rows undone, so both start alike)."""
+    for compiled in (False, True):
+        kv, stepper = _stepper(model, length=256)
+        stepper.fused = fused
+        if compiled:
+            _compiled_pass(stepper, kind)
+            for tensor in (*kv.keys, *kv.values):
+                tensor.zero_()
+        yield compiled, kv, stepper
 
 
 def _compiled_pass(stepper: Stepper, kind: str) -> None:

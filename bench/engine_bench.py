@@ -249,9 +249,10 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, 
 
 
 def prefill_kernels(engine: TransformersEngine, image: PreparedImage) -> dict[str, float]:
-    """Milliseconds of one first-question prefill forward (pixels in, a fresh cache): the engine's own
-    (compiled layers once compiled, the attention kernels it allows for prefill) and eager layers with
-    torch's default attention choice (cuDNN included)."""
+    """Milliseconds of one first-question prefill through the model's own forward (pixels in, a fresh
+    cache): as the engine runs it for prompts its captured forward does not take (compiled layers once
+    compiled, the attention kernels it allows for prefill), and eager layers with torch's default
+    attention choice (cuDNN included). The captured forward's own time is in ``first_token_anatomy``."""
     import statistics
 
     import torch
@@ -264,7 +265,8 @@ def prefill_kernels(engine: TransformersEngine, image: PreparedImage) -> dict[st
         model(**inputs, use_cache=True, logits_to_keep=1, **{engine._cache_kw: DynamicCache(config=model.config)})
 
     out: dict[str, float] = {}
-    for label, forward in (("engine's", lambda: engine_prefill(engine, inputs)), ("eager, default kernels", eager)):
+    for label, forward in (("model's forward as the engine runs it", lambda: engine_prefill(engine, inputs)),
+                           ("eager, default kernels", eager)):
         times = []
         for _ in range(4):
             with torch.inference_mode():
@@ -278,7 +280,8 @@ def prefill_kernels(engine: TransformersEngine, image: PreparedImage) -> dict[st
 
 
 def engine_prefill(engine: TransformersEngine, inputs: Any) -> None:
-    """A first question's prefill forward as the engine runs it (its own code)."""
+    """A first question's prefill through the model's own forward as the engine runs it (its own code;
+    prompts over the captured sizes, or before their graphs are made)."""
     engine._prefilled(lambda: engine._prefill(inputs))
 
 
@@ -537,7 +540,7 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         lines.append("  first token, by part (ms): " + ", ".join(f"{k} {v}" for k, v in r["ttft_anatomy_ms"].items()))
         lines.append(f"  first questions prefilled by the captured forward: {r['slot_prefills']} "
                      f"(of {r['questions']} questions so far, follow-ups and batches included)")
-        lines.append("  prefill forward alone (ms): "
+        lines.append("  prefill through the model's own forward (ms): "
                      + ", ".join(f"{k} {v}" for k, v in r["prefill_forward_ms"].items()))
         if anatomy := r.get("prefill_anatomy"):
             lines.append(f"  prefill forward under the profiler: {anatomy}")

@@ -345,7 +345,9 @@ class Stepper:
         (``[rows, count]``), or after those ``keep`` names. ``rope``: the tokens' rotary positions where
         they are not the row's positions (plus its M-RoPE offset)."""
         kv = self._kv
-        rows, count = (ids if ids is not None else embeds).shape[:2]  # type: ignore[union-attr]
+        new = ids if ids is not None else embeds
+        assert new is not None
+        rows, count = new.shape[:2]
         # Token t of row r sits at positions[r] + t and sees that row's tokens up to there, nothing past.
         where = kv.positions[first:first + rows, None] + self._span[None, :count]
         kv.aim(first, where, span)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,9 @@ STAGGERED_ROUNDS = 3
 QUESTION = "What does the error in this screenshot mean, and how do I fix it?"
 FIRST, FIRST_ANSWER = "What is on this screen?", "A terminal with a failed build: the linker cannot find libssl."
 FOLLOW_UP = "Which package do I install to fix that?"
+# The bench's tokenizer is byte-level: the follow-up above is ~110 new tokens, where GLM's own tokenizer
+# makes ~30 of it. This one is ~30 bytes, the length of a real follow-up's tail.
+SHORT_ANSWER, SHORT_FOLLOW_UP = "libssl is missing.", "How?"
 
 
 def screenshot(n: int) -> PreparedImage:
@@ -145,6 +150,9 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
             graph.replay()  # the step as it runs: compiled layers, captured
             torch.cuda.synchronize()
         sdpa_by_shape = _steps_with_sdpa(engine, [(1, 2048), (8, 2048), (1, 4096)])
+        others = {f"{kind} {size}x{span}": _replay_profile(stepper._graphs[(kind, size, span)])
+                  for kind, size, span in (("tail", 32, 2048), ("tail", 128, 2048), ("prefill", 1152, 2048))
+                  if (kind, size, span) in stepper._graphs}
         kv.positions.copy_(saved)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in kernels)
@@ -157,6 +165,7 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
             "graph_top": [(e.key[:60], round(e.device_time_total / 1e3, 3), e.count)
                           for e in sorted(in_graph, key=lambda e: -e.device_time_total)[:14]],
             "replay_ms": replay_s * 1e3, "replay_ms_by_rows_x_span": by_shape, "sdpa_replay_ms": sdpa_by_shape,
+            "other_graphs": others,
             "kernels_per_step": len(kernels), "kernel_ms": gpu_us / 1e3,
             "top_kernels": [(e.key[:60], round(e.device_time_total / 1e3, 2), e.count) for e in top],
             "most_launched": [(e.key[:70], e.count, round(e.device_time_total / 1e3, 3)) for e in most]}
@@ -182,6 +191,22 @@ def _steps_with_sdpa(engine: TransformersEngine, shapes: list[tuple[int, int]]) 
         attention.enabled = True
 
 
+def _replay_profile(graph: Any) -> dict[str, Any]:
+    """A captured forward (a follow-up's tail, a first question's prompt): its replay's milliseconds, and
+    the kernels in it, the largest first (name, ms, count)."""
+    import torch
+
+    replay_ms = _replay_ms(graph)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kinds = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return {"replay_ms": replay_ms, "kernels": sum(e.count for e in kinds),
+            "kernel_ms": round(sum(e.device_time_total for e in kinds) / 1e3, 2),
+            "top": [(e.key[:50], round(e.device_time_total / 1e3, 2), e.count)
+                    for e in sorted(kinds, key=lambda e: -e.device_time_total)[:12]]}
+
+
 def _replay_ms(graph: Any, times: int = 10) -> float:
     """Milliseconds a replay of ``graph``, back to back (after one to warm up)."""
     import torch
@@ -195,6 +220,34 @@ def _replay_ms(graph: Any, times: int = 10) -> float:
     return round((time.perf_counter() - started) * 1e3 / times, 2)
 
 
+@contextlib.contextmanager
+def timed_parts(parts: dict[str, float], calls: list[tuple[Any, str, str]]) -> Iterator[None]:
+    """While inside, each ``(owner, attribute, label)`` call adds its seconds (to the GPU's end) to
+    ``parts[label]``; the owners' own methods come back after."""
+    def timed(label: str, call: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                sync()
+                parts[label] = parts.get(label, 0.0) + time.perf_counter() - started
+        return run
+
+    saved = [(owner, name, vars(owner).get(name)) for owner, name, _label in calls]
+    for owner, name, label in calls:
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, own in reversed(saved):
+            if own is None:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, own)
+
+
 async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, other: PreparedImage
                               ) -> dict[str, float]:
     """Where a first question's time to first token goes inside the engine (each part timed to the
@@ -203,35 +256,13 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, 
     import torch
 
     parts: dict[str, float] = {}
-    originals = {name: getattr(engine, name) for name in ("_render", "_encoded", "_embedded", "_seat")}
-    forward = engine.loaded.model.forward
-    stepper = engine._stepper
-
-    def timed(name: str, call: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            sync()
-            started = time.perf_counter()
-            try:
-                return call(*args, **kwargs)
-            finally:
-                sync()
-                parts[name] = parts.get(name, 0.0) + time.perf_counter() - started
-        return run
-
-    for name, call in originals.items():
-        setattr(engine, name, timed(name.strip("_"), call))
-    engine.loaded.model.forward = timed("prefill forward", forward)
-    if stepper is not None:  # the captured prefill (the model's forward is not called then)
-        stepper.prefill = timed("captured prefill", stepper.prefill)  # type: ignore[method-assign]
-    try:
-        total = (await first_chunk(engine, [image], [], QUESTION, 1))[0]
-    finally:
-        for name in originals:
-            delattr(engine, name)
-        del engine.loaded.model.forward
-        if stepper is not None:
-            del stepper.prefill
-    parts["whole (through answer())"] = total
+    calls = [(engine, name, name.strip("_")) for name in ("_render", "_encoded", "_embedded", "_seat")]
+    calls.append((engine.loaded.model, "forward", "prefill forward"))
+    if engine._stepper is not None:  # the captured prefill (the model's forward is not called then)
+        calls.append((engine._stepper, "prefill", "captured prefill"))
+    with timed_parts(parts, calls):
+        parts["whole (through answer())"] = (await first_chunk(engine, [image], [], QUESTION, 1))[0]
+        await asyncio.sleep(0.5)  # the engine thread is still in the parts after the first token
 
     def bare() -> None:
         started = time.perf_counter()
@@ -246,6 +277,39 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, 
 
     await asyncio.to_thread(bare)
     return {k: round(v * 1e3, 1) for k, v in parts.items()}
+
+
+async def follow_up_anatomy(engine: TransformersEngine, image: PreparedImage, answer: str, question: str
+                            ) -> dict[str, float]:
+    """Where a cached follow-up's time to first token goes (each part timed to the GPU's end), and how
+    many new tokens its tail had: ``question`` about ``image`` after a first question about it and
+    ``answer``."""
+    parts: dict[str, float] = {}
+    turns = [Turn("user", FIRST), Turn("assistant", answer)]
+    await first_chunk(engine, [image], [], FIRST, 1)
+    calls = [(engine, name, name.strip("_")) for name in ("_render", "_on_device", "_lookup", "_seat",
+                                                         "_keep_prefix")]
+    if engine._kv is not None and engine._stepper is not None:
+        calls += [(engine._kv, "place", "prefix into the staging row"), (engine._stepper, "prefill_tail", "tail")]
+    lookup = engine._lookup
+    tails: list[int] = []
+
+    def looked_up(request: Any) -> Any:
+        hit = lookup(request)
+        if hit is not None:
+            tails.append(int(request.inputs["input_ids"].shape[1]) - hit[1])
+        return hit
+
+    engine._lookup = looked_up  # type: ignore[method-assign]
+    try:
+        with timed_parts(parts, calls):
+            parts["whole (through answer())"] = (await first_chunk(engine, [image], turns, question, 1))[0]
+            await asyncio.sleep(0.5)  # the engine thread is still in the parts after the first token
+    finally:
+        del engine._lookup
+    out = {k: round(v * 1e3, 1) for k, v in parts.items()}
+    out["tail tokens"] = float(tails[0]) if tails else -1.0
+    return out
 
 
 def prefill_kernels(engine: TransformersEngine, image: PreparedImage) -> dict[str, float]:
@@ -423,7 +487,10 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         out["prefill_anatomy"] = await asyncio.to_thread(prefill_anatomy, engine, screenshot(n + reps))
     except Exception as exc:  # a profiler that cannot run here must not cost the other figures
         out["prefill_anatomy"] = {"error": repr(exc)}
-    n += 2  # the anatomy's two images
+    out["follow_up_anatomy_ms"] = await follow_up_anatomy(engine, screenshot(n + reps + 2), FIRST_ANSWER, FOLLOW_UP)
+    out["short_follow_up_anatomy_ms"] = await follow_up_anatomy(engine, screenshot(n + reps + 3), SHORT_ANSWER,
+                                                                SHORT_FOLLOW_UP)
+    n += 4  # the anatomies' four images
     # -- follow-ups: cached prefix vs recomputed ---------------------------------------------------------
     n += reps
     turns = [Turn("user", FIRST), Turn("assistant", FIRST_ANSWER)]
@@ -547,6 +614,9 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         cached, full = r["ttft_follow_up_cached_s"], r["ttft_follow_up_recomputed_s"]
         lines.append(f"  cached follow-up: {cached * 1e3:.0f} ms = {cached / first:.0%} of the first (target <= 30%); "
                      f"recomputed {full * 1e3:.0f} ms")
+        for label, key in (("cached follow-up", "follow_up_anatomy_ms"),
+                           ("a short one (a real tokenizer's tail length)", "short_follow_up_anatomy_ms")):
+            lines.append(f"  {label}, by part (ms): " + ", ".join(f"{k} {v}" for k, v in r[key].items()))
         dec, bare_dec = r["decode_tokens_per_s_batch1"], r["bare_decode_tokens_per_s"]
         lines.append(f"  decode, one question: {dec:.1f} tokens/s vs bare generate() {bare_dec:.1f} "
                      f"({dec / bare_dec:.1f}x)")
@@ -578,6 +648,10 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
             if r.get("sdpa_replay_ms"):
                 lines.append("  the same steps with SDPA as their attention (ms): "
                              + ", ".join(f"{k} {v}" for k, v in r["sdpa_replay_ms"].items()))
+            for name, graph in r.get("other_graphs", {}).items():
+                lines.append(f"  the {name} forward replayed: {graph['replay_ms']} ms, {graph['kernels']} kernels, "
+                             f"{graph['kernel_ms']} ms of GPU time summed; top: "
+                             + "; ".join(f"{k} {ms} ms x{n}" for k, ms, n in graph["top"]))
         batch8, single = r["batch8_tokens_per_s"], r["single_tokens_per_s"]
         lines.append(f"  8 at once: {batch8:.1f} tokens/s vs one answer {single:.1f} "
                      f"({batch8 / single:.1f}x, target >= 6x); once all 8 are decoding: "

@@ -104,9 +104,9 @@ class SlotKV:
 
     def place(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
         """Put a prefilled question's KV (one ``(keys, values)`` per layer, batch of one) into ``row``."""
-        for (keys, values), k, v in zip(layers, self.keys, self.values, strict=True):
-            k[row, :, :length] = keys[0, :, :length]
-            v[row, :, :length] = values[0, :, :length]
+        targets = [t[row, :, :length] for pair in zip(self.keys, self.values, strict=True) for t in pair]
+        # One call for all layers: 80 copies from Python took ~1.3 ms of a follow-up's first token (H200).
+        torch._foreach_copy_(targets, [t[0, :, :length] for pair in layers for t in pair])
         self.positions[row] = length
 
     def prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,9 +116,8 @@ class SlotKV:
 
     def move(self, source: int, target: int, length: int) -> None:
         """Row ``source``'s first ``length`` tokens into row ``target`` (to keep active rows packed)."""
-        for k, v in zip(self.keys, self.values, strict=True):
-            k[target, :, :length] = k[source, :, :length]
-            v[target, :, :length] = v[source, :, :length]
+        tensors = [*self.keys, *self.values]
+        torch._foreach_copy_([t[target, :, :length] for t in tensors], [t[source, :, :length] for t in tensors])
         self.positions[target] = self.positions[source]
 
 
@@ -269,6 +268,9 @@ class Stepper:
         # Steps first (every answer needs them), each kind the largest first: the others fit in what it took.
         kinds = (kind,) if fused else ("step", "tail", "prefill")
         order = [shape for kind in kinds for shape in reversed(shapes) if shape[0] == kind]
+        if not fused:  # before those, what one question needs: ``lone_steps`` (the engine is ready after them)
+            lone = [shape for shape in shapes if shape[:2] == ("step", 1)]
+            order = lone + [shape for shape in order if shape not in lone]
         for shape in order:
             graph = self._capture(shape, fused)
             if graph is not None:
@@ -279,6 +281,10 @@ class Stepper:
         if fused:
             self._graphs.update(made)
             self.fused_kinds.add(kind)
+
+    def lone_steps(self) -> bool:
+        """Whether one question's steps replay graphs, at every span (or there are none to replay)."""
+        return not self.use_graphs or all(("step", 1, span) in self._graphs for span in self.spans)
 
     def _shapes(self) -> list[tuple[str, int, int]]:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]

@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["MAX_ROWS", "Kernels", "MmaConfig", "config_for", "int4_mma", "launch_shapes", "load", "supports"]
 
-MAX_ROWS = 16  # two right-hand operands of 8 rows
+MAX_ROWS = 16  # a launch's rows: two right-hand operands of 8; more rows take a launch per 16
 
 
 class MmaConfig(NamedTuple):
@@ -256,20 +256,20 @@ class Kernels:
 
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
                  config: MmaConfig | None = None) -> torch.Tensor:
-        """``x [m, k] @ W^T`` as bf16 ``[m, n]`` for ``m <= MAX_ROWS``."""
+        """``x [m, k] @ W^T`` as bf16 ``[m, n]``: one launch for each ``MAX_ROWS`` rows. (Each launch
+        reads the whole weight: past a few launches, unpacking it once costs less.)"""
         m, k = x.shape
         n = packed.shape[0] * 8
-        if not 0 < m <= MAX_ROWS:  # (the kernel reads row m - 1 for rows past m, and writes at most 16)
-            if m == 0:
-                return x.new_empty(0, n)
-            raise ValueError(f"int4_mma takes 1 to {MAX_ROWS} rows, not {m}")
-        config = config or config_for(n, m)
         if x.data_ptr() % 16:  # a view into the middle of a tensor: the staged loads take 16 bytes at a time
             x = x.clone()
         y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-        kernel = self._kernels[_kernel_name(config, 1 if m <= 8 else 2, group)]
-        kernel(grid=(n // (16 * config.tiles), 1, 1), block=(config.warps * 32, 1, 1),
-               args=[x, packed, scales_zeros, y, m, n, k])
+        for start in range(0, m, MAX_ROWS):
+            # (rows of k and n bf16, multiples of 128 and 16: every slice starts 16-byte aligned)
+            rows = min(MAX_ROWS, m - start)  # the kernel reads row rows - 1 for those past it, writes none
+            launch = config or config_for(n, rows)
+            kernel = self._kernels[_kernel_name(launch, 1 if rows <= 8 else 2, group)]
+            kernel(grid=(n // (16 * launch.tiles), 1, 1), block=(launch.warps * 32, 1, 1),
+                   args=[x[start:start + rows], packed, scales_zeros, y[start:start + rows], rows, n, k])
         return y
 
 
@@ -290,7 +290,7 @@ def launch_shapes(weights: set[tuple[int, int]]) -> list[MmaConfig]:
 
 @torch.library.custom_op("imsight::int4_mma", mutates_args=(), device_types="cuda")
 def int4_mma(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """``x [m <= MAX_ROWS, k]`` times an int4 weight in tinygemm's layout, as bf16 ``[m, n]``. An operator
+    """``x [m, k]`` times an int4 weight in tinygemm's layout, as bf16 ``[m, n]``. An operator
     of its own so that compiled decode steps call it as one opaque kernel (dynamo cannot trace ctypes)."""
     if _loaded is None:
         raise RuntimeError("int4_mma: the kernel is not compiled (core.int4_mma.load)")

@@ -7,10 +7,10 @@ costs 2.6x one of a single question (bench/RESULTS.md). torch's "tinygemm" kerne
 (``aten._weight_int4pack_mm``, what gpt-fast and torchao's int4 weight-only use) reads them at
 twice the rate, but its cost doubles from 1 row to 8, and at prefill sizes it is 18x slower than a
 dequantize + cuBLAS matmul. So each linear keeps one copy, in tinygemm's tiled layout, and reads it
-three ways: for decode steps of up to ``int4_mma.MAX_ROWS`` rows with imsight's own CUDA kernel
-(``core.int4_mma``: 8 rows cost 1.1x one, not 2.4x; ``use_mma_kernel``), for up to ``KERNEL_ROWS``
-with tinygemm (also where that kernel cannot compile), and for more unpacked to a full-width weight
-(on a GPU with one Triton kernel, ``core.int4_unpack_gpu``).
+three ways: for decode steps and short prefills (follow-ups' tails), up to ``MMA_ROWS`` rows, with
+imsight's own CUDA kernel (``core.int4_mma``: 8 rows cost 1.1x one, not 2.4x; ``use_mma_kernel``),
+for up to ``KERNEL_ROWS`` with tinygemm (where that kernel cannot compile), and for more unpacked to
+a full-width weight (on a GPU with one Triton kernel, ``core.int4_unpack_gpu``).
 
 The tiled layout is written down here (``pack``/``unpack``) after ``matrix_to_m16n8k16_Bint4_layout``
 in PyTorch's ``int4mm.cu``: an int32 tensor ``[N/8, K/(tiles*16), 32, tiles/2]`` where lane ``t``
@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from core import int4_mma
 from core.quantized_linears import replace_linears
 
-__all__ = ["KERNEL", "KERNEL_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize", "fuse_unpacking", "pack", "quantize",
-           "quantize_linears", "torch_layout_agrees", "unpack", "use_mma_kernel"]
+__all__ = ["KERNEL", "KERNEL_ROWS", "MMA_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize", "fuse_unpacking", "pack",
+           "quantize", "quantize_linears", "torch_layout_agrees", "unpack", "use_mma_kernel"]
 
 log = logging.getLogger(__name__)
 
 KERNEL = "group-wise, in torch's int4 layout"  # as the load's log names it
-KERNEL_ROWS = 32  # up to this many rows tinygemm beats unpack + matmul (bench/int4_kernels.py)
+KERNEL_ROWS = 16  # up to this many rows tinygemm beats unpack + matmul (bench/int4_kernels.py --rows: ~22)
 _GROUPS = (128, 64, 32)  # tinygemm takes 32..256; 128 is gpt-fast's and torchao's default
 _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
 # A prefill unpacks a weight a slice of outputs at a time, at most this big: GLM-4.6V-Flash's gate/up
@@ -48,7 +48,11 @@ _TILES = (8, 4, 2)  # inner k-tiles: 8 gives the kernel 16-byte loads
 # (measured on the H200: 10.64 GB peak with one question unpacked whole, 10.51 sliced; the GPU time
 # of the prefill the same, 69-70 ms).
 UNPACKED_BYTES = 64 * 2**20
-_MMA_ROWS = int4_mma.MAX_ROWS
+# Up to this many rows imsight's kernel, a launch per 16 rows, beats both tinygemm and unpacking: each
+# launch reads the weight once, unpacking reads it once and writes it 4x wider. A decoder layer's six
+# weights on the H200 (bench/int4_kernels.py --rows): 156 us at 32 rows (tinygemm 471, unpacking 347),
+# 312 at 64 (358), 390 at 80 (356).
+MMA_ROWS = 64
 
 
 def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +108,7 @@ class Int4Linear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, packed.shape[0] * 8, group
         self.kernel = kernel  # tinygemm runs here (a CUDA GPU of compute capability 8.0 or later)
-        self.mma = False  # imsight's kernel takes up to int4_mma.MAX_ROWS rows (use_mma_kernel)
+        self.mma = False  # imsight's kernel takes up to MMA_ROWS rows (use_mma_kernel)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.bias: torch.nn.Parameter | None = (
@@ -128,14 +132,15 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.kernel and x.dtype == torch.bfloat16 and flat.shape[0] <= KERNEL_ROWS:
-            if self.mma and flat.shape[0] <= _MMA_ROWS:
-                y: torch.Tensor = torch.ops.imsight.int4_mma(flat, self.packed, self.scales_zeros, self._group())
-            else:
-                y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, self._group(), self.scales_zeros)
-            y = y.reshape(*x.shape[:-1], y.shape[-1])
-            return y + self.bias if self.bias is not None else y
-        return self._unpacked_linear(x)
+        rows = flat.shape[0]
+        if self.mma and x.dtype == torch.bfloat16 and rows <= MMA_ROWS:
+            y: torch.Tensor = torch.ops.imsight.int4_mma(flat, self.packed, self.scales_zeros, self._group())
+        elif self.kernel and x.dtype == torch.bfloat16 and rows <= KERNEL_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, self._group(), self.scales_zeros)
+        else:
+            return self._unpacked_linear(x)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y + self.bias if self.bias is not None else y
 
     def _unpacked_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` through the weight unpacked to ``x``'s dtype, at most ``UNPACKED_BYTES`` of it at a time."""
@@ -231,7 +236,7 @@ def use_mma_kernel(model: Any) -> None:
         with torch.cuda.device(device):
             int4_mma.load({(m.out_features, m.group) for m in fits})
             worst = max(_mma_error(m, rows) for m in {(m.out_features, m.group): m for m in fits}.values()
-                        for rows in (1, 5, int4_mma.MAX_ROWS))
+                        for rows in (1, 5, int4_mma.MAX_ROWS, MMA_ROWS - 3))  # (the last: a launch per 16)
     except Exception as exc:  # no NVRTC, a GPU it cannot build for, a driver that cannot load it
         log.warning("int4: imsight's decode kernel is unavailable here (%s); decode steps use torch's int4 kernel "
                     "(several questions at once decode ~1.6x slower)", exc)
@@ -242,8 +247,8 @@ def use_mma_kernel(model: Any) -> None:
         return
     for layer in fits:
         layer.mma = True
-    log.info("int4: decode steps of up to %d rows multiply with imsight's CUDA kernel (%d of %d weights; "
-             "compiled and checked in %.1f s)", int4_mma.MAX_ROWS, len(fits), len(layers), time.perf_counter() - began)
+    log.info("int4: up to %d rows multiply with imsight's CUDA kernel (%d of %d weights; "
+             "compiled and checked in %.1f s)", MMA_ROWS, len(fits), len(layers), time.perf_counter() - began)
 
 
 def _mma_error(layer: Int4Linear, rows: int) -> float:

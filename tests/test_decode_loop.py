@@ -235,6 +235,40 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # the library's own attention again
 
 
+def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
+    """The engine is ready once these are captured (a question asked before would decode eagerly all
+    through its answer): every span of a one-row step first, then the rest, steps before the others."""
+    import torch
+
+    from core.decode_loop import SlotKV, Stepper
+    from core.kv_cache import cache_keyword
+    from core.model_files import resolve
+    from core.model_loading import load
+
+    model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
+    attention = model.get_decoder().layers[0].self_attn
+    kv = SlotKV(len(model.get_decoder().layers), 4, attention.config.num_key_value_heads, attention.head_dim, 2048,
+                dtype=torch.float32, device="cpu")
+    stepper = Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=False, use_graphs=False)
+    seen: list[tuple[int, int, int]] = []
+
+    def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        new = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        seen.append((new.shape[0], new.shape[1], kwargs["attention_mask"].shape[-1]))  # rows, tokens, span
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for _ in stepper.captures(fused=False):
+                pass
+    finally:
+        hook.remove()
+    assert seen[:len(stepper.spans)] == [(1, 1, span) for span in stepper.spans]  # 512, 1024, 2048
+    steps = [shape for shape in seen if shape[1] == 1]
+    assert len(steps) == len(stepper.sizes) * len(stepper.spans) and seen[:len(steps)] == steps
+    assert stepper.lone_steps()  # without CUDA graphs there is nothing to wait for
+
+
 def _twelve_layers(model: Any) -> Any:
     """The tiny model with twelve decoder layers (copies of its two): more than dynamo's 8 recompiles."""
     import copy

@@ -145,6 +145,43 @@ async def test_an_image_is_preprocessed_once_for_its_follow_ups(engines):
     assert cached._pixels.computed == computed + 1
 
 
+async def test_a_follow_up_s_pixels_stay_on_the_host(engines):
+    # The follow-up's images are in its cached prefix: its pixels are not moved to the model's device.
+    cached, _plain = engines
+    moved: list[set[str]] = []
+    to_device = cached._on_device
+
+    def on_device(inputs):
+        moved.append(set(inputs))
+        return to_device(inputs)
+
+    cached._on_device = on_device
+    image = _image(32)
+    first = await _answer(cached, [image], [], "Q1")
+    await _answer(cached, [image], [Turn("user", "Q1"), Turn("assistant", first)], "Q2")
+    assert cached.stats.prefix_hits == 1
+    assert "pixel_values" in moved[0] and "pixel_values" not in moved[1]
+    assert all(not entry.ids.is_cuda for entry in cached._prefixes._entries.values())  # compared on the host
+
+
+def test_remembered_pixels_are_cast_once(tiny_model):
+    from transformers import AutoProcessor
+
+    from core.pixel_memo import ImageProcessorMemo
+
+    memo = ImageProcessorMemo(AutoProcessor.from_pretrained(tiny_model).image_processor)
+    outputs = []
+    for _ in range(2):
+        with memo.expecting(["sha-a"]):
+            outputs.append(memo([_image(40).image], return_tensors="pt")["pixel_values"])
+    assert outputs[0] is outputs[1] and memo.computed == 1
+    cast = memo.cast(outputs[0], torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, outputs[0].to(torch.bfloat16))
+    assert memo.cast(outputs[1], torch.bfloat16) is cast  # the same pixels again: the kept cast
+    other = torch.rand(3, 4)  # pixels the memo did not hand out are cast, not kept
+    assert memo.cast(other, torch.bfloat16) is not memo.cast(other, torch.bfloat16)
+
+
 @pytest.fixture(scope="module")
 def text_first_model(tiny_model, tmp_path_factory):
     """The tiny model with a template that puts the question before the image, as some models' do."""

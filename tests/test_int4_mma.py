@@ -6,7 +6,6 @@ it against the unpacked weight (``core.int4_weights.use_mma_kernel``), and ``ben
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -57,7 +56,6 @@ def test_every_launch_shape_tiles_its_weight_and_is_compiled_at_load():
 
 
 def test_what_the_kernel_takes():
-    assert int4_weights._MMA_ROWS == int4_mma.MAX_ROWS  # the layer hands the operator no more rows than it takes
     q = torch.zeros(32, 256, dtype=torch.uint8)
     assert int4_mma.supports(pack(q, 8), 128)
     assert not int4_mma.supports(pack(q, 4), 128)  # 4 inner k-tiles: two words a lane, not four
@@ -75,8 +73,9 @@ def test_compiled_steps_see_the_products_shape():
 
 def test_int4_linear_takes_the_operator_for_few_rows_eagerly_and_compiled():
     # The operator's CPU kernel computes what the CUDA one does (the unpacked weight's product), so the
-    # layer's way to it runs here: up to MAX_ROWS rows through it, and a compiled step calling it
-    # as one opaque node (dynamo traces its fake kernel; aot_eager needs no C++ compiler).
+    # layer's way to it runs here: up to MMA_ROWS rows through it (decode steps, follow-ups' tails), and a
+    # compiled step calling it as one opaque node (dynamo traces its fake kernel; aot_eager needs no C++
+    # compiler). More rows are unpacked instead.
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(32, 256, generator=generator)
     q, scales_zeros = quantize(weight, 128)
@@ -84,24 +83,49 @@ def test_int4_linear_takes_the_operator_for_few_rows_eagerly_and_compiled():
     layer = Int4Linear(pack(q, 8), scales_zeros.to(torch.bfloat16), 128, bias, in_features=256, kernel=True)
     layer.mma = True
     full = dequantize(layer.packed, layer.scales_zeros, 128, torch.bfloat16)
-    for rows in (1, 5, int4_mma.MAX_ROWS):
+    for rows in (1, 5, int4_mma.MAX_ROWS, int4_weights.MMA_ROWS, int4_weights.MMA_ROWS + 1):
         x = torch.randn(rows, 256, generator=generator).to(torch.bfloat16)
-        expected = F.linear(x, full) + bias  # the layer adds its bias to the product, as tinygemm's path does
+        through_operator = rows <= int4_weights.MMA_ROWS
+        # the operator's path adds the bias to the product, as tinygemm's does; the unpacked one, in the product
+        expected = F.linear(x, full) + bias if through_operator else F.linear(x, full, bias)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             eager = layer(x)
-        assert sum(event.name == "imsight::int4_mma" for event in profile.events()) == 1
+        calls = sum(event.name == "imsight::int4_mma" for event in profile.events())
+        assert calls == through_operator, rows
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
         assert torch.equal(eager, expected) and torch.equal(compiled, expected)
     torch.compiler.reset()
 
 
-def test_the_launcher_refuses_rows_the_kernel_cannot_take():
-    # Before any launch (so on the CPU too): more than 16 rows would leave rows unwritten, and none would
-    # make the kernel read row -1.
+def test_the_launcher_takes_16_rows_a_launch():
+    # A launch computes up to 16 rows; more rows take a launch per 16, each on its slice of the input and
+    # the output. Here each "launch" is the kernel's product computed on the CPU from the arguments it
+    # is handed, so the slices, their row counts and the launch shapes are what is checked.
+    n, k = 48, 256
+    generator = torch.Generator().manual_seed(5)
+    q, scales_zeros = quantize(torch.randn(n, k, generator=generator), 128)
+    packed, scales_zeros = pack(q, 8), scales_zeros.to(torch.bfloat16)
+    weight = dequantize(packed, scales_zeros, 128, torch.bfloat16)
+    launches: list[tuple[str, int]] = []
+
+    def kernel_for(name: str) -> object:
+        def launch(*, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[object]) -> None:
+            x, _packed, _sz, y, m, n_out, k_in = args
+            assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and isinstance(m, int)
+            assert (n_out, k_in) == (n, k) and 0 < m <= int4_mma.MAX_ROWS and x.shape[0] == y.shape[0] == m
+            assert x.data_ptr() % 16 == 0  # the staged 16-byte loads
+            y.copy_(F.linear(x, weight))
+            launches.append((name, m))
+        return launch
+
     kernels = int4_mma.Kernels.__new__(int4_mma.Kernels)
-    kernels._kernels = {}  # nothing compiled: neither call reaches a kernel
-    packed = pack(torch.zeros(32, 256, dtype=torch.uint8), 8)
-    scales_zeros = torch.zeros(2, 32, 2, dtype=torch.bfloat16)
-    assert kernels(torch.empty(0, 256, dtype=torch.bfloat16), packed, scales_zeros, 128).shape == (0, 32)
-    with pytest.raises(ValueError, match="1 to 16 rows, not 17"):
-        kernels(torch.empty(17, 256, dtype=torch.bfloat16), packed, scales_zeros, 128)
+    kernels._kernels = {int4_mma._kernel_name(c, r, 128): kernel_for(int4_mma._kernel_name(c, r, 128))
+                        for c in int4_mma.launch_shapes({(n, 128)}) for r in (1, 2)}
+    for rows, expected in ((0, []), (5, [5]), (16, [16]), (37, [16, 16, 5]), (64, [16, 16, 16, 16])):
+        launches.clear()
+        x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+        y = kernels(x, packed, scales_zeros, 128)
+        assert [m for _name, m in launches] == expected
+        # a launch of 9-16 rows takes the instance of two row tiles, of up to 8 the one of one
+        assert all(f", {1 + (m > 8)}, 128, " in name for name, m in launches), launches
+        assert torch.equal(y, F.linear(x, weight))

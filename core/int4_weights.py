@@ -224,8 +224,8 @@ def fuse_unpacking(model: Any) -> None:
 
 
 def use_mma_kernel(model: Any) -> None:
-    """On a GPU, let decode steps multiply with imsight's CUDA kernel (``core.int4_mma``), once it has
-    compiled and matched the unpacked weight on each shape; with tinygemm where it cannot."""
+    """On a GPU, let decode steps and short prefills multiply with imsight's CUDA kernel (``core.int4_mma``),
+    once it has compiled and matched the unpacked weight on each shape; with tinygemm where it cannot."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
     device = layers[0].packed.device if layers else None
     fits = [m for m in layers if m.packed.device == device and int4_mma.supports(m.packed, m.group)]

@@ -53,7 +53,6 @@ class ImageProcessorMemo:
             self._memo.move_to_end(key)
         return type(output)(dict(output))  # a fresh mapping: callers may add or pop keys
 
-
     def cast(self, pixels: Any, dtype: Any) -> Any:
         """``pixels`` in ``dtype``; cast once and kept where they are pixels this memo handed out (the
         processor passes them through): casting a screenshot's 4.7M values for every follow-up took ~2 ms.

@@ -61,7 +61,7 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
 
         torch.manual_seed(0)
         checked = 0
-        for tiles, n, k in [(2, 48, 96), (4, 64, 192), (8, 256, 384)]:
+        for tiles, n, k in [(2, 48, 96), (4, 64, 192), (8, 96, 384)]:  # (small: the interpreter is slow)
             q, scales_zeros = quantize(torch.randn(n, k), tiles * 16)
             packed = pack(q, tiles)
             assert supports(packed, scales_zeros, tiles * 16)

@@ -374,7 +374,7 @@ class TransformersEngine:
     def _idle_turn(self, work: Iterator[None]) -> None:
         """One shape of the decode step's capturing or compiling; ``settled`` once all are done."""
         done = next(work, _DONE) is _DONE
-        if done or self._stepper is None or self._stepper.lone_steps():
+        if done or (self._stepper is not None and self._stepper.lone_steps()):  # (made before any idle turn)
             self._lone_steps.set()
         if done:
             self._speeding_up = None

@@ -31,10 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.experimental import _config as fx_config  # (its ``patch`` is made at import: untyped)
 
 __all__ = ["FusedLayers", "compile_summary", "decoder_layers", "prefill_cache"]
 
 log = logging.getLogger(__name__)
+
+# The layer breaks its graph where attention calls the cache's update and the attention function (both
+# kept eager, below), four calls deep (checkpointing wrapper, deprecation wrapper, layer, attention).
+# By default dynamo then gives up on each enclosing frame in turn and traces it again from its start
+# down to the break: the same layer code traced four times per shape. Nested graph breaks (torch >= 2.9)
+# resume inside the frame that broke instead: on the H200 (GLM-4.6V-Flash) the decode step's compiling
+# went from 14-17 graphs and 19-36 s of tracing to 8 graphs and 4-10 s, and everything the engine
+# compiles was done 99-158 s after a first start instead of 186-191 (bench/RESULTS.md, fourteenth step).
+# Duck sizing off: dynamo would otherwise assume two sizes that happen to be equal when traced (2 rows,
+# 2 K/V heads) always are, a recompile once they differ.
+_TRACE_ONCE = {"nested_graph_breaks": True} if hasattr(torch._dynamo.config, "nested_graph_breaks") else {}
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -83,8 +95,9 @@ class FusedLayers:
         # symbolic int it is one more input of the same graph. Past the limit anyway: an error
         # (the engine then keeps the unfused step and says so), not a silent half-compiled step.
         # Decode steps and prefill take a few graphs each (their caches differ): room for both.
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, fail_on_recompile_limit_hit=True,
-                                        recompile_limit=16):
+        settings: dict[str, Any] = {"allow_unspec_int_on_nn_module": True, "fail_on_recompile_limit_hit": True,
+                                    "recompile_limit": 16, **_TRACE_ONCE}
+        with torch._dynamo.config.patch(settings), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             self._active = True
             try:
                 yield

@@ -729,9 +729,9 @@ class TransformersEngine:
 
     def _speed_up_when_idle(self, stepper: Stepper, *, compiles: bool) -> Iterator[None]:
         """Capture the decode step, follow-ups' tails and first questions' prompts as CUDA graphs
-        (seconds), then compile the layers and capture the step again (a minute), compile the model's
-        own prefill (alone and several together), then capture the prompts and tails again through the
-        compiled layers; one shape per idle turn of ``_serve``: never while a question is being answered.
+        (seconds), then compile the layers and capture the step again, then the prompts and tails, and
+        last compile the model's own prefill (alone, for prompts longer than the captured ones, and several
+        together); one shape per idle turn of ``_serve``: never while a question is being answered.
 
         Why not at start: dynamo traces every graph anew in each process, inductor's cache or not
         (measured on the H200: 45 of a restart's 62 s, 35 s of it tracing), so the daemon would be
@@ -748,17 +748,16 @@ class TransformersEngine:
             stepper.fused = self._fuse()
         if stepper.fused is not None:
             yield from self._idle_work(stepper, fused=True)
+        # What nearly every question takes next: first questions' prompts and follow-ups' new tokens replay
+        # graphs of the eager layers until these (62 against 48 ms a screenshot question, H200, int4).
+        for kind in ("prefill", "tail"):
+            if stepper.fused is not None and stepper.use_graphs:
+                yield from self._idle_work(stepper, fused=True, kind=kind)
         if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
             yield
             self._compile_prefill(stepper.fused)
             yield
             self._compile_prefill_together(stepper.fused)
-        # Last: first questions' prompts and follow-ups' new tokens already replay graphs of the eager layers,
-        # as fast as the compiled model's own prefill (62 against 71 ms, H200, int4); these make them faster
-        # still (48 ms), while a burst of questions would wait ~20 s for the batched prefill's compiling.
-        for kind in ("prefill", "tail"):
-            if stepper.fused is not None and stepper.use_graphs:
-                yield from self._idle_work(stepper, fused=True, kind=kind)
 
     def _idle_work(self, stepper: Stepper, *, fused: bool, kind: str = "step") -> Iterator[None]:
         """``stepper.captures`` a shape at a time; what cannot be done here is done without, said once."""

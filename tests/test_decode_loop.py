@@ -286,7 +286,7 @@ def test_compiled_layers_prefill_exactly_as_the_eager_ones(tiny_model):
     """A first question's prefill through the compiled layers (its cache a ``prefill_cache``): the same
     logits and the same cached keys and values as the eager layers, for prompts of several lengths and
     for a follow-up's tail after them, all twelve layers within dynamo's recompile limit (past it: an
-    error)."""
+    error), each shape traced once."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -305,11 +305,14 @@ def test_compiled_layers_prefill_exactly_as_the_eager_ones(tiny_model):
                 ids = torch.randint(0, 200, (1, length), generator=generator)
                 caches = [prefill_cache(model.config), prefill_cache(model.config)]
                 eager = model(input_ids=ids, use_cache=True, **{keyword: caches[0]}).logits
-                before = counters["stats"]["calls_captured"]
+                before, graphs = counters["stats"]["calls_captured"], counters["stats"]["unique_graphs"]
                 with fused.active():
                     compiled = model(input_ids=ids, use_cache=True, **{keyword: caches[1]}).logits
                 torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
                 assert length > 5 or counters["stats"]["calls_captured"] > before  # compiled on the first
+                # Traced once: the layer's three pieces around its two eager calls (the cache's update,
+                # attention). Without nested graph breaks each enclosing frame is traced again: 5.
+                assert counters["stats"]["unique_graphs"] - graphs <= 3
                 assert len(caches[1].layers) == 12
                 for ours, theirs in zip(caches[1].layers, caches[0].layers, strict=True):
                     torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)

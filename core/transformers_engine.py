@@ -733,12 +733,12 @@ class TransformersEngine:
         last compile the model's own prefill (alone, for prompts longer than the captured ones, and several
         together); one shape per idle turn of ``_serve``: never while a question is being answered.
 
-        Why not at start: dynamo traces every graph anew in each process, inductor's cache or not
-        (measured on the H200: 45 of a restart's 62 s, 35 s of it tracing), so the daemon would be
-        ready a minute late on every restart. This way it is ready once the model is loaded; until
-        then steps run eagerly, then captured, then compiled (int4 on the H200: 252 tokens/s). A question
-        that comes meanwhile waits for the shape in hand: under a second while capturing, up to
-        ~20 s while the first shapes compile (GLM-4.6V-Flash on the H200)."""
+        Why not at start: dynamo traces every graph anew in each process, inductor's cache or not, and
+        everything is captured again (measured on the H200: all done 64-88 s after a restart, ~10 s of
+        it tracing), so the daemon would be ready a minute late on every restart. This way it is ready
+        once the model is loaded; until then steps run eagerly, then captured, then compiled (int4 on
+        the H200: 252 tokens/s). A question that comes meanwhile waits for the shape in hand: under a
+        second while capturing, up to ~20 s while the first shapes compile (GLM-4.6V-Flash on the H200)."""
         if stepper.use_graphs:
             yield from self._idle_work(stepper, fused=False)
         if compiles:

@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 PREFILL_SIZES = (16, 32, 64, *range(128, 2048 + 1, 128))
 
 
+_MOST_WARM_UPS = 3  # calls before a compiled shape's capture, at most
+
+
+def _dynamo_misses() -> int:
+    """Frames dynamo has been asked to compile in this process (each a miss of its cache)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
 def buckets(slots: int, start: int = 1) -> list[int]:
     """Sizes a step is run (and captured) at: powers of two from ``start`` up to ``slots``, and ``slots``."""
     sizes = [min(start, slots)]
@@ -304,12 +314,16 @@ class Stepper:
             stream = self._stream = self._stream or torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            # Compiling can take more than one call (a recompile on the second); eager layers only need their
-            # lazy starts (cuBLAS plans, Triton's autotuning) out of the way: one call each, since the first
-            # questions' prefill sizes made the captures ~10 s longer (H200, int4).
-            for _ in range(3 if fused else 1):
+            # Lazy starts (cuBLAS plans, Triton's autotuning) and compiling stay out of the graph. Eager layers:
+            # one call. Compiled ones: calls until one compiles nothing (a kind's first shapes compile, and may
+            # recompile on the second call; the rest reuse those graphs). Three calls each, as before, spent
+            # ~5 s of a restart (H200, int4) running compiled layers' Python.
+            for _ in range(_MOST_WARM_UPS if fused else 1):
+                misses = _dynamo_misses()
                 kv.positions.zero_()
                 self._eager(*shape, fused=fused)
+                if _dynamo_misses() == misses:
+                    break
         graph = None
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)

@@ -277,6 +277,59 @@ def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
     assert stepper.lone_steps()
 
 
+def test_a_compiled_shape_is_warmed_up_until_a_call_compiles_nothing(tiny_model):
+    """Before each compiled shape's capture: calls until one compiles nothing (at most three). A shape
+    whose graphs exist takes one call: three each spent seconds of every start on the GPU running the
+    compiled layers' Python."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from core.decode_loop import SlotKV, Stepper
+    from core.fused_layers import FusedLayers, decoder_layers
+    from core.kv_cache import cache_keyword
+    from core.model_files import resolve
+    from core.model_loading import load
+
+    torch._dynamo.reset()  # graphs another test left would spare this one's first shape its compiling
+    model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
+    layers = decoder_layers(model)
+    attention = layers[0].self_attn
+    kv = SlotKV(len(layers), 2, attention.config.num_key_value_heads, attention.head_dim, 1024,
+                dtype=torch.float32, device="cpu")
+    fused = FusedLayers(layers)
+    stepper = Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=False, use_graphs=False, fused=fused)
+    compiled: dict[tuple[int, int], list[bool]] = {}  # per shape (rows, span): whether each call compiled
+    misses = 0
+
+    def before(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        nonlocal misses
+        misses = counters["frames"]["total"]
+        compiled.setdefault((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[-1]), [])
+
+    def after(_module: Any, _args: Any, _output: Any) -> None:
+        compiled[list(compiled)[-1]].append(counters["frames"]["total"] > misses)
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+    try:
+        with torch.inference_mode():
+            for _ in stepper.captures(fused=True, kind="step"):
+                pass
+            first = dict(compiled)
+            compiled.clear()
+            for _ in stepper.captures(fused=True, kind="step"):  # again: every graph is made
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+        fused.remove()
+    assert list(first) == [(2, 1024), (1, 1024), (2, 512), (1, 512)]  # the largest first
+    assert first[(2, 1024)][0]  # the kind's first shape compiled
+    for calls in first.values():  # compiling calls, then one that compiles nothing (or three in all)
+        assert calls in ([False], [True, False], [True, True, False], [True, True, True]), calls
+    assert compiled == {shape: [False] for shape in first}  # one call each
+    assert stepper.fused_kinds == {"step"}
+
+
 def _twelve_layers(model: Any) -> Any:
     """The tiny model with twelve decoder layers (copies of its two): more than dynamo's 8 recompiles."""
     import copy

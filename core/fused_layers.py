@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.fx.experimental import _config as fx_config  # (its ``patch`` is made at import: untyped)
 
-__all__ = ["FusedLayers", "compile_summary", "decoder_layers", "prefill_cache"]
+__all__ = ["FusedLayers", "compile_summary", "decoder_layers", "keep_compiled_code_in", "prefill_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,7 @@ class FusedLayers:
             self._replaced = ALL_ATTENTION_FUNCTIONS[self._attention]
             ALL_ATTENTION_FUNCTIONS[self._attention] = torch.compiler.disable(self._replaced)  # type: ignore[no-untyped-call]
         if cache_dir is not None:
-            # Inductor's caches (graphs, kernels) spare a restart with the same model and settings the
-            # code generation; an operator's own TORCHINDUCTOR_CACHE_DIR wins.
-            cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+            keep_compiled_code_in(cache_dir)
         self._active = False
         self._layers = layers
         for layer in layers:
@@ -112,6 +109,20 @@ class FusedLayers:
             vars(layer).pop("forward", None)
         if self._replaced is not None:
             ALL_ATTENTION_FUNCTIONS[self._attention] = self._replaced
+
+
+def keep_compiled_code_in(directory: Path) -> None:
+    """Inductor's caches (graphs, kernels) under ``directory``: a restart with the same model and settings
+    skips the code generation (~40 s of a first start on the H200). An operator's own
+    ``TORCHINDUCTOR_CACHE_DIR`` wins. torch sets that variable itself, to its default under /tmp, as soon
+    as ``torch._dynamo`` is imported (long before an engine starts): that value is replaced, or the cache
+    would stay in /tmp, which the systemd unit's ``PrivateTmp`` empties at every restart."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())
 
 
 def prefill_cache(config: Any) -> Any:

@@ -343,6 +343,25 @@ def _twelve_layers(model: Any) -> Any:
     return model
 
 
+def test_compiled_code_is_kept_under_the_compile_cache(tmp_path, monkeypatch):
+    """Inductor's caches go under the daemon's ``data_dir/compile-cache``, where a restart finds them:
+    by the time an engine starts, importing torch._dynamo has set TORCHINDUCTOR_CACHE_DIR to torch's
+    default under /tmp, and that value is replaced; an operator's own stays."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from core.fused_layers import keep_compiled_code_in
+
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # set by torch itself, at import
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    keep_compiled_code_in(tmp_path / "compile-cache")
+    assert cache_dir() == str((tmp_path / "compile-cache").resolve())  # where inductor writes and looks
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))
+    keep_compiled_code_in(tmp_path / "compile-cache")
+    assert cache_dir() == str(tmp_path / "operator")
+
+
 def test_compiled_layers_prefill_exactly_as_the_eager_ones(tiny_model):
     """A first question's prefill through the compiled layers (its cache a ``prefill_cache``): the same
     logits and the same cached keys and values as the eager layers, for prompts of several lengths and

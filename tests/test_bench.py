@@ -25,6 +25,7 @@ SCRIPTS = {
     "prefill_batching.py": (["--quick"], ["2 questions", "first tokens the same both ways: 2 of 2"]),
     "attention_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
+    "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
 }
 
 

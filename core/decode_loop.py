@@ -316,8 +316,9 @@ class Stepper:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             # Lazy starts (cuBLAS plans, Triton's autotuning) and compiling stay out of the graph. Eager layers:
             # one call. Compiled ones: calls until one compiles nothing (a kind's first shapes compile, and may
-            # recompile on the second call; the rest reuse those graphs). Three calls each, as before, spent
-            # ~5 s of a restart (H200, int4) running compiled layers' Python.
+            # recompile on the second call; the rest reuse those graphs). Three calls each ran the compiled
+            # layers' Python for seconds of every start (H200, int4: the tails' pass, nothing to compile,
+            # 2.9 s of work; 1.9 s with one call each).
             for _ in range(_MOST_WARM_UPS if fused else 1):
                 misses = _dynamo_misses()
                 kv.positions.zero_()

@@ -280,7 +280,8 @@ def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
 def test_a_compiled_shape_is_warmed_up_until_a_call_compiles_nothing(tiny_model):
     """Before each compiled shape's capture: calls until one compiles nothing (at most three). A shape
     whose graphs exist takes one call: three each spent seconds of every start on the GPU running the
-    compiled layers' Python."""
+    compiled layers' Python. (Run alone, the first pass compiles; after other tests it may find their
+    graphs: dynamo is not reset here, which would cost the tests after it their graphs too.)"""
     import torch
     from torch._dynamo.utils import counters
 
@@ -290,7 +291,6 @@ def test_a_compiled_shape_is_warmed_up_until_a_call_compiles_nothing(tiny_model)
     from core.model_files import resolve
     from core.model_loading import load
 
-    torch._dynamo.reset()  # graphs another test left would spare this one's first shape its compiling
     model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
     layers = decoder_layers(model)
     attention = layers[0].self_attn
@@ -322,8 +322,7 @@ def test_a_compiled_shape_is_warmed_up_until_a_call_compiles_nothing(tiny_model)
         for hook in hooks:
             hook.remove()
         fused.remove()
-    assert list(first) == [(2, 512), (1, 512)]  # the largest first; one row is a graph of its own
-    assert first[(2, 512)][0] and first[(1, 512)][0]  # both compiled
+    assert list(first) == [(2, 512), (1, 512)]  # the largest first
     for calls in first.values():  # compiling calls, then one that compiles nothing (or three in all)
         assert calls in ([False], [True, False], [True, True, False], [True, True, True]), calls
     assert compiled == {shape: [False] for shape in first}  # one call each

@@ -66,7 +66,7 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
             packed = pack(q, tiles)
             assert supports(packed, scales_zeros, tiles * 16)
             weight = dequantize(packed, scales_zeros, tiles * 16, torch.float32)
-            for rows in (1, 5, 16):
+            for rows in (1, 13):  # one row, and a part of a 16-row tile
                 x = torch.randn(rows, k)
                 ref = x @ weight.t()
                 # more splits than k-tiles too: those programs own no inputs and must add nothing
@@ -79,7 +79,7 @@ def test_the_batched_int4_matmul_computes_the_dequantized_product() -> None:
                     checked += 1
         print("checked", checked)
     """)
-    assert "checked 24" in out
+    assert "checked 16" in out
 
 
 def test_the_nibble_plane_kernel_multiplies_as_the_dequantized_weight_does():
@@ -99,7 +99,7 @@ def test_the_nibble_plane_kernel_multiplies_as_the_dequantized_weight_does():
             scales = scales_zeros[..., 0].t().repeat_interleave(128, 1)
             zeros = scales_zeros[..., 1].t().repeat_interleave(128, 1)
             weight = (q.float() - 8) * scales + zeros
-            for rows in (1, 5, 16):
+            for rows in (1, 13):  # one row, and a part of a 16-row tile
                 x = torch.randn(rows, k)
                 ref = x @ weight.t()
                 # more splits than groups too: those programs own no inputs and must add nothing
@@ -111,7 +111,7 @@ def test_the_nibble_plane_kernel_multiplies_as_the_dequantized_weight_does():
                     checked += 1
         print("checked", checked)
     """)
-    assert "checked 18" in out
+    assert "checked 12" in out
 
 
 def test_split_kv_attention_computes_what_sdpa_does() -> None:

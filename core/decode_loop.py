@@ -284,6 +284,15 @@ class Stepper:
         if not fused:  # before those, what one question needs: ``lone_steps`` (the engine is ready after them)
             lone = [shape for shape in shapes if shape[:2] == ("step", 1)]
             order = lone + [shape for shape in order if shape not in lone]
+        elif order:
+            # Compiled first at the kind's shortest span, its smallest size and its largest (one row or several
+            # are graphs of their own): traced at a whole row's span, the slots' keys seen by the layer
+            # (``keys[:rows, :, :span]``) have a stride equal to span x head_dim, dynamo guards on that
+            # equality, and every shorter span compiles again (the tiny model's steps: 8 graphs, 6 this way).
+            shortest = [shape for shape in order if shape[2] == min(span for _, _, span in order)]
+            for shape in dict.fromkeys([shortest[-1], shortest[0]]):
+                self._capture(shape, fused, warm_only=True)
+                yield
         for shape in order:
             graph = self._capture(shape, fused)
             if graph is not None:
@@ -304,9 +313,11 @@ class Stepper:
         shapes += [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
         return shapes + [("prefill", size, self._span_for(size)) for size in self.prefills]
 
-    def _capture(self, shape: tuple[str, int, int], fused: bool) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, shape: tuple[str, int, int], fused: bool, *, warm_only: bool = False
+                 ) -> torch.cuda.CUDAGraph | None:
         """One shape warmed up (compilation, lazy inits and autotuning stay out of the graph), then
-        captured where there are graphs. Row contents do not matter and nothing is kept."""
+        captured where there are graphs (unless ``warm_only``). Row contents do not matter and nothing is
+        kept."""
         kv = self._kv
         saved = kv.positions.clone()
         stream = None
@@ -328,6 +339,7 @@ class Stepper:
         graph = None
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
+        if stream is not None and not warm_only:
             kv.positions.zero_()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=stream):

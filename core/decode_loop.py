@@ -289,7 +289,8 @@ class Stepper:
             # are graphs of their own): traced at a whole row's span, the slots' keys seen by the layer
             # (``keys[:rows, :, :span]``) have a stride equal to span x head_dim, dynamo guards on that
             # equality, and every shorter span compiles again (the tiny model's steps: 8 graphs, 6 this way).
-            shortest = [shape for shape in order if shape[2] == min(span for _, _, span in order)]
+            span = min(span for _, _, span in order)
+            shortest = [shape for shape in order if shape[2] == span]  # the largest size first
             for shape in dict.fromkeys([shortest[-1], shortest[0]]):
                 self._capture(shape, fused, warm_only=True)
                 yield

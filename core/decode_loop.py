@@ -343,6 +343,9 @@ class Stepper:
         if stream is not None and not warm_only:
             kv.positions.zero_()
             graph = torch.cuda.CUDAGraph()
+            # Global capture mode (the default): a CUDA call from any other thread meanwhile fails the capture,
+            # and the engine then decodes eagerly for good. The render thread makes none (page-locking
+            # prompts there did: bench/RESULTS.md, sixteenth step).
             with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 self._eager(*shape, fused=fused)
             self._pool = graph.pool()

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core import vision_attention
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.decode_loop import SlotKV, Stepper, StepTokens
 from core.engine import GenerationLimits, PreparedImage, Turn, Usage
@@ -229,6 +230,8 @@ class TransformersEngine:
         self._closing.clear()
         self._loaded = await loop.run_in_executor(None, lambda: load(self._source, **self._load_args))
         self.device = self._loaded.device
+        if await loop.run_in_executor(None, vision_attention.install, self._loaded.model):
+            log.info("vision encoder's attention: the images' lengths read once a run, not in every block")
         self._cache_kw = cache_keyword(self._loaded.model)
         self._image_token_ids = image_token_ids(self._loaded.model.config)
         processor = self._loaded.processor

@@ -1,0 +1,102 @@
+"""The vision encoder's attention without a host sync in every block.
+
+GLM-4V's vision blocks (Qwen2-VL's too) attend within each image of a packed batch. Under SDPA each
+block splits its queries per image at ``lengths.tolist()`` of a GPU tensor: a host sync in each of
+the 24 blocks, so the host never runs ahead of the GPU and every block's ~50 kernel launches are GPU
+idle time (H200, one 1024x768 screenshot: 41.5 ms of wall for 27.5 ms of GPU work). Under an
+implementation whose name says "flash" the blocks hand the attention function the images' boundaries
+(``cu_seq_lens_q``) instead. This function takes that way and computes what the SDPA way does: one
+image in one SDPA call (no split, no sync), several split once per encoder run, the same calls after.
+
+Installed on the vision tower's config alone (the language model keeps its own), after the encoder
+has given the same output both ways on two dummy images (``install``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+__all__ = ["NAME", "install", "packed_sdpa"]
+
+log = logging.getLogger(__name__)
+
+# "flash" in the name is what makes the vision blocks pass the boundaries (transformers'
+# ``is_flash_attention_requested``); the kernels are SDPA's.
+NAME = "imsight_flash_boundaries_sdpa"
+
+# The last boundaries seen and their lengths. Held, so no other tensor can be that object while it is
+# here; the vision tower makes new boundaries for each run and no block changes them.
+_last: tuple[torch.Tensor, list[int]] | None = None
+
+
+def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Any = None, *, cu_seq_lens_q: torch.Tensor | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA within each image of ``[1, heads, tokens, dim]`` queries packed at ``cu_seq_lens_q``;
+    ``[1, tokens, heads, dim]`` out, as the SDPA way's per-image calls concatenated."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if cu_seq_lens_q is None or cu_seq_lens_q.shape[0] <= 2:  # one image: nothing to split
+        output, _ = sdpa(module, query, key, value, attention_mask, **kwargs)
+        return output, None
+    lengths = _lengths(cu_seq_lens_q)
+    parts = zip(*(torch.split(tensor, lengths, dim=2) for tensor in (query, key, value)), strict=True)
+    return torch.cat([sdpa(module, q, k, v, None, **kwargs)[0] for q, k, v in parts], dim=1), None
+
+
+def _lengths(boundaries: torch.Tensor) -> list[int]:
+    """Each image's token count; read from the GPU once per encoder run, whose blocks all pass the
+    same boundaries tensor (the engine thread is the only caller)."""
+    global _last
+    if _last is None or _last[0] is not boundaries:
+        _last = (boundaries, (boundaries[1:] - boundaries[:-1]).tolist())
+    return _last[1]
+
+
+def install(model: Any) -> bool:
+    """``packed_sdpa`` for this model's vision tower, where it runs on SDPA and gives the same output
+    both ways on two dummy images; ``False`` where not (it keeps its own)."""
+    from transformers import AttentionInterface
+
+    visual: Any = getattr(getattr(model, "model", None), "visual", None)
+    config = getattr(visual, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(NAME, packed_sdpa)
+    try:
+        pixels, grid = _dummy_images(config, next(visual.parameters()))
+        with torch.inference_mode():
+            own = _features(visual, pixels, grid)
+            config._attn_implementation = NAME
+            ours = _features(visual, pixels, grid)
+    except Exception as exc:  # a tower that takes other inputs: left as it is
+        config._attn_implementation = "sdpa"
+        log.info("the vision encoder's attention stays as loaded (%s)", exc)
+        return False
+    if not torch.equal(own, ours):
+        config._attn_implementation = "sdpa"
+        log.warning("the vision encoder's attention stays as loaded: the sync-free way disagrees with it here")
+        return False
+    return True
+
+
+def _dummy_images(config: Any, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two small images' patches, as the processor packs them (GLM-4V/Qwen2-VL: per patch, channels x
+    temporal x height x width), and their grids."""
+    merge = int(getattr(config, "spatial_merge_size", 2))
+    grid = torch.tensor([[1, 2 * merge, 2 * merge], [1, 2 * merge, 3 * merge]], device=weight.device)
+    width = int(config.in_channels) * int(config.temporal_patch_size) * int(config.patch_size) ** 2
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
+    return pixels.to(device=weight.device, dtype=weight.dtype), grid
+
+
+def _features(visual: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    out = visual(pixels, grid_thw=grid)
+    return torch.as_tensor(getattr(out, "pooler_output", out)).clone()

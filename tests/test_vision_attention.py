@@ -1,0 +1,98 @@
+"""The vision encoder's attention without a host read in every block (core/vision_attention.py), on a tiny
+GLM-4.1V-shaped model: the same output as transformers' SDPA way, and the images' lengths read once a run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from core import vision_attention
+from core.model_files import resolve
+from core.model_loading import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+
+def _glm(depth: int) -> Any:
+    from glm_model import glm_config
+    from transformers import Glm4vForConditionalGeneration
+
+    config = glm_config("tiny")
+    config.vision_config.depth = depth
+    torch.manual_seed(0)
+    return Glm4vForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def glm() -> Any:
+    return _glm(2)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (on a GPU, each waits for the GPU to catch up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += func in (torch.Tensor.tolist, torch.Tensor.item)
+        return func(*args, **(kwargs or {}))
+
+
+def _encode(glm: Any, grids: list[tuple[int, int, int]], seed: int) -> tuple[torch.Tensor, int]:
+    vision = glm.config.vision_config
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
+    with torch.inference_mode(), HostReads() as reads:
+        out = glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
+    return out, reads.count
+
+
+def test_images_encode_as_transformers_sdpa_way(glm):
+    cases = [[(1, 4, 6)], [(1, 4, 6), (1, 6, 8)], [(1, 4, 4), (1, 8, 4), (1, 4, 6)]]
+    before = [_encode(glm, grids, seed)[0] for seed, grids in enumerate(cases)]
+    assert vision_attention.install(glm)
+    assert glm.model.visual.config._attn_implementation == vision_attention.NAME
+    assert glm.config.text_config._attn_implementation == "sdpa"  # the language model keeps its own
+    for seed, (grids, own) in enumerate(zip(cases, before, strict=True)):
+        assert torch.equal(own, _encode(glm, grids, seed)[0]), grids
+
+
+def test_host_reads_do_not_grow_with_the_blocks():
+    """The SDPA way reads the images' lengths in every block; this one once a run."""
+    own, ours = {}, {}
+    for depth in (2, 6):
+        glm = _glm(depth)
+        own[depth] = _encode(glm, [(1, 4, 6), (1, 6, 8)], 0)[1]
+        assert vision_attention.install(glm)
+        ours[depth] = _encode(glm, [(1, 4, 6), (1, 6, 8)], 0)[1]
+    assert own[6] > own[2]  # what is counted: a read a block, at least
+    assert ours[6] == ours[2] < own[2]
+
+
+def test_a_tower_it_cannot_check_keeps_its_own_attention(glm, tiny_model: Path):
+    llava = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
+    assert not vision_attention.install(llava)  # no packed vision tower (CLIP)
+    glm.model.visual.config._attn_implementation = "eager"
+    assert not vision_attention.install(glm)
+    assert glm.model.visual.config._attn_implementation == "eager"
+
+
+def test_a_tower_that_disagrees_keeps_its_own_attention(glm, monkeypatch):
+    def wrong(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out, _ = original(module, query, *args, **kwargs)
+        return out * 1.001, None
+
+    original = vision_attention.packed_sdpa
+    monkeypatch.setattr(vision_attention, "packed_sdpa", wrong)
+    assert not vision_attention.install(glm)
+    assert glm.model.visual.config._attn_implementation == "sdpa"

@@ -1,9 +1,10 @@
 """The vision encoder's attention without a host sync in every block.
 
 GLM-4V's vision blocks (Qwen2-VL's too) attend within each image of a packed batch. Under SDPA each
-block splits its queries per image at ``lengths.tolist()`` of a GPU tensor: a host sync in each of
-the 24 blocks, so the host never runs ahead of the GPU and every block's ~50 kernel launches are GPU
-idle time (H200, one 1024x768 screenshot: 41.5 ms of wall for 27.5 ms of GPU work). Under an
+block splits its queries, keys and values per image, each at ``lengths.tolist()`` of a GPU tensor: three
+host syncs in each of the 24 blocks, so the host never runs ahead of the GPU and the blocks' kernel
+launches leave it idle (H200, int4, one 1024x768 screenshot: 36.0 ms that way, 30.6 this one; eight,
+195.3 and 188.9; the same output, bench/RESULTS.md sixteenth step). Under an
 implementation whose name says "flash" the blocks hand the attention function the images' boundaries
 (``cu_seq_lens_q``) instead. This function takes that way and computes what the SDPA way does: one
 image in one SDPA call (no split, no sync), several split once per encoder run, the same calls after.

@@ -53,11 +53,13 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
 
 def _lengths(boundaries: torch.Tensor) -> list[int]:
     """Each image's token count; read from the GPU once per encoder run, whose blocks all pass the
-    same boundaries tensor (the engine thread is the only caller)."""
+    same boundaries tensor. Two threads encoding at once cost each other a read, never a wrong split:
+    the pair is read and replaced whole."""
     global _last
-    if _last is None or _last[0] is not boundaries:
-        _last = (boundaries, (boundaries[1:] - boundaries[:-1]).tolist())
-    return _last[1]
+    last = _last
+    if last is None or last[0] is not boundaries:
+        last = _last = (boundaries, (boundaries[1:] - boundaries[:-1]).tolist())
+    return last[1]
 
 
 def install(model: Any) -> bool:

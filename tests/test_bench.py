@@ -26,6 +26,7 @@ SCRIPTS = {
     "attention_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
+    "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
 }
 
 

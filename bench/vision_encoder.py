@@ -1,0 +1,112 @@
+"""The vision encoder two ways, alternating in one process: transformers' SDPA way (the images' lengths
+read from the GPU three times in every block) and imsight's (``core/vision_attention.py``: once a run).
+
+Prints, for one screenshot and for eight (1024x768: GLM-4.6V-Flash's 3,996 patches each): each way's
+median time with its range, whether the outputs are the same bit for bit, and the host reads a run.
+
+    python bench/vision_encoder.py                        # GLM-4.6V-Flash's shape, random weights (GPU)
+    python bench/vision_encoder.py --model-dir DIR        # a GLM-4V-shaped model directory
+    python bench/vision_encoder.py --quick                # the tiny GLM shape on the CPU (figures mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from glm_model import build_glm_model, glm_config
+
+from core import vision_attention
+
+SCREENSHOT_GRID = (1, 54, 74)  # a 1024x768 screenshot through GLM-4.6V-Flash's processor: 999 image tokens
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += func in (torch.Tensor.tolist, torch.Tensor.item)
+        return func(*args, **(kwargs or {}))
+
+
+def tower(args: argparse.Namespace) -> Any:
+    from transformers import Glm4vForConditionalGeneration
+
+    if args.quick:
+        torch.manual_seed(0)
+        return Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32).eval()
+    model_dir = args.model_dir
+    if model_dir is None:
+        model_dir = args.work / "glm-9b"
+        if not (model_dir / "config.json").exists():
+            build_glm_model(model_dir, "9b", device="cuda")
+    return Glm4vForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="the tiny GLM shape on the CPU, a few seconds")
+    args = parser.parse_args()
+    model = tower(args)
+    visual = model.model.visual
+    config = visual.config
+    weight = next(visual.parameters())
+    grid_one = (1, 8, 12) if args.quick else SCREENSHOT_GRID
+    width = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+    generator = torch.Generator().manual_seed(0)
+    inputs = {}
+    for count in (1, 8):
+        grid = torch.tensor([grid_one] * count, device=weight.device)
+        pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
+        inputs[count] = (pixels.to(device=weight.device, dtype=weight.dtype), grid)
+    if not vision_attention.install(model):
+        raise SystemExit("imsight's way does not install on this model's vision tower")
+    ways = {"transformers' SDPA way": "sdpa", "imsight's": vision_attention.NAME}
+    reps, warm = (2, 0) if args.quick else (args.reps, 2)
+    print(f"device: {weight.device}, {weight.dtype}; {reps} runs a way, alternating, after {warm}")
+    with torch.inference_mode():
+        for count, (pixels, grid) in inputs.items():
+            times: dict[str, list[float]] = {way: [] for way in ways}
+            outputs, reads = {}, {}
+            for way, name in ways.items():  # counted apart: the counting mode sees every torch call
+                config._attn_implementation = name
+                with HostReads() as counted:
+                    outputs[way] = visual(pixels, grid_thw=grid).pooler_output
+                reads[way] = counted.count
+            for rep in range(reps + warm):
+                for way, name in ways.items():
+                    config._attn_implementation = name
+                    sync()
+                    started = time.perf_counter()
+                    visual(pixels, grid_thw=grid)
+                    sync()
+                    if rep >= warm:
+                        times[way].append((time.perf_counter() - started) * 1e3)
+            figures = "; ".join(f"{way} {statistics.median(t):.1f} ms ({min(t):.1f}-{max(t):.1f}), "
+                                f"{reads[way]} host reads" for way, t in times.items())
+            same = torch.equal(*outputs.values())
+            print(f"{count} image(s) of {grid_one[1] * grid_one[2]} patches: {figures}; same output: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,8 @@ read from the GPU three times in every block) and imsight's (``core/vision_atten
 
 Prints, for one screenshot and for eight (1024x768: GLM-4.6V-Flash's 3,996 patches each): each way's
 median time with its range, whether the outputs are the same bit for bit, and the host reads a run.
+``--compiled`` adds a third way, imsight's with each block through ``torch.compile`` (the attention kept
+eager, as the decoder layers' is), and how far its output moves.
 
     python bench/vision_encoder.py                        # GLM-4.6V-Flash's shape, random weights (GPU)
     python bench/vision_encoder.py --model-dir DIR        # a GLM-4V-shaped model directory
@@ -12,6 +14,7 @@ median time with its range, whether the outputs are the same bit for bit, and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glm_model import build_glm_model, glm_config
 
 from core import vision_attention
+from core.fused_layers import FusedLayers
 
 SCREENSHOT_GRID = (1, 54, 74)  # a 1024x768 screenshot through GLM-4.6V-Flash's processor: 999 image tokens
 
@@ -66,6 +70,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny GLM shape on the CPU, a few seconds")
+    parser.add_argument("--compiled", action="store_true",
+                        help="a third way: imsight's with each block compiled (core/fused_layers.py)")
     args = parser.parse_args()
     model = tower(args)
     visual = model.model.visual
@@ -81,31 +87,40 @@ def main() -> None:
         inputs[count] = (pixels.to(device=weight.device, dtype=weight.dtype), grid)
     if not vision_attention.install(model):
         raise SystemExit("imsight's way does not install on this model's vision tower")
-    ways = {"transformers' SDPA way": "sdpa", "imsight's": vision_attention.NAME}
-    reps, warm = (2, 0) if args.quick else (args.reps, 2)
+    ways: dict[str, tuple[str, Any]] = {"transformers' SDPA way": ("sdpa", None),
+                                        "imsight's": (vision_attention.NAME, None)}
+    if args.compiled:  # each block through torch.compile, the attention eager, as the decoder layers are
+        ways["imsight's, blocks compiled"] = (vision_attention.NAME, FusedLayers(list(visual.blocks)))
+    reps, warm = (2, 1 if args.compiled else 0) if args.quick else (args.reps, 3)
     print(f"device: {weight.device}, {weight.dtype}; {reps} runs a way, alternating, after {warm}")
     with torch.inference_mode():
         for count, (pixels, grid) in inputs.items():
             times: dict[str, list[float]] = {way: [] for way in ways}
-            outputs, reads = {}, {}
-            for way, name in ways.items():  # counted apart: the counting mode sees every torch call
-                config._attn_implementation = name
-                with HostReads() as counted:
-                    outputs[way] = visual(pixels, grid_thw=grid).pooler_output
-                reads[way] = counted.count
+            outputs: dict[str, torch.Tensor] = {}
+            reads: dict[str, int] = {}
             for rep in range(reps + warm):
-                for way, name in ways.items():
+                for way, (name, fused) in ways.items():
                     config._attn_implementation = name
-                    sync()
-                    started = time.perf_counter()
-                    visual(pixels, grid_thw=grid)
-                    sync()
+                    with fused.active() if fused is not None else contextlib.nullcontext():
+                        if rep == 0 and fused is None:  # counted apart: the mode sees every torch call
+                            with HostReads() as counted:
+                                outputs[way] = visual(pixels, grid_thw=grid).pooler_output
+                            reads[way] = counted.count
+                        sync()
+                        started = time.perf_counter()
+                        out = visual(pixels, grid_thw=grid).pooler_output
+                        sync()
+                    outputs.setdefault(way, out)
                     if rep >= warm:
                         times[way].append((time.perf_counter() - started) * 1e3)
-            figures = "; ".join(f"{way} {statistics.median(t):.1f} ms ({min(t):.1f}-{max(t):.1f}), "
-                                f"{reads[way]} host reads" for way, t in times.items())
-            same = torch.equal(*outputs.values())
+            figures = "; ".join(f"{way} {statistics.median(t):.1f} ms ({min(t):.1f}-{max(t):.1f})"
+                                + (f", {reads[way]} host reads" if way in reads else "") for way, t in times.items())
+            own, *others = outputs.values()
+            same = torch.equal(own, others[0])
             print(f"{count} image(s) of {grid_one[1] * grid_one[2]} patches: {figures}; same output: {same}")
+            if args.compiled:
+                off = (others[1].float() - own.float()).abs().max() / own.float().abs().max()
+                print(f"  blocks compiled: largest difference {off:.2e} of the largest output")
 
 
 if __name__ == "__main__":

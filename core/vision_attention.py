@@ -33,6 +33,8 @@ NAME = "imsight_flash_boundaries_sdpa"
 _last: tuple[torch.Tensor, list[int]] | None = None
 
 
+# Eager inside compiled blocks (bench/vision_encoder.py --compiled), as the decoder layers' attention is.
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # (untyped in torch)
 def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Any = None, *, cu_seq_lens_q: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:

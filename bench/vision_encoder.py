@@ -36,6 +36,8 @@ SCREENSHOT_GRID = (1, 54, 74)  # a 1024x768 screenshot through GLM-4.6V-Flash's 
 
 
 class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (on a GPU, each waits for the GPU to catch up)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0

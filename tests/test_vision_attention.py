@@ -9,14 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from core import vision_attention
 from core.model_files import resolve
 from core.model_loading import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
 
 
 def _glm(depth: int) -> Any:
@@ -34,19 +32,10 @@ def glm() -> Any:
     return _glm(2)
 
 
-class HostReads(TorchFunctionMode):
-    """Counts reads of tensor values into Python (on a GPU, each waits for the GPU to catch up)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += func in (torch.Tensor.tolist, torch.Tensor.item)
-        return func(*args, **(kwargs or {}))
-
-
 def _encode(glm: Any, grids: list[tuple[int, int, int]], seed: int) -> tuple[torch.Tensor, int]:
+    """The vision tower's output for random pixels of images of these grids, and its host reads."""
+    from vision_encoder import HostReads
+
     vision = glm.config.vision_config
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     generator = torch.Generator().manual_seed(seed)
@@ -92,7 +81,12 @@ def test_a_tower_that_disagrees_keeps_its_own_attention(glm, monkeypatch):
         out, _ = original(module, query, *args, **kwargs)
         return out * 1.001, None
 
+    from transformers import AttentionInterface
+
     original = vision_attention.packed_sdpa
     monkeypatch.setattr(vision_attention, "packed_sdpa", wrong)
-    assert not vision_attention.install(glm)
+    try:
+        assert not vision_attention.install(glm)
+    finally:
+        AttentionInterface.register(vision_attention.NAME, original)  # install registered the wrong one
     assert glm.model.visual.config._attn_implementation == "sdpa"

@@ -61,6 +61,17 @@ def glm_config(size: Literal["9b", "tiny"]) -> Any:
     return config
 
 
+def tiny_glm(vision_depth: int = 2) -> Any:
+    """The tiny shape in memory, random weights (seed 0), float32, for the CPU's tests (no processor)."""
+    import torch
+    from transformers import Glm4vForConditionalGeneration
+
+    config = glm_config("tiny")
+    config.vision_config.depth = vision_depth
+    torch.manual_seed(0)
+    return Glm4vForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+
+
 def build_glm_model(out_dir: Path, size: Literal["9b", "tiny"] = "tiny", *, device: str = "cpu",
                     seed: int = 0) -> Path:
     """Write a random GLM-4.1V-shaped model and a matching processor to ``out_dir``."""

@@ -27,10 +27,12 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glm_model import build_glm_model, glm_config
+from glm_model import build_glm_model, tiny_glm
 
 from core import vision_attention
 from core.fused_layers import FusedLayers
+from core.model_files import resolve
+from core.model_loading import load
 
 SCREENSHOT_GRID = (1, 54, 74)  # a 1024x768 screenshot through GLM-4.6V-Flash's processor: 999 image tokens
 
@@ -48,17 +50,16 @@ class HostReads(TorchFunctionMode):
 
 
 def tower(args: argparse.Namespace) -> Any:
-    from transformers import Glm4vForConditionalGeneration
-
+    """The model whose vision tower is measured, loaded as the engine loads it (int4 on a GPU: the vision
+    tower itself stays at full width)."""
     if args.quick:
-        torch.manual_seed(0)
-        return Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32).eval()
+        return tiny_glm()
     model_dir = args.model_dir
     if model_dir is None:
         model_dir = args.work / "glm-9b"
         if not (model_dir / "config.json").exists():
             build_glm_model(model_dir, "9b", device="cuda")
-    return Glm4vForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    return load(resolve("bench", model_dir, allow_download=False)).model
 
 
 def sync() -> None:
@@ -80,12 +81,10 @@ def main() -> None:
     config = visual.config
     weight = next(visual.parameters())
     grid_one = (1, 8, 12) if args.quick else SCREENSHOT_GRID
-    width = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
-    generator = torch.Generator().manual_seed(0)
     inputs = {}
     for count in (1, 8):
         grid = torch.tensor([grid_one] * count, device=weight.device)
-        pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
+        pixels = vision_attention.random_patches(config, grid.cpu(), seed=count)
         inputs[count] = (pixels.to(device=weight.device, dtype=weight.dtype), grid)
     if not vision_attention.install(model):
         raise SystemExit("imsight's way does not install on this model's vision tower")

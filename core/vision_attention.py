@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NAME", "install", "packed_sdpa"]
+__all__ = ["NAME", "install", "packed_sdpa", "random_patches"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def install(model: Any) -> bool:
         return False
     AttentionInterface.register(NAME, packed_sdpa)
     try:
-        pixels, grid = _dummy_images(config, next(visual.parameters()))
+        weight = next(visual.parameters())
+        merge = int(getattr(config, "spatial_merge_size", 2))  # two small images, of whole merged patches
+        grid = torch.tensor([[1, 2 * merge, 2 * merge], [1, 2 * merge, 3 * merge]], device=weight.device)
+        pixels = random_patches(config, grid).to(device=weight.device, dtype=weight.dtype)
         with torch.inference_mode():
             own = _features(visual, pixels, grid)
             config._attn_implementation = NAME
@@ -91,17 +94,14 @@ def install(model: Any) -> bool:
     return True
 
 
-def _dummy_images(config: Any, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two small images' patches, as the processor packs them (GLM-4V/Qwen2-VL: per patch, channels x
-    temporal x height x width), and their grids."""
-    merge = int(getattr(config, "spatial_merge_size", 2))
-    grid = torch.tensor([[1, 2 * merge, 2 * merge], [1, 2 * merge, 3 * merge]], device=weight.device)
+def random_patches(config: Any, grid: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """Random pixels for images of ``grid`` (``[images, 3]``: t, h, w patches), packed as the processor
+    packs them for GLM-4V/Qwen2-VL: a row a patch, channels x temporal x height x width; float32, CPU."""
     width = int(config.in_channels) * int(config.temporal_patch_size) * int(config.patch_size) ** 2
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
-    return pixels.to(device=weight.device, dtype=weight.dtype), grid
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
 
 
 def _features(visual: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     out = visual(pixels, grid_thw=grid)
-    return torch.as_tensor(getattr(out, "pooler_output", out)).clone()
+    return getattr(out, "pooler_output", out)  # type: ignore[no-any-return]

@@ -111,11 +111,9 @@ def _glm_inputs(config: Any, grid: tuple[int, int, int] | None, text: list[int],
 
 @pytest.fixture(scope="module")
 def glm() -> Any:
-    from glm_model import glm_config
-    from transformers import Glm4vForConditionalGeneration
+    from glm_model import tiny_glm
 
-    torch.manual_seed(0)
-    return Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32).eval()
+    return tiny_glm()
 
 
 def test_m_rope_rows_keep_their_own_positions_and_offsets(glm):

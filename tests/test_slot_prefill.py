@@ -84,11 +84,9 @@ def test_a_first_question_prefilled_in_the_staging_row_is_its_own_prefill(tiny_m
 
 @pytest.fixture(scope="module")
 def glm() -> Any:
-    from glm_model import glm_config
-    from transformers import Glm4vForConditionalGeneration
+    from glm_model import tiny_glm
 
-    torch.manual_seed(0)
-    return Glm4vForConditionalGeneration._from_config(glm_config("tiny"), dtype=torch.float32).eval()
+    return tiny_glm()
 
 
 def test_m_rope_prompts_keep_the_models_positions(glm):

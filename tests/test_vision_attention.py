@@ -17,30 +17,19 @@ from core.model_loading import load
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-def _glm(depth: int) -> Any:
-    from glm_model import glm_config
-    from transformers import Glm4vForConditionalGeneration
-
-    config = glm_config("tiny")
-    config.vision_config.depth = depth
-    torch.manual_seed(0)
-    return Glm4vForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
-
-
 @pytest.fixture
 def glm() -> Any:
-    return _glm(2)
+    from glm_model import tiny_glm
+
+    return tiny_glm()
 
 
 def _encode(glm: Any, grids: list[tuple[int, int, int]], seed: int) -> tuple[torch.Tensor, int]:
     """The vision tower's output for random pixels of images of these grids, and its host reads."""
     from vision_encoder import HostReads
 
-    vision = glm.config.vision_config
-    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-    generator = torch.Generator().manual_seed(seed)
     grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
+    pixels = vision_attention.random_patches(glm.config.vision_config, grid, seed=seed)
     with torch.inference_mode(), HostReads() as reads:
         out = glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
     return out, reads.count
@@ -59,8 +48,10 @@ def test_images_encode_as_transformers_sdpa_way(glm):
 def test_host_reads_do_not_grow_with_the_blocks():
     """The SDPA way reads the images' lengths in every block; this one once a run."""
     own, ours = {}, {}
+    from glm_model import tiny_glm
+
     for depth in (2, 6):
-        glm = _glm(depth)
+        glm = tiny_glm(vision_depth=depth)
         own[depth] = _encode(glm, [(1, 4, 6), (1, 6, 8)], 0)[1]
         assert vision_attention.install(glm)
         ours[depth] = _encode(glm, [(1, 4, 6), (1, 6, 8)], 0)[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -67,6 +68,27 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def off(out: torch.Tensor, exact: torch.Tensor) -> float:
+    exact = exact.float()
+    return float((out.float() - exact).abs().max() / exact.abs().max())
+
+
+def profiled(run: Any) -> dict[str, Any]:
+    """One run under the profiler, in engine_bench's few numbers: wall against kernel time, top kernels."""
+    from engine_bench import _profiled
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        sync()
+        started = time.perf_counter()
+        run()
+        sync()
+        wall_ms = (time.perf_counter() - started) * 1e3
+    return _profiled(prof, wall_ms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path)
@@ -75,6 +97,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the tiny GLM shape on the CPU, a few seconds")
     parser.add_argument("--compiled", action="store_true",
                         help="a third way: imsight's with each block compiled (core/fused_layers.py)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then each way once more for one image under the profiler: its costliest kernels")
     args = parser.parse_args()
     model = tower(args)
     visual = model.model.visual
@@ -88,10 +112,18 @@ def main() -> None:
         inputs[count] = (pixels.to(device=weight.device, dtype=weight.dtype), grid)
     if not vision_attention.install(model):
         raise SystemExit("imsight's way does not install on this model's vision tower")
+    reference = None
+    if weight.dtype != torch.float32:  # how far each way is from the same tower in float32 (copied unwrapped)
+        reference = copy.deepcopy(visual).float()
+        reference.config._attn_implementation = vision_attention.NAME
     ways: dict[str, tuple[str, Any]] = {"transformers' SDPA way": ("sdpa", None),
                                         "imsight's": (vision_attention.NAME, None)}
     if args.compiled:  # each block through torch.compile, the attention eager, as the decoder layers are
         ways["imsight's, blocks compiled"] = (vision_attention.NAME, FusedLayers(list(visual.blocks)))
+        # Inductor keeps fused bf16 intermediates in float32 unless told to round them as eager does.
+        # (Wrapping the same blocks again: while this one is active the other's dispatch runs eagerly.)
+        ways["the same, eager's roundings"] = (vision_attention.NAME, FusedLayers(
+            list(visual.blocks), options={"emulate_precision_casts": True}))
     reps, warm = (2, 1 if args.compiled else 0) if args.quick else (args.reps, 3)
     print(f"device: {weight.device}, {weight.dtype}; {reps} runs a way, alternating, after {warm}")
     with torch.inference_mode():
@@ -119,9 +151,17 @@ def main() -> None:
             own, *others = outputs.values()
             same = torch.equal(own, others[0])
             print(f"{count} image(s) of {grid_one[1] * grid_one[2]} patches: {figures}; same output: {same}")
-            if args.compiled:
-                off = (others[1].float() - own.float()).abs().max() / own.float().abs().max()
-                print(f"  blocks compiled: largest difference {off:.2e} of the largest output")
+            exact = reference(pixels.float(), grid_thw=grid).pooler_output if reference is not None else own
+            for way, out in outputs.items():  # against float32 where the tower is narrower; against eager
+                print(f"  {way}: largest difference from {'float32' if reference is not None else 'eager'} "
+                      f"{off(out, exact):.2e} of the largest output"
+                      + (f", from eager {off(out, own):.2e}" if reference is not None else ""))
+        if args.profile:
+            pixels, grid = inputs[1]
+            for way, (name, fused) in ways.items():
+                config._attn_implementation = name
+                with fused.active() if fused is not None else contextlib.nullcontext():
+                    print(f"{way}, one image, profiled: {profiled(lambda: visual(pixels, grid_thw=grid))}")
 
 
 if __name__ == "__main__":

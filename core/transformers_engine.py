@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from core import vision_attention
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
+from core.compiled_vision import CompiledVision
 from core.decode_loop import SlotKV, Stepper, StepTokens
 from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError, EngineOutOfMemory
@@ -207,6 +208,7 @@ class TransformersEngine:
         self._drained = False
         self._fused_prefill: FusedLayers | None = None  # the compiled layers first questions' prefill takes
         self._fused_together = False  # whether several prefilled together take them too
+        self._vision = CompiledVision()  # what the vision encoder runs through: its blocks compiled, once made
         self._step_attention: StepAttention | None = None  # decode steps' attention, where its kernel runs
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
@@ -509,8 +511,6 @@ class TransformersEngine:
         if hit is not None:  # a tail too long for the captured forwards (a long answer before it, say)
             cache, out = self._prefilled(lambda: self._prefill_tail(hit, ids))
         else:
-            # The vision encoder stays eager: its blocks compiled made the prefill slower on the H200 (116
-            # vs 99 ms in one run; graph breaks at each block's per-image attention split).
             with self._attention_kernels():
                 encoded = self._encoded(request, inputs, features)
                 prompt = self._embedded(encoded, prompt_len)
@@ -711,6 +711,20 @@ class TransformersEngine:
 
         self._fused_together = self._compiles(fused, "the prefill of several questions together", pair)
 
+    def _compile_vision(self) -> None:
+        """The vision encoder's blocks compiled (``core/compiled_vision.py``) on a dummy screenshot question,
+        then on two together."""
+        if not self._encodes_ahead:
+            return
+        encode = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation
+
+        def dummies() -> None:
+            encode(dict(self._dummy_question(0)))
+            encode(image_inputs([self._dummy_question(0), self._dummy_question(1)]))
+
+        with self._attention_kernels():
+            self._vision.compile(self.loaded.model, dummies, cache_dir=self._compile_cache)
+
     def _compiles(self, fused: FusedLayers, what: str, work: Callable[[], object]) -> bool:
         """Whether ``work`` ran through the compiled layers (compiling them for its shapes); logged."""
         started = time.monotonic()
@@ -757,6 +771,8 @@ class TransformersEngine:
             if stepper.fused is not None and stepper.use_graphs:
                 yield from self._idle_work(stepper, fused=True, kind=kind)
         if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
+            yield
+            self._compile_vision()
             yield
             self._compile_prefill(stepper.fused)
             yield
@@ -890,6 +906,7 @@ class TransformersEngine:
         fused_kinds = self._stepper.fused_kinds if self._stepper is not None else set()
         values["decode_compiled"] = float("step" in fused_kinds)
         values["prefill_compiled"] = float(self._fused_prefill is not None)
+        values["vision_compiled"] = float(self._vision.compiled)
         values["prefill_together_compiled"] = float(self._fused_prefill is not None and self._fused_together)
         values["prompt_graphs_compiled"] = float("prefill" in fused_kinds)  # first questions' captured prefill
         values["tail_graphs_compiled"] = float("tail" in fused_kinds)  # follow-ups' captured tails
@@ -1088,8 +1105,8 @@ class TransformersEngine:
         """The vision encoder run once over several questions' images, kept per question as ``_encode``
         keeps one's; where its output cannot be split per question, each encoded on its own."""
         model = self.loaded.model
-        encoded = model._prepare_multimodal_encoder_kwargs_for_generation(
-            image_inputs([request.inputs for request in requests]))
+        joined = image_inputs([request.inputs for request in requests])
+        encoded = self._vision.run(lambda: model._prepare_multimodal_encoder_kwargs_for_generation(joined))
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
         parts = split_encoder_outputs(outputs, [len(request.images) for request in requests])
         if parts is None:
@@ -1098,7 +1115,8 @@ class TransformersEngine:
 
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""
-        encoded = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
+        encode = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation
+        encoded = self._vision.run(lambda: encode(dict(inputs)))
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
         return self._keep_features(key, outputs) if outputs is not None else None
 

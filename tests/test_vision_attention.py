@@ -81,3 +81,46 @@ def test_a_tower_that_disagrees_keeps_its_own_attention(glm, monkeypatch):
     finally:
         AttentionInterface.register(vision_attention.NAME, original)  # install registered the wrong one
     assert glm.model.visual.config._attn_implementation == "sdpa"
+
+
+
+def test_compiled_blocks_encode_as_the_eager_ones(glm):
+    """Compiled on one image and on two (``core/compiled_vision.py``), the blocks encode images of other sizes
+    and counts as the eager ones do, without compiling again; where they fail, eagerly from then on."""
+    from torch._dynamo.utils import counters
+
+    from core.compiled_vision import CompiledVision
+
+    vision = CompiledVision()
+    assert not vision.compile(glm, lambda: None)  # the tower's own attention: splits in every block
+    assert vision_attention.install(glm)
+
+    def encode(grids: list[tuple[int, int, int]], seed: int) -> torch.Tensor:
+        grid = torch.tensor(grids)
+        pixels = vision_attention.random_patches(glm.config.vision_config, grid, seed=seed)
+        return glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
+
+    runs: list[bool] = []  # whether each run's first block ran compiled
+    with torch.inference_mode():
+        assert vision.compile(glm, lambda: (encode([(1, 4, 6)], 0), encode([(1, 4, 6), (1, 6, 4)], 0)))
+        assert vision.compiled
+        fused = vision._fused
+        glm.model.visual.blocks[0].register_forward_pre_hook(lambda *_: runs.append(fused._active))
+        graphs = counters["stats"]["unique_graphs"]
+        for seed, grids in enumerate([[(1, 8, 6)], [(1, 4, 4), (1, 8, 4), (1, 6, 10)]]):
+            runs.clear()
+            compiled = vision.run(lambda grids=grids, seed=seed: encode(grids, seed))
+            assert runs == [True]
+            torch.testing.assert_close(compiled, encode(grids, seed), rtol=1e-5, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == graphs
+
+        def fails_compiled() -> str:
+            if fused._active:
+                raise RuntimeError("recompile limit reached")
+            return "eager"
+
+        assert vision.run(fails_compiled) == "eager"
+        assert not vision.compiled
+        runs.clear()
+        vision.run(lambda: encode([(1, 4, 6)], 0))
+        assert runs == [False]

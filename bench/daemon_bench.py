@@ -147,8 +147,8 @@ async def _until_compiled(url: str, started: float) -> None:
         seconds, _ = await ask(http, url, {"conversation_id": "early", "text": "What does this error mean?",
                                            "images": [{"data": screenshot(1)}]})
         print(f"  an answer right after ready: {seconds * 1e3:.0f} ms")
-        waiting = ["decode_compiled", "prompt_graphs_compiled", "tail_graphs_compiled", "prefill_compiled",
-                   "prefill_together_compiled"]
+        waiting = ["decode_compiled", "prompt_graphs_compiled", "tail_graphs_compiled", "vision_compiled",
+                   "prefill_compiled", "prefill_together_compiled"]
         for _ in range(1200):
             async with http.get(f"{url}/metrics") as resp:
                 metrics = await resp.text()

@@ -3,8 +3,9 @@ read from the GPU three times in every block) and imsight's (``core/vision_atten
 
 Prints, for one screenshot and for eight (1024x768: GLM-4.6V-Flash's 3,996 patches each): each way's
 median time with its range, whether the outputs are the same bit for bit, and the host reads a run.
-``--compiled`` adds a third way, imsight's with each block through ``torch.compile`` (the attention kept
-eager, as the decoder layers' is), and how far its output moves.
+``--compiled`` adds a third way, imsight's with each block through ``torch.compile`` as the engine runs it
+once idle (``core/compiled_vision.py``). Each way's output is compared with the same tower in float32 (where
+the model is narrower) and with eager; ``--profile`` then runs each way once under the profiler.
 
     python bench/vision_encoder.py                        # GLM-4.6V-Flash's shape, random weights (GPU)
     python bench/vision_encoder.py --model-dir DIR        # a GLM-4V-shaped model directory
@@ -120,10 +121,6 @@ def main() -> None:
                                         "imsight's": (vision_attention.NAME, None)}
     if args.compiled:  # each block through torch.compile, the attention eager, as the decoder layers are
         ways["imsight's, blocks compiled"] = (vision_attention.NAME, FusedLayers(list(visual.blocks)))
-        # Inductor keeps fused bf16 intermediates in float32 unless told to round them as eager does.
-        # (Wrapping the same blocks again: while this one is active the other's dispatch runs eagerly.)
-        ways["the same, eager's roundings"] = (vision_attention.NAME, FusedLayers(
-            list(visual.blocks), options={"emulate_precision_casts": True}))
     reps, warm = (2, 1 if args.compiled else 0) if args.quick else (args.reps, 3)
     print(f"device: {weight.device}, {weight.dtype}; {reps} runs a way, alternating, after {warm}")
     with torch.inference_mode():

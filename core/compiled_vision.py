@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# Inductor's options for the blocks (torch.compile's ``options``).
-OPTIONS: dict[str, Any] = {}
-
-
 def vision_blocks(model: Any) -> list[torch.nn.Module]:
     """The vision tower's blocks where its attention is the sync-free one (GLM-4V-shaped towers), or ``[]``."""
     visual = getattr(getattr(model, "model", None), "visual", None)
@@ -57,7 +53,7 @@ class CompiledVision:
         blocks = vision_blocks(model)
         if not blocks:
             return False
-        fused = FusedLayers(blocks, cache_dir=cache_dir, options=OPTIONS)
+        fused = FusedLayers(blocks, cache_dir=cache_dir)
         started = time.monotonic()
         try:
             with fused.active():

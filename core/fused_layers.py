@@ -59,8 +59,7 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 class FusedLayers:
     """Each layer's forward, compiled; used while ``active()``, the eager one otherwise."""
 
-    def __init__(self, layers: list[torch.nn.Module], *, cache_dir: Path | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(self, layers: list[torch.nn.Module], *, cache_dir: Path | None = None) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         self._attention = getattr(getattr(getattr(layers[0], "self_attn", None), "config", None),
@@ -79,7 +78,7 @@ class FusedLayers:
             eager = layer.forward
             # Sizes symbolic from the start: the rows, tokens and spans of every bucket share a few graphs
             # (one, and another where a size is 1), well inside dynamo's 8 recompiles a function.
-            layer.forward = self._dispatch(eager, torch.compile(eager, dynamic=True, options=options))
+            layer.forward = self._dispatch(eager, torch.compile(eager, dynamic=True))
 
     def _dispatch(self, eager: Callable[..., Any], fused: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:

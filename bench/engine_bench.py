@@ -564,6 +564,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     generated = engine.stats.tokens_generated - before
     out["batch8_tokens_per_s"] = generated / (time.perf_counter() - started)
     out["batch8_first_tokens_s"] = max(e[0] for e in eight)  # all eight prefilled (rendered, encoded, prefilled)
+    out["batch8_each_first_token_s"] = sorted(e[0] for e in eight)  # how the eight prefills went
     out["batch8_prefill_batches"] = engine.stats.prefill_batches - batches
     out["slot_prefills"], out["questions"] = engine.stats.slot_prefills, engine.stats.questions
     # After the last one's first token all eight decode together (their prefills before that).
@@ -666,7 +667,8 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
                      f"({batch8 / single:.1f}x, target >= 6x); once all 8 are decoding: "
                      f"{r['batch8_decode_tokens_per_s']:.1f} tokens/s; all 8 first tokens after "
                      f"{r['batch8_first_tokens_s'] * 1e3:.0f} ms ({r['batch8_prefill_batches']} forwards "
-                     "prefilled several together)")
+                     "prefilled several together; each first token after "
+                     f"{', '.join(f'{t * 1e3:.0f}' for t in r['batch8_each_first_token_s'])} ms)")
         if "long_tokens" in r:
             long8, long1 = r["long_batch8_tokens_per_s"], r["long_single_tokens_per_s"]
             lines.append(f"  8 at once, {r['long_tokens']}-token answers: {long8:.1f} tokens/s vs one answer "

@@ -48,8 +48,9 @@ class CompiledVision:
 
     def compile(self, model: Any, dummies: Callable[[], object], *, cache_dir: Path | None = None) -> bool:
         """Compile ``model``'s vision blocks by running ``dummies`` (the vision encoder on one dummy image,
-        then on several: their attention is split, a graph of its own) through them; logged. ``False``
-        where this tower cannot be compiled here (it stays eager)."""
+        then on several, whose graphs are one image's: a guard that failed would compile here, not when chats
+        first ask together) through them; logged. ``False`` where this tower cannot be compiled here (it
+        stays eager)."""
         blocks = vision_blocks(model)
         if not blocks:
             return False

@@ -47,10 +47,13 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if cu_seq_lens_q is None or cu_seq_lens_q.shape[0] <= 2:  # one image: nothing to split
         output, _ = sdpa(module, query, key, value, attention_mask, **kwargs)
-        return output, None
-    lengths = _lengths(cu_seq_lens_q)
-    parts = zip(*(torch.split(tensor, lengths, dim=2) for tensor in (query, key, value)), strict=True)
-    return torch.cat([sdpa(module, q, k, v, None, **kwargs)[0] for q, k, v in parts], dim=1), None
+    else:
+        lengths = _lengths(cu_seq_lens_q)
+        parts = zip(*(torch.split(tensor, lengths, dim=2) for tensor in (query, key, value)), strict=True)
+        output = torch.cat([sdpa(module, q, k, v, None, **kwargs)[0] for q, k, v in parts], dim=1)
+    # One layout for one image and several: SDPA's output of batch one has a leading stride of heads x dim,
+    # the concatenation's tokens x heads x dim, and compiled blocks guard on it (a second graph otherwise).
+    return output.reshape(-1, *output.shape[2:]).unsqueeze(0), None
 
 
 def _lengths(boundaries: torch.Tensor) -> list[int]:

@@ -85,8 +85,8 @@ def test_a_tower_that_disagrees_keeps_its_own_attention(glm, monkeypatch):
 
 
 def test_compiled_blocks_encode_as_the_eager_ones(glm):
-    """Compiled on one image and on two (``core/compiled_vision.py``), the blocks encode images of other sizes
-    and counts as the eager ones do, without compiling again; where they fail, eagerly from then on."""
+    """Compiled on one image (``core/compiled_vision.py``), the blocks encode several images and images of other
+    sizes as the eager ones do, without compiling again; where they fail, eagerly from then on."""
     from torch._dynamo.utils import counters
 
     from core.compiled_vision import CompiledVision
@@ -101,9 +101,17 @@ def test_compiled_blocks_encode_as_the_eager_ones(glm):
         return glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
 
     runs: list[bool] = []  # whether each run's first block ran compiled
+    graphs_after: list[int] = []
+
+    def dummies() -> None:
+        for grids in ([(1, 4, 6)], [(1, 4, 6), (1, 6, 4)]):
+            encode(grids, 0)
+            graphs_after.append(counters["stats"]["unique_graphs"])
+
     with torch.inference_mode():
-        assert vision.compile(glm, lambda: (encode([(1, 4, 6)], 0), encode([(1, 4, 6), (1, 6, 4)], 0)))
+        assert vision.compile(glm, dummies)
         assert vision.compiled
+        assert graphs_after[0] == graphs_after[1]  # several images take one image's graphs
         fused = vision._fused
         glm.model.visual.blocks[0].register_forward_pre_hook(lambda *_: runs.append(fused._active))
         graphs = counters["stats"]["unique_graphs"]

@@ -27,6 +27,7 @@ SCRIPTS = {
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
     "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
+    "fp8_prefill.py": (["--quick"], ["one layer's linears", "row-wise fp8 error"]),
 }
 
 

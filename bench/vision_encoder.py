@@ -15,11 +15,11 @@ the model is narrower) and with eager; ``--profile`` then runs each way once und
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glm_model import build_glm_model, tiny_glm
 
 from core import vision_attention
-from core.fused_layers import FusedLayers
+from core.compiled_vision import CompiledVision
 from core.model_files import resolve
 from core.model_loading import load
 
@@ -69,6 +69,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def encode(visual: Any, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return visual(pixels, grid_thw=grid).pooler_output  # type: ignore[no-any-return]
+
+
 def off(out: torch.Tensor, exact: torch.Tensor) -> float:
     exact = exact.float()
     return float((out.float() - exact).abs().max() / exact.abs().max())
@@ -97,7 +101,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="the tiny GLM shape on the CPU, a few seconds")
     parser.add_argument("--compiled", action="store_true",
-                        help="a third way: imsight's with each block compiled (core/fused_layers.py)")
+                        help="a third way: imsight's with its blocks compiled, as the engine runs them once idle")
     parser.add_argument("--profile", action="store_true",
                         help="then each way once more for one image under the profiler: its costliest kernels")
     args = parser.parse_args()
@@ -117,11 +121,16 @@ def main() -> None:
     if weight.dtype != torch.float32:  # how far each way is from the same tower in float32 (copied unwrapped)
         reference = copy.deepcopy(visual).float()
         reference.config._attn_implementation = vision_attention.NAME
+    # Each way: the attention implementation, and what a run goes through (None: called as it is).
     ways: dict[str, tuple[str, Any]] = {"transformers' SDPA way": ("sdpa", None),
                                         "imsight's": (vision_attention.NAME, None)}
-    if args.compiled:  # each block through torch.compile, the attention eager, as the decoder layers are
-        ways["imsight's, blocks compiled"] = (vision_attention.NAME, FusedLayers(list(visual.blocks)))
-    reps, warm = (2, 1 if args.compiled else 0) if args.quick else (args.reps, 3)
+    if args.compiled:  # the blocks through torch.compile, the attention eager, as the engine compiles them
+        vision = CompiledVision()
+        with torch.inference_mode():
+            if not vision.compile(model, lambda: [visual(pixels, grid_thw=grid) for pixels, grid in inputs.values()]):
+                raise SystemExit("the vision encoder's blocks do not compile here")
+        ways["imsight's, blocks compiled"] = (vision_attention.NAME, vision.run)
+    reps, warm = (2, 0) if args.quick else (args.reps, 3)
     print(f"device: {weight.device}, {weight.dtype}; {reps} runs a way, alternating, after {warm}")
     with torch.inference_mode():
         for count, (pixels, grid) in inputs.items():
@@ -129,17 +138,17 @@ def main() -> None:
             outputs: dict[str, torch.Tensor] = {}
             reads: dict[str, int] = {}
             for rep in range(reps + warm):
-                for way, (name, fused) in ways.items():
+                for way, (name, through) in ways.items():
                     config._attn_implementation = name
-                    with fused.active() if fused is not None else contextlib.nullcontext():
-                        if rep == 0 and fused is None:  # counted apart: the mode sees every torch call
-                            with HostReads() as counted:
-                                outputs[way] = visual(pixels, grid_thw=grid).pooler_output
-                            reads[way] = counted.count
-                        sync()
-                        started = time.perf_counter()
-                        out = visual(pixels, grid_thw=grid).pooler_output
-                        sync()
+                    run = partial(encode, visual, pixels, grid)
+                    if rep == 0 and through is None:  # counted apart: the mode sees every torch call
+                        with HostReads() as counted:
+                            outputs[way] = run()
+                        reads[way] = counted.count
+                    sync()
+                    started = time.perf_counter()
+                    out = run() if through is None else through(run)
+                    sync()
                     outputs.setdefault(way, out)
                     if rep >= warm:
                         times[way].append((time.perf_counter() - started) * 1e3)
@@ -155,10 +164,10 @@ def main() -> None:
                       + (f", from eager {off(out, own):.2e}" if reference is not None else ""))
         if args.profile:
             pixels, grid = inputs[1]
-            for way, (name, fused) in ways.items():
+            for way, (name, through) in ways.items():
                 config._attn_implementation = name
-                with fused.active() if fused is not None else contextlib.nullcontext():
-                    print(f"{way}, one image, profiled: {profiled(lambda: visual(pixels, grid_thw=grid))}")
+                run = partial(encode, visual, pixels, grid)
+                print(f"{way}, one image, profiled: {profiled(run if through is None else partial(through, run))}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+
 def vision_blocks(model: Any) -> list[torch.nn.Module]:
     """The vision tower's blocks where its attention is the sync-free one (GLM-4V-shaped towers), or ``[]``."""
     visual = getattr(getattr(model, "model", None), "visual", None)
@@ -61,7 +62,7 @@ class CompiledVision:
                 dummies()
         except Exception as exc:
             fused.remove()
-            log.warning("cannot compile the vision encoder (%s); it runs eagerly", exc)
+            log.warning("cannot compile the vision encoder (%s); it runs eagerly", _reason(exc))
             return False
         log.info("the vision encoder compiled in %.1fs", time.monotonic() - started)
         self._fused = fused
@@ -78,7 +79,12 @@ class CompiledVision:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
-                log.warning("the compiled vision encoder failed (%s); it runs eagerly from now on", exc)
+                log.warning("the compiled vision encoder failed (%s); it runs eagerly from now on", _reason(exc))
                 fused.remove()
                 self._fused = None
         return work()
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception in one line (dynamo's run to pages)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

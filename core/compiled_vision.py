@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from core import vision_attention
+from core.errors import one_line
 from core.fused_layers import FusedLayers
 
 __all__ = ["CompiledVision", "vision_blocks"]
@@ -62,7 +63,7 @@ class CompiledVision:
                 dummies()
         except Exception as exc:
             fused.remove()
-            log.warning("cannot compile the vision encoder (%s); it runs eagerly", _reason(exc))
+            log.warning("cannot compile the vision encoder (%s); it runs eagerly", one_line(exc))
             return False
         log.info("the vision encoder compiled in %.1fs", time.monotonic() - started)
         self._fused = fused
@@ -79,12 +80,7 @@ class CompiledVision:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
-                log.warning("the compiled vision encoder failed (%s); it runs eagerly from now on", _reason(exc))
+                log.warning("the compiled vision encoder failed (%s); it runs eagerly from now on", one_line(exc))
                 fused.remove()
                 self._fused = None
         return work()
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception in one line (dynamo's run to pages)."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

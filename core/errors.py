@@ -45,7 +45,13 @@ __all__ = [
     "StoreUnavailable",
     "TooLarge",
     "Unauthorized",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception in one line, for a log message (dynamo's and CUDA's run to pages)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class ImsightError(Exception):

@@ -31,7 +31,7 @@ from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.compiled_vision import CompiledVision
 from core.decode_loop import SlotKV, Stepper, StepTokens
 from core.engine import GenerationLimits, PreparedImage, Turn, Usage
-from core.errors import EngineError, EngineOutOfMemory
+from core.errors import EngineError, EngineOutOfMemory, one_line
 from core.fused_layers import FusedLayers, compile_summary, decoder_layers, prefill_cache
 from core.kv_cache import (
     cache_bytes,
@@ -112,11 +112,6 @@ class _Active:
     length: int  # tokens in its KV row
     text: AnswerText  # the shown tokens (hidden special ones left out), streamed as text
     generated: int = 0
-
-
-def _reason(exc: BaseException) -> str:
-    """An exception in one line, for a log message."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _row_cache(config: Any, layers: list[tuple[Any, Any]]) -> Any:
@@ -475,7 +470,7 @@ class TransformersEngine:
             rows = self._prefilled(lambda: prefill_together(model, batch, cache, cache_keyword=self._cache_kw,
                                                             mrope=self._mrope), together=True)
         except Exception as exc:  # out of memory too
-            log.info("%d questions could not be prefilled together (%s); one at a time", len(group), _reason(exc))
+            log.info("%d questions could not be prefilled together (%s); one at a time", len(group), one_line(exc))
             return group
         self.stats.prefill_batches += 1
         for (request, _), row in zip(group, rows, strict=True):
@@ -567,7 +562,7 @@ class TransformersEngine:
                 raise
             except Exception as exc:
                 log.warning("the compiled prefill%s failed (%s); it runs eagerly from now on",
-                            " of several questions together" if together else "", _reason(exc))
+                            " of several questions together" if together else "", one_line(exc))
                 if together:
                     self._fused_together = False
                 else:
@@ -719,8 +714,9 @@ class TransformersEngine:
         encode = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation
 
         def dummies() -> None:
-            encode(dict(self._dummy_question(0)))
-            encode(image_inputs([self._dummy_question(0), self._dummy_question(1)]))
+            first = self._dummy_question(0)
+            encode(dict(first))
+            encode(image_inputs([first, self._dummy_question(1)]))
 
         with self._attention_kernels():
             self._vision.compile(self.loaded.model, dummies, cache_dir=self._compile_cache)
@@ -732,7 +728,7 @@ class TransformersEngine:
             with self._attention_kernels(), fused.active():
                 work()
         except Exception as exc:
-            log.warning("cannot compile %s (%s); it runs eagerly", what, _reason(exc))
+            log.warning("cannot compile %s (%s); it runs eagerly", what, one_line(exc))
             return False
         log.info("%s compiled in %.1fs", what, time.monotonic() - started)
         return True
@@ -793,7 +789,7 @@ class TransformersEngine:
             except Exception as exc:
                 if self.device == "cuda":
                     torch.cuda.synchronize()
-                reason = _reason(exc)
+                reason = one_line(exc)
                 if kind != "step":  # its graphs of the eager layers stay
                     log.warning("cannot compile %s (%s); it stays unfused", what, reason)
                 elif fused:  # a model or GPU it cannot compile for: the step stays as it is

@@ -24,14 +24,19 @@ def glm() -> Any:
     return tiny_glm()
 
 
-def _encode(glm: Any, grids: list[tuple[int, int, int]], seed: int) -> tuple[torch.Tensor, int]:
-    """The vision tower's output for random pixels of images of these grids, and its host reads."""
-    from vision_encoder import HostReads
-
+def _features(glm: Any, grids: list[tuple[int, int, int]], seed: int) -> torch.Tensor:
+    """The vision tower's output for random pixels of images of these grids."""
     grid = torch.tensor(grids)
     pixels = vision_attention.random_patches(glm.config.vision_config, grid, seed=seed)
+    return glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
+
+
+def _encode(glm: Any, grids: list[tuple[int, int, int]], seed: int) -> tuple[torch.Tensor, int]:
+    """``_features``, and the host reads it made."""
+    from vision_encoder import HostReads
+
     with torch.inference_mode(), HostReads() as reads:
-        out = glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
+        out = _features(glm, grids, seed)
     return out, reads.count
 
 
@@ -83,7 +88,6 @@ def test_a_tower_that_disagrees_keeps_its_own_attention(glm, monkeypatch):
     assert glm.model.visual.config._attn_implementation == "sdpa"
 
 
-
 def test_compiled_blocks_encode_as_the_eager_ones(glm):
     """Compiled on one image (``core/compiled_vision.py``), the blocks encode several images and images of other
     sizes as the eager ones do, without compiling again; where they fail, eagerly from then on."""
@@ -96,9 +100,7 @@ def test_compiled_blocks_encode_as_the_eager_ones(glm):
     assert vision_attention.install(glm)
 
     def encode(grids: list[tuple[int, int, int]], seed: int) -> torch.Tensor:
-        grid = torch.tensor(grids)
-        pixels = vision_attention.random_patches(glm.config.vision_config, grid, seed=seed)
-        return glm.model.visual(pixels, grid_thw=grid).pooler_output.clone()
+        return _features(glm, grids, seed)
 
     runs: list[bool] = []  # whether each run's first block ran compiled
     graphs_after: list[int] = []

@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="the tiny test model, a few seconds (the tests run it)")
     parser.add_argument("--no-restart", action="store_true", help="only the first start")
+    parser.add_argument("--unpacked-weights", action="store_true", help="[engine] unpacked_weights = true (int4)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imsight-daemon-bench-") as tmp:
         model = args.model_dir
@@ -105,6 +106,7 @@ def main() -> None:
         config.write_text(f'[server]\nport = {port}\n[storage]\ndata_dir = "data"\n'
                           f'[engine]\nmodel_path = "{model}"\nquantization = "{args.quantization}"\n'
                           f'max_new_tokens = {args.new_tokens}\n'
+                          f'unpacked_weights = {str(args.unpacked_weights).lower()}\n'
                           '[limits]\nmax_queued_per_chat = 0\nquestions_per_sender_per_minute = 0\n')
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         # Twice on the same data_dir: the first start compiles (cache empty), the restart reuses it.

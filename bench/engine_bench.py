@@ -10,7 +10,8 @@ engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfu
 (captured, not compiled); int4-tinygemm: int4 with torch's int4 kernel for decode instead of
 imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill`` suffix (int4-model-
 prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
-stepper's captured one.
+stepper's captured one; a ``-unpacked`` suffix (int4-unpacked): int4 with every weight kept unpacked as
+well (``[engine] unpacked_weights``), so prefills read it instead of unpacking it.
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
 tiny test model on the CPU (quick checks of the script; figures mean nothing).
 
@@ -88,8 +89,8 @@ def decode_bytes(model: Any) -> int:
     total = 0
     # Buffers too: int4 weights are buffers (packed int32, scales and zeros).
     for name, param in [*model.named_parameters(), *model.named_buffers()]:
-        if ".visual." in f".{name}" or "embed_tokens" in name:
-            continue
+        if ".visual." in f".{name}" or "embed_tokens" in name or name.endswith(".unpacked"):
+            continue  # (int4's weights kept unpacked: read by prefills, not by decode steps)
         total += param.numel() * param.element_size()
     return total
 
@@ -451,7 +452,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"),
         dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
-        prefix_cache_bytes=4 * GiB, warmup=True,
+        prefix_cache_bytes=4 * GiB, warmup=True, unpacked_weights=mode.endswith("-unpacked"),
     )
     started = time.perf_counter()
     try:

@@ -11,8 +11,9 @@ bf16 ``F.linear``. For each: microseconds a call at 1..16 rows (decode batches) 
     python bench/int4_kernels.py --planes  # the same in a layout chosen for Triton (int4_planes_matmul.py)
     python bench/int4_kernels.py --gemlite  # GemLite's Triton kernels (pip install gemlite)
     python bench/int4_kernels.py --mma  # imsight's CUDA kernel for decode (core/int4_mma.py), shapes swept
-    python bench/int4_kernels.py --rows  # short prefills (16-128 rows): that kernel a launch per 16 rows,
-                                         # tinygemm, and unpack + cuBLAS (where MMA_ROWS comes from)
+    python bench/int4_kernels.py --rows  # short prefills (8-128 rows): that kernel a launch per 16 rows,
+                                         # tinygemm, unpack + cuBLAS (where MMA_ROWS comes from), and cuBLAS
+                                         # on a weight kept unpacked (KEPT_KERNEL_ROWS)
 """
 
 from __future__ import annotations
@@ -374,33 +375,42 @@ def mma_sweep() -> None:
 def rows_sweep() -> None:
     """Short prefills (a follow-up's tail, a short text question): one decoder layer's six weights at
     16-128 rows through ``core.int4_mma`` (a launch per 16 rows, the shapes ``config_for`` picks),
-    tinygemm, and the unpack + cuBLAS that longer prefills take, replayed from CUDA graphs as the
-    captured tails run. Where ``core.int4_weights.MMA_ROWS`` and ``KERNEL_ROWS`` come from."""
+    tinygemm, the unpack + cuBLAS that longer prefills take, and cuBLAS on a weight kept unpacked
+    (``[engine] unpacked_weights``), replayed from CUDA graphs as the captured tails run. Where
+    ``core.int4_weights.MMA_ROWS``, ``KERNEL_ROWS`` and ``KEPT_KERNEL_ROWS`` come from."""
     from core.int4_mma import Kernels, launch_shapes
     from core.int4_unpack_gpu import dequantize_gpu
-    from core.int4_weights import KERNEL_ROWS, MMA_ROWS
+    from core.int4_weights import KEPT_KERNEL_ROWS, KERNEL_ROWS, MMA_ROWS
 
     torch.manual_seed(0)
     kernels = Kernels(launch_shapes({(n, GROUP) for _k, n in LAYER.values()}))
-    rows = (16, 24, 32, 48, 64, 80, 96, 128)
-    layer: dict[str, dict[int, float]] = {"mma, a launch per 16 rows": {}, "tinygemm": {}, "unpack + cuBLAS": {}}
-    worst = 0.0
+    rows = (8, 12, 16, 24, 32, 48, 64, 80, 96, 128)
+    layer: dict[str, dict[int, float]] = {"mma, a launch per 16 rows": {}, "tinygemm": {}, "unpack + cuBLAS": {},
+                                          "kept unpacked + cuBLAS": {}}
+    worst = kept_error = 0.0
     for k, n in LAYER.values():
         weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         packed, scales_zeros, int4_weight = int4_pack(weight)
         unpacking = Int4Linear(packed, scales_zeros, GROUP, None, in_features=k, kernel=False)
         unpacking.fuse_unpacking(dequantize_gpu)
+        kept = Int4Linear(packed, scales_zeros, GROUP, None, in_features=k, kernel=False)
+        kept.fuse_unpacking(dequantize_gpu)
+        kept.keep_unpacked()
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), int4_weight.float())
             mine = partial(kernels, x, packed, scales_zeros, GROUP)
             worst = max(worst, float((mine().float() - ref).abs().max() / ref.abs().max()))
+            # The same weight; one GEMM instead of one a 64-MB slice (gate/up), so it may round differently.
+            kept_error = max(kept_error, float((kept(x).float() - ref).abs().max() / ref.abs().max()))
             for label, call in (("mma, a launch per 16 rows", mine), ("unpack + cuBLAS", partial(unpacking, x)),
+                                ("kept unpacked + cuBLAS", partial(kept, x)),
                                 ("tinygemm", partial(torch.ops.aten._weight_int4pack_mm, x, packed, GROUP,
                                                      scales_zeros))):
                 layer[label][m] = layer[label].get(m, 0.0) + graph_timed(call)
     print(f"one decoder layer's six weights at prefill-like row counts, microseconds (CUDA graphs); "
-          f"MMA_ROWS = {MMA_ROWS}, KERNEL_ROWS = {KERNEL_ROWS}; mma's worst error {worst:.1e}:")
+          f"MMA_ROWS = {MMA_ROWS}, KERNEL_ROWS = {KERNEL_ROWS}, KEPT_KERNEL_ROWS = {KEPT_KERNEL_ROWS}; "
+          f"worst error: mma {worst:.1e}, kept unpacked {kept_error:.1e}:")
     for label, by_rows in layer.items():
         print(f"  {label:26s} " + "  ".join(f"{m} rows {us:7.1f}" for m, us in sorted(by_rows.items())))
 
@@ -415,7 +425,7 @@ if __name__ == "__main__":
     parser.add_argument("--mma", action="store_true",
                         help="imsight's CUDA kernel for decode (core/int4_mma.py) against tinygemm")
     parser.add_argument("--rows", action="store_true",
-                        help="short prefills: imsight's kernel a launch per 16 rows, tinygemm, unpack + cuBLAS")
+                        help="short prefills: imsight's kernel a launch per 16 rows, tinygemm, unpack or kept + cuBLAS")
     args = parser.parse_args()
     if args.rows:
         rows_sweep()

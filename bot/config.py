@@ -93,6 +93,9 @@ class EngineConfig(_Section):
     # Decode steps' attention through imsight's split-KV Triton kernel (GPU; it is checked against SDPA
     # at start, and SDPA stays where it disagrees or cannot run); false: SDPA always.
     split_kv_attention: bool = True
+    # int4: keep every weight unpacked to full width as well (GLM-4.6V-Flash: 15.2 GiB more), so prefills
+    # (first questions, follow-ups' new tokens) read it instead of unpacking it each time: the same weights.
+    unpacked_weights: bool = False
     # kind = "openai": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, Ollama).
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr | None = None

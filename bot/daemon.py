@@ -57,6 +57,7 @@ def build_engine(config: Config) -> Engine:
         prefix_cache_bytes=int(cfg.prefix_cache_mb * MB), warmup=cfg.warmup,
         context_tokens=cfg.context_tokens, cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode,
         split_kv_attention=cfg.split_kv_attention, compile_cache=config.storage.data_dir / "compile-cache",
+        unpacked_weights=cfg.unpacked_weights,
     )
 
 

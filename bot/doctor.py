@@ -169,13 +169,14 @@ def _model(config: Config, quantization: str) -> Iterator[Check]:
     try:
         source = resolve(engine.model, engine.model_path, allow_download=False, cache_dir=engine.cache_dir)
         planned = plan(source, device=engine.device, dtype=engine.dtype, quantization=quantization,
-                       cache_dir=engine.cache_dir)
+                       cache_dir=engine.cache_dir, unpacked_weights=engine.unpacked_weights)
     except ImsightError as exc:
         yield Check("model files", "fail", str(exc).split(". ")[0], _after_first_sentence(str(exc)))
         return
     need = planned.need
+    unpacked = f", {need.unpacked / GiB:.1f} GiB more kept unpacked for prefill" if need.unpacked else ""
     yield Check("model files", "ok", f"{source.name_or_path}: about {need.weights / GiB:.1f} GiB of weights as "
-                f"{planned.mode} on {planned.device}")
+                f"{planned.mode} on {planned.device}{unpacked}")
     if engine.kind == "transformers" and planned.kv_bytes_per_token:
         slots = planned.kv_bytes_per_token * engine.max_batch * engine.context_tokens
         yield Check("kv slots", "ok", f"{engine.max_batch} questions x {engine.context_tokens} tokens x "

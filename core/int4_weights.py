@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from core import int4_mma
 from core.quantized_linears import replace_linears
 
-__all__ = ["KERNEL", "KERNEL_ROWS", "MMA_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize", "fuse_unpacking", "pack",
-           "quantize", "quantize_linears", "torch_layout_agrees", "unpack", "use_mma_kernel"]
+__all__ = ["KEPT_KERNEL_ROWS", "KERNEL", "KERNEL_ROWS", "MMA_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize",
+           "fuse_unpacking", "keep_unpacked", "pack", "quantize", "quantize_linears", "torch_layout_agrees", "unpack",
+           "unpacked_bytes", "use_mma_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ UNPACKED_BYTES = 64 * 2**20
 # weights on the H200 (bench/int4_kernels.py --rows): 156 us at 32 rows (tinygemm 471, unpacking 347),
 # 312 at 64 (358), 390 at 80 (356).
 MMA_ROWS = 64
+# Where a weight is also kept unpacked (``keep_unpacked``), cuBLAS reads that copy straight away: a decoder layer's
+# six weights on the H200 in 114-139 us at 8-128 rows, against imsight's kernel's 55 at 8 rows, 78 at 16 and 135
+# at 24 (bench/int4_kernels.py --rows). So the kernel takes up to 16 rows there.
+KEPT_KERNEL_ROWS = 16
 
 
 def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +119,8 @@ class Int4Linear(torch.nn.Module):
         self.bias: torch.nn.Parameter | None = (
             torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None)
         self._full_width: Callable[..., torch.Tensor] = dequantize
+        # The weight unpacked once and kept (``keep_unpacked``: memory traded for prefill speed), else None.
+        self.register_buffer("unpacked", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, device: torch.device | str | None = None) -> Int4Linear | None:
@@ -133,7 +140,8 @@ class Int4Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         rows = flat.shape[0]
-        if self.mma and x.dtype == torch.bfloat16 and rows <= MMA_ROWS:
+        kept = self.unpacked is not None and self.unpacked.dtype == x.dtype
+        if self.mma and x.dtype == torch.bfloat16 and rows <= (KEPT_KERNEL_ROWS if kept else MMA_ROWS):
             y: torch.Tensor = torch.ops.imsight.int4_mma(flat, self.packed, self.scales_zeros, self._group())
         elif self.kernel and x.dtype == torch.bfloat16 and rows <= KERNEL_ROWS:
             y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, self._group(), self.scales_zeros)
@@ -143,7 +151,10 @@ class Int4Linear(torch.nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def _unpacked_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through the weight unpacked to ``x``'s dtype, at most ``UNPACKED_BYTES`` of it at a time."""
+        """``x`` through the weight unpacked to ``x``'s dtype: the kept copy, else at most ``UNPACKED_BYTES``
+        of it at a time."""
+        if self.unpacked is not None and self.unpacked.dtype == x.dtype:
+            return F.linear(x, self.unpacked, self.bias)
         blocks, outer, _lanes, pairs = self.packed.shape  # shapes, not attributes: constants to dynamo
         step = max(1, UNPACKED_BYTES // (8 * outer * pairs * 32 * x.element_size()))  # blocks of 8 outputs
         parts = []
@@ -165,6 +176,13 @@ class Int4Linear(torch.nn.Module):
         """Unpack with ``fused`` (one kernel instead of ``dequantize``'s eight)."""
         self._full_width = fused
 
+    def keep_unpacked(self) -> None:
+        """Unpack the weight once, as a prefill would, and keep it: prefills read it instead of unpacking
+        again. The same values; a weight unpacked a slice at a time (over ``UNPACKED_BYTES``) is then multiplied
+        in one GEMM instead of one a slice, which cuBLAS may round differently (3.3e-3 of the largest output
+        at worst either way, ``bench/int4_kernels.py --rows``)."""
+        self.unpacked = self._full_width(self.packed, self.scales_zeros, self._group(), self.scales_zeros.dtype)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
 
@@ -182,6 +200,22 @@ def quantize_linears(model: Any, skip: list[str], device: torch.device | str | N
     fuse_unpacking(model)
     use_mma_kernel(model)
     return replaced, kept
+
+
+def unpacked_bytes(model: Any) -> int:
+    """What ``keep_unpacked`` adds: each int4 weight at the width of its scales (the model's dtype)."""
+    return sum(m.out_features * m.in_features * m.scales_zeros.element_size()
+               for m in model.modules() if isinstance(m, Int4Linear))
+
+
+def keep_unpacked(model: Any) -> int:
+    """Keep every int4 weight unpacked as well (``[engine] unpacked_weights``): a prefill of a first question or
+    of a follow-up's tail then skips unpacking each weight (on the H200 with GLM-4.6V-Flash ~7.5 ms a prefill,
+    at ~2 bytes a weight more). Decode steps still read the 4-bit copy. Returns the bytes kept."""
+    for layer in model.modules():
+        if isinstance(layer, Int4Linear):
+            layer.keep_unpacked()
+    return unpacked_bytes(model)
 
 
 def torch_layout_agrees(device: torch.device | str, packer: Callable[..., torch.Tensor] | None = None) -> bool:

@@ -26,26 +26,31 @@ class Estimate:
     weights: int
     working: int
     loading: int = 0  # held only while loading: int4 and fp8 load full width, then quantize
+    unpacked: int = 0  # int4 weights kept unpacked as well, for prefill ([engine] unpacked_weights)
 
     @property
     def total(self) -> int:
-        return self.weights + self.working + self.loading
+        return self.weights + self.working + self.loading + self.unpacked
 
 
-def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str]) -> Estimate:
-    """Bytes of a model built on the meta device, once loaded with ``mode`` and ``skip`` unquantised."""
+def estimate(meta_model: Any, mode: Mode, dtype_bytes: int, skip: list[str], *, unpacked: bool = False) -> Estimate:
+    """Bytes of a model built on the meta device, once loaded with ``mode`` and ``skip`` unquantised (and,
+    ``unpacked``, int4's weights kept at full width too)."""
     import torch
 
     full = weights = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
+    quantized = 0
     if mode != "none":
         per_weight = _BYTES_PER_WEIGHT[mode]
         for name, module in meta_model.named_modules():
             if isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
                 n = module.weight.numel()
+                quantized += n
                 # The weight shrinks from full width to ``per_weight``; plus a scale per output row.
                 weights += int(n * per_weight) - n * dtype_bytes + module.out_features * 4
     return Estimate(weights=weights, working=max(_WORKING_FLOOR, weights // 10),
-                    loading=full - weights if mode in OWN_MODES else 0)
+                    loading=full - weights if mode in OWN_MODES else 0,
+                    unpacked=quantized * dtype_bytes if unpacked and mode == "int4" else 0)
 
 
 def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode) -> None:
@@ -53,10 +58,14 @@ def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode
     if need.total <= free:
         return
     hint = "" if mode == "nf4" else ' Try [engine] quantization = "nf4" (about a quarter of the bf16 weights).'
+    if need.unpacked:
+        hint = " Try [engine] unpacked_weights = false."
     loading = f", {need.loading / GiB:.1f} GiB more while they load at full width" if need.loading else ""
+    unpacked = f", {need.unpacked / GiB:.1f} GiB of them kept unpacked" if need.unpacked else ""
     raise ModelUnavailable(
         f"model {model!r} needs about {need.total / GiB:.1f} GiB on {where} "
-        f"({need.weights / GiB:.1f} GiB of weights as {mode}{loading}, {need.working / GiB:.1f} GiB to work in) "
+        f"({need.weights / GiB:.1f} GiB of weights as {mode}{loading}{unpacked}, {need.working / GiB:.1f} GiB to work "
+        f"in) "
         f"but only {free / GiB:.1f} GiB is free.{hint} Or use a smaller model, or free the device "
         "(nvidia-smi lists what holds GPU memory)."
     )

@@ -37,14 +37,17 @@ def load(
     dtype: str = "auto",
     quantization: str = "auto",
     cache_dir: Path | None = None,
+    unpacked_weights: bool = False,
 ) -> LoadedModel:
-    """Load ``source``; raise ``ModelUnavailable`` with what to do when it cannot be."""
+    """Load ``source``; raise ``ModelUnavailable`` with what to do when it cannot be. ``unpacked_weights``: int4's
+    weights kept at full width as well, for prefill (``core.int4_weights.keep_unpacked``)."""
     called = time.monotonic()
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    planned = plan(source, device=device, dtype=dtype, quantization=quantization, cache_dir=cache_dir)
+    planned = plan(source, device=device, dtype=dtype, quantization=quantization, cache_dir=cache_dir,
+                   unpacked_weights=unpacked_weights)
     where, torch_dtype, mode, keep, need = planned.device, planned.dtype, planned.mode, planned.keep, planned.need
     if mode in ("nf4", "int8"):
         _require_bitsandbytes(mode)
@@ -72,6 +75,11 @@ def load(
         log.info("%s: %d linear layers quantized in %.1fs (%s)%s, %d left full width", mode, replaced,
                  time.monotonic() - read, weights.KERNEL,
                  ", one at a time from host memory" if planned.staged else "", kept)
+        if need.unpacked:
+            log.info("int4: every weight kept unpacked too (unpacked_weights = true): %.1f GiB more, prefills read "
+                     "them instead of unpacking", int4_weights.keep_unpacked(model) / 2**30)
+    if unpacked_weights and not need.unpacked:
+        log.info("unpacked_weights = true applies to int4 only (quantization %s here): nothing kept", mode)
     if getattr(model.config, MARKER, False):
         log.warning("model %s is imsight's tiny test model: random weights, answers are noise", name)
     log.info("model %s loaded on %s in %.1fs (weights read in %.1fs; before that, importing transformers and "
@@ -96,7 +104,7 @@ class LoadPlan:
 
 def plan(
     source: ModelSource, *, device: str = "auto", dtype: str = "auto", quantization: str = "auto",
-    cache_dir: Path | None = None,
+    cache_dir: Path | None = None, unpacked_weights: bool = False,
 ) -> LoadPlan:
     """Read the model's config and build it on the meta device; raise ``ModelUnavailable`` when it cannot be."""
     import torch
@@ -113,7 +121,7 @@ def plan(
     except (OSError, ValueError) as exc:
         raise unavailable(name, str(exc).splitlines()[0]) from exc
     keep = unquantised_modules(skeleton)
-    need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
+    need = estimate(skeleton, mode, torch_dtype.itemsize, keep, unpacked=unpacked_weights)
     # int4 and fp8 load at full width first. On a GPU that happens in host memory when it has room, so
     # the GPU never holds more than the quantized model and one full-width linear (bitsandbytes' NF4 likewise).
     host = available_bytes("cpu") if mode in OWN_MODES and where == "cuda" else None
@@ -123,7 +131,7 @@ def plan(
     elif mode == "int4" and quantization == "auto":
         # No room to stage in host memory: NF4, which bitsandbytes quantizes as the weights arrive.
         mode = "nf4"
-        need = estimate(skeleton, mode, torch_dtype.itemsize, keep)
+        need = estimate(skeleton, mode, torch_dtype.itemsize, keep, unpacked=unpacked_weights)
     return LoadPlan(where, torch_dtype, mode, keep, need, available_bytes(where),
                     kv_token_bytes(config, torch_dtype.itemsize), staged)
 

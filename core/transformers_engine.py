@@ -45,6 +45,7 @@ from core.model_files import ModelSource
 from core.model_loading import LoadedModel, load
 from core.pixel_memo import ImageProcessorMemo
 from core.prefill_batch import (
+    Prefilled,
     image_inputs,
     left_padded,
     pad_token,
@@ -163,11 +164,13 @@ class TransformersEngine:
         compile_decode: bool = True,
         split_kv_attention: bool = True,
         compile_cache: Path | None = None,
+        unpacked_weights: bool = False,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
         self._load_args: dict[str, Any] = {
             "device": device, "dtype": dtype, "quantization": quantization, "cache_dir": cache_dir,
+            "unpacked_weights": unpacked_weights,
         }
         self.max_batch = max_batch
         self._window_s = batch_window_s
@@ -473,18 +476,30 @@ class TransformersEngine:
             log.info("%d questions could not be prefilled together (%s); one at a time", len(group), one_line(exc))
             return group
         self.stats.prefill_batches += 1
+        # Every first token goes out before any row is kept or seated: each row's copies (~7 ms of Python
+        # on the H200) would otherwise hold up the first tokens of the rows after it.
+        answering: list[tuple[_Request, Prefilled, _Active | None]] = []
         for (request, _), row in zip(group, rows, strict=True):
+            try:
+                answering.append((request, row, self._first_token(request, row.first, row.length)))
+            except Exception as exc:
+                self._failed_generating(request, exc)
+        for request, row, active in answering:
             try:
                 if self._keeps(request):
                     kept = _row_cache(model.config, row.layers)
                     own_storage(kept)  # not views that pin the whole batch's cache
                     self._keep_prefix(request, kept, row.delta)
-                self._seat(request, row.first, row.length, row.delta,
-                           partial(SlotKV.place, layers=row.layers, length=row.length), cache)
+                if active is not None:
+                    self._take_slot(active, row.first, row.delta,
+                                    partial(SlotKV.place, layers=row.layers, length=row.length), cache)
             except Exception as exc:
-                log.warning("generation failed: %s", exc)
-                self._fail(request, EngineError(f"generation failed: {exc}"))
+                self._failed_generating(request, exc)
         return []
+
+    def _failed_generating(self, request: _Request, exc: Exception) -> None:
+        log.warning("generation failed: %s", exc)
+        self._fail(request, EngineError(f"generation failed: {exc}"))
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         request.emit(_Failed(error))
@@ -616,13 +631,22 @@ class TransformersEngine:
     def _seat(self, request: _Request, first: int, prompt_len: int, delta: Any,
               place: Callable[[SlotKV, int], None], cache: Any = None) -> None:
         """The prefilled question's first token out; unless that ended it, its KV into the next slot row."""
+        active = self._first_token(request, first, prompt_len)
+        if active is not None:
+            self._take_slot(active, first, delta, place, cache)
+
+    def _first_token(self, request: _Request, first: int, prompt_len: int) -> _Active | None:
+        """The prefilled question's first token out; the question being answered, unless that ended it."""
         self.stats.questions += 1
         if request.usage is not None:
             request.usage.prompt_tokens = prompt_len
         decode = partial(self.loaded.processor.tokenizer.decode, skip_special_tokens=False)
         active = _Active(request, request.limits.max_new_tokens, prompt_len, AnswerText(decode, request.send))
-        if self._accept_token(active, first):
-            return
+        return None if self._accept_token(active, first) else active
+
+    def _take_slot(self, active: _Active, first: int, delta: Any, place: Callable[[SlotKV, int], None],
+                   cache: Any = None) -> None:
+        """A question past its first token: its KV into the next slot row (``place``), decoded from there."""
         kv = self._slots(cache)
         assert self._stepper is not None
         row = len(self._active)

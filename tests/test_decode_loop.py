@@ -57,9 +57,22 @@ async def test_first_questions_that_wait_together_are_prefilled_together(make_en
             ([_image(61), _image(62)], "Both?", 7)]
     encoder_runs = []
     hook = engine.loaded.model.model.vision_tower.register_forward_hook(lambda *_: encoder_runs.append(1))
+    order: list[str] = []
+
+    def spy(name):
+        call = getattr(engine, name)
+
+        def spied(*args, **kwargs):
+            order.append(name)
+            return call(*args, **kwargs)
+        return spied
+
+    engine._first_token, engine._take_slot = spy("_first_token"), spy("_take_slot")
     together = await asyncio.gather(*[_answer(engine, i, q, t) for i, q, t in asks])
     hook.remove()
     assert engine.stats.prefill_batches == 1  # the three waited for the window, then one forward
+    # every first token out before any row's copies into its slot
+    assert order == ["_first_token"] * 3 + ["_take_slot"] * 3
     assert len(encoder_runs) == 1  # and one vision-encoder run for the two questions' three images
     for (images, question, tokens), got in zip(asks, together, strict=True):
         assert got.removesuffix(CUT_NOTE) == bare_generate(engine, images, question, tokens)

@@ -110,3 +110,26 @@ def test_int4_is_a_mode_of_its_own_and_its_estimate_counts_the_full_width_load()
     bf16, int4 = estimate(model, "none", 2, keep), estimate(model, "int4", 2, keep)
     assert 7.0e9 < int4.weights < 9.5e9
     assert int4.weights + int4.loading == bf16.weights  # quantized after a full-width load
+
+
+def test_a_weight_kept_unpacked_is_read_not_unpacked_again_and_gives_the_same_products():
+    from core.int4_weights import keep_unpacked, unpacked_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 40, bias=True), torch.nn.Linear(40, 16))
+    model[0] = Int4Linear.from_linear(model[0])
+    int4 = model[0]
+    x = torch.randn(3, 9, 256)
+    with torch.no_grad():
+        unpacked_each_time = int4(x)
+        calls = []
+        unpack_slice = int4._full_width
+        int4.fuse_unpacking(lambda *args: calls.append(args[0].shape) or unpack_slice(*args))
+        assert keep_unpacked(model) == unpacked_bytes(model) == 40 * 256 * 4  # the int4 linear only
+        assert len(calls) == 1  # unpacked once, whole
+        for rows in (x, x[:1, :1], torch.randn(70, 256)):
+            expected = F.linear(rows, dequantize(int4.packed, int4.scales_zeros, 128, torch.float32), int4.bias)
+            assert torch.equal(int4(rows), expected)
+        assert len(calls) == 1  # every prefill above read the kept copy
+        assert torch.equal(int4(x), unpacked_each_time)
+    assert "0.unpacked" not in model.state_dict()  # made at load, never saved
+    assert int4.unpacked is not None and int4.unpacked.dtype == torch.float32

@@ -159,3 +159,41 @@ async def test_out_of_memory_twice_is_a_clear_error(make_engine):
     engine.loaded.model.model.vision_tower.register_forward_pre_hook(always)
     with pytest.raises(EngineError, match="out of GPU memory, even with a smaller image"):
         await _answer(engine)
+
+
+async def test_int4_weights_kept_unpacked_answer_as_without_and_are_counted_before_loading(make_engine):
+    from core.int4_weights import Int4Linear, unpacked_bytes
+
+    plain = await make_engine(quantization="int4")
+    engine = await make_engine(quantization="int4", unpacked_weights=True)
+    layers = [m for m in engine.loaded.model.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.unpacked is not None for m in layers)
+    assert not any(m.unpacked is not None for m in plain.loaded.model.modules() if isinstance(m, Int4Linear))
+    kept = unpacked_bytes(engine.loaded.model)
+    assert engine.loaded.estimate.unpacked == kept and plain.loaded.estimate.unpacked == 0
+    assert engine.loaded.estimate.total == plain.loaded.estimate.total + kept
+
+    def unpacking(*args):
+        raise AssertionError("a prefill unpacked a weight that is kept unpacked")
+
+    for layer in layers:
+        layer.fuse_unpacking(unpacking)
+    images = [PreparedImage(f"kept-{n}", Image.new("RGB", (64, 48), (60 * n, 90, 200))) for n in range(2)]
+    for image in images:
+        got = "".join([c async for c in engine.answer([image], [], "What is this?", GenerationLimits(8))])
+        assert got == "".join([c async for c in plain.answer([image], [], "What is this?", GenerationLimits(8))])
+        assert got.removesuffix(CUT_NOTE) == bare_generate(plain, [image], "What is this?", 8)
+
+
+async def test_unpacked_weights_ask_for_nothing_outside_int4(make_engine):
+    engine = await make_engine(quantization="none", unpacked_weights=True)
+    assert engine.loaded.estimate.unpacked == 0
+
+
+def test_a_model_whose_kept_unpacked_weights_do_not_fit_is_refused_with_that_setting_named():
+    need = Estimate(weights=5 * GiB, working=1 * GiB, unpacked=15 * GiB)
+    with pytest.raises(ModelUnavailable) as caught:
+        ensure_fits(need, 16 * GiB, where="cuda", model="m", mode="int4")
+    message = str(caught.value)
+    assert "21.0 GiB" in message and "15.0 GiB of them kept unpacked" in message
+    assert "unpacked_weights = false" in message

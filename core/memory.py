@@ -62,10 +62,10 @@ def ensure_fits(need: Estimate, free: int, *, where: str, model: str, mode: Mode
         hint = " Try [engine] unpacked_weights = false."
     loading = f", {need.loading / GiB:.1f} GiB more while they load at full width" if need.loading else ""
     unpacked = f", {need.unpacked / GiB:.1f} GiB of them kept unpacked" if need.unpacked else ""
+    weights = f"{need.weights / GiB:.1f} GiB of weights as {mode}{loading}{unpacked}"
     raise ModelUnavailable(
         f"model {model!r} needs about {need.total / GiB:.1f} GiB on {where} "
-        f"({need.weights / GiB:.1f} GiB of weights as {mode}{loading}{unpacked}, {need.working / GiB:.1f} GiB to work "
-        f"in) "
+        f"({weights}, {need.working / GiB:.1f} GiB to work in) "
         f"but only {free / GiB:.1f} GiB is free.{hint} Or use a smaller model, or free the device "
         "(nvidia-smi lists what holds GPU memory)."
     )

@@ -61,6 +61,17 @@ async def test_fp8_is_checked_where_it_would_run(tmp_path, tiny_model):
     assert "bitsandbytes" not in checks  # imsight's own mode: no bitsandbytes needed
 
 
+async def test_weights_kept_unpacked_are_named_in_the_model_check(tmp_path, tiny_model):
+    plain = by_name((await doctor(healthy_config(tmp_path, tiny_model, 'quantization = "int4"\n'), "--json"))[1])
+    status, out = await doctor(healthy_config(tmp_path, tiny_model, 'quantization = "int4"\nunpacked_weights = true\n'),
+                               "--json")
+    kept = by_name(out)
+    assert status == 0, out
+    assert "kept unpacked for prefill" in kept["model files"]["detail"]
+    assert "kept unpacked" not in plain["model files"]["detail"]
+    assert kept["memory"]["status"] == "ok"  # (the tiny model's copy is far below a GiB; the totals: test_quantization)
+
+
 def test_the_quantization_check_says_what_this_gpu_runs():
     from bot.doctor import quantization_checks
 

@@ -28,7 +28,7 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	@# Two processes, one torch thread each: most of the suite is single-threaded Python (compiling,
-	@# subprocesses, loopback servers); 10-11.5 minutes on 2 cores in one process, 6-7 in two.
+	@# subprocesses, loopback servers); 10-11.5 minutes on 2 cores in one process, 6.5-7.5 in two.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed

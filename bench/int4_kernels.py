@@ -374,7 +374,7 @@ def mma_sweep() -> None:
 
 def rows_sweep() -> None:
     """Short prefills (a follow-up's tail, a short text question): one decoder layer's six weights at
-    16-128 rows through ``core.int4_mma`` (a launch per 16 rows, the shapes ``config_for`` picks),
+    8-128 rows through ``core.int4_mma`` (a launch per 16 rows, the shapes ``config_for`` picks),
     tinygemm, the unpack + cuBLAS that longer prefills take, and cuBLAS on a weight kept unpacked
     (``[engine] unpacked_weights``), replayed from CUDA graphs as the captured tails run. Where
     ``core.int4_weights.MMA_ROWS``, ``KERNEL_ROWS`` and ``KEPT_KERNEL_ROWS`` come from."""

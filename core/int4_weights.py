@@ -145,16 +145,15 @@ class Int4Linear(torch.nn.Module):
             y: torch.Tensor = torch.ops.imsight.int4_mma(flat, self.packed, self.scales_zeros, self._group())
         elif self.kernel and x.dtype == torch.bfloat16 and rows <= KERNEL_ROWS:
             y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, self._group(), self.scales_zeros)
+        elif kept:
+            return F.linear(x, self.unpacked, self.bias)
         else:
             return self._unpacked_linear(x)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y + self.bias if self.bias is not None else y
 
     def _unpacked_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through the weight unpacked to ``x``'s dtype: the kept copy, else at most ``UNPACKED_BYTES``
-        of it at a time."""
-        if self.unpacked is not None and self.unpacked.dtype == x.dtype:
-            return F.linear(x, self.unpacked, self.bias)
+        """``x`` through the weight unpacked to ``x``'s dtype, at most ``UNPACKED_BYTES`` of it at a time."""
         blocks, outer, _lanes, pairs = self.packed.shape  # shapes, not attributes: constants to dynamo
         step = max(1, UNPACKED_BYTES // (8 * outer * pairs * 32 * x.element_size()))  # blocks of 8 outputs
         parts = []

@@ -123,6 +123,11 @@ def _row_cache(config: Any, layers: list[tuple[Any, Any]]) -> Any:
     return cache
 
 
+def _as_engine_error(exc: Exception) -> EngineError:
+    """What a question that failed while generating is told."""
+    return exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")
+
+
 def _offset(delta: Any) -> int:
     """An M-RoPE position offset (``rope_deltas``, one per prompt) as a number; 0 for other models."""
     return int(delta.reshape(-1)[0]) if delta is not None else 0
@@ -454,8 +459,7 @@ class TransformersEngine:
                 self._answer_after_oom(request)
                 request.emit(_DONE)
         except Exception as exc:
-            log.warning("generation failed: %s", exc)
-            self._fail(request, exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))
+            self._failed_generating(request, exc)
 
     def _admit_together(self, group: list[tuple[_Request, Features | None]]
                         ) -> list[tuple[_Request, Features | None]]:
@@ -499,7 +503,7 @@ class TransformersEngine:
 
     def _failed_generating(self, request: _Request, exc: Exception) -> None:
         log.warning("generation failed: %s", exc)
-        self._fail(request, EngineError(f"generation failed: {exc}"))
+        self._fail(request, _as_engine_error(exc))
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         request.emit(_Failed(error))
@@ -994,7 +998,7 @@ class TransformersEngine:
                 self._answer_after_oom(request)
         except Exception as exc:
             log.warning("generation failed: %s", exc)
-            request.emit(_Failed(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}")))
+            request.emit(_Failed(_as_engine_error(exc)))
         finally:
             request.emit(_DONE)
 

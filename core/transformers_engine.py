@@ -277,6 +277,11 @@ class TransformersEngine:
             self._renderer.shutdown(wait=False)  # a render still queued there fails its question (closing)
             self._renderer = None
         self._clear_caches()
+        # What the engine put in transformers' attention registry, out again in the reverse order (each restores
+        # what it found): the compiled layers' never-compiled attention, then the decode steps' kernel.
+        if self._stepper is not None and self._stepper.fused is not None:
+            self._stepper.fused.remove()
+            self._stepper.fused = None
         self._fused_prefill = None  # (its layers are the model's, which goes now)
         if self._step_attention is not None:
             self._step_attention.remove()

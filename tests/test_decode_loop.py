@@ -502,6 +502,14 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     eager = await _answer(engine, [_image(62)], "What is it?", 10)
     assert eager.removesuffix(CUT_NOTE) == bare_generate(engine, [_image(62)], "What is it?", 10)
 
+    # Stopped, it leaves transformers' attention registry as it found it (a second engine in this process
+    # would otherwise wrap the first one's never-compiled wrapper).
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    await engine.stop()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+
 
 async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):
     """``Usage``: the prompt's tokens (the image's included) and the answer's, as bare generate() counts them,

@@ -78,22 +78,6 @@ def off(out: torch.Tensor, exact: torch.Tensor) -> float:
     return float((out.float() - exact).abs().max() / exact.abs().max())
 
 
-def profiled(run: Any) -> dict[str, Any]:
-    """One run under the profiler, in engine_bench's few numbers: wall against kernel time, top kernels."""
-    from engine_bench import _profiled
-
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        sync()
-        started = time.perf_counter()
-        run()
-        sync()
-        wall_ms = (time.perf_counter() - started) * 1e3
-    return _profiled(prof, wall_ms)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path)
@@ -163,6 +147,8 @@ def main() -> None:
                       f"{off(out, exact):.2e} of the largest output"
                       + (f", from eager {off(out, own):.2e}" if reference is not None else ""))
         if args.profile:
+            from engine_bench import profiled
+
             pixels, grid = inputs[1]
             for way, (name, through) in ways.items():
                 config._attn_implementation = name

@@ -12,7 +12,6 @@ graph broke in two and compiling was slower than eager (fifth step): so only wit
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,15 +56,9 @@ class CompiledVision:
         if not blocks:
             return False
         fused = FusedLayers(blocks, cache_dir=cache_dir)
-        started = time.monotonic()
-        try:
-            with fused.active():
-                dummies()
-        except Exception as exc:
+        if not fused.compiles("the vision encoder", dummies):
             fused.remove()
-            log.warning("cannot compile the vision encoder (%s); it runs eagerly", one_line(exc))
             return False
-        log.info("the vision encoder compiled in %.1fs", time.monotonic() - started)
         self._fused = fused
         return True
 

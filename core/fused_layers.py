@@ -26,12 +26,15 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.fx.experimental import _config as fx_config  # (its ``patch`` is made at import: untyped)
+
+from core.errors import one_line
 
 __all__ = ["FusedLayers", "compile_summary", "decoder_layers", "keep_compiled_code_in", "prefill_cache"]
 
@@ -100,6 +103,18 @@ class FusedLayers:
                 yield
             finally:
                 self._active = False
+
+    def compiles(self, what: str, work: Callable[[], object]) -> bool:
+        """Whether ``work`` ran through the compiled layers (compiling them for its shapes); logged as ``what``."""
+        started = time.monotonic()
+        try:
+            with self.active():
+                work()
+        except Exception as exc:
+            log.warning("cannot compile %s (%s); it runs eagerly", what, one_line(exc))
+            return False
+        log.info("%s compiled in %.1fs", what, time.monotonic() - started)
+        return True
 
     def remove(self) -> None:
         """The eager layers back (when a compiled one cannot run or be captured here)."""

@@ -744,27 +744,19 @@ class TransformersEngine:
         then on two together."""
         if not self._encodes_ahead:
             return
-        encode = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation
 
         def dummies() -> None:
             first = self._dummy_question(0)
-            encode(dict(first))
-            encode(image_inputs([first, self._dummy_question(1)]))
+            self._vision_encoder(dict(first))
+            self._vision_encoder(image_inputs([first, self._dummy_question(1)]))
 
         with self._attention_kernels():
             self._vision.compile(self.loaded.model, dummies, cache_dir=self._compile_cache)
 
     def _compiles(self, fused: FusedLayers, what: str, work: Callable[[], object]) -> bool:
-        """Whether ``work`` ran through the compiled layers (compiling them for its shapes); logged."""
-        started = time.monotonic()
-        try:
-            with self._attention_kernels(), fused.active():
-                work()
-        except Exception as exc:
-            log.warning("cannot compile %s (%s); it runs eagerly", what, one_line(exc))
-            return False
-        log.info("%s compiled in %.1fs", what, time.monotonic() - started)
-        return True
+        """``FusedLayers.compiles`` with the attention kernels prefill runs with."""
+        with self._attention_kernels():
+            return fused.compiles(what, work)
 
     def _dummy_question(self, n: int) -> Any:
         """A screenshot-sized question about a blank image of its own, rendered: what compiling runs on."""
@@ -1133,9 +1125,7 @@ class TransformersEngine:
     def _encode_together(self, requests: list[_Request]) -> list[Features | None]:
         """The vision encoder run once over several questions' images, kept per question as ``_encode``
         keeps one's; where its output cannot be split per question, each encoded on its own."""
-        model = self.loaded.model
-        joined = image_inputs([request.inputs for request in requests])
-        encoded = self._vision.run(lambda: model._prepare_multimodal_encoder_kwargs_for_generation(joined))
+        encoded = self._vision_encoder(image_inputs([request.inputs for request in requests]))
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
         parts = split_encoder_outputs(outputs, [len(request.images) for request in requests])
         if parts is None:
@@ -1144,10 +1134,15 @@ class TransformersEngine:
 
     def _encode(self, key: tuple[str, ...], inputs: dict[str, Any]) -> Features | None:
         """Run the vision encoder as generate() would, and keep its output for this set of images."""
-        encode = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation
-        encoded = self._vision.run(lambda: encode(dict(inputs)))
+        encoded = self._vision_encoder(dict(inputs))
         outputs = encoded.get("mm_encoder_outputs", {}).get("image")
         return self._keep_features(key, outputs) if outputs is not None else None
+
+    def _vision_encoder(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The vision encoder over ``inputs``' images as ``generate()`` runs it (through the compiled blocks
+        once they are made): the model's encoder keyword arguments."""
+        encode = self.loaded.model._prepare_multimodal_encoder_kwargs_for_generation
+        return self._vision.run(lambda: encode(inputs))
 
     def _keep_features(self, key: tuple[str, ...], outputs: Any) -> Features:
         """The vision encoder's output for this set of images, kept for the next question about them."""

@@ -99,15 +99,12 @@ def test_compiled_blocks_encode_as_the_eager_ones(glm):
     assert not vision.compile(glm, lambda: None)  # the tower's own attention: splits in every block
     assert vision_attention.install(glm)
 
-    def encode(grids: list[tuple[int, int, int]], seed: int) -> torch.Tensor:
-        return _features(glm, grids, seed)
-
     runs: list[bool] = []  # whether each run's first block ran compiled
     graphs_after: list[int] = []
 
     def dummies() -> None:
         for grids in ([(1, 4, 6)], [(1, 4, 6), (1, 6, 4)]):
-            encode(grids, 0)
+            _features(glm, grids, 0)
             graphs_after.append(counters["stats"]["unique_graphs"])
 
     with torch.inference_mode():
@@ -119,9 +116,9 @@ def test_compiled_blocks_encode_as_the_eager_ones(glm):
         graphs = counters["stats"]["unique_graphs"]
         for seed, grids in enumerate([[(1, 8, 6)], [(1, 4, 4), (1, 8, 4), (1, 6, 10)]]):
             runs.clear()
-            compiled = vision.run(lambda grids=grids, seed=seed: encode(grids, seed))
+            compiled = vision.run(lambda grids=grids, seed=seed: _features(glm, grids, seed))
             assert runs == [True]
-            torch.testing.assert_close(compiled, encode(grids, seed), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(compiled, _features(glm, grids, seed), rtol=1e-5, atol=1e-5)
         assert counters["stats"]["unique_graphs"] == graphs
 
         def fails_compiled() -> str:
@@ -132,5 +129,5 @@ def test_compiled_blocks_encode_as_the_eager_ones(glm):
         assert vision.run(fails_compiled) == "eager"
         assert not vision.compiled
         runs.clear()
-        vision.run(lambda: encode([(1, 4, 6)], 0))
+        vision.run(lambda: _features(glm, [(1, 4, 6)], 0))
         assert runs == [False]

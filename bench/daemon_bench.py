@@ -119,8 +119,11 @@ def main() -> None:
 def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Path, new_tokens: int,
             asking: bool) -> None:
     spawned = time.strftime("%H:%M:%S")  # against the log's timestamps: where the time to ready goes
-    daemon = subprocess.Popen([sys.executable, "-m", "bot.cli", "run", "--config", str(config)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The log to a file: a pipe nobody reads until the end fills and stalls the daemon.
+    log_file = config.with_name(f"daemon-{'first' if asking else 'restart'}.log")
+    with log_file.open("w") as log_out:
+        daemon = subprocess.Popen([sys.executable, "-m", "bot.cli", "run", "--config", str(config)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=log_out, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.perf_counter()
@@ -131,16 +134,20 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
         if asking:
             asyncio.run(measure(url))
     finally:
+        if daemon.poll() is not None:  # it exited on its own: all of its log says why
+            print(log_file.read_text()[-6000:])
         daemon.send_signal(signal.SIGTERM)
         try:
-            _, err = daemon.communicate(timeout=60)
+            daemon.wait(timeout=60)
         except subprocess.TimeoutExpired:
             daemon.kill()
-            _, err = daemon.communicate()
-        for n, line in enumerate(err.splitlines()):
+            daemon.wait()
+        for n, line in enumerate(log_file.read_text().splitlines()):
             if n == 0 or any(word in line for word in ("loaded", "quantized", "warmed up", "KV slots", "CUDA graph",
                                                        "decoding eagerly", "decode step", "compil", "ready")):
                 print("  daemon log:", line)
+            elif "chat chat" in line and " in " in line:  # the 8 chats' jobs: each one's first token, and how
+                print("  8 chats:", line.split(" job ", 1)[-1])
 
 
 async def _until_compiled(url: str, started: float) -> None:
@@ -169,7 +176,7 @@ async def _ready(url: str, daemon: subprocess.Popen[str]) -> None:
     async with aiohttp.ClientSession() as http:
         for _ in range(3000):
             if daemon.poll() is not None:
-                raise SystemExit(f"imsight run exited: {daemon.stderr.read() if daemon.stderr else ''}")
+                raise SystemExit("imsight run exited (its log is above)")
             try:
                 async with http.get(f"{url}/readyz") as resp:
                     if resp.status == 200:

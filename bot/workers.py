@@ -163,9 +163,9 @@ class Workers:
         counted = (usage.prompt_tokens, usage.completion_tokens) if usage.prompt_tokens else None
         await self._store.answered(job, text, error=error, usage=counted)
         self._outbox.wake()
-        log.info("job %s %s in %.2fs (%s chat %s; %d prompt + %d answer tokens)", job.id,
+        log.info("job %s %s in %.2fs (%s chat %s; %d prompt + %d answer tokens%s)", job.id,
                  "failed" if error else "answered", time.monotonic() - started, q.platform, q.chat_id,
-                 usage.prompt_tokens, usage.completion_tokens)
+                 usage.prompt_tokens, usage.completion_tokens, _engine_timing(usage))
 
     async def _ask(self, job: JobRecord, usage: Usage) -> str:
         if problems := job.context.image_problems:
@@ -235,3 +235,12 @@ def _with_about(answer: str, context: JobContext) -> str:
         return answer
     when = time.strftime("%H:%M", time.localtime(context.about.created_at))
     return f"About the image {context.about.sender_name or 'someone'} posted at {when}: {answer}"
+
+
+def _engine_timing(usage: Usage) -> str:
+    """Where the engine says the answer's time went, for the job's log line ("" where it cannot tell):
+    an answer that came slowly because others were prefilled first says so."""
+    if not usage.first_token_s:
+        return ""
+    return (f"; first token after {usage.first_token_s:.2f}s, prefilled ({usage.prefill or 'unknown'}) "
+            f"after waiting {usage.waited_s:.2f}s")

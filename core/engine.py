@@ -40,6 +40,12 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Where its time went, from the engine's first sight of the question (an engine that cannot tell
+    # leaves them 0): to its first token, and of that, waiting (prompt rendering, then other questions'
+    # turns) before its prefill began; ``prefill`` says how it was prefilled.
+    first_token_s: float = 0.0
+    waited_s: float = 0.0
+    prefill: str = ""
 
 
 class Engine(Protocol):

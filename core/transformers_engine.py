@@ -98,10 +98,24 @@ class _Request:
     streamed: bool = False  # some of the answer has gone out: it cannot be started over
     remember: bool = True  # keep its prefix and image features for follow-ups
     usage: Usage | None = None  # the asker's, filled in before its end is sent
+    asked: float = field(default_factory=time.monotonic)
 
     def send(self, text: object) -> None:
+        self.first_token_out()  # (generate()'s path has no earlier sight of it)
         self.streamed = True
         self.emit(text)
+
+    def prefill_begins(self) -> None:
+        if self.usage is not None:
+            self.usage.waited_s = time.monotonic() - self.asked
+
+    def prefilled_as(self, how: str) -> None:
+        if self.usage is not None:
+            self.usage.prefill = how
+
+    def first_token_out(self) -> None:
+        if self.usage is not None and not self.usage.first_token_s:
+            self.usage.first_token_s = time.monotonic() - self.asked
 
 
 @dataclass(eq=False)
@@ -431,6 +445,7 @@ class TransformersEngine:
             if request.cancelled.is_set():
                 request.emit(_DONE)
                 continue
+            request.prefill_begins()
             hit = self._lookup(request)
             if hit is not None:  # the images are in the cached prefix: their pixels need not reach the GPU
                 for key in _PIXEL_KEYS:
@@ -489,6 +504,7 @@ class TransformersEngine:
         # on the H200) would otherwise hold up the first tokens of the rows after it.
         answering: list[tuple[_Request, Prefilled, _Active | None]] = []
         for (request, _), row in zip(group, rows, strict=True):
+            request.prefilled_as(f"together with {len(group) - 1} other(s)")
             try:
                 answering.append((request, row, self._first_token(request, row.first, row.length)))
             except Exception as exc:
@@ -528,6 +544,7 @@ class TransformersEngine:
             self._admit_follow_up(request, hit, prompt_len)
             return
         if hit is not None:  # a tail too long for the captured forwards (a long answer before it, say)
+            request.prefilled_as(f"cached prefix, {prompt_len - hit[1]} new tokens by the model's forward")
             cache, out = self._prefilled(lambda: self._prefill_tail(hit, ids))
         else:
             with self._attention_kernels():
@@ -536,6 +553,7 @@ class TransformersEngine:
             if prompt is not None:
                 self._admit_in_slot(request, prompt, prompt_len)
                 return
+            request.prefilled_as("the model's forward")
             cache, out = self._prefilled(lambda: self._prefill(encoded))
         first = int(out.logits[0, -1].argmax())
         delta = model.model.rope_deltas if self._mrope else None
@@ -612,6 +630,7 @@ class TransformersEngine:
         assert self._kv is not None
         assert self._stepper is not None
         delta = self.loaded.model.model.rope_deltas if self._mrope else None
+        request.prefilled_as("captured prompt" if self._stepper.use_graphs else "prompt into its slot")
         first = self._stepper.prefill(prompt.embeds, prompt.positions)
         self.stats.slot_prefills += 1
         self._seat_from_staging(request, first, prompt_len, delta)
@@ -626,6 +645,8 @@ class TransformersEngine:
         kv.place(kv.staging, [(layer.keys, layer.values) for layer in entry.cache.layers], reuse)
         delta = entry.extra.get("rope_deltas")
         stepper.rope_deltas[kv.staging] = _offset(delta)
+        request.prefilled_as(f"cached prefix, {prompt_len - reuse} new tokens"
+                             + (" captured" if stepper.use_graphs else " into its slot"))
         first = stepper.prefill_tail(request.prompt_ids[reuse:].tolist(), reuse)
         self._seat_from_staging(request, first, prompt_len, delta)
 
@@ -646,6 +667,7 @@ class TransformersEngine:
 
     def _first_token(self, request: _Request, first: int, prompt_len: int) -> _Active | None:
         """The prefilled question's first token out; the question being answered, unless that ended it."""
+        request.first_token_out()
         self.stats.questions += 1
         if request.usage is not None:
             request.usage.prompt_tokens = prompt_len
@@ -1057,6 +1079,7 @@ class TransformersEngine:
         self._make_room()
         inputs = dict(request.inputs)
         self.stats.questions += 1
+        request.prefilled_as("alone, by generate()")
         prompt_len = inputs["input_ids"].shape[1]
         if request.usage is not None:
             request.usage.prompt_tokens = int(prompt_len)

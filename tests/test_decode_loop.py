@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.answer_text import CUT_NOTE
 from core.decode_loop import buckets
-from core.engine import GenerationLimits, PreparedImage, Turn
+from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError
 from helpers import bare_generate
 
@@ -23,8 +23,8 @@ def _image(n: int) -> PreparedImage:
     return PreparedImage(f"img-{n}", Image.new("RGB", (64, 48), (30 * n % 256, 120, 250 - n)))
 
 
-async def _answer(engine, images, question, tokens=12, turns=()) -> str:
-    return "".join([c async for c in engine.answer(images, list(turns), question, GenerationLimits(tokens))])
+async def _answer(engine, images, question, tokens=12, turns=(), usage=None) -> str:
+    return "".join([c async for c in engine.answer(images, list(turns), question, GenerationLimits(tokens), usage)])
 
 
 def test_bucket_sizes():
@@ -79,9 +79,11 @@ async def test_first_questions_that_wait_together_are_prefilled_together(make_en
     # Each one's prompt was kept from its row of the batch: a follow-up reads only its new tokens.
     images, question, _ = asks[2]
     turns = [Turn("user", question), Turn("assistant", together[2].removesuffix(CUT_NOTE))]
-    follow = await _answer(engine, images, "And then?", turns=turns)
+    usage = Usage()
+    follow = await _answer(engine, images, "And then?", turns=turns, usage=usage)
     assert engine.stats.prefix_hits == 1
     assert follow == await _answer(plain, images, "And then?", turns=turns)
+    assert usage.prefill.startswith("cached prefix, ") and usage.first_token_s > 0  # as the job's log line says
 
 
 async def test_a_batch_that_cannot_be_prefilled_falls_back_to_one_at_a_time(make_engine):
@@ -514,8 +516,6 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
 async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):
     """``Usage``: the prompt's tokens (the image's included) and the answer's, as bare generate() counts them,
     for questions answered together and for one answered alone by generate() (longer than a slot)."""
-    from core.engine import Usage
-
     engine = await make_engine(max_batch=4, prefix_cache_bytes=0, context_tokens=256)
     asks = [([_image(70)], "What is it?", 9), ([_image(71)], "Why?" * 3, 5), ([_image(72)], "why " * 200, 6)]
     usages = [Usage() for _ in asks]
@@ -533,3 +533,8 @@ async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
         ended = next((i + 1 for i, t in enumerate(new) if t in engine._eos), len(new))
         assert (usage.prompt_tokens, usage.completion_tokens) == (inputs["input_ids"].shape[1], ended)
+        # Where its time went, for the job's log line: waited (rendering, others' turns), then its first token.
+        assert 0 < usage.waited_s < usage.first_token_s
+    assert usages[2].prefill == "alone, by generate()"
+    assert {usages[0].prefill, usages[1].prefill} <= {"together with 1 other(s)", "the model's forward",
+                                                      "prompt into its slot"}

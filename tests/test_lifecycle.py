@@ -21,12 +21,17 @@ from helpers import b64, eventually, get, png, post
 RED = png((200, 30, 30))
 
 
-async def test_follow_up_after_a_full_restart_uses_the_first_image(make_config, http):
+async def test_follow_up_after_a_full_restart_uses_the_first_image(make_config, http, caplog):
     config = make_config()
     async with Daemon(config) as first:
-        _, asked = await post(http, first.url, {
-            "conversation_id": "c1", "text": "What?", "wait": True, "images": [{"data": b64(RED)}],
-        })
+        with caplog.at_level("INFO", logger="bot.workers"):
+            _, asked = await post(http, first.url, {
+                "conversation_id": "c1", "text": "What?", "wait": True, "images": [{"data": b64(RED)}],
+            })
+    # The job's log line says where the engine's time went (a slow answer: waiting, or its prefill).
+    answered = [r.getMessage() for r in caplog.records if " answered in " in r.getMessage()]
+    assert len(answered) == 1 and re.search(r"first token after \d+\.\d\ds, prefilled \(.+\) after waiting "
+                                             r"\d+\.\d\ds\)$", answered[0]), answered
     async with Daemon(config) as second:
         status, follow = await post(http, second.url, {"conversation_id": "c1", "text": "Why?", "wait": True})
         _, history = await get(http, second.url, "/api/v1/history/api/c1")

@@ -36,7 +36,9 @@ from core.fused_layers import FusedLayers, compile_summary, decoder_layers, pref
 from core.kv_cache import (
     cache_bytes,
     cache_keyword,
+    copied,
     crop_to,
+    holding,
     make_room,
     own_storage,
     tensor_bytes,
@@ -130,11 +132,9 @@ class _Active:
 
 
 def _row_cache(config: Any, layers: list[tuple[Any, Any]]) -> Any:
-    """A ``prefill_cache`` holding one question's KV, given per layer (batch of one)."""
-    cache = prefill_cache(config)
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
+    """A ``prefill_cache`` holding one question's KV, given per layer (batch of one): those tensors, not
+    copies (``holding``; the callers copy first, or after)."""
+    return holding(prefill_cache(config), layers)
 
 
 def _as_engine_error(exc: Exception) -> EngineError:
@@ -512,9 +512,8 @@ class TransformersEngine:
         for request, row, active in answering:
             try:
                 if self._keeps(request):
-                    kept = _row_cache(model.config, row.layers)
-                    own_storage(kept)  # not views that pin the whole batch's cache
-                    self._keep_prefix(request, kept, row.delta)
+                    # (a copy: views would pin the whole batch's cache)
+                    self._keep_prefix(request, _row_cache(model.config, copied(row.layers)), row.delta)
                 if active is not None:
                     self._take_slot(active, row.first, row.delta,
                                     partial(SlotKV.place, layers=row.layers, length=row.length), cache)

@@ -267,10 +267,13 @@ def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
                 dtype=torch.float32, device="cpu")
     stepper = Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=False, use_graphs=False)
     seen: list[tuple[int, int, int]] = []
+    tails: list[int] = []  # the span of each follow-up tail's forward (token ids; first questions' take embeddings)
 
     def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         new = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         seen.append((new.shape[0], new.shape[1], kwargs["attention_mask"].shape[-1]))  # rows, tokens, span
+        if kwargs.get("input_ids") is not None and new.shape[1] > 1:
+            tails.append(seen[-1][2])
 
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -279,18 +282,25 @@ def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
                 pass
     finally:
         hook.remove()
-    assert seen[:len(stepper.spans)] == [(1, 1, span) for span in stepper.spans]  # 512, 1024, 2048
+    # The eager layers' pass: steps and tails at the longest span only (it serves the shorter ones), one
+    # row first, then the other sizes' steps, then the rest.
+    longest = stepper.spans[-1]
+    assert seen[0] == (1, 1, longest)
     steps = [shape for shape in seen if shape[1] == 1]
-    assert len(steps) == len(stepper.sizes) * len(stepper.spans) and seen[:len(steps)] == steps
+    assert steps == [(1, 1, longest)] + [(size, 1, longest) for size in reversed(stepper.sizes[1:])]
+    assert seen[:len(steps)] == steps
+    assert tails == [longest] * len(stepper.tails)
     assert stepper.lone_steps()  # without CUDA graphs there is nothing to wait for
-    # With them, ready only once every span's one-row step has its graph (stand-ins here: never replayed).
+    # With them, ready once every span's one-row step has a graph: its own, or one at a longer span
+    # (stand-ins here: never replayed).
     stepper.use_graphs = True
     assert not stepper.lone_steps()
     stepper._graphs.update({("step", 1, span): object() for span in stepper.spans[:-1]})
-    stepper._graphs[("step", 2, stepper.spans[-1])] = object()  # another size's step does not count
+    stepper._graphs[("step", 2, longest)] = object()  # another size's step does not count
     assert not stepper.lone_steps()
-    stepper._graphs[("step", 1, stepper.spans[-1])] = object()
-    assert stepper.lone_steps()
+    stepper._graphs = {("step", 1, longest): stepper._graphs[("step", 2, longest)]}
+    assert stepper.lone_steps() and stepper._graph("step", 1, stepper.spans[0]) is stepper._graphs[("step", 1, longest)]
+    assert stepper._graph("step", 2, stepper.spans[0]) is None
 
 
 def test_a_compiled_shape_is_warmed_up_until_a_call_compiles_nothing(tiny_model):

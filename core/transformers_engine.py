@@ -500,8 +500,8 @@ class TransformersEngine:
             log.info("%d questions could not be prefilled together (%s); one at a time", len(group), one_line(exc))
             return group
         self.stats.prefill_batches += 1
-        # Every first token goes out before any row is kept or seated: each row's copies (~7 ms of Python
-        # on the H200) would otherwise hold up the first tokens of the rows after it.
+        # Every first token goes out before any row is kept or seated: each row's copies (~7 ms of Python on
+        # the H200 when they were a copy a layer; a few now) would otherwise hold up the rows after it.
         answering: list[tuple[_Request, Prefilled, _Active | None]] = []
         for (request, _), row in zip(group, rows, strict=True):
             request.prefilled_as(f"together with {len(group) - 1} other(s)")

@@ -25,7 +25,9 @@ SCRIPTS = {
     "fp8_kernels.py": ([], ["cuda available"]),
     "prefill_batching.py": (["--quick"], ["2 questions", "first tokens the same both ways: 2 of 2"]),
     "attention_kernels.py": ([], ["cuda available"]),
-    "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest ="]),
+    "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest =",
+                                      "first token after"]),  # (the 8 chats' job log lines)
+    "burst_model.py": ([], ["prefill 82 ms, gap 0 ms, 1 piece(s)", "slowest ="]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
     "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
     "fp8_prefill.py": (["--quick"], ["one layer's linears", "row-wise fp8 error"]),
@@ -76,3 +78,19 @@ def test_the_bench_model_answers_in_text_its_tokenizer_reads_back_token_for_toke
     assert all(ch == "\n" or 32 <= ord(ch) < 127 for ch in text), text
     assert tokenizer.encode(text, add_special_tokens=False) == after.tolist()
     assert not all(32 <= ord(ch) < 127 for ch in tokenizer.decode(before))  # random weights alone would not
+
+
+def test_the_burst_model_takes_turns_as_the_engine_does():
+    """``bench/burst_model.py``: a lone answer is its rendering, its prefill and its steps; in a burst the early
+    chats wait for the later ones' prefills, the longer the more those hold the GPU, and a gap between
+    prefills gives the running answers their steps first."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from burst_model import Burst, answer_times
+
+    lone = Burst(prefill_ms=50, chats=1)
+    assert answer_times(lone) == [pytest.approx(lone.render_ms + 50 + (lone.tokens - 1) * lone.step_ms)]
+    slowest = [max(answer_times(Burst(prefill_ms=p))) for p in (30, 60, 90)]
+    assert slowest == sorted(slowest) and slowest[0] < slowest[-1]
+    burst = Burst(prefill_ms=82)
+    first_chat = [answer_times(burst, gap_ms=gap)[0] for gap in (0, 80)]
+    assert first_chat[1] < first_chat[0]

@@ -253,7 +253,8 @@ def test_compiled_layers_step_exactly_as_the_eager_ones(tiny_model):
 
 def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
     """The engine is ready once these are captured (a question asked before would decode eagerly all
-    through its answer): every span of a one-row step first, then the rest, steps before the others."""
+    through its answer): a one-row step first, at the longest span (it serves every shorter one until the
+    compiled pass), then the other sizes' steps, then the rest."""
     import torch
 
     from core.decode_loop import SlotKV, Stepper
@@ -525,7 +526,8 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
 
 async def test_each_answer_reports_its_prompt_and_answer_tokens(make_engine):
     """``Usage``: the prompt's tokens (the image's included) and the answer's, as bare generate() counts them,
-    for questions answered together and for one answered alone by generate() (longer than a slot)."""
+    and where its time went, for questions answered together and for one answered alone by generate()
+    (longer than a slot)."""
     engine = await make_engine(max_batch=4, prefix_cache_bytes=0, context_tokens=256)
     asks = [([_image(70)], "What is it?", 9), ([_image(71)], "Why?" * 3, 5), ([_image(72)], "why " * 200, 6)]
     usages = [Usage() for _ in asks]

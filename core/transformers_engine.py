@@ -99,7 +99,8 @@ class _Request:
     key: tuple[str, ...] = field(default=())
     streamed: bool = False  # some of the answer has gone out: it cannot be started over
     remember: bool = True  # keep its prefix and image features for follow-ups
-    usage: Usage | None = None  # the asker's, filled in before its end is sent
+    # The asker's (or one nobody reads), filled in before its end is sent: tokens, and where its time went.
+    usage: Usage = field(default_factory=Usage)
     asked: float = field(default_factory=time.monotonic)
 
     def send(self, text: object) -> None:
@@ -107,16 +108,8 @@ class _Request:
         self.streamed = True
         self.emit(text)
 
-    def prefill_begins(self) -> None:
-        if self.usage is not None:
-            self.usage.waited_s = time.monotonic() - self.asked
-
-    def prefilled_as(self, how: str) -> None:
-        if self.usage is not None:
-            self.usage.prefill = how
-
     def first_token_out(self) -> None:
-        if self.usage is not None and not self.usage.first_token_s:
+        if not self.usage.first_token_s:
             self.usage.first_token_s = time.monotonic() - self.asked
 
 
@@ -329,7 +322,7 @@ class TransformersEngine:
         chunks: asyncio.Queue[object] = asyncio.Queue()
         request = _Request(images, turns, question, limits,
                            lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item), threading.Event(),
-                           remember=remember, usage=usage)
+                           remember=remember, usage=usage if usage is not None else Usage())
         assert self._renderer is not None
         if await loop.run_in_executor(self._renderer, self._render, request):
             with self._intake:
@@ -445,7 +438,7 @@ class TransformersEngine:
             if request.cancelled.is_set():
                 request.emit(_DONE)
                 continue
-            request.prefill_begins()
+            request.usage.waited_s = time.monotonic() - request.asked
             hit = self._lookup(request)
             if hit is not None:  # the images are in the cached prefix: their pixels need not reach the GPU
                 for key in _PIXEL_KEYS:
@@ -504,7 +497,7 @@ class TransformersEngine:
         # the H200 when they were a copy a layer; a few now) would otherwise hold up the rows after it.
         answering: list[tuple[_Request, Prefilled, _Active | None]] = []
         for (request, _), row in zip(group, rows, strict=True):
-            request.prefilled_as(f"together with {len(group) - 1} other(s)")
+            request.usage.prefill = f"together with {len(group) - 1} other(s)"
             try:
                 answering.append((request, row, self._first_token(request, row.first, row.length)))
             except Exception as exc:
@@ -543,7 +536,7 @@ class TransformersEngine:
             self._admit_follow_up(request, hit, prompt_len)
             return
         if hit is not None:  # a tail too long for the captured forwards (a long answer before it, say)
-            request.prefilled_as(f"cached prefix, {prompt_len - hit[1]} new tokens by the model's forward")
+            request.usage.prefill = f"cached prefix, {prompt_len - hit[1]} new tokens by the model's forward"
             cache, out = self._prefilled(lambda: self._prefill_tail(hit, ids))
         else:
             with self._attention_kernels():
@@ -552,7 +545,7 @@ class TransformersEngine:
             if prompt is not None:
                 self._admit_in_slot(request, prompt, prompt_len)
                 return
-            request.prefilled_as("the model's forward")
+            request.usage.prefill = "the model's forward"
             cache, out = self._prefilled(lambda: self._prefill(encoded))
         first = int(out.logits[0, -1].argmax())
         delta = model.model.rope_deltas if self._mrope else None
@@ -629,7 +622,7 @@ class TransformersEngine:
         assert self._kv is not None
         assert self._stepper is not None
         delta = self.loaded.model.model.rope_deltas if self._mrope else None
-        request.prefilled_as("captured prompt" if self._stepper.use_graphs else "prompt into its slot")
+        request.usage.prefill = "captured prompt" if self._stepper.use_graphs else "prompt into its slot"
         first = self._stepper.prefill(prompt.embeds, prompt.positions)
         self.stats.slot_prefills += 1
         self._seat_from_staging(request, first, prompt_len, delta)
@@ -644,8 +637,8 @@ class TransformersEngine:
         kv.place(kv.staging, [(layer.keys, layer.values) for layer in entry.cache.layers], reuse)
         delta = entry.extra.get("rope_deltas")
         stepper.rope_deltas[kv.staging] = _offset(delta)
-        request.prefilled_as(f"cached prefix, {prompt_len - reuse} new tokens"
-                             + (" captured" if stepper.use_graphs else " into its slot"))
+        request.usage.prefill = (f"cached prefix, {prompt_len - reuse} new tokens "
+                                 + ("captured" if stepper.use_graphs else "into its slot"))
         first = stepper.prefill_tail(request.prompt_ids[reuse:].tolist(), reuse)
         self._seat_from_staging(request, first, prompt_len, delta)
 
@@ -668,8 +661,7 @@ class TransformersEngine:
         """The prefilled question's first token out; the question being answered, unless that ended it."""
         request.first_token_out()
         self.stats.questions += 1
-        if request.usage is not None:
-            request.usage.prompt_tokens = prompt_len
+        request.usage.prompt_tokens = prompt_len
         decode = partial(self.loaded.processor.tokenizer.decode, skip_special_tokens=False)
         active = _Active(request, request.limits.max_new_tokens, prompt_len, AnswerText(decode, request.send))
         return None if self._accept_token(active, first) else active
@@ -919,8 +911,7 @@ class TransformersEngine:
 
     def _count(self, request: _Request, generated: int) -> None:
         self.stats.tokens_generated += generated
-        if request.usage is not None:
-            request.usage.completion_tokens = generated
+        request.usage.completion_tokens = generated
 
     def _finish(self, row: int, *, cut: bool) -> None:
         """End the question in ``row``; the last active row moves into its place (rows stay packed)."""
@@ -1078,10 +1069,9 @@ class TransformersEngine:
         self._make_room()
         inputs = dict(request.inputs)
         self.stats.questions += 1
-        request.prefilled_as("alone, by generate()")
+        request.usage.prefill = "alone, by generate()"
         prompt_len = inputs["input_ids"].shape[1]
-        if request.usage is not None:
-            request.usage.prompt_tokens = int(prompt_len)
+        request.usage.prompt_tokens = int(prompt_len)
         limit = request.limits.max_new_tokens
         if hit is not None:
             entry, reuse = hit

@@ -28,6 +28,8 @@ SCRIPTS = {
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest =",
                                       "first token after"]),  # (the 8 chats' job log lines)
     "burst_model.py": ([], ["prefill 82 ms, gap 0 ms, 1 piece(s)", "slowest ="]),
+    "burst_profile.py": (["--quick"], ["== one alone", "== 8 asked 125 ms apart, 64 tokens", "no GPU kernels",
+                                       "prefill: "]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
     "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
     "fp8_prefill.py": (["--quick"], ["one layer's linears", "row-wise fp8 error"]),

@@ -1,0 +1,192 @@
+"""Where a burst's GPU time goes: the engine (int4 by default), once everything is compiled, under torch's
+profiler while questions arrive: one alone, 8 at once, 8 at once with 64-token answers, 8 asked 125 ms
+apart (the daemon bench's burst). For each: the wall time against the GPU's busy time (the union of its
+kernels), the idle gaps, kernel time by kind (matrix products, int4 multiplies and unpacking, attention,
+inductor's fused kernels, copies), the costliest kernels, and each question's asking, first token, end,
+wait before its prefill and how it was prefilled.
+
+The profiler adds host time to every operator, so walls here run longer than without it (one question alone:
+98-129 ms in the twentieth step's H200 runs, against ~100 through the engine bench's timing): compare walls
+only within one run, and read the GPU's busy time as the figure. Once in those runs the profiler lost
+kernels (a question's busy time 48 ms where its kernels take ~69): a busy time far under the usual says so.
+bench/RESULTS.md, twentieth step.
+
+    python bench/burst_profile.py                       # builds the 9B GLM shape under --work if missing
+    python bench/burst_profile.py --scenarios "one alone;8 at once"
+    python bench/burst_profile.py --quick               # imsight's tiny test model on the CPU (no kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from engine_bench import QUESTION, screenshot
+from glm_model import build_glm_model
+
+from core.engine import GenerationLimits, Usage
+from core.model_files import resolve
+from core.tiny_model import build_tiny_model
+from core.transformers_engine import TransformersEngine
+
+GiB = 2**30
+# A kernel's kind by its name: the first kind one of whose words it holds.
+KINDS = (("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")), ("int4 unpacking", ("dequantize",)),
+         ("int4 multiplies", ("int4_mma", "int4pack")),
+         ("attention", ("flash", "fmha", "sdpa", "attention", "attend", "merge_slices")),
+         ("inductor's fused", ("triton_",)), ("copies", ("copy", "memcpy", "memset", "cat", "fill")))
+GAP_MS = 0.3  # idle stretches at least this long are listed
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    questions: int
+    tokens: int
+    apart_s: float = 0.0
+
+
+SCENARIOS = (Scenario("one alone", 1, 1), Scenario("8 at once", 8, 1), Scenario("8 at once, 64 tokens", 8, 64),
+             Scenario("8 asked 125 ms apart, 64 tokens", 8, 64, 0.125))
+
+
+@dataclass
+class Asked:
+    asked: float
+    first: float
+    done: float
+    usage: Usage
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((label for label, words in KINDS if any(word in low for word in words)), "other")
+
+
+async def ask(engine: TransformersEngine, n: int, tokens: int, delay_s: float) -> Asked:
+    await asyncio.sleep(delay_s)
+    usage = Usage()
+    asked = time.perf_counter()
+    first = None
+    async for _ in engine.answer([screenshot(n)], [], f"{QUESTION} ({n})", GenerationLimits(tokens), usage=usage):
+        first = first or time.perf_counter()
+    done = time.perf_counter()
+    return Asked(asked, first or done, done, usage)
+
+
+def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """Microsecond spans -> the time covered by any, and each uncovered stretch of ``GAP_MS`` or more (start, ms)."""
+    busy, gaps = 0.0, []
+    start = end = None
+    for s, e in sorted(spans):
+        if end is None or s > end:
+            if end is not None:
+                busy += end - start
+                if s - end >= GAP_MS * 1e3:
+                    gaps.append((end / 1e3, (s - end) / 1e3))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    if end is not None:
+        busy += end - start
+    return busy / 1e3, gaps
+
+
+def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked]) -> None:
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    marks = [e for e in events if e.name == "burst-start"]
+    base = marks[0].time_range.start if marks else 0
+    busy, gaps = busy_and_gaps([(k.time_range.start - base, k.time_range.end - base) for k in kernels])
+    wall = 1e3 * (max(a.done for a in answers) - t0)
+    print(f"== {scenario.name}: wall {wall:.1f} ms, GPU busy {busy:.1f} ms ({len(kernels)} kernels), "
+          f"{len(gaps)} gaps of {GAP_MS} ms or more, {sum(g for _, g in gaps):.1f} ms in all")
+    for at, length in gaps[:12]:
+        print(f"   gap at {at:7.1f} ms: {length:5.2f} ms")
+    by_kind: dict[str, list[float]] = {}
+    by_name: dict[str, list[float]] = {}
+    for k in kernels:
+        for table, key in ((by_kind, kind(k.name)), (by_name, k.name[:90])):
+            entry = table.setdefault(key, [0.0, 0])
+            entry[0] += k.device_time / 1e3
+            entry[1] += 1
+    if kernels:
+        print("   by kind (ms / kernels): " + ", ".join(f"{name} {ms:.1f} / {count}" for name, (ms, count)
+                                                     in sorted(by_kind.items(), key=lambda item: -item[1][0])))
+        for name, (ms, count) in sorted(by_name.items(), key=lambda item: -item[1][0])[:12]:
+            print(f"   {ms:8.2f} ms {count:6d}x  {name}")
+    else:
+        print("   no GPU kernels (the CPU)")
+    for a in sorted(answers, key=lambda a: a.first):
+        print(f"   asked at {1e3 * (a.asked - t0):6.1f}, first token {1e3 * (a.first - t0):6.1f}, "
+              f"done {1e3 * (a.done - t0):6.1f} ms; waited {1e3 * a.usage.waited_s:.1f} ms, "
+              f"prefill: {a.usage.prefill}")
+
+
+async def measure(engine: TransformersEngine, scenario: Scenario, first_image: int) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("burst-start"):
+            t0 = time.perf_counter()
+        answers = await asyncio.gather(*[ask(engine, first_image + i, scenario.tokens, scenario.apart_s * i)
+                                         for i in range(scenario.questions)])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    report(scenario, prof, t0, list(answers))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help="measure this model directory instead of building one")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/imsight-bench"))
+    parser.add_argument("--quantization", default="int4")
+    parser.add_argument("--scenarios", default=";".join(s.name for s in SCENARIOS),
+                        help="separated by ';', of: " + "; ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--quick", action="store_true", help="imsight's tiny test model on the CPU: a check of the "
+                                                             "script, its figures mean nothing")
+    args = parser.parse_args()
+    wanted = [s.strip() for s in args.scenarios.split(";")]
+    scenarios = [s for s in SCENARIOS if s.name in wanted]
+    if len(scenarios) != len(wanted):
+        parser.error(f"unknown scenario in {args.scenarios!r}")
+    model_dir = args.model_dir
+    if args.quick:
+        model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    elif model_dir is None:
+        model_dir = args.work / "glm-9b"
+        if not (model_dir / "config.json").exists():
+            build_glm_model(model_dir, "9b", device="cuda")
+    cuda = torch.cuda.is_available()
+    engine = TransformersEngine(resolve("bench", model_dir, allow_download=False),
+                                quantization="none" if args.quick else args.quantization,
+                                dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
+                                prefix_cache_bytes=4 * GiB, warmup=True)
+    started = time.perf_counter()
+    await engine.start()
+    await asyncio.to_thread(engine.settled.wait)  # everything compiled: what a burst meets once idle
+    print(f"everything compiled {time.perf_counter() - started:.1f} s after the start", flush=True)
+    n = 1000
+    for warm in (1, 1, 1, 8):  # each path once before it is measured
+        await asyncio.gather(*[ask(engine, n + i, 4, 0.0) for i in range(warm)])
+        n += warm
+    for scenario in scenarios:
+        await measure(engine, scenario, n)
+        n += scenario.questions
+    await engine.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -79,10 +79,10 @@ def install(model: Any) -> bool:
         return False
     device = table.weight.device
     # Two grids at once: one smaller than the table in both directions, one larger and not square.
-    shapes = torch.tensor([[1, 4, 6], [1, 30, 42]], device=device)
-    h, w = (torch.cat([torch.arange(int(t * r * c), device=device) // c if axis == 0 else
-                       torch.arange(int(t * r * c), device=device) % c for t, r, c in shapes.tolist()])
-            for axis in (0, 1))
+    grids = [(4, 6), (30, 42)]
+    shapes = torch.tensor([(1, rows, columns) for rows, columns in grids], device=device)
+    h = torch.cat([torch.arange(rows, device=device).repeat_interleave(columns) for rows, columns in grids])
+    w = torch.cat([torch.arange(columns, device=device).repeat(rows) for rows, columns in grids])
     lengths = shapes.prod(-1)
     zeros = torch.zeros(len(h), table.weight.shape[1], device=device, dtype=torch.float32)
     with torch.inference_mode():

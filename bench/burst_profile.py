@@ -6,10 +6,10 @@ inductor's fused kernels, copies), the costliest kernels, and each question's as
 wait before its prefill and how it was prefilled.
 
 The profiler adds host time to every operator, so walls here run longer than without it (one question alone:
-98-129 ms in the twentieth step's H200 runs, against ~100 through the engine bench's timing): compare walls
-only within one run, and read the GPU's busy time as the figure. Once in those runs the profiler lost
-kernels (a question's busy time 48 ms where its kernels take ~69): a busy time far under the usual says so.
-bench/RESULTS.md, twentieth step.
+98-129 ms in the H200 runs of the probe this script was made from, twentieth step, against ~100 through the
+engine bench's timing): compare walls only within one run, and read the GPU's busy time as the figure. Once
+in those runs the profiler lost kernels (a question's busy time 48 ms where its kernels take ~69): a busy
+time far under the usual says so. (The script itself has run only in its quick mode so far.)
 
     python bench/burst_profile.py                       # builds the 9B GLM shape under --work if missing
     python bench/burst_profile.py --scenarios "one alone;8 at once"
@@ -40,11 +40,12 @@ from core.tiny_model import build_tiny_model
 from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
-# A kernel's kind by its name: the first kind one of whose words it holds.
-KINDS = (("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")), ("int4 unpacking", ("dequantize",)),
-         ("int4 multiplies", ("int4_mma", "int4pack")),
+# A kernel's kind by its name: the first kind one of whose words it holds. Inductor's come first: their
+# names list the operators they fused ("triton_red_fused__to_copy_add_int4_mma_mean_...", an RMSNorm).
+KINDS = (("inductor's fused", ("triton_",)), ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+         ("int4 unpacking", ("dequantize",)), ("int4 multiplies", ("int4_mma", "int4pack")),
          ("attention", ("flash", "fmha", "sdpa", "attention", "attend", "merge_slices")),
-         ("inductor's fused", ("triton_",)), ("copies", ("copy", "memcpy", "memset", "cat", "fill")))
+         ("copies", ("copy", "memcpy", "memset", "cat", "fill")))
 GAP_MS = 0.3  # idle stretches at least this long are listed
 
 

@@ -96,3 +96,23 @@ def test_the_burst_model_takes_turns_as_the_engine_does():
     burst = Burst(prefill_ms=82)
     first_chat = [answer_times(burst, gap_ms=gap)[0] for gap in (0, 80)]
     assert first_chat[1] < first_chat[0]
+
+
+def test_the_burst_profile_sorts_kernels_by_kind_and_finds_the_gpu_s_gaps():
+    """``bench/burst_profile.py``'s reading of a profile (the quick run has no GPU kernels to read): kernel
+    names as the H200's profiles show them, and busy time as the union of overlapping kernels."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from burst_profile import busy_and_gaps, kind
+
+    names = {"triton_red_fused__to_copy_add_int4_mma_mean_mul_pow_rsqrt_view_0": "inductor's fused",
+             "triton_poi_fused_add_cat_mul_neg_slice_stack_transpose_unsqueeze_view_2": "inductor's fused",
+             "void int4_mma<8, 1, 1, 1, 128, 0>(unsigned short const*, Words const*": "int4 multiplies",
+             "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN": "matrix products",
+             "_dequantize_block": "int4 unpacking", "_attend_slice": "attention",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+             "Memcpy HtoD (Pageable -> Device)": "copies",
+             "void at::native::(anonymous namespace)::grid_sampler_2d_kernel<float, int>": "other"}
+    assert {name: kind(name) for name in names} == names
+    busy, gaps = busy_and_gaps([(0, 1000), (500, 1500), (1600, 1700), (3000, 3100)])  # microseconds
+    assert busy == pytest.approx(1.7)  # ms: 0-1.5, 1.6-1.7, 3.0-3.1
+    assert gaps == [(pytest.approx(1.7), pytest.approx(1.3))]  # 0.1 ms is under GAP_MS

@@ -41,10 +41,12 @@ from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
 # A kernel's kind by its name: the first kind one of whose words it holds. Inductor's come first: their
-# names list the operators they fused ("triton_red_fused__to_copy_add_int4_mma_mean_...", an RMSNorm).
-KINDS = (("inductor's fused", ("triton_",)), ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
-         ("int4 unpacking", ("dequantize",)), ("int4 multiplies", ("int4_mma", "int4pack")),
+# names list the operators they fused ("triton_red_fused__to_copy_add_int4_mma_mean_...", an RMSNorm). Then
+# attention: flash's and the memory-efficient kernels' names hold "cutlass" too (their template arguments).
+KINDS = (("inductor's fused", ("triton_",)),
          ("attention", ("flash", "fmha", "sdpa", "attention", "attend", "merge_slices")),
+         ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+         ("int4 unpacking", ("dequantize",)), ("int4 multiplies", ("int4_mma", "int4pack")),
          ("copies", ("copy", "memcpy", "memset", "cat", "fill")))
 GAP_MS = 0.3  # idle stretches at least this long are listed
 

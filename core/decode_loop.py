@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from core.fused_layers import FusedLayers
+from core.step_attention import StepAttention
 
 __all__ = ["PREFILL_SIZES", "SlotKV", "StepTokens", "Stepper", "buckets"]
 
@@ -160,8 +161,9 @@ class Stepper:
     """
 
     def __init__(self, model: Any, kv: SlotKV, *, cache_keyword: str, mrope: bool, use_graphs: bool,
-                 fused: FusedLayers | None = None) -> None:
+                 fused: FusedLayers | None = None, attention: StepAttention | None = None) -> None:
         self._model, self._kv, self._cache_kw, self._mrope = model, kv, cache_keyword, mrope
+        self._attention = attention  # where installed: a prompt's attention takes SDPA's causal path
         device = kv.positions.device
         self.tokens = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)
         self.rope_deltas = torch.zeros(kv.slots + 1, dtype=torch.long, device=device)  # M-RoPE: per row
@@ -178,6 +180,8 @@ class Stepper:
         # model's own forward through compiled layers launches from Python between them, and the GPU waits
         # (71 ms for ~42 ms of GPU work, H200, int4; replayed: 48 ms). Padding goes after the prompt, where
         # the causal mask hides it from the prompt's tokens; its KV lands past the row's end, unused.
+        # A prompt attends over its own padded size, not the next span: a 1,152-token screenshot question
+        # attended over 2,048 positions, masked (6.3 ms of its 48 on the H200).
         self.prefills = [t for t in PREFILL_SIZES if t < kv.length]
         width = max(self.prefills, default=1)
         embedding = model.get_input_embeddings()
@@ -252,7 +256,7 @@ class Stepper:
             self._rope[..., :count] = positions
         self._last.fill_(count - 1)
         kv.positions[kv.staging] = 0
-        self._run("prefill", size, self._span_for(size))
+        self._run("prefill", size, size)
         kv.positions[kv.staging] = count
         return int(self._prefill_next[0, 0])
 
@@ -264,10 +268,7 @@ class Stepper:
     def fits_prefill(self, count: int, *, captured: bool = True) -> bool:
         """Whether ``prefill`` takes a prompt of ``count`` tokens (``captured``: from a graph made for it)."""
         size = next((t for t in self.prefills if t >= count), None)
-        return size is not None and (not captured or ("prefill", size, self._span_for(size)) in self._graphs)
-
-    def _span_for(self, tokens: int) -> int:
-        return next(s for s in self.spans if s >= tokens)
+        return size is not None and (not captured or ("prefill", size, size) in self._graphs)
 
     def captures(self, *, fused: bool, kind: str = "step") -> Iterator[None]:
         """Warm up and capture every (kind, size, span) forward, one shape per ``next``: the caller may
@@ -320,6 +321,8 @@ class Stepper:
     def _graph(self, kind: str, size: int, span: int) -> torch.cuda.CUDAGraph | None:
         """The graph for this shape, or else the same rows' at the nearest longer span (which attends over
         more positions, masked: the eager layers' pass captures steps and tails at the longest span only)."""
+        if (graph := self._graphs.get((kind, size, span))) is not None:
+            return graph  # a prompt's own span is no step's
         for longer in self.spans:
             if longer >= span and (graph := self._graphs.get((kind, size, longer))) is not None:
                 return graph
@@ -328,7 +331,7 @@ class Stepper:
     def _shapes(self) -> list[tuple[str, int, int]]:
         shapes = [("step", size, span) for span in self.spans for size in self.sizes]
         shapes += [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
-        return shapes + [("prefill", size, self._span_for(size)) for size in self.prefills]
+        return shapes + [("prefill", size, size) for size in self.prefills]
 
     def _capture(self, shape: tuple[str, int, int], fused: bool, *, warm_only: bool = False
                  ) -> torch.cuda.CUDAGraph | None:
@@ -388,10 +391,12 @@ class Stepper:
             # Copied out of the wider buffers: a slice's strides (even the batch's, of size 1) tell one size
             # from another, a recompile of the compiled layers per size.
             dense = torch.contiguous_format
-            self._prefill_next[:] = self._forward(kv.staging, span, fused,
-                                                  embeds=self._embeds[:, :size].clone(memory_format=dense),
-                                                  rope=self._rope[..., :size].clone(memory_format=dense),
-                                                  keep=self._last)
+            attention = self._attention
+            with attention.causal_prompts([0]) if attention is not None else contextlib.nullcontext():
+                self._prefill_next[:] = self._forward(kv.staging, span, fused,
+                                                      embeds=self._embeds[:, :size].clone(memory_format=dense),
+                                                      rope=self._rope[..., :size].clone(memory_format=dense),
+                                                      keep=self._last)
 
     def _forward(self, first: int, span: int, fused: bool, *, ids: torch.Tensor | None = None,
                  embeds: torch.Tensor | None = None, rope: torch.Tensor | None = None,

@@ -485,12 +485,18 @@ class TransformersEngine:
         self._make_room()
         try:
             with self._attention_kernels():
-                batch = left_padded(self._encoded_together(group), self._pad_id)
+                encoded = self._encoded_together(group)
+                batch = left_padded(encoded, self._pad_id)
             if batch is None:
                 return group
             cache = prefill_cache(model.config)
-            rows = self._prefilled(lambda: prefill_together(model, batch, cache, cache_keyword=self._cache_kw,
-                                                            mrope=self._mrope), together=True)
+            width = int(batch["input_ids"].shape[1])
+            starts = [width - int(one["input_ids"].shape[1]) for one in encoded]  # the left padding
+            attention = self._step_attention
+            causal = attention.causal_prompts(starts) if attention is not None else contextlib.nullcontext()
+            with causal:
+                rows = self._prefilled(lambda: prefill_together(model, batch, cache, cache_keyword=self._cache_kw,
+                                                                mrope=self._mrope), together=True)
         except Exception as exc:  # out of memory too
             log.info("%d questions could not be prefilled together (%s); one at a time", len(group), one_line(exc))
             return group
@@ -709,7 +715,7 @@ class TransformersEngine:
         graphs = self._use_graphs and keys.device.type == "cuda"
         compiles = self._compile_decode and (graphs or self._compile_without_graphs)
         self._stepper = Stepper(self.loaded.model, self._kv, cache_keyword=self._cache_kw, mrope=self._mrope,
-                                use_graphs=graphs)
+                                use_graphs=graphs, attention=self._step_attention)
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
         if graphs or compiles:

@@ -1,4 +1,4 @@
-"""Helpers for tests: images, HTTP calls, and row counts of a data dir."""
+"""Helpers for tests: images, HTTP calls, row counts of a data dir, and the SDPA calls a forward makes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import random
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -166,3 +166,24 @@ def bare_generate(engine: Any, images: list[Any], question: str, tokens: int, tu
     if any(t in eos for t in new):
         shown = shown[:next(i for i, t in enumerate(shown) if t in eos)]
     return engine.loaded.processor.tokenizer.decode(shown, skip_special_tokens=False)
+
+
+@contextmanager
+def sdpa_calls() -> Iterator[list[tuple[int, int, int, bool, bool]]]:
+    """Each call of torch's SDPA meanwhile: rows, query tokens, key positions, whether it had a mask,
+    whether causal."""
+    import torch
+
+    calls: list[tuple[int, int, int, bool, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any, is_causal: bool = False,
+            **kwargs: Any) -> Any:
+        calls.append((query.shape[0], query.shape[2], key.shape[2], attn_mask is not None, is_causal))
+        return sdpa(query, key, value, attn_mask, *args, is_causal=is_causal, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa

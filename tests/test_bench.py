@@ -110,6 +110,9 @@ def test_the_burst_profile_sorts_kernels_by_kind_and_finds_the_gpu_s_gaps():
              "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_TNN": "matrix products",
              "_dequantize_block": "int4 unpacking", "_attend_slice": "attention",
              "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+             "cutlass::bfloat16_t>>": "attention",
+             "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel": "attention",
              "Memcpy HtoD (Pageable -> Device)": "copies",
              "void at::native::(anonymous namespace)::grid_sampler_2d_kernel<float, int>": "other"}
     assert {name: kind(name) for name in names} == names

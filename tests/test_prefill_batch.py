@@ -4,7 +4,9 @@ a tiny GLM-4.1V-shaped one (M-RoPE), float32 on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch
 from PIL import Image
 
 from core.engine import PreparedImage
-from core.fused_layers import prefill_cache
+from core.fused_layers import decoder_layers, prefill_cache
 from core.kv_cache import cache_keyword
 from core.model_files import resolve
 from core.model_loading import load
@@ -27,6 +29,8 @@ from core.prefill_batch import (
     uses_mrope,
 )
 from core.prompt_inputs import chat_messages
+from core.step_attention import StepAttention
+from tests.helpers import sdpa_calls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -40,15 +44,35 @@ def _alone(model: Any, inputs: dict[str, Any], mrope: bool) -> tuple[int, Any, A
     return int(out.logits[0, -1].argmax()), cache, model.model.rope_deltas if mrope else None
 
 
-def _assert_rows_as_alone(model: Any, inputs: list[dict[str, Any]], pad_id: int, mrope: bool) -> None:
+@pytest.fixture
+def causal() -> Iterator[StepAttention]:
+    """The engine's attention on a GPU, installed here on the CPU: prompts' rows causally, no mask."""
+    installed = StepAttention("sdpa")
+    yield installed
+    installed.remove()
+
+
+def _assert_rows_as_alone(model: Any, inputs: list[dict[str, Any]], pad_id: int, mrope: bool,
+                          causal: StepAttention | None = None) -> None:
+    """Each row as its own prefill; with ``causal``, the decoder's attention each row's own, causal and
+    unmasked (as the engine prefills several questions on a GPU)."""
     batch = left_padded(inputs, pad_id)
     assert batch is not None
     lengths = [one["input_ids"].shape[1] for one in inputs]
     # (prompts all of one length are padded by a token too: a batch always has a mask to keep)
-    assert batch["input_ids"].shape == (len(inputs), max(lengths) + (len(set(lengths)) == 1))
+    width = max(lengths) + (len(set(lengths)) == 1)
+    assert batch["input_ids"].shape == (len(inputs), width)
     assert not batch["attention_mask"].all()
-    rows = prefill_together(model, batch, prefill_cache(model.config), cache_keyword=cache_keyword(model),
-                            mrope=mrope)
+    with causal.causal_prompts([width - n for n in lengths]) if causal else contextlib.nullcontext(), \
+            sdpa_calls() as calls:
+        rows = prefill_together(model, batch, prefill_cache(model.config), cache_keyword=cache_keyword(model),
+                                mrope=mrope)
+    decoder = [call for call in calls if call[3] or call[4]]  # (the vision encoder's: neither masked nor causal)
+    layers = len(decoder_layers(model))
+    if causal is None:
+        assert decoder == [(len(inputs), width, width, True, False)] * layers
+    else:
+        assert decoder == [(1, n, n, False, True) for n in lengths] * layers
     for one, row in zip(inputs, rows, strict=True):
         first, cache, delta = _alone(model, one, mrope)
         assert row.first == first
@@ -61,7 +85,7 @@ def _assert_rows_as_alone(model: Any, inputs: list[dict[str, Any]], pad_id: int,
             assert row.delta.tolist() == (delta.tolist() if delta is not None else [[0]])
 
 
-def test_each_row_of_a_padded_batch_is_its_own_prefill(tiny_model):
+def test_each_row_of_a_padded_batch_is_its_own_prefill(tiny_model, causal):
     loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
     image = PreparedImage("a", Image.new("RGB", (64, 48), (200, 30, 90)))
     asks = [([image], "What is on the screen?"), ([], "A question without a picture, and a longer one than that."),
@@ -74,9 +98,10 @@ def test_each_row_of_a_padded_batch_is_its_own_prefill(tiny_model):
     assert not uses_mrope(loaded.model)  # LLaVA-shaped: positions given per row
     with torch.inference_mode():
         _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=uses_mrope(loaded.model))
+        _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=uses_mrope(loaded.model), causal=causal)
 
 
-def test_prompts_of_one_length_are_padded_and_each_row_is_its_own_prefill(tiny_model):
+def test_prompts_of_one_length_are_padded_and_each_row_is_its_own_prefill(tiny_model, causal):
     loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
     inputs = [dict(loaded.processor.apply_chat_template(
         chat_messages([PreparedImage(str(n), Image.new("RGB", (64, 48), (n, 30, 90)))], [], "What is it?"),
@@ -84,6 +109,7 @@ def test_prompts_of_one_length_are_padded_and_each_row_is_its_own_prefill(tiny_m
     assert len({one["input_ids"].shape[1] for one in inputs}) == 1
     with torch.inference_mode():
         _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=False)
+        _assert_rows_as_alone(loaded.model, inputs, pad_id=0, mrope=False, causal=causal)
 
 
 def _glm_inputs(config: Any, grid: tuple[int, int, int] | None, text: list[int], seed: int) -> dict[str, Any]:
@@ -116,14 +142,15 @@ def glm() -> Any:
     return tiny_glm()
 
 
-def test_m_rope_rows_keep_their_own_positions_and_offsets(glm):
+def test_m_rope_rows_keep_their_own_positions_and_offsets(glm, causal):
     config = glm.config
     inputs = [_glm_inputs(config, (1, 4, 6), [40, 41, 42], seed=1),
               _glm_inputs(config, (1, 6, 8), [43] * 17, seed=2),  # more image tokens, a longer question
               _glm_inputs(config, None, [44, 45, 46, 47, 48, 49, 50], seed=3)]  # no image
     with torch.inference_mode():
         assert uses_mrope(glm)
-        _assert_rows_as_alone(glm, inputs, pad_id=config.text_config.pad_token_id, mrope=uses_mrope(glm))
+        for way in (None, causal):
+            _assert_rows_as_alone(glm, inputs, pad_id=config.text_config.pad_token_id, mrope=True, causal=way)
 
 
 def test_encoder_outputs_split_per_question_and_join_back(glm):

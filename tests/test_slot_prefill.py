@@ -27,22 +27,25 @@ from core.model_loading import load
 from core.prefill_batch import uses_mrope
 from core.prompt_embeddings import prompt_embeddings
 from core.prompt_inputs import chat_messages
-from tests.helpers import bare_generate
+from core.step_attention import StepAttention, prompt_call
+from tests.helpers import bare_generate, sdpa_calls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
-def _stepper(model: Any, length: int = 1024) -> tuple[SlotKV, Stepper]:
+def _stepper(model: Any, length: int = 1024, step_attention: StepAttention | None = None
+             ) -> tuple[SlotKV, Stepper]:
     attention = decoder_layers(model)[0].self_attn
     config = attention.config
     kv = SlotKV(len(decoder_layers(model)), 2, config.num_key_value_heads, attention.head_dim, length,
                 dtype=torch.float32, device="cpu")
-    return kv, Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=uses_mrope(model), use_graphs=False)
+    return kv, Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=uses_mrope(model), use_graphs=False,
+                       attention=step_attention)
 
 
-def _assert_as_own_prefill(model: Any, inputs: dict[str, Any]) -> None:
+def _assert_as_own_prefill(model: Any, inputs: dict[str, Any], step_attention: StepAttention | None = None) -> None:
     mrope = uses_mrope(model)
-    kv, stepper = _stepper(model)
+    kv, stepper = _stepper(model, step_attention=step_attention)
     count = int(inputs["input_ids"].shape[1])
     assert count not in stepper.prefills  # so the prompt is padded
     if mrope:
@@ -80,6 +83,66 @@ def test_a_first_question_prefilled_in_the_staging_row_is_its_own_prefill(tiny_m
                                                                add_generation_prompt=True, tokenize=True,
                                                                return_dict=True, return_tensors="pt"))
             _assert_as_own_prefill(loaded.model, inputs)
+
+
+def test_a_prompt_attends_over_its_own_padded_size_causally_where_installed(tiny_model):
+    """Through the masked SDPA (decode steps' attention not installed) and, with it installed, through
+    SDPA's causal path with no mask: both over the padded prompt's own positions, not the next span's,
+    and both leave the model's own prefill (text and image prompts, the padding after them)."""
+    loaded = load(resolve("x", tiny_model, allow_download=False), device="cpu")
+    image = PreparedImage("a", Image.new("RGB", (64, 48), (200, 30, 90)))
+    inputs = dict(loaded.processor.apply_chat_template(chat_messages([image], [], "What is on the screen?"),
+                                                       add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt"))
+    count = int(inputs["input_ids"].shape[1])
+    size = next(t for t in PREFILL_SIZES if t >= count)
+    layers = len(decoder_layers(loaded.model))
+    installed = StepAttention("sdpa")
+    try:
+        with torch.inference_mode():
+            for way in (None, installed):
+                _, stepper = _stepper(loaded.model, step_attention=way)
+                prompt = prompt_embeddings(loaded.model, inputs)
+                assert prompt is not None
+                with sdpa_calls() as calls:
+                    stepper.prefill(prompt.embeds, prompt.positions)
+                assert calls == [(1, size, size, way is None, way is not None)] * layers
+                _assert_as_own_prefill(loaded.model, inputs, way)
+            # Off (as where the causal path disagreed with the mask at install): the mask again.
+            installed.causal = False
+            _, stepper = _stepper(loaded.model, step_attention=installed)
+            with sdpa_calls() as calls:
+                stepper.prefill(prompt.embeds, prompt.positions)
+            assert calls == [(1, size, size, True, False)] * layers
+    finally:
+        installed.remove()
+
+
+def test_only_the_prompts_own_calls_take_the_causal_path():
+    query, key = torch.zeros(1, 4, 7, 8), torch.zeros(1, 2, 7, 8)
+    square = torch.ones(1, 1, 7, 7, dtype=torch.bool).tril()
+    assert prompt_call(query, key, square, 1)
+    assert not prompt_call(query, key, None, 1)  # the vision encoder's: bidirectional, no mask
+    assert not prompt_call(query, key, square.float(), 1)
+    assert not prompt_call(query, torch.zeros(1, 2, 9, 8), square, 1)  # after a prefix
+    assert not prompt_call(query[:, :, :1], key[:, :, :1], square[..., :1, :1], 1)  # one token
+    assert not prompt_call(torch.zeros(2, 4, 7, 8), torch.zeros(2, 2, 7, 8), square, 1)  # rows it was not told of
+    assert prompt_call(torch.zeros(2, 4, 7, 8), torch.zeros(2, 2, 7, 8), square, 2)
+
+
+def test_the_causal_path_is_checked_against_the_mask_at_install():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from core.step_attention import _Probe
+
+    probe = _Probe(8, 2, 32, device=torch.device("cpu"), dtype=torch.float32)
+    assert probe.causal_agrees(sdpa_attention_forward)
+
+    def ignores_causality(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+                          **kwargs: Any) -> Any:
+        return sdpa_attention_forward(module, query, key, value, mask, **{**kwargs, "is_causal": False})
+
+    assert not probe.causal_agrees(ignores_causality)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ inductor's fused kernels, copies), the costliest kernels, and each question's as
 wait before its prefill and how it was prefilled.
 
 The profiler adds host time to every operator, so walls here run longer than without it (one question alone:
-98-129 ms in the H200 runs of the probe this script was made from, twentieth step, against ~100 through the
-engine bench's timing): compare walls only within one run, and read the GPU's busy time as the figure. Once
-in those runs the profiler lost kernels (a question's busy time 48 ms where its kernels take ~69): a busy
-time far under the usual says so. (The script itself has run only in its quick mode so far.)
+98-129 ms in the H200 runs, twentieth and twenty-first steps, against ~100 through the engine bench's timing):
+compare walls only within one run, and read the GPU's busy time as the figure. Once the profiler lost kernels
+(a question's busy time 48 ms where its kernels take ~69): a busy time far under the usual says so. Eight at
+once are batched as their renderings end (1+5+2 or 1+3+4 ...), which moves the wall too.
 
     python bench/burst_profile.py                       # builds the 9B GLM shape under --work if missing
     python bench/burst_profile.py --scenarios "one alone;8 at once"

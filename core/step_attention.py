@@ -11,8 +11,8 @@ batch) comes with a mask: causal, and the padding hidden. With a mask SDPA takes
 every key, and transformers first repeats the grouped K/V heads for every query head. Each row's real
 tokens attended causally without one compute the same for those tokens (what padding gets is never read)
 through flash attention, skipping the masked half, on the grouped heads as they are. H200, int4, one
-1,152-token screenshot prompt: 1.4 ms of attention over 40 layers against 6.3 with the mask; four
-left-padded together, 6.8 ms a question with the mask (bench/RESULTS.md, twenty-first step).
+1,152-token screenshot prompt: 1.4 ms of attention over 40 layers against 6.3 with the mask; several
+left-padded together, ~2.9 ms a question against 6.8 (bench/RESULTS.md, twenty-first step).
 
 Everything else (the vision encoder, follow-up tails, any other mask) keeps the function the model
 was loaded with. Installed in transformers' attention registry, the way it offers to replace an
@@ -95,7 +95,7 @@ def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
 
 class StepAttention:
     """Replaces the registry's ``name`` implementation by one that sends what ``fits`` to the kernel, and
-    a prompt's own calls inside ``causal_prompt`` to SDPA's causal path."""
+    prompts' own calls inside ``causal_prompts`` to SDPA's causal path."""
 
     def __init__(self, name: str) -> None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

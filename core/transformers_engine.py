@@ -493,10 +493,7 @@ class TransformersEngine:
                 return group
             cache = prefill_cache(model.config)
             width = int(batch["input_ids"].shape[1])
-            starts = [width - int(one["input_ids"].shape[1]) for one in encoded]  # the left padding
-            attention = self._step_attention
-            causal = attention.causal_prompts(starts) if attention is not None else contextlib.nullcontext()
-            with causal:
+            with self._causal_prompts([width - int(one["input_ids"].shape[1]) for one in encoded]):  # (left-padded)
                 rows = self._prefilled(lambda: prefill_together(model, batch, cache, cache_keyword=self._cache_kw,
                                                                 mrope=self._mrope), together=True)
         except Exception as exc:  # out of memory too
@@ -571,7 +568,14 @@ class TransformersEngine:
         cache = prefill_cache(model.config)
         if self._mrope:
             model.model.rope_deltas = None  # computed anew from this prompt's images
+        # (Alone, nothing padded: transformers drops the mask itself, and SDPA attends causally.)
         return cache, model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+
+    def _causal_prompts(self, starts: list[int]) -> contextlib.AbstractContextManager[None]:
+        """A forward over prompts from their first tokens (row r's at ``starts[r]``) attended causally without
+        their mask, where the engine's attention is installed (core/step_attention.py)."""
+        attention = self._step_attention
+        return attention.causal_prompts(starts) if attention is not None else contextlib.nullcontext()
 
     def _prefill_tail(self, hit: tuple[Prefix, int], ids: Any) -> tuple[Any, Any]:
         """The tokens of ``ids`` after a cached prefix, into a copy of its cache: the cache and the output."""

@@ -208,6 +208,13 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
             rows.append(args[0].shape[0])
             return original(*args)
         kernel.split_kv_attention = counted
+        import core.step_attention as step_attention
+        starts = []  # each prompt forward's rows taken causally, unmasked: where each row's tokens start
+        causal_rows = step_attention.causal_rows
+        def counted_rows(*args, **kwargs):
+            starts.append(list(args[5]))
+            return causal_rows(*args, **kwargs)
+        step_attention.causal_rows = counted_rows
 
         async def answer(engine, images, question, tokens):
             return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
@@ -221,9 +228,18 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
                 asks = [([PreparedImage(f"i{n}", Image.new("RGB", (64, 48), (40 * n, 90, 200)))], "Q" + "?" * n,
                          10 + 4 * n) for n in range(3)]
                 expected = [bare_generate(engine, images, question, tokens) for images, question, tokens in asks]
+                from core.fused_layers import decoder_layers
+                layers = len(decoder_layers(engine.loaded.model))
+                engine._prefill_uncaptured = True  # a first question alone: the stepper's prefill, as on a GPU
+                del starts[:]  # (the check at install)
                 before = len(rows)
                 got = await asyncio.gather(*[answer(engine, *ask) for ask in asks])
                 assert len(rows) > before and max(rows) >= 3, rows  # the steps went through it, together
+                # Every prompt's attention causal without its mask, in every layer, however they happened to be
+                # grouped: one alone from position 0, several left-padded, each row from its own first token.
+                stats = engine.stats
+                assert starts.count([0]) == layers * stats.slot_prefills, (starts, stats)
+                assert len(starts) == layers * (stats.slot_prefills + stats.prefill_batches) > 0, (starts, stats)
                 for want, have in zip(expected, got, strict=True):
                     assert have.removesuffix(CUT_NOTE) == want and want, (want, have)
                 print("answered", len(got))

@@ -151,6 +151,27 @@ async def measure(engine: TransformersEngine, scenario: Scenario, first_image: i
     report(scenario, prof, t0, list(answers))
 
 
+async def settled_engine(model_dir: Path | None, work: Path, quantization: str, *, quick: bool) -> TransformersEngine:
+    """The engine as a burst meets it once idle (everything compiled): the 9B GLM shape (built under ``work``
+    if missing), or with ``quick`` imsight's tiny test model on the CPU. 8 slots, no batch window."""
+    if quick:
+        model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    elif model_dir is None:
+        model_dir = work / "glm-9b"
+        if not (model_dir / "config.json").exists():
+            build_glm_model(model_dir, "9b", device="cuda")
+    cuda = torch.cuda.is_available()
+    engine = TransformersEngine(resolve("bench", model_dir, allow_download=False),
+                                quantization="none" if quick else quantization,
+                                dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
+                                prefix_cache_bytes=4 * GiB, warmup=True)
+    started = time.perf_counter()
+    await engine.start()
+    await asyncio.to_thread(engine.settled.wait)
+    print(f"everything compiled {time.perf_counter() - started:.1f} s after the start", flush=True)
+    return engine
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, help="measure this model directory instead of building one")
@@ -165,22 +186,7 @@ async def main() -> None:
     scenarios = [s for s in SCENARIOS if s.name in wanted]
     if len(scenarios) != len(wanted):
         parser.error(f"unknown scenario in {args.scenarios!r}")
-    model_dir = args.model_dir
-    if args.quick:
-        model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    elif model_dir is None:
-        model_dir = args.work / "glm-9b"
-        if not (model_dir / "config.json").exists():
-            build_glm_model(model_dir, "9b", device="cuda")
-    cuda = torch.cuda.is_available()
-    engine = TransformersEngine(resolve("bench", model_dir, allow_download=False),
-                                quantization="none" if args.quick else args.quantization,
-                                dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
-                                prefix_cache_bytes=4 * GiB, warmup=True)
-    started = time.perf_counter()
-    await engine.start()
-    await asyncio.to_thread(engine.settled.wait)  # everything compiled: what a burst meets once idle
-    print(f"everything compiled {time.perf_counter() - started:.1f} s after the start", flush=True)
+    engine = await settled_engine(args.model_dir, args.work, args.quantization, quick=args.quick)
     n = 1000
     for warm in (1, 1, 1, 8):  # each path once before it is measured
         await asyncio.gather(*[ask(engine, n + i, 4, 0.0) for i in range(warm)])

@@ -28,6 +28,9 @@ SCRIPTS = {
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest =",
                                       "first token after"]),  # (the 8 chats' job log lines)
     "burst_model.py": ([], ["prefill 82 ms, gap 0 ms, 1 piece(s)", "slowest ="]),
+    "admission_phases.py": (["--quick", "--rounds", "2", "--ab-causal"],
+                            ["not installed here (a CPU)", "round 1: all first tokens after",
+                             "all first tokens, median", ": median "]),  # (": median": a phase's line)
     "burst_profile.py": (["--quick"], ["== one alone", "== 8 asked 125 ms apart, 64 tokens", "no GPU kernels",
                                        "prefill: "]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),

@@ -103,19 +103,21 @@ async def main() -> None:
         firsts[way].append(times[-1])
         for phase, questions, ms in log:
             phases.setdefault((way, phase, questions), []).append(ms)
-        label = "" if way is None else f" causal {'on' if way else 'off'}"
-        print(f"round {round_}{label}: all first tokens after {times[-1]:.0f} ms ("
+        print(f"round {round_}{_label(way, ' ', '')}: all first tokens after {times[-1]:.0f} ms ("
               + ", ".join(f"{t:.0f}" for t in times) + "); "
               + "; ".join(f"{phase} x{questions} {ms:.1f}" for phase, questions, ms in log), flush=True)
     for way, values in firsts.items():
-        label = "" if way is None else f"causal {'on' if way else 'off'}: "
-        print(f"{label}all first tokens, median {statistics.median(values):.0f} ms of {len(values)} rounds")
+        print(f"{_label(way, '', ': ')}all first tokens, median {statistics.median(values):.0f} ms of "
+              f"{len(values)} rounds")
     for (way, phase, questions), values in sorted(phases.items(), key=lambda item: (item[0][1], item[0][2])):
-        label = "" if way is None else f" (causal {'on' if way else 'off'})"
-        print(f"  {phase} x{questions}{label}: median {statistics.median(values):.1f} ms of {len(values)}")
-    if attention is not None:
-        attention.causal = True
+        print(f"  {phase} x{questions}{_label(way, ' (', ')')}: median {statistics.median(values):.1f} ms of "
+              f"{len(values)}")
     await engine.stop()
+
+
+def _label(way: bool | None, before: str, after: str) -> str:
+    """Which way a round went, where rounds alternate (``--ab-causal``); nothing where they do not."""
+    return "" if way is None else f"{before}causal {'on' if way else 'off'}{after}"
 
 
 if __name__ == "__main__":

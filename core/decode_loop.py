@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from core.fused_layers import FusedLayers
-from core.step_attention import StepAttention
+from core.step_attention import StepAttention, prompts_attended_causally
 
 __all__ = ["PREFILL_SIZES", "SlotKV", "StepTokens", "Stepper", "buckets"]
 
@@ -319,12 +319,11 @@ class Stepper:
         return not self.use_graphs or all(self._graph("step", 1, span) is not None for span in self.spans)
 
     def _graph(self, kind: str, size: int, span: int) -> torch.cuda.CUDAGraph | None:
-        """The graph for this shape, or else the same rows' at the nearest longer span (which attends over
-        more positions, masked: the eager layers' pass captures steps and tails at the longest span only)."""
-        if (graph := self._graphs.get((kind, size, span))) is not None:
-            return graph  # a prompt's own span is no step's
-        for longer in self.spans:
-            if longer >= span and (graph := self._graphs.get((kind, size, longer))) is not None:
+        """The graph for this shape (a prompt's span is its own size, none of ``spans``), or else the same rows'
+        at the nearest longer span (which attends over more positions, masked: the eager layers' pass captures
+        steps and tails at the longest span only)."""
+        for longer in (span, *(s for s in self.spans if s > span)):
+            if (graph := self._graphs.get((kind, size, longer))) is not None:
                 return graph
         return None
 
@@ -391,8 +390,7 @@ class Stepper:
             # Copied out of the wider buffers: a slice's strides (even the batch's, of size 1) tell one size
             # from another, a recompile of the compiled layers per size.
             dense = torch.contiguous_format
-            attention = self._attention
-            with attention.causal_prompts([0]) if attention is not None else contextlib.nullcontext():
+            with prompts_attended_causally(self._attention, [0]):
                 self._prefill_next[:] = self._forward(kv.staging, span, fused,
                                                       embeds=self._embeds[:, :size].clone(memory_format=dense),
                                                       rope=self._rope[..., :size].clone(memory_format=dense),

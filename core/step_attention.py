@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepAttention", "causal_rows", "fits", "prompt_call", "reference"]
+__all__ = ["StepAttention", "causal_rows", "fits", "prompt_call", "prompts_attended_causally", "reference"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,13 @@ class StepAttention:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         ALL_ATTENTION_FUNCTIONS[self._name] = self._original
+
+
+def prompts_attended_causally(attention: StepAttention | None, starts: list[int]
+                              ) -> contextlib.AbstractContextManager[None]:
+    """``attention.causal_prompts(starts)`` where the engine's attention is installed; else nothing changes
+    (the prompts keep their mask)."""
+    return attention.causal_prompts(starts) if attention is not None else contextlib.nullcontext()
 
 
 class _Probe:

@@ -58,7 +58,7 @@ from core.prefill_batch import (
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 from core.prompt_embeddings import PromptEmbeddings, prompt_embeddings
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
-from core.step_attention import StepAttention
+from core.step_attention import StepAttention, prompts_attended_causally
 
 __all__ = ["EngineStats", "TransformersEngine"]
 
@@ -493,7 +493,8 @@ class TransformersEngine:
                 return group
             cache = prefill_cache(model.config)
             width = int(batch["input_ids"].shape[1])
-            with self._causal_prompts([width - int(one["input_ids"].shape[1]) for one in encoded]):  # (left-padded)
+            starts = [width - int(one["input_ids"].shape[1]) for one in encoded]  # (left-padded)
+            with prompts_attended_causally(self._step_attention, starts):
                 rows = self._prefilled(lambda: prefill_together(model, batch, cache, cache_keyword=self._cache_kw,
                                                                 mrope=self._mrope), together=True)
         except Exception as exc:  # out of memory too
@@ -570,12 +571,6 @@ class TransformersEngine:
             model.model.rope_deltas = None  # computed anew from this prompt's images
         # (Alone, nothing padded: transformers drops the mask itself, and SDPA attends causally.)
         return cache, model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-
-    def _causal_prompts(self, starts: list[int]) -> contextlib.AbstractContextManager[None]:
-        """A forward over prompts from their first tokens (row r's at ``starts[r]``) attended causally without
-        their mask, where the engine's attention is installed (core/step_attention.py)."""
-        attention = self._step_attention
-        return attention.causal_prompts(starts) if attention is not None else contextlib.nullcontext()
 
     def _prefill_tail(self, hit: tuple[Prefix, int], ids: Any) -> tuple[Any, Any]:
         """The tokens of ``ids`` after a cached prefix, into a copy of its cache: the cache and the output."""

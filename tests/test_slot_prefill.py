@@ -118,6 +118,20 @@ def test_a_prompt_attends_over_its_own_padded_size_causally_where_installed(tiny
         installed.remove()
 
 
+def test_a_lone_prompt_through_the_models_own_forward_reaches_sdpa_causal_and_unmasked(glm):
+    """Why the engine's own prefill of one prompt (``_prefill``) needs no ``causal_prompts``: nothing padded,
+    transformers drops the mask itself (a library upgrade that stops doing so fails here)."""
+    from test_prefill_batch import _glm_inputs
+
+    inputs = _glm_inputs(glm.config, (1, 4, 6), [40, 41, 42], seed=1)
+    count = int(inputs["input_ids"].shape[1])
+    with torch.inference_mode(), sdpa_calls() as calls:
+        glm.model.rope_deltas = None
+        glm(**inputs, use_cache=True, logits_to_keep=1, **{cache_keyword(glm): prefill_cache(glm.config)})
+    decoder = [call for call in calls if call[1] == count]  # (the vision encoder's: its patches)
+    assert decoder == [(1, count, count, False, True)] * len(decoder_layers(glm))
+
+
 def test_only_the_prompts_own_calls_take_the_causal_path():
     query, key = torch.zeros(1, 4, 7, 8), torch.zeros(1, 2, 7, 8)
     square = torch.ones(1, 1, 7, 7, dtype=torch.bool).tril()

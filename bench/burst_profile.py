@@ -3,7 +3,11 @@ profiler while questions arrive: one alone, 8 at once, 8 at once with 64-token a
 apart (the daemon bench's burst). For each: the wall time against the GPU's busy time (the union of its
 kernels), the idle gaps, kernel time by kind (matrix products, int4 multiplies and unpacking, attention,
 inductor's fused kernels, copies), the costliest kernels, and each question's asking, first token, end,
-wait before its prefill and how it was prefilled.
+wait before its prefill and how it was prefilled. With ``--by-host`` each of the engine thread's phases runs
+under a profiler label, and the GPU's idle time is summed by the phase the engine was in when each gap began
+(and the host call under way): what the GPU waited for. Scenarios with answers past their first token also
+give the decode stretch after the last first token (wall and GPU busy a step), and ``--steps`` replays the
+captured one-row and eight-row steps and lists their kernels by kind side by side.
 
 The profiler adds host time to every operator, so walls here run longer than without it (one question alone:
 98-129 ms in the H200 runs, twentieth and twenty-first steps, against ~100 through the engine bench's timing):
@@ -13,6 +17,7 @@ once are batched as their renderings end (1+5+2 or 1+3+4 ...), which moves the w
 
     python bench/burst_profile.py                       # builds the 9B GLM shape under --work if missing
     python bench/burst_profile.py --scenarios "one alone;8 at once"
+    python bench/burst_profile.py --by-host --steps     # the GPU's idle time by the engine's phase; step graphs
     python bench/burst_profile.py --quick               # imsight's tiny test model on the CPU (no kernels)
 """
 
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +56,10 @@ KINDS = (("inductor's fused", ("triton_",)),
          ("int4 unpacking", ("dequantize",)), ("int4 multiplies", ("int4_mma", "int4pack")),
          ("copies", ("copy", "memcpy", "memset", "cat", "fill")))
 GAP_MS = 0.3  # idle stretches at least this long are listed
+# The engine thread's phases labelled under ``--by-host`` (TransformersEngine's methods).
+ENGINE_PHASES = ("_take_requests", "_admit_waiting", "_lookup", "_on_device", "_encoded", "_encoded_together",
+                 "_embedded", "_admit_in_slot", "_admit_follow_up", "_admit_together", "_prefill", "_seat",
+                 "_first_token", "_take_slot", "_keep_prefix", "_step", "_take_tokens", "_finish")
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,8 @@ class Scenario:
     apart_s: float = 0.0
 
 
-SCENARIOS = (Scenario("one alone", 1, 1), Scenario("8 at once", 8, 1), Scenario("8 at once, 64 tokens", 8, 64),
+SCENARIOS = (Scenario("one alone", 1, 1), Scenario("one alone, 64 tokens", 1, 64), Scenario("8 at once", 8, 1),
+             Scenario("8 at once, 64 tokens", 8, 64),
              Scenario("8 asked 125 ms apart, 64 tokens", 8, 64, 0.125))
 
 
@@ -87,15 +99,16 @@ async def ask(engine: TransformersEngine, n: int, tokens: int, delay_s: float) -
     return Asked(asked, first or done, done, usage)
 
 
-def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
-    """Microsecond spans -> the time covered by any, and each uncovered stretch of ``GAP_MS`` or more (start, ms)."""
+def busy_and_gaps(spans: list[tuple[float, float]], least_ms: float = GAP_MS
+                  ) -> tuple[float, list[tuple[float, float]]]:
+    """Microsecond spans -> the time covered by any, and each uncovered stretch of ``least_ms`` or more (start, ms)."""
     busy, gaps = 0.0, []
     start = end = None
     for s, e in sorted(spans):
         if end is None or s > end:
             if end is not None:
                 busy += end - start
-                if s - end >= GAP_MS * 1e3:
+                if s - end >= least_ms * 1e3:
                     gaps.append((end / 1e3, (s - end) / 1e3))
             start, end = s, e
         else:
@@ -105,17 +118,87 @@ def busy_and_gaps(spans: list[tuple[float, float]]) -> tuple[float, list[tuple[f
     return busy / 1e3, gaps
 
 
-def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked]) -> None:
+class HostLog:
+    """When each of the engine thread's phases (``ENGINE_PHASES``, and the stepper's launch of a step) ran, by
+    ``time.perf_counter``: torch's profiler records host calls only on the thread that started it."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[str, float, float]] = []  # (name, start, end)
+
+    def install(self, engine: TransformersEngine) -> None:
+        for name in ENGINE_PHASES:
+            setattr(engine, name, self._timed(name.lstrip("_"), getattr(engine, name)))
+        self._engine = engine
+
+    def _timed(self, name: str, work: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return work(*args, **kwargs)
+            finally:
+                self.ranges.append((name, started, time.perf_counter()))
+        return run
+
+    def steps_timed(self) -> None:
+        """The stepper's ``step`` (a step's launch) too, once the engine has made its stepper."""
+        stepper = self._engine._stepper
+        if stepper is not None and "launch" not in getattr(stepper.step, "__name__", ""):
+            stepper.step = self._timed("step launch", stepper.step)  # type: ignore[method-assign]
+            stepper.step.__name__ = "launch"
+
+    def since(self, t0: float) -> list[tuple[str, float, float]]:
+        """The ranges from ``t0`` on, in ms after it."""
+        return [(name, 1e3 * (s - t0), 1e3 * (e - t0)) for name, s, e in self.ranges if e >= t0]
+
+
+def gaps_by_host(gaps: list[tuple[float, float]], ranges: list[tuple[str, float, float]]
+                 ) -> list[tuple[str, float, int]]:
+    """Each gap (start, ms) put down to the innermost of ``ranges`` (name, start, end; ms, one base with the
+    gaps) under way when it began, ``"(none)"`` where none was: (name, ms in all, gaps), the most first."""
+    totals: dict[str, list[float]] = {}
+    for at, length in gaps:
+        under = [(start, name) for name, start, end in ranges if start <= at < end]
+        entry = totals.setdefault(max(under)[1] if under else "(none)", [0.0, 0])
+        entry[0] += length
+        entry[1] += 1
+    return sorted(((name, ms, int(count)) for name, (ms, count) in totals.items()), key=lambda item: -item[1])
+
+
+def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked], host: HostLog | None = None) -> None:
     events = prof.events()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     marks = [e for e in events if e.name == "burst-start"]
     base = marks[0].time_range.start if marks else 0
-    busy, gaps = busy_and_gaps([(k.time_range.start - base, k.time_range.end - base) for k in kernels])
+    spans = [(k.time_range.start - base, k.time_range.end - base) for k in kernels]
+    busy, gaps = busy_and_gaps(spans)
     wall = 1e3 * (max(a.done for a in answers) - t0)
     print(f"== {scenario.name}: wall {wall:.1f} ms, GPU busy {busy:.1f} ms ({len(kernels)} kernels), "
           f"{len(gaps)} gaps of {GAP_MS} ms or more, {sum(g for _, g in gaps):.1f} ms in all")
     for at, length in gaps[:12]:
         print(f"   gap at {at:7.1f} ms: {length:5.2f} ms")
+    phases = host.since(t0) if host is not None else []
+    if phases:
+        _, every_gap = busy_and_gaps(spans, least_ms=0.01)
+        print(f"   the GPU idle {sum(g for _, g in every_gap):.1f} ms in gaps of 0.01 ms or more, by the engine's "
+              "phase as each began (ms / gaps): " + ", ".join(f"{name} {ms:.1f} / {count}"
+                                                     for name, ms, count in gaps_by_host(every_gap, phases)))
+    if scenario.tokens > 1:  # the decode stretch: every answer past its first token
+        start, end = 1e3 * (max(a.first for a in answers) - t0), wall
+        steps = scenario.tokens - 1
+        inside = [(max(s, start * 1e3), min(e, end * 1e3)) for s, e in spans if e > start * 1e3 and s < end * 1e3]
+        decode_busy, _ = busy_and_gaps(inside)
+        print(f"   after the last first token: {end - start:.1f} ms, GPU busy {decode_busy:.1f} ms: "
+              f"{(end - start) / steps:.2f} / {decode_busy / steps:.2f} ms a step ({steps} steps)")
+        launches = sorted(s for name, s, _ in phases if name == "step launch" and start <= s <= end)
+        if len(launches) > 2:
+            durations: dict[str, list[float]] = {}
+            for name, s, e in phases:
+                if start <= s <= end:
+                    durations.setdefault(name, []).append(e - s)
+            every = statistics.median(b - a for a, b in itertools.pairwise(launches))
+            print(f"   ... host: a launch every {every:.2f}"
+                  " ms (median); median ms a call: " + ", ".join(
+                      f"{name} {statistics.median(values):.3f} (x{len(values)})" for name, values in durations.items()))
     by_kind: dict[str, list[float]] = {}
     by_name: dict[str, list[float]] = {}
     for k in kernels:
@@ -136,7 +219,53 @@ def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked]) -> No
               f"prefill: {a.usage.prefill}")
 
 
-async def measure(engine: TransformersEngine, scenario: Scenario, first_image: int) -> None:
+def step_graphs(engine: TransformersEngine, span: int = 2048, replays: int = 10) -> None:
+    """The captured one-row and eight-row decode steps replayed under the profiler: kernel time by kind, then
+    the costliest kernels (ms a replay, one column a row count)."""
+    stepper, kv = engine._stepper, engine._kv
+    if stepper is None or kv is None or not stepper.use_graphs:
+        print("== step graphs: none captured here")
+        return
+    by_kind: dict[int, dict[str, float]] = {}
+    by_name: dict[int, dict[str, float]] = {}
+    with torch.inference_mode():  # the engine's tensors are inference tensors
+        saved = kv.positions.clone()
+        for rows in (1, 8):
+            graph = stepper._graphs.get(("step", rows, span))
+            if graph is None:
+                continue
+            graph.replay()
+            torch.cuda.synchronize()
+            calls, started = [], time.perf_counter()
+            for _ in range(replays):
+                before = time.perf_counter()
+                graph.replay()
+                calls.append(time.perf_counter() - before)
+            torch.cuda.synchronize()
+            each = 1e3 * (time.perf_counter() - started) / replays
+            print(f"== step graph, {rows} row(s) at span {span}: back to back {each:.3f} ms a replay, replay() "
+                  f"{1e3 * statistics.median(calls):.3f} ms of the host's (median)")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(replays):
+                    graph.replay()
+                torch.cuda.synchronize()
+            kinds, names = by_kind.setdefault(rows, {}), by_name.setdefault(rows, {})
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    ms = e.device_time / 1e3 / replays
+                    kinds[kind(e.name)] = kinds.get(kind(e.name), 0.0) + ms
+                    names[e.name[:80]] = names.get(e.name[:80], 0.0) + ms
+        kv.positions.copy_(saved)
+    print(f"== step graphs at span {span}, ms of kernels a replay: "
+          + ", ".join(f"{rows} row(s) {sum(kinds.values()):.3f}" for rows, kinds in by_kind.items()))
+    for table in (by_kind, by_name):
+        keys = sorted({k for t in table.values() for k in t}, key=lambda k: -max(t.get(k, 0.0) for t in table.values()))
+        for key in keys[:16]:
+            print("   " + " ".join(f"{t.get(key, 0.0):7.3f}" for t in table.values()) + f"  {key}")
+
+
+async def measure(engine: TransformersEngine, scenario: Scenario, first_image: int, host: HostLog | None = None
+                  ) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -148,7 +277,7 @@ async def measure(engine: TransformersEngine, scenario: Scenario, first_image: i
                                          for i in range(scenario.questions)])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    report(scenario, prof, t0, list(answers))
+    report(scenario, prof, t0, list(answers), host)
 
 
 async def settled_engine(model_dir: Path | None, work: Path, quantization: str, *, quick: bool) -> TransformersEngine:
@@ -179,6 +308,8 @@ async def main() -> None:
     parser.add_argument("--quantization", default="int4")
     parser.add_argument("--scenarios", default=";".join(s.name for s in SCENARIOS),
                         help="separated by ';', of: " + "; ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--by-host", action="store_true", help="the GPU's idle time by the engine's phase")
+    parser.add_argument("--steps", action="store_true", help="the captured 1- and 8-row steps' kernels by kind")
     parser.add_argument("--quick", action="store_true", help="imsight's tiny test model on the CPU: a check of the "
                                                              "script, its figures mean nothing")
     args = parser.parse_args()
@@ -191,8 +322,15 @@ async def main() -> None:
     for warm in (1, 1, 1, 8):  # each path once before it is measured
         await asyncio.gather(*[ask(engine, n + i, 4, 0.0) for i in range(warm)])
         n += warm
+    if args.steps:
+        step_graphs(engine)
+    host = None
+    if args.by_host:
+        host = HostLog()
+        host.install(engine)
+        host.steps_timed()
     for scenario in scenarios:
-        await measure(engine, scenario, n)
+        await measure(engine, scenario, n, host)
         n += scenario.questions
     await engine.stop()
 

@@ -11,8 +11,9 @@ graph broke in two and compiling was slower than eager (fifth step): so only wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +62,12 @@ class CompiledVision:
             return False
         self._fused = fused
         return True
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The compiled blocks in use where they are made (a CUDA graph of them is captured inside)."""
+        with self._fused.active() if self._fused is not None else contextlib.nullcontext():
+            yield
 
     def run(self, work: Callable[[], _T]) -> _T:
         """``work`` (the vision encoder over some images) through the compiled blocks where they are made;

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from core import text_rotary, vision_attention, vision_positions
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
-from core.compiled_vision import CompiledVision
+from core.compiled_vision import CompiledVision, vision_blocks
 from core.decode_loop import SlotKV, Stepper, StepTokens
 from core.engine import GenerationLimits, PreparedImage, Turn, Usage
 from core.errors import EngineError, EngineOutOfMemory, one_line
@@ -59,6 +59,7 @@ from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_
 from core.prompt_embeddings import PromptEmbeddings, prompt_embeddings
 from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
 from core.step_attention import StepAttention, prompts_attended_causally
+from core.vision_graphs import GraphedBlocks
 
 __all__ = ["EngineStats", "TransformersEngine"]
 
@@ -219,6 +220,7 @@ class TransformersEngine:
         self._fused_prefill: FusedLayers | None = None  # the compiled layers first questions' prefill takes
         self._fused_together = False  # whether several prefilled together take them too
         self._vision = CompiledVision()  # what the vision encoder runs through: its blocks compiled, once made
+        self._vision_graphs: GraphedBlocks | None = None  # one image's pass through them, as CUDA graphs
         self._step_attention: StepAttention | None = None  # decode steps' attention, where its kernel runs
         self._closing = threading.Event()
         self._cache_kw = "past_key_values"
@@ -369,6 +371,8 @@ class TransformersEngine:
                     if not self._take_requests():
                         break
                     self._admit_waiting()
+                    if self._vision_graphs is not None and self._vision_graphs.wanted and not self._waiting:
+                        self._capture_vision(self._vision_graphs)
                     if self._active:
                         self._step()
                     elif self._speeding_up is not None and not self._waiting:
@@ -775,6 +779,30 @@ class TransformersEngine:
         with self._attention_kernels():
             self._vision.compile(self.loaded.model, dummies, cache_dir=self._compile_cache)
 
+    def _graph_vision(self) -> None:
+        """From now on one image's pass through the vision blocks replays a CUDA graph made for its patch
+        count (``core/vision_graphs.py``), each made once an image of a new size has been encoded."""
+        if not (self._encodes_ahead and vision_blocks(self.loaded.model)):
+            return
+        self._vision_graphs = GraphedBlocks.install(self.loaded.model.model.visual)
+        if self._vision_graphs is not None:
+            self._vision_graphs.enabled = True
+
+    def _capture_vision(self, graphs: GraphedBlocks) -> None:
+        """The graph for one image size that has come (a few tens of ms, between decode steps); where that
+        cannot be done, images go through the blocks as before, said once."""
+        import torch
+
+        try:
+            with self._attention_kernels(), self._vision.active():
+                graphs.capture()
+        except Exception as exc:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            log.warning("cannot capture the vision encoder as a CUDA graph (%s); it runs as before", one_line(exc))
+            graphs.drop()
+            self._vision_graphs = None
+
     def _compiles(self, fused: FusedLayers, what: str, work: Callable[[], object]) -> bool:
         """``FusedLayers.compiles`` with the attention kernels prefill runs with."""
         with self._attention_kernels():
@@ -817,6 +845,8 @@ class TransformersEngine:
             yield
             self._compile_vision()
             yield
+            if stepper.use_graphs:
+                self._graph_vision()
             self._compile_prefill(stepper.fused)
             yield
             self._compile_prefill_together(stepper.fused)
@@ -949,6 +979,7 @@ class TransformersEngine:
         values["decode_compiled"] = float("step" in fused_kinds)
         values["prefill_compiled"] = float(self._fused_prefill is not None)
         values["vision_compiled"] = float(self._vision.compiled)
+        values["vision_graphs"] = float(len(self._vision_graphs.patch_counts) if self._vision_graphs else 0)
         values["prefill_together_compiled"] = float(self._fused_prefill is not None and self._fused_together)
         values["prompt_graphs_compiled"] = float("prefill" in fused_kinds)  # first questions' captured prefill
         values["tail_graphs_compiled"] = float("tail" in fused_kinds)  # follow-ups' captured tails

@@ -31,8 +31,9 @@ SCRIPTS = {
     "admission_phases.py": (["--quick", "--rounds", "2", "--ab-causal"],
                             ["not installed here (a CPU)", "round 1: all first tokens after",
                              "all first tokens, median", ": median "]),  # (": median": a phase's line)
-    "burst_profile.py": (["--quick"], ["== one alone", "== 8 asked 125 ms apart, 64 tokens", "no GPU kernels",
-                                       "prefill: "]),
+    "burst_profile.py": (["--quick", "--by-host", "--steps"],
+                         ["== one alone", "== 8 asked 125 ms apart, 64 tokens", "no GPU kernels", "prefill: ",
+                          "step graphs: none captured here", "by the engine's phase"]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
     "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
     "fp8_prefill.py": (["--quick"], ["one layer's linears", "row-wise fp8 error"]),
@@ -122,3 +123,14 @@ def test_the_burst_profile_sorts_kernels_by_kind_and_finds_the_gpu_s_gaps():
     busy, gaps = busy_and_gaps([(0, 1000), (500, 1500), (1600, 1700), (3000, 3100)])  # microseconds
     assert busy == pytest.approx(1.7)  # ms: 0-1.5, 1.6-1.7, 3.0-3.1
     assert gaps == [(pytest.approx(1.7), pytest.approx(1.3))]  # 0.1 ms is under GAP_MS
+    assert busy_and_gaps([(0, 1000), (1100, 1200)], least_ms=0.05)[1] == [(pytest.approx(1.0), pytest.approx(0.1))]
+
+
+def test_the_burst_profile_puts_each_gap_down_to_the_innermost_phase_under_way():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from burst_profile import gaps_by_host
+
+    phases = [("step", 0.0, 10.0), ("take_tokens", 2.0, 5.0), ("admit_together", 20.0, 30.0)]
+    gaps = [(1.0, 0.5), (3.0, 0.25), (4.0, 0.25), (12.0, 2.0), (25.0, 1.0)]  # (start, ms)
+    assert gaps_by_host(gaps, phases) == [("(none)", 2.0, 1), ("admit_together", 1.0, 1), ("step", 0.5, 1),
+                                          ("take_tokens", 0.5, 2)]

@@ -185,6 +185,24 @@ class Int4Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
 
+    @classmethod
+    def stacked(cls, layers: list[Int4Linear]) -> Int4Linear | None:
+        """One weight holding ``layers``' outputs one after another (their product is theirs concatenated), for
+        layers that multiply the same input; ``None`` where they differ in width, group, layout or kernels.
+        Each output's product is the same arithmetic as before: the kernels work on blocks of outputs."""
+        first = layers[0]
+        alike = {(m.in_features, m.group, m.packed.shape[1:], m.packed.dtype, m.scales_zeros.dtype, m.kernel, m.mma,
+                  m._full_width, m.bias is None, m.unpacked is None, m.packed.device) for m in layers}
+        if len(alike) != 1:
+            return None
+        bias = None if first.bias is None else torch.cat([m.bias.detach() for m in layers if m.bias is not None])
+        merged = cls(torch.cat([m.packed for m in layers]), torch.cat([m.scales_zeros for m in layers], dim=1),
+                     first.group, bias, in_features=first.in_features, kernel=first.kernel)
+        merged.mma, merged._full_width = first.mma, first._full_width
+        if first.unpacked is not None:
+            merged.unpacked = torch.cat([m.unpacked for m in layers if m.unpacked is not None])
+        return merged
+
 
 def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
     """Replace the model's linears (outside ``skip``) by ``Int4Linear`` on ``device``; (replaced, left full width)."""

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from core import text_rotary, vision_attention, vision_positions
+from core import qkv_projection, text_rotary, vision_attention, vision_positions
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.compiled_vision import CompiledVision, vision_blocks
 from core.decode_loop import SlotKV, Stepper, StepTokens
@@ -250,6 +250,8 @@ class TransformersEngine:
             log.info("vision encoder's position embeddings: resized by a matrix product, not grid_sample")
         if await loop.run_in_executor(None, text_rotary.install, self._loaded.model):
             log.info("decoder's rotary: in the projections' own layout, no transposing copy")
+        if layers := await loop.run_in_executor(None, qkv_projection.install, self._loaded.model):
+            log.info("decoder's query, key and value projections: one int4 weight, one launch (%d layers)", layers)
         self._cache_kw = cache_keyword(self._loaded.model)
         self._image_token_ids = image_token_ids(self._loaded.model.config)
         processor = self._loaded.processor

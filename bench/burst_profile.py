@@ -122,13 +122,13 @@ class HostLog:
     """When each of the engine thread's phases (``ENGINE_PHASES``, and the stepper's launch of a step) ran, by
     ``time.perf_counter``: torch's profiler records host calls only on the thread that started it."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: TransformersEngine) -> None:
         self.ranges: list[tuple[str, float, float]] = []  # (name, start, end)
-
-    def install(self, engine: TransformersEngine) -> None:
         for name in ENGINE_PHASES:
             setattr(engine, name, self._timed(name.lstrip("_"), getattr(engine, name)))
-        self._engine = engine
+        stepper = engine._stepper  # (made by the first question: the engine has answered some by now)
+        if stepper is not None:
+            stepper.step = self._timed("step launch", stepper.step)  # type: ignore[method-assign]
 
     def _timed(self, name: str, work: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -138,13 +138,6 @@ class HostLog:
             finally:
                 self.ranges.append((name, started, time.perf_counter()))
         return run
-
-    def steps_timed(self) -> None:
-        """The stepper's ``step`` (a step's launch) too, once the engine has made its stepper."""
-        stepper = self._engine._stepper
-        if stepper is not None and "launch" not in getattr(stepper.step, "__name__", ""):
-            stepper.step = self._timed("step launch", stepper.step)  # type: ignore[method-assign]
-            stepper.step.__name__ = "launch"
 
     def since(self, t0: float) -> list[tuple[str, float, float]]:
         """The ranges from ``t0`` on, in ms after it."""
@@ -162,6 +155,25 @@ def gaps_by_host(gaps: list[tuple[float, float]], ranges: list[tuple[str, float,
         entry[0] += length
         entry[1] += 1
     return sorted(((name, ms, int(count)) for name, (ms, count) in totals.items()), key=lambda item: -item[1])
+
+
+def decode_stretch(start: float, end: float, steps: int, spans: list[tuple[float, float]],
+                   phases: list[tuple[str, float, float]]) -> None:
+    """The stretch from ``start`` to ``end`` (ms) where every answer is past its first token: its wall and GPU busy
+    time a step, and where the host's phases are timed, how often a step was launched and each phase's median."""
+    inside = [(max(s, start * 1e3), min(e, end * 1e3)) for s, e in spans if e > start * 1e3 and s < end * 1e3]  # (us)
+    busy, _ = busy_and_gaps(inside)
+    print(f"   after the last first token: {end - start:.1f} ms, GPU busy {busy:.1f} ms: "
+          f"{(end - start) / steps:.2f} / {busy / steps:.2f} ms a step ({steps} steps)")
+    launches = sorted(s for name, s, _ in phases if name == "step launch" and start <= s <= end)
+    if len(launches) > 2:
+        durations: dict[str, list[float]] = {}
+        for name, s, e in phases:
+            if start <= s <= end:
+                durations.setdefault(name, []).append(e - s)
+        every = statistics.median(b - a for a, b in itertools.pairwise(launches))
+        print(f"   ... host: a launch every {every:.2f} ms (median); median ms a call: " + ", ".join(
+            f"{name} {statistics.median(values):.3f} (x{len(values)})" for name, values in durations.items()))
 
 
 def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked], host: HostLog | None = None) -> None:
@@ -182,23 +194,8 @@ def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked], host:
         print(f"   the GPU idle {sum(g for _, g in every_gap):.1f} ms in gaps of 0.01 ms or more, by the engine's "
               "phase as each began (ms / gaps): " + ", ".join(f"{name} {ms:.1f} / {count}"
                                                      for name, ms, count in gaps_by_host(every_gap, phases)))
-    if scenario.tokens > 1:  # the decode stretch: every answer past its first token
-        start, end = 1e3 * (max(a.first for a in answers) - t0), wall
-        steps = scenario.tokens - 1
-        inside = [(max(s, start * 1e3), min(e, end * 1e3)) for s, e in spans if e > start * 1e3 and s < end * 1e3]
-        decode_busy, _ = busy_and_gaps(inside)
-        print(f"   after the last first token: {end - start:.1f} ms, GPU busy {decode_busy:.1f} ms: "
-              f"{(end - start) / steps:.2f} / {decode_busy / steps:.2f} ms a step ({steps} steps)")
-        launches = sorted(s for name, s, _ in phases if name == "step launch" and start <= s <= end)
-        if len(launches) > 2:
-            durations: dict[str, list[float]] = {}
-            for name, s, e in phases:
-                if start <= s <= end:
-                    durations.setdefault(name, []).append(e - s)
-            every = statistics.median(b - a for a, b in itertools.pairwise(launches))
-            print(f"   ... host: a launch every {every:.2f}"
-                  " ms (median); median ms a call: " + ", ".join(
-                      f"{name} {statistics.median(values):.3f} (x{len(values)})" for name, values in durations.items()))
+    if scenario.tokens > 1:
+        decode_stretch(1e3 * (max(a.first for a in answers) - t0), wall, scenario.tokens - 1, spans, phases)
     by_kind: dict[str, list[float]] = {}
     by_name: dict[str, list[float]] = {}
     for k in kernels:
@@ -324,11 +321,7 @@ async def main() -> None:
         n += warm
     if args.steps:
         step_graphs(engine)
-    host = None
-    if args.by_host:
-        host = HostLog()
-        host.install(engine)
-        host.steps_timed()
+    host = HostLog(engine) if args.by_host else None
     for scenario in scenarios:
         await measure(engine, scenario, n, host)
         n += scenario.questions

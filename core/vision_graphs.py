@@ -1,10 +1,13 @@
 """One image through the vision tower's blocks, replayed from a CUDA graph made for its patch count.
 
 The blocks are compiled (``core/compiled_vision.py``) but still launched from Python: dynamo's guards
-and the eager attention between ~480 kernels for one 1024x768 screenshot. The GPU outruns that launching:
-on the H200 (GLM-4.6V-Flash, int4; bench/burst_profile.py --by-host, twenty-second step) it sat idle
-17-21 ms of a lone screenshot question's ~60 ms of GPU work while the vision encoder ran. Replayed from a
-graph, the 24 blocks are one launch.
+and the eager attention between ~480 kernels for one 1024x768 screenshot, from the engine thread, which
+shares the host with renders, streaming and the daemon. Replayed from a graph, the 24 blocks are one launch.
+On the H200 (GLM-4.6V-Flash, int4; bench/RESULTS.md, twenty-second step; one process, alternating): the
+encoder alone 23.4 ms instead of 25.6; a lone question's first token the same (the host keeps ahead of the
+blocks when nothing else runs); 8 questions asked 125 ms apart, the slowest answered after 650 ms instead of
+727-866. Under the profiler, whose host cost makes the launching slower still, the GPU sat idle 4.8 ms of the
+encoder instead of 24.9.
 
 Shapes: a graph serves one image of one patch count. Everything a block reads that varies between
 images of that count (the hidden states, the rotary's cos and sin) is copied into the graph's own
@@ -79,13 +82,6 @@ class GraphedBlocks(torch.nn.Module):
         graphed = cls(blocks, most=most)
         visual.blocks = torch.nn.ModuleList([graphed])
         return graphed
-
-    @staticmethod
-    def uninstall(visual: Any) -> None:
-        """The tower's own block list back."""
-        blocks = getattr(visual, "blocks", None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) == 1 and isinstance(blocks[0], GraphedBlocks):
-            visual.blocks = blocks[0].blocks
 
     @property
     def patch_counts(self) -> list[int]:

@@ -18,6 +18,7 @@ SCRIPTS = {
     "api_overhead.py": (["--quick"], ["daemon cost", "queued question"]),
     "soak.py": (["--quick"], ["lost answers                    0", "duplicated answers              0"]),
     "engine_bench.py": (["--quick"], ["time to first token", "8 at once", "8 at once, 8-token answers",
+                                      "(median of 3 rounds: ",
                                       "greedy output equals bare generate()",
                                       "[bf16] started", "[bf16-unfused] started"]),  # (each mode a process)
     "engine_smoke.py": ([], ["cuda available"]),

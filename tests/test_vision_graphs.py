@@ -49,8 +49,6 @@ def test_the_tower_gives_its_own_output_through_the_module(glm):
         graphed.enabled = enabled
         for seed, (grids, own) in enumerate(zip(CASES, before, strict=True)):
             assert torch.equal(_features(glm, grids, seed), own), (enabled, grids)
-    GraphedBlocks.uninstall(visual)
-    assert visual.blocks is own_blocks
 
 
 def test_one_image_of_each_new_size_is_wanted_once_and_several_together_never(glm):

@@ -1,12 +1,12 @@
 """GLM-4V's query, key and value projections as one int4 weight: one kernel launch a layer instead of three.
 
 A decode step of GLM-4.6V-Flash in int4 launches imsight's int4 kernel six times a layer. The key's and
-value's weights are 0.5 MB each: their launches (~3.3 us each on the H200) are bound by launching, not by
-their bytes, and in a captured step each kernel also leaves the GPU idle a moment before the next (the
-one-row step replayed in 3.97 ms for 3.63 ms of kernels). With the three weights' outputs stacked into one
-weight, one launch reads them all; each output is the same arithmetic as before (the kernels work on blocks
-of outputs), and so is a prefill's unpacking. On the H200: the one-row step 3.42 ms instead of 3.83, a
-question decoding at 281 tokens/s instead of 253 (bench/RESULTS.md, twenty-second step).
+value's weights are 0.5 MB each, yet each of their kernels took ~4.4 us inside a captured step on the H200:
+bound by the kernel's fixed costs, not its bytes. With the three weights' outputs stacked into one weight,
+one launch reads them all, in about the query's time alone; each output is the same arithmetic as before
+(the kernels work on blocks of outputs), and so is a prefill's unpacking. On the H200: the one-row step
+3.42 ms instead of 3.83 (the int4 kernel's share 2.02 ms instead of 2.37), a question decoding at 281
+tokens/s instead of 253 (bench/RESULTS.md, twenty-second step).
 
 Installed at the engine's start for GLM-4V's text attention (GLM-4.1V, GLM-4.6V) where the three are
 ``Int4Linear`` alike: each attention layer gets a ``qkv_proj`` in place of ``q_proj``, ``k_proj`` and

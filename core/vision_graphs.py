@@ -12,9 +12,12 @@ encoder instead of 24.9.
 Shapes: a graph serves one image of one patch count. Everything a block reads that varies between
 images of that count (the hidden states, the rotary's cos and sin) is copied into the graph's own
 inputs first; the image boundaries (``[0, patches]``) and the longest image are the same for all of
-them. Screenshots of one screen size share one graph, so a graph is made after the first image of a
-size has been encoded the usual way (``wanted``), by ``capture`` when the engine has time; the most
-recently used ``most`` are kept. Several images encoded together go through the blocks as before.
+them. Screenshots of one screen size share one graph. A capture stalls the answers being decoded for
+tens of ms (and Python's garbage collection, which ``torch.cuda.graph`` runs first), so a size gets its
+graph only once it has come back: its second image is encoded the usual way and kept as the example
+(``wanted``), and ``capture`` makes the graph when the engine has time; a size met once (a photo, an odd
+window) costs nothing. The most recently used ``most`` graphs are kept. Several images encoded together go
+through the blocks as before.
 
 Installed in place of the tower's ``blocks`` list: ``visual.blocks`` becomes a one-entry list holding a
 ``GraphedBlocks``, which holds the blocks themselves and runs them in order where it has no graph.
@@ -33,6 +36,8 @@ import torch
 __all__ = ["GraphedBlocks"]
 
 log = logging.getLogger(__name__)
+
+_SEEN = 64  # patch counts remembered as met once
 
 
 @dataclass
@@ -67,6 +72,7 @@ class GraphedBlocks(torch.nn.Module):
         self.most = most
         self.enabled = False  # set by the engine where graphs can be made (a GPU), once the blocks stay as they are
         self.wanted: dict[int, _Inputs] = {}  # patch count -> an image's inputs, to capture a graph with
+        self._seen: OrderedDict[int, None] = OrderedDict()  # patch counts met once (the last _SEEN of them)
         self._graphs: OrderedDict[int, _Graph] = OrderedDict()
         self._stream: torch.cuda.Stream | None = None
         self._pool: Any = None
@@ -99,8 +105,8 @@ class GraphedBlocks(torch.nn.Module):
                 mine.copy_(given)
             made.graph.replay()
             return made.output
-        if inputs is not None and inputs.hidden.shape[0] not in self.wanted:
-            self.wanted[inputs.hidden.shape[0]] = inputs.cloned()  # (before the blocks: the input)
+        if inputs is not None:
+            self._met(inputs)
         for block in self.blocks:
             hidden_states = block(hidden_states, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings,
                                   **kwargs)
@@ -115,6 +121,19 @@ class GraphedBlocks(torch.nn.Module):
                 or (hidden.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         return _Inputs(hidden, rotary[0], rotary[1], boundaries, kwargs.get("max_seqlen"))
+
+    def _met(self, inputs: _Inputs) -> None:
+        """One image of a patch count without a graph: wanted if that count has come before, else remembered."""
+        patches = inputs.hidden.shape[0]
+        if patches in self.wanted:
+            return
+        if patches in self._seen:  # the second time
+            del self._seen[patches]
+            self.wanted[patches] = inputs.cloned()  # (before the blocks: the input)
+            return
+        self._seen[patches] = None
+        while len(self._seen) > _SEEN:
+            self._seen.popitem(last=False)
 
     def _blocks(self, inputs: _Inputs) -> torch.Tensor:
         hidden = inputs.hidden
@@ -153,4 +172,5 @@ class GraphedBlocks(torch.nn.Module):
         """No more graphs, made or wanted (a capture failed, say): every image through the blocks as before."""
         self.enabled = False
         self.wanted.clear()
+        self._seen.clear()
         self._graphs.clear()

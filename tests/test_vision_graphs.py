@@ -51,21 +51,26 @@ def test_the_tower_gives_its_own_output_through_the_module(glm):
             assert torch.equal(_features(glm, grids, seed), own), (enabled, grids)
 
 
-def test_one_image_of_each_new_size_is_wanted_once_and_several_together_never(glm):
+def test_a_size_is_wanted_when_it_comes_back_and_several_images_together_never(glm):
     graphed = GraphedBlocks.install(glm.model.visual)
     assert graphed is not None
-    _features(glm, [(1, 4, 6)])
+    for seed in range(2):
+        _features(glm, [(1, 4, 6)], seed=seed)
     assert graphed.wanted == {}  # not enabled: nothing is kept
     graphed.enabled = True
-    _features(glm, [(1, 4, 6), (1, 6, 8)])  # several images: their boundaries split them, no graph serves
+    for seed in range(2):  # several images: their boundaries split them, no graph serves
+        _features(glm, [(1, 4, 6), (1, 6, 8)], seed=seed)
     assert graphed.wanted == {}
     _features(glm, [(1, 4, 6)], seed=1)
+    _features(glm, [(1, 8, 4)], seed=2)
+    assert graphed.wanted == {}  # each size met once: a photo's odd size costs no capture
+    _features(glm, [(1, 6, 4)], seed=3)  # as many patches as the first, another grid: the same graph serves it
     example = graphed.wanted[24]
-    _features(glm, [(1, 6, 4)], seed=2)  # as many patches, another grid: the same graph will serve it
-    _features(glm, [(1, 8, 4)], seed=3)
-    assert list(graphed.wanted) == [24, 32]
-    assert graphed.wanted[24] is example  # the first image of that size is the example kept
+    _features(glm, [(1, 4, 6)], seed=4)
+    assert list(graphed.wanted) == [24] and graphed.wanted[24] is example  # the second image of the size is kept
     assert example.boundaries.tolist() == [0, 24] and example.hidden.shape[0] == 24
     assert example.cos.shape[0] == example.sin.shape[0] == 24
+    _features(glm, [(1, 8, 4)], seed=5)
+    assert list(graphed.wanted) == [24, 32]
     graphed.drop()
     assert graphed.wanted == {} and not graphed.enabled and graphed.patch_counts == []

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from engine_bench import QUESTION, screenshot
+from engine_bench import QUESTION, replay_ms, screenshot
 from glm_model import build_glm_model
 
 from core.engine import GenerationLimits, Usage
@@ -196,13 +196,7 @@ def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked], host:
                                                      for name, ms, count in gaps_by_host(every_gap, phases)))
     if scenario.tokens > 1:
         decode_stretch(1e3 * (max(a.first for a in answers) - t0), wall, scenario.tokens - 1, spans, phases)
-    by_kind: dict[str, list[float]] = {}
-    by_name: dict[str, list[float]] = {}
-    for k in kernels:
-        for table, key in ((by_kind, kind(k.name)), (by_name, k.name[:90])):
-            entry = table.setdefault(key, [0.0, 0])
-            entry[0] += k.device_time / 1e3
-            entry[1] += 1
+    by_kind, by_name = kernel_tables(kernels)
     if kernels:
         print("   by kind (ms / kernels): " + ", ".join(f"{name} {ms:.1f} / {count}" for name, (ms, count)
                                                      in sorted(by_kind.items(), key=lambda item: -item[1][0])))
@@ -216,49 +210,48 @@ def report(scenario: Scenario, prof: Any, t0: float, answers: list[Asked], host:
               f"prefill: {a.usage.prefill}")
 
 
+def kernel_tables(kernels: list[Any], per: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Profiled kernels summed by kind and by name (its first 90 characters): ``[ms, count]`` each, over ``per``."""
+    by_kind: dict[str, list[float]] = {}
+    by_name: dict[str, list[float]] = {}
+    for k in kernels:
+        for table, key in ((by_kind, kind(k.name)), (by_name, k.name[:90])):
+            entry = table.setdefault(key, [0.0, 0])
+            entry[0] += k.device_time / 1e3 / per
+            entry[1] += 1
+    return by_kind, by_name
+
+
 def step_graphs(engine: TransformersEngine, span: int = 2048, replays: int = 10) -> None:
-    """The captured one-row and eight-row decode steps replayed under the profiler: kernel time by kind, then
-    the costliest kernels (ms a replay, one column a row count)."""
+    """The captured one-row and eight-row decode steps replayed: back to back, then under the profiler, kernel
+    time by kind and the costliest kernels (ms a replay, one column a row count)."""
     stepper, kv = engine._stepper, engine._kv
     if stepper is None or kv is None or not stepper.use_graphs:
         print("== step graphs: none captured here")
         return
-    by_kind: dict[int, dict[str, float]] = {}
-    by_name: dict[int, dict[str, float]] = {}
+    tables: dict[int, tuple[dict[str, list[float]], dict[str, list[float]]]] = {}
     with torch.inference_mode():  # the engine's tensors are inference tensors
         saved = kv.positions.clone()
         for rows in (1, 8):
             graph = stepper._graphs.get(("step", rows, span))
             if graph is None:
                 continue
-            graph.replay()
-            torch.cuda.synchronize()
-            calls, started = [], time.perf_counter()
-            for _ in range(replays):
-                before = time.perf_counter()
-                graph.replay()
-                calls.append(time.perf_counter() - before)
-            torch.cuda.synchronize()
-            each = 1e3 * (time.perf_counter() - started) / replays
-            print(f"== step graph, {rows} row(s) at span {span}: back to back {each:.3f} ms a replay, replay() "
-                  f"{1e3 * statistics.median(calls):.3f} ms of the host's (median)")
+            print(f"== step graph, {rows} row(s) at span {span}: back to back {replay_ms(graph, replays)} ms a replay")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(replays):
                     graph.replay()
                 torch.cuda.synchronize()
-            kinds, names = by_kind.setdefault(rows, {}), by_name.setdefault(rows, {})
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    ms = e.device_time / 1e3 / replays
-                    kinds[kind(e.name)] = kinds.get(kind(e.name), 0.0) + ms
-                    names[e.name[:80]] = names.get(e.name[:80], 0.0) + ms
+            tables[rows] = kernel_tables([e for e in prof.events()
+                                          if e.device_type == torch.autograd.DeviceType.CUDA], replays)
         kv.positions.copy_(saved)
+    totals = {rows: sum(ms for ms, _ in by_kind.values()) for rows, (by_kind, _) in tables.items()}
     print(f"== step graphs at span {span}, ms of kernels a replay: "
-          + ", ".join(f"{rows} row(s) {sum(kinds.values()):.3f}" for rows, kinds in by_kind.items()))
-    for table in (by_kind, by_name):
-        keys = sorted({k for t in table.values() for k in t}, key=lambda k: -max(t.get(k, 0.0) for t in table.values()))
+          + ", ".join(f"{rows} row(s) {ms:.3f}" for rows, ms in totals.items()))
+    for which in (0, 1):  # by kind, then by name
+        columns = [table[which] for table in tables.values()]
+        keys = sorted({k for c in columns for k in c}, key=lambda k: -max(c.get(k, [0.0])[0] for c in columns))
         for key in keys[:16]:
-            print("   " + " ".join(f"{t.get(key, 0.0):7.3f}" for t in table.values()) + f"  {key}")
+            print("   " + " ".join(f"{c.get(key, [0.0])[0]:7.3f}" for c in columns) + f"  {key}")
 
 
 async def measure(engine: TransformersEngine, scenario: Scenario, first_image: int, host: HostLog | None = None

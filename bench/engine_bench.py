@@ -148,7 +148,7 @@ def step_anatomy(engine: TransformersEngine) -> dict[str, Any]:
             graph.replay()
         torch.cuda.synchronize()
         replay_s = (time.perf_counter() - started) / 50
-        by_shape = {f"{size}x{span}": _replay_ms(each)  # how a step's GPU time grows with rows and span
+        by_shape = {f"{size}x{span}": replay_ms(each)  # how a step's GPU time grows with rows and span
                     for (kind, size, span), each in stepper._graphs.items() if kind == "step" and span <= 4096}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             stepper._eager("step", 1, 1024)
@@ -192,7 +192,7 @@ def _steps_with_sdpa(engine: TransformersEngine, shapes: list[tuple[int, int]]) 
         for rows, span in shapes:
             graph = stepper._capture(("step", rows, span), "step" in stepper.fused_kinds)
             assert graph is not None
-            replay[f"{rows}x{span}"] = _replay_ms(graph)
+            replay[f"{rows}x{span}"] = replay_ms(graph)
         return replay
     finally:
         attention.enabled = True
@@ -203,18 +203,18 @@ def _replay_profile(graph: Any) -> dict[str, Any]:
     the kernels in it, the largest first (name, ms, count)."""
     import torch
 
-    replay_ms = _replay_ms(graph)
+    replayed = replay_ms(graph)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
     kinds = [e for e in prof.key_averages() if e.device_time_total > 0]
-    return {"replay_ms": replay_ms, "kernels": sum(e.count for e in kinds),
+    return {"replay_ms": replayed, "kernels": sum(e.count for e in kinds),
             "kernel_ms": round(sum(e.device_time_total for e in kinds) / 1e3, 2),
             "top": [(e.key[:50], round(e.device_time_total / 1e3, 2), e.count)
                     for e in sorted(kinds, key=lambda e: -e.device_time_total)[:12]]}
 
 
-def _replay_ms(graph: Any, times: int = 10) -> float:
+def replay_ms(graph: Any, times: int = 10) -> float:
     """Milliseconds a replay of ``graph``, back to back (after one to warm up)."""
     import torch
 

@@ -127,6 +127,19 @@ def test_the_burst_profile_sorts_kernels_by_kind_and_finds_the_gpu_s_gaps():
     assert busy_and_gaps([(0, 1000), (1100, 1200)], least_ms=0.05)[1] == [(pytest.approx(1.0), pytest.approx(0.1))]
 
 
+def test_the_burst_profile_sums_kernels_by_kind_and_name_per_replay():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from types import SimpleNamespace
+
+    from burst_profile import kernel_tables
+
+    kernels = [SimpleNamespace(name=name, device_time=us) for name, us in
+               (("_attend_slice", 300.0), ("_attend_slice", 100.0), ("nvjet_sm90_tst_384x8", 1000.0))]
+    by_kind, by_name = kernel_tables(kernels, per=2)  # two replays' kernels: ms a replay
+    assert by_kind == {"attention": [pytest.approx(0.2), 2], "matrix products": [pytest.approx(0.5), 1]}
+    assert by_name["_attend_slice"] == [pytest.approx(0.2), 2]
+
+
 def test_the_burst_profile_puts_each_gap_down_to_the_innermost_phase_under_way():
     sys.path.insert(0, str(ROOT / "bench"))
     from burst_profile import gaps_by_host

@@ -6,7 +6,8 @@ prints every target of the GPU-speed work as a ratio against bare ``generate()``
 model in the same run: time to first token, a cached follow-up, decode tokens/s at batch 1 (and
 against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questions arriving 200 ms
 apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, int4 (the default
-engine: decoder layers compiled, the step captured), and bf16-unfused / nf4-unfused / int4-unfused
+engine: GLM's decoder layers through imsight's kernels, the step captured), int4-compiled (transformers'
+layers compiled instead, as before ``core.glm_decoder``), and bf16-unfused / nf4-unfused / int4-unfused
 (captured, not compiled); int4-tinygemm: int4 with torch's int4 kernel for decode instead of
 imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill`` suffix (int4-model-
 prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
@@ -456,7 +457,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         core.decode_loop.PREFILL_SIZES = ()
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
-        compile_decode=not mode.endswith("-unfused"),
+        compile_decode=not mode.endswith("-unfused"), decoder_kernels=not mode.endswith("-compiled"),
         dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
         prefix_cache_bytes=4 * GiB, warmup=True, unpacked_weights=mode.endswith("-unpacked"),
     )

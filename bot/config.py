@@ -90,6 +90,10 @@ class EngineConfig(_Section):
     # questions' prefill: fewer, fused kernels. Done while idle after start; inductor's code is cached
     # under data_dir/compile-cache (dynamo still traces anew in every process).
     compile_decode: bool = True
+    # GLM-4V in int4 on a GPU: the decoder layers through imsight's Triton kernels (checked against
+    # transformers' layer at start), so nothing of the decoder is compiled; false: transformers' layers,
+    # compiled while idle (compile_decode).
+    decoder_kernels: bool = True
     # Decode steps' attention through imsight's split-KV Triton kernel (GPU; it is checked against SDPA
     # at start, and SDPA stays where it disagrees or cannot run); false: SDPA always.
     split_kv_attention: bool = True

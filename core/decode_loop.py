@@ -270,11 +270,12 @@ class Stepper:
         size = next((t for t in self.prefills if t >= count), None)
         return size is not None and (not captured or ("prefill", size, size) in self._graphs)
 
-    def captures(self, *, fused: bool, kind: str = "step") -> Iterator[None]:
+    def captures(self, *, fused: bool, kind: str = "step", every_span: bool = False) -> Iterator[None]:
         """Warm up and capture every (kind, size, span) forward, one shape per ``next``: the caller may
         decode in between with what it has, but not during one (it uses the slots' rows).
 
         ``fused=False``: with the eager layers, every kind; each graph is used as soon as it is made.
+        Steps and tails only at the longest span unless ``every_span`` (no compiled pass comes after).
         ``fused=True``: compile the layers and capture that ``kind`` again ("step", "prefill" or
         "tail", a pass each, so that one failing leaves the others); the compiled graphs replace the
         others together, once all are made (after an error, none). Without CUDA graphs only the
@@ -285,12 +286,12 @@ class Stepper:
         # Steps first (every answer needs them), each kind the largest first: the others fit in what it took.
         kinds = (kind,) if fused else ("step", "tail", "prefill")
         order = [shape for kind in kinds for shape in reversed(shapes) if shape[0] == kind]
-        if not fused:
+        if not fused and not every_span:
             # The eager layers' graphs serve only until the compiled ones replace them (a minute of a first
             # start): steps and tails at the longest span only, which serves the shorter ones (``_graph``),
-            # 29 captures instead of 59 for GLM-4.6V-Flash. Before those, what one question needs:
-            # ``lone_steps`` (the engine is ready after them).
+            # 29 captures instead of 59 for GLM-4.6V-Flash.
             order = [shape for shape in order if shape[0] == "prefill" or shape[2] == self.spans[-1]]
+        if not fused:  # what one question needs first: ``lone_steps`` (the engine is ready after them)
             lone = [shape for shape in order if shape[:2] == ("step", 1)]
             order = lone + [shape for shape in order if shape not in lone]
         elif order:

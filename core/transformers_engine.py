@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from core import qkv_projection, text_rotary, vision_attention, vision_positions
+from core import glm_decoder, qkv_projection, text_rotary, vision_attention, vision_positions
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.compiled_vision import CompiledVision, vision_blocks
 from core.decode_loop import SlotKV, Stepper, StepTokens
@@ -178,6 +178,7 @@ class TransformersEngine:
         split_kv_attention: bool = True,
         compile_cache: Path | None = None,
         unpacked_weights: bool = False,
+        decoder_kernels: bool = True,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
@@ -196,6 +197,8 @@ class TransformersEngine:
         self._context_tokens = context_tokens
         self._use_graphs = cuda_graphs
         self._compile_decode = compile_decode
+        self._decoder_kernels = decoder_kernels  # GLM-4V's layers through core/glm_decoder.py where it applies
+        self._own_layers = False  # whether they are: then nothing of the decoder is compiled
         self._split_kv_attention = split_kv_attention
         self._compile_cache = compile_cache
         self._kv: SlotKV | None = None
@@ -252,6 +255,10 @@ class TransformersEngine:
             log.info("decoder's rotary: in the projections' own layout, no transposing copy")
         if layers := await loop.run_in_executor(None, qkv_projection.install, self._loaded.model):
             log.info("decoder's query, key and value projections: one int4 weight, one launch (%d layers)", layers)
+        if self._decoder_kernels and (layers := await loop.run_in_executor(None, glm_decoder.install,
+                                                                          self._loaded.model)):
+            self._own_layers = True
+            log.info("decoder layers: imsight's kernels between the products, nothing to compile (%d layers)", layers)
         self._cache_kw = cache_keyword(self._loaded.model)
         self._image_token_ids = image_token_ids(self._loaded.model.config)
         processor = self._loaded.processor
@@ -726,8 +733,9 @@ class TransformersEngine:
         log.info("KV slots: %d questions x %d tokens = %.2f GB (%d KB per token)", self.max_batch, length,
                  self._kv.nbytes / 1e9, per_token // 1024)
         if graphs or compiles:
+            compiled = compiles and not self._own_layers
             log.info("the decode step runs eagerly until it is %s, while idle (batch sizes %s x spans %s; "
-                     "follow-up tails %s)", "captured and compiled" if compiles else "captured",
+                     "follow-up tails %s)", "captured and compiled" if compiled else "captured",
                      self._stepper.sizes, self._stepper.spans, self._stepper.tails)
             self._speeding_up = self._speed_up_when_idle(self._stepper, compiles=compiles)
         else:
@@ -830,8 +838,9 @@ class TransformersEngine:
         the H200: 252 tokens/s). A question that comes meanwhile waits for the shape in hand: under a
         second while capturing, up to ~20 s while the first shapes compile (GLM-4.6V-Flash on the H200)."""
         if stepper.use_graphs:
-            yield from self._idle_work(stepper, fused=False)
-        if compiles:
+            # Every span where no compiled pass comes after this one (imsight's own layers need none).
+            yield from self._idle_work(stepper, fused=False, every_span=self._own_layers or not compiles)
+        if compiles and not self._own_layers:
             # Made here, not with the stepper: torch.compile's first call imports inductor, seconds that
             # would delay ready (measured on the H200: 3.2 s of a 21 s restart).
             yield
@@ -843,22 +852,24 @@ class TransformersEngine:
         for kind in ("prefill", "tail"):
             if stepper.fused is not None and stepper.use_graphs:
                 yield from self._idle_work(stepper, fused=True, kind=kind)
-        if stepper.fused is not None:  # (still: it is dropped where it cannot compile)
+        if compiles and (self._own_layers or stepper.fused is not None):  # (dropped where it cannot compile)
             yield
             self._compile_vision()
             yield
             if stepper.use_graphs:
                 self._graph_vision()
+        if stepper.fused is not None:
             self._compile_prefill(stepper.fused)
             yield
             self._compile_prefill_together(stepper.fused)
 
-    def _idle_work(self, stepper: Stepper, *, fused: bool, kind: str = "step") -> Iterator[None]:
+    def _idle_work(self, stepper: Stepper, *, fused: bool, kind: str = "step", every_span: bool = False
+                   ) -> Iterator[None]:
         """``stepper.captures`` a shape at a time; what cannot be done here is done without, said once."""
         import torch
 
         started, busy = time.monotonic(), 0.0
-        work = stepper.captures(fused=fused, kind=kind)
+        work = stepper.captures(fused=fused, kind=kind, every_span=every_span)
         what = {"prefill": "first questions' prefill", "tail": "follow-ups' prefill"}.get(kind, "decode step")
         done = False
         while not done:
@@ -979,6 +990,8 @@ class TransformersEngine:
         values = {field.name: float(getattr(self.stats, field.name)) for field in dataclasses.fields(self.stats)}
         fused_kinds = self._stepper.fused_kinds if self._stepper is not None else set()
         values["decode_compiled"] = float("step" in fused_kinds)
+        values["decoder_kernels"] = float(self._own_layers)  # imsight's layers: nothing of the decoder to compile
+        values["settled"] = float(self.settled.is_set())  # everything captured and compiled that will be
         values["prefill_compiled"] = float(self._fused_prefill is not None)
         values["vision_compiled"] = float(self._vision.compiled)
         values["vision_graphs"] = float(len(self._vision_graphs.patch_counts) if self._vision_graphs else 0)

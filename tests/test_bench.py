@@ -38,6 +38,7 @@ SCRIPTS = {
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
     "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
     "fp8_prefill.py": (["--quick"], ["one layer's linears", "row-wise fp8 error"]),
+    "decoder_kernels.py": (["--quick"], ["8 rows:", "rotated_qk: 0 of 1024 differ", "silu_mul: "]),
 }
 
 

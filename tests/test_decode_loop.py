@@ -304,6 +304,46 @@ def test_the_first_shapes_captured_are_one_question_s_steps(tiny_model):
     assert stepper._graph("step", 2, stepper.spans[0]) is None
 
 
+def test_the_eager_pass_takes_every_span_where_no_compiled_pass_follows(tiny_model):
+    """Where nothing is compiled after it (imsight's own decoder layers, or ``compile_decode = false``) the eager
+    pass's graphs are the last: every step and tail at every span, each attending only over its own span;
+    still one row's steps first (the engine is ready after the first)."""
+    import torch
+
+    from core.decode_loop import SlotKV, Stepper
+    from core.kv_cache import cache_keyword
+    from core.model_files import resolve
+    from core.model_loading import load
+
+    model = load(resolve("x", tiny_model, allow_download=False), device="cpu").model
+    attention = model.get_decoder().layers[0].self_attn
+    kv = SlotKV(len(model.get_decoder().layers), 4, attention.config.num_key_value_heads, attention.head_dim, 2048,
+                dtype=torch.float32, device="cpu")
+    stepper = Stepper(model, kv, cache_keyword=cache_keyword(model), mrope=False, use_graphs=False)
+    seen: list[tuple[int, int, int]] = []  # rows, tokens, span of each forward
+    tails: list[tuple[int, int, int]] = []  # the same of follow-ups' tails (token ids; first questions' are embeddings)
+
+    def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        new = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        seen.append((new.shape[0], new.shape[1], kwargs["attention_mask"].shape[-1]))
+        if kwargs.get("input_ids") is not None and new.shape[1] > 1:
+            tails.append(seen[-1])
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for _ in stepper.captures(fused=False, every_span=True):
+                pass
+    finally:
+        hook.remove()
+    spans = list(reversed(stepper.spans))
+    lone = [(1, 1, span) for span in spans]
+    assert seen[:len(lone)] == lone
+    steps = [shape for shape in seen if shape[1] == 1]
+    assert sorted(steps) == sorted((size, 1, span) for size in stepper.sizes for span in spans)
+    assert sorted(tails) == sorted((1, size, span) for size in stepper.tails for span in spans if span >= size)
+
+
 def test_a_compiled_shape_is_warmed_up_until_a_call_compiles_nothing(tiny_model):
     """A compiled pass compiles first at its shortest span (one row, then the most rows): traced at the
     whole row's span, dynamo guards on a stride of the slots' keys that equals span x head_dim there, and

@@ -6,6 +6,8 @@ layouts (tinygemm's, and the second try's own) with index arithmetic of their ow
 these tests check: on the GPU a wrong index reads the right bytes in the wrong order and still looks
 like a weight. ``core.split_kv_attention`` is every decode
 step's attention on a GPU: checked against SDPA, and inside the engine against bare ``generate()``.
+``core.decoder_kernels`` are GLM-4V's decoder layers between their products on a GPU (``core.glm_decoder``):
+checked against the eager ops, and in a tiny GLM against transformers' layers.
 The interpreter decides when a kernel is defined (``TRITON_INTERPRET``), so each check runs in a
 fresh interpreter process of its own.
 """
@@ -271,3 +273,71 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
     """)
     assert "answered 3" in out
     assert "switched off" in out
+
+
+def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers_do() -> None:
+    """Each kernel against the eager ops it replaces (float32: the interpreter's bf16 does not round as a GPU
+    does; bench/decoder_kernels.py checks bf16 there); then a tiny GLM-4.1V in int4 with every decoder layer
+    through them: the same logits and greedy tokens as with transformers' layers; and a kernel that disagrees
+    keeps transformers' layers."""
+    out = run_interpreted("""
+        import logging, sys, types
+        import torch
+        sys.path.insert(0, "bench")
+        from glm_model import tiny_glm
+        from core import decoder_kernels, glm_decoder, int4_weights, qkv_projection, text_rotary
+        from core.fused_layers import decoder_layers
+        from core.text_rotary import _rotated
+
+        torch.manual_seed(0)
+        def rms(x, w, eps=1e-5):
+            h = x.float()
+            return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        x, residual, w, w2 = torch.randn(2, 3, 96), torch.randn(2, 3, 96), torch.randn(96), torch.randn(96)
+        assert close(decoder_kernels.rms_norm(x, w, 1e-5), rms(x, w))
+        total, normed = decoder_kernels.add_rms_norm(x, residual, w, 1e-5, w2)
+        assert close(total, residual + rms(x, w)) and close(normed, rms(residual + rms(x, w), w2))
+        assert decoder_kernels.add_rms_norm(x, residual, w, 1e-5)[1] is None
+        gate_up = torch.randn(2, 3, 2 * 1500)  # more than a program's share of the gate
+        gate, up = gate_up.chunk(2, dim=-1)
+        assert close(decoder_kernels.silu_mul(gate_up), up * torch.nn.functional.silu(gate))
+        heads, kv_heads, dim = 4, 2, 32
+        product = torch.randn(2, 3, (heads + 2 * kv_heads) * dim)
+        angles = torch.randn(1, 3, dim // 2)  # one row's positions for both rows: broadcast
+        q, k = decoder_kernels.rotated_qk(product, angles.cos(), angles.sin(), heads, kv_heads, dim)
+        cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+        assert close(q, _rotated(product[..., :heads * dim].view(2, 3, heads, dim), cos, sin))
+        keys = product[..., heads * dim:(heads + kv_heads) * dim].view(2, 3, kv_heads, dim)
+        assert close(k, _rotated(keys, cos, sin))
+        print("kernels agree")
+
+        def glm():
+            model = tiny_glm()
+            int4_weights.quantize_linears(model, ["model.visual", "lm_head"])
+            text_rotary.install(model)
+            assert qkv_projection.install(model) == 2
+            return model
+
+        ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(1))
+        def run(model):
+            with torch.inference_mode():
+                tokens = model.generate(input_ids=ids[:1], max_new_tokens=12, do_sample=False)
+                return model(input_ids=ids).logits, tokens
+        model = glm()
+        theirs = run(model)
+        assert glm_decoder.install(model) == 2
+        assert all(layer.forward.__func__ is glm_decoder.forward for layer in decoder_layers(model))
+        ours = run(model)
+        assert close(ours[0], theirs[0]), (ours[0] - theirs[0]).abs().max()
+        assert torch.equal(ours[1], theirs[1]) and theirs[1].shape[1] > ids.shape[1]
+        print("layers agree")
+
+        decoder_kernels.silu_mul = lambda gate_up, own=decoder_kernels.silu_mul: own(gate_up) * 1.1
+        model = glm()
+        logging.basicConfig()
+        assert glm_decoder.install(model) == 0
+        assert not any("forward" in vars(layer) for layer in decoder_layers(model))
+        print("disagreement kept out")
+    """)
+    assert "kernels agree" in out and "layers agree" in out and "disagreement kept out" in out

@@ -1,0 +1,123 @@
+"""GLM-4V's decoder layers as a dozen kernels each, with nothing for ``torch.compile`` to do.
+
+transformers' decoder layer launches ~65 kernels, most of them small elementwise ones, so the engine
+compiled the layers: inductor fused them into ~16 a layer. But dynamo traces the layers anew in every
+process (its cache across processes fails on them), and everything captured through the eager layers
+is captured again once they are compiled: a minute of every restart before the daemon answers at full
+speed (bench/RESULTS.md, fifteenth step). Here the layer's forward calls ``core.decoder_kernels``
+between its matrix products instead: one RMSNorm kernel, the query/key projection and its rotary, the
+attention as before, one kernel for the residual add with the norms on either side of it, the gate,
+and one more residual add: the graphs captured from this forward need no compiled pass after them.
+
+Installed at the engine's start for GLM-4V's text layers (GLM-4.1V, GLM-4.6V) where the query, key and
+value projections are one weight (``core.qkv_projection``), the activation is SiLU and Triton runs on
+the model's device. Checked on the first layer against transformers' forward before any layer
+changes; the layer keeps its weights and modules, only its ``forward`` is its own (an instance
+attribute).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import types
+from typing import Any
+
+import torch
+
+__all__ = ["forward", "install", "runs_here"]
+
+log = logging.getLogger(__name__)
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+def forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Rotary | None = None,
+            attention_mask: torch.Tensor | None = None, cache: Any = None, **kwargs: Any) -> torch.Tensor:
+    """transformers' ``Glm4vTextDecoderLayer.forward`` (5.x) through ``core.decoder_kernels``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from core import decoder_kernels as kernels
+
+    if cache is None:  # the older keyword (transformers' layer takes both)
+        cache = kwargs.pop("past_key_values", None)
+    kwargs.pop("position_ids", None)
+    kwargs.pop("use_cache", None)
+    attn, mlp = self.self_attn, self.mlp
+    eps = self.input_layernorm.variance_epsilon
+    batch, tokens, _ = hidden_states.shape
+    heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+
+    normed = kernels.rms_norm(hidden_states, self.input_layernorm.weight, eps)
+    product = attn.qkv_proj.weight(normed)  # the query's, key's and value's outputs side by side, biases added
+    cos, sin = position_embeddings  # type: ignore[misc]  # (GLM's layers always pass them)
+    query, key = kernels.rotated_qk(product, cos, sin, heads, kv_heads, dim)
+    value = product[..., (heads + kv_heads) * dim:].view(batch, tokens, kv_heads, dim)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx, kwargs=kwargs)
+    module = sys.modules[type(attn).__module__]
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, module.eager_attention_forward)
+    attended, _ = attention(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+    attended = attn.o_proj(attended.reshape(batch, tokens, -1))
+
+    hidden, mlp_in = kernels.add_rms_norm(attended, hidden_states, self.post_self_attn_layernorm.weight, eps,
+                                          self.post_attention_layernorm.weight)
+    assert mlp_in is not None
+    mlp_out = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(mlp_in)))
+    hidden, _ = kernels.add_rms_norm(mlp_out, hidden, self.post_mlp_layernorm.weight, eps)
+    return hidden
+
+
+def runs_here(device: torch.device) -> bool:
+    """Whether the kernels run on ``device``: compiled on a GPU, or under Triton's interpreter (the tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def install(model: Any) -> int:
+    """``forward`` for each GLM-4V text decoder layer of ``model`` where it applies and the first layer's output
+    agrees both ways; the number of layers changed (0 where none)."""
+    from core.fused_layers import decoder_layers
+    from core.qkv_projection import QKVProjection
+
+    layers = decoder_layers(model)
+    module: Any = sys.modules.get(type(layers[0]).__module__) if layers else None
+    if module is None or not module.__name__.endswith(".glm4v.modeling_glm4v") \
+            or not all(isinstance(layer, module.Glm4vTextDecoderLayer) for layer in layers):
+        return 0
+    if not all(isinstance(getattr(layer.self_attn, "qkv_proj", None), QKVProjection) for layer in layers):
+        return 0  # the projections apart (not int4): transformers' layers, compiled
+    first: Any = layers[0]
+    config = first.self_attn.config
+    if getattr(config, "hidden_act", None) != "silu" or not runs_here(next(first.parameters()).device):
+        return 0
+    if not _agrees(first):
+        log.warning("the decoder layers stay transformers' (compiled): imsight's kernels disagree with them here")
+        return 0
+    for layer in layers:
+        layer.forward = types.MethodType(forward, layer)
+    return len(layers)
+
+
+def _agrees(layer: Any) -> bool:
+    """The layer's output through ``forward`` against transformers' forward, on dummy tokens: one row (a decode
+    step) and 80 (a prompt), within 1 % of the largest value (the norms' sums may add up in another order)."""
+    weight = layer.input_layernorm.weight
+    attention = layer.self_attn
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for rows in (1, 80):
+        hidden = torch.randn(1, rows, attention.config.hidden_size, generator=generator)
+        angles = torch.randn(1, rows, attention.head_dim // 2, generator=generator)  # GLM rotates half a head
+        hidden, cos, sin = (x.to(weight.device, weight.dtype) for x in (hidden, angles.cos(), angles.sin()))
+        with torch.inference_mode():
+            theirs = type(layer).forward(layer, hidden, position_embeddings=(cos, sin))
+            ours = forward(layer, hidden, position_embeddings=(cos, sin))
+        theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+        if ours.shape != theirs.shape or (theirs - ours).abs().max() > 1e-2 * theirs.abs().max():
+            return False
+    return True

@@ -614,7 +614,7 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         lines.append(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
     for r in results:
         lines.append(f"\n[{r['mode']}] started in {r['start_s']:.1f} s (load, warm-up, CUDA graphs: {r['graphs']}), "
-                     f"decode step at full speed (compiled) {r['compiled_s']:.1f} s after the start; "
+                     f"everything captured and compiled {r['compiled_s']:.1f} s after the start; "
                      f"image tokens per 1024x768 screenshot: {r['image_tokens']}; "
                      f"decode steps' attention: {r.get('step_attention')}")
         lines.append(f"  weights {r['weight_bytes'] / 1e9:.2f} GB + KV slots {r['kv_slot_bytes'] / 1e9:.2f} GB"

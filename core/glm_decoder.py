@@ -42,8 +42,6 @@ def forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Rotary 
 
     if cache is None:  # the older keyword (transformers' layer takes both)
         cache = kwargs.pop("past_key_values", None)
-    kwargs.pop("position_ids", None)
-    kwargs.pop("use_cache", None)
     attn, mlp = self.self_attn, self.mlp
     eps = self.input_layernorm.variance_epsilon
     batch, tokens, _ = hidden_states.shape

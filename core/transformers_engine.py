@@ -255,9 +255,10 @@ class TransformersEngine:
             log.info("decoder's rotary: in the projections' own layout, no transposing copy")
         if layers := await loop.run_in_executor(None, qkv_projection.install, self._loaded.model):
             log.info("decoder's query, key and value projections: one int4 weight, one launch (%d layers)", layers)
-        if self._decoder_kernels and (layers := await loop.run_in_executor(None, glm_decoder.install,
-                                                                          self._loaded.model)):
-            self._own_layers = True
+        layers = await loop.run_in_executor(None, glm_decoder.install, self._loaded.model) \
+            if self._decoder_kernels else 0
+        self._own_layers = layers > 0
+        if layers:
             log.info("decoder layers: imsight's kernels between the products, nothing to compile (%d layers)", layers)
         self._cache_kw = cache_keyword(self._loaded.model)
         self._image_token_ids = image_token_ids(self._loaded.model.config)

@@ -35,15 +35,18 @@ from core.transformers_engine import TransformersEngine  # noqa: E402
 INTERVAL_S = 0.02
 # Kinds of work by the files on the engine thread's stack, the first that matches (innermost work first).
 KINDS = [
-    ("Triton compiling", ("triton/compiler", "triton/runtime/jit", "async_compile")),
+    ("Triton compiling", ("triton/compiler", "async_compile")),
     ("inductor", ("torch/_inductor",)),
     ("AOT autograd", ("torch/_functorch",)),
     ("dynamo's tracing", ("torch/_dynamo/symbolic_convert", "torch/_dynamo/output_graph",
                           "torch/_dynamo/variables")),
     ("dynamo's guards and frames", ("torch/_dynamo",)),
     ("capturing CUDA graphs", ("torch/cuda/graphs",)),
+    ("waiting for the GPU", ("cuda/__init__.py:synchronize",)),
+    # (a Triton kernel's launch runs through triton/runtime/jit too, compiled or not: only a compile is above)
+    ("Triton kernels' launches", ("triton/runtime", "triton/backends")),
     ("the int4 kernel's launches", ("core/int4",)),
-    ("eager layers' Python", ("transformers/models", "transformers/modeling")),
+    ("eager layers' Python", ("transformers/models", "transformers/modeling", "core/glm_decoder")),
 ]
 
 

@@ -498,6 +498,7 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     # Answered without waiting for all of it: the step is compiled for one row after (one shape at a time,
     # the largest first: 2 rows, then 1).
     assert engine.measurements()["decode_compiled"] == 0
+    assert engine.measurements()["settled"] == 0 and engine.measurements()["decoder_kernels"] == 0  # (LLaVA)
     during.append(await _answer(engine, *asks[1]))
     for _ in range(600):
         if engine.measurements()["decode_compiled"]:
@@ -507,6 +508,7 @@ async def test_the_decode_step_is_compiled_while_idle_and_answers_meanwhile(tiny
     # Then first questions' prefill through the compiled layers too.
     assert await asyncio.to_thread(engine.settled.wait, 300)
     assert engine.measurements()["prefill_compiled"] == 1
+    assert engine.measurements()["settled"] == 1
     steps = engine.stats.decode_steps
     hits = engine.stats.prefix_hits
     after = [await _answer(engine, [_image(61)], "What is it?", 10), await _answer(engine, [], "Why?", 8)]

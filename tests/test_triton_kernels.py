@@ -332,6 +332,17 @@ def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers
         assert close(ours[0], theirs[0]), (ours[0] - theirs[0]).abs().max()
         assert torch.equal(ours[1], theirs[1]) and theirs[1].shape[1] > ids.shape[1]
         print("layers agree")
+        # transformers' layer takes the cache as ``cache`` and, deprecated, ``past_key_values``: so does this one.
+        from transformers import DynamicCache
+        layer = decoder_layers(model)[0]
+        hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
+        angles = torch.randn(1, 5, layer.self_attn.head_dim // 2)
+        for keyword in ("cache", "past_key_values"):
+            cache = DynamicCache(config=model.config.text_config)
+            with torch.inference_mode():
+                layer(hidden, position_embeddings=(angles.cos(), angles.sin()), **{keyword: cache})
+            assert cache.get_seq_length() == 5, keyword
+        print("either cache keyword")
 
         decoder_kernels.silu_mul = lambda gate_up, own=decoder_kernels.silu_mul: own(gate_up) * 1.1
         model = glm()
@@ -340,4 +351,5 @@ def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers
         assert not any("forward" in vars(layer) for layer in decoder_layers(model))
         print("disagreement kept out")
     """)
-    assert "kernels agree" in out and "layers agree" in out and "disagreement kept out" in out
+    assert "kernels agree" in out and "layers agree" in out and "either cache keyword" in out
+    assert "disagreement kept out" in out

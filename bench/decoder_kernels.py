@@ -3,7 +3,7 @@
 For GLM-4.6V-Flash's widths in bf16 at 1, 8 and 1,152 rows (a decode step, eight, a screenshot prompt):
 how many outputs differ from the eager ops' and by how much (the kernels round where the eager ops round,
 so only the sums inside the norms and the rotary may add up in another order), and each kernel's time
-against the eager ops' (CUDA graphs, replayed back to back).
+against the eager ops', replayed from a CUDA graph as a decode step runs them (``int4_kernels.graph_timed``).
 
     python bench/decoder_kernels.py
     python bench/decoder_kernels.py --quick   # Triton's interpreter on the CPU, small widths (a check of the script)
@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from int4_kernels import graph_timed
+
 EPS = 1e-5
 
 
@@ -39,25 +41,6 @@ GLM_4_6V_FLASH = Widths(4096, 13696, 32, 2, 128)
 def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # Glm4vRMSNorm.forward
     h = x.float()
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
-
-
-def replay_us(work: Callable[[], object], reps: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        work()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        work()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def differ(ours: torch.Tensor, theirs: torch.Tensor) -> str:
@@ -103,7 +86,7 @@ def compare(rows: int, widths: Widths, **tensor: Any) -> None:
         got, want = ours(), theirs()
         pairs = zip(got, want, strict=True) if isinstance(got, tuple) else [(got, want)]
         checks = "; ".join(differ(a, b) for a, b in pairs)  # type: ignore[arg-type]
-        timed = f"; {replay_us(ours):.1f} us against eager {replay_us(theirs):.1f} us" if x.is_cuda else ""
+        timed = f"; {graph_timed(ours):.1f} us against eager {graph_timed(theirs):.1f} us" if x.is_cuda else ""
         print(f"  {name}: {checks}{timed}")
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from core.qkv_projection import QKVProjection, dummy_tokens
+
 __all__ = ["forward", "install", "runs_here"]
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,6 @@ def install(model: Any) -> int:
     """``forward`` for each GLM-4V text decoder layer of ``model`` where it applies and the first layer's output
     agrees both ways; the number of layers changed (0 where none)."""
     from core.fused_layers import decoder_layers
-    from core.qkv_projection import QKVProjection
 
     layers = decoder_layers(model)
     module: Any = sys.modules.get(type(layers[0]).__module__) if layers else None
@@ -108,13 +109,9 @@ def install(model: Any) -> int:
 def _agrees(layer: Any) -> bool:
     """The layer's output through ``forward`` against transformers' forward, on dummy tokens: one row (a decode
     step) and 80 (a prompt), within 1 % of the largest value (the norms' sums may add up in another order)."""
-    weight = layer.input_layernorm.weight
-    attention = layer.self_attn
     generator = torch.Generator(device="cpu").manual_seed(0)
     for rows in (1, 80):
-        hidden = torch.randn(1, rows, attention.config.hidden_size, generator=generator)
-        angles = torch.randn(1, rows, attention.head_dim // 2, generator=generator)  # GLM rotates half a head
-        hidden, cos, sin = (x.to(weight.device, weight.dtype) for x in (hidden, angles.cos(), angles.sin()))
+        hidden, cos, sin = dummy_tokens(layer.self_attn, rows, generator, like=layer.input_layernorm.weight)
         with torch.inference_mode():
             theirs = type(layer).forward(layer, hidden, position_embeddings=(cos, sin))
             ours = forward(layer, hidden, position_embeddings=(cos, sin))

@@ -26,7 +26,7 @@ import torch
 
 from core.int4_weights import Int4Linear
 
-__all__ = ["QKVProjection", "forward", "install"]
+__all__ = ["QKVProjection", "dummy_tokens", "forward", "install"]
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,11 @@ def _agrees(attention: Any, qkv: QKVProjection) -> bool:
     """The layer's output through ``forward`` with ``qkv`` against transformers' forward, on dummy tokens: one
     row (multiplied by imsight's int4 kernel on a GPU: then equal) and 80 (past it: the weights unpacked for
     cuBLAS, which may round a wider product differently: then within 1 % of the largest value)."""
-    weight = qkv.weight.scales_zeros
     generator = torch.Generator(device="cpu").manual_seed(0)
     attention.qkv_proj = qkv  # (beside the three, while checking)
     try:
         for rows in (1, 80):
-            hidden = torch.randn(1, rows, attention.config.hidden_size, generator=generator)
-            angles = torch.randn(1, rows, attention.head_dim // 2, generator=generator)  # GLM rotates half a head
-            hidden, cos, sin = (x.to(weight.device, weight.dtype) for x in (hidden, angles.cos(), angles.sin()))
+            hidden, cos, sin = dummy_tokens(attention, rows, generator, like=qkv.weight.scales_zeros)
             with torch.inference_mode():
                 theirs = attention(hidden, position_embeddings=(cos, sin))[0]
                 ours = forward(attention, hidden, position_embeddings=(cos, sin))[0]
@@ -128,3 +125,13 @@ def _agrees(attention: Any, qkv: QKVProjection) -> bool:
         return True
     finally:
         del attention.qkv_proj
+
+
+def dummy_tokens(attention: Any, rows: int, generator: torch.Generator, *, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random hidden states of ``rows`` tokens for a GLM-4V text attention layer, and its rotary's cos and sin (GLM
+    rotates half a head), on ``like``'s device and in its dtype: what the install checks run a layer on."""
+    hidden = torch.randn(1, rows, attention.config.hidden_size, generator=generator)
+    angles = torch.randn(1, rows, attention.head_dim // 2, generator=generator)
+    hidden, cos, sin = (x.to(like.device, like.dtype) for x in (hidden, angles.cos(), angles.sin()))
+    return hidden, cos, sin

@@ -187,3 +187,19 @@ def sdpa_calls() -> Iterator[list[tuple[int, int, int, bool, bool]]]:
         yield calls
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+def tiny_glm(*, int4: bool = True) -> Any:
+    """The benches' tiny GLM-4.1V shape in memory (``bench/glm_model.py``: random weights, float32, no processor),
+    its language model's linears in int4 unless ``int4=False``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from glm_model import tiny_glm as build
+
+    from core import int4_weights
+
+    model = build()
+    if int4:
+        int4_weights.quantize_linears(model, ["model.visual", "lm_head"])
+    return model

@@ -3,26 +3,20 @@ then compiles). Its kernels and layers are checked under Triton's interpreter (t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from core import glm_decoder, int4_weights, qkv_projection
+from core import glm_decoder, qkv_projection
 from core.fused_layers import decoder_layers
 from core.model_files import resolve
 from core.model_loading import load
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from helpers import tiny_glm
 
 
 def _glm(*, int4: bool = True, stacked: bool = True):  # type: ignore[no-untyped-def]
-    from glm_model import tiny_glm
-
-    model = tiny_glm()
-    if int4:
-        int4_weights.quantize_linears(model, ["model.visual", "lm_head"])
+    model = tiny_glm(int4=int4)
     if stacked:
         assert qkv_projection.install(model) == (2 if int4 else 0)
     return model

@@ -5,7 +5,6 @@ is where the projections are not int4, the model not GLM-4V, or the stack disagr
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,9 @@ from core import int4_weights, qkv_projection
 from core.fused_layers import decoder_layers
 from core.model_files import resolve
 from core.model_loading import load
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from helpers import tiny_glm
 
 IDS = torch.randint(0, 100, (1, 20), generator=torch.Generator().manual_seed(1))
-
-
-def _glm(*, int4: bool = True) -> Any:
-    from glm_model import tiny_glm
-
-    model = tiny_glm()
-    if int4:
-        int4_weights.quantize_linears(model, ["model.visual", "lm_head"])
-    return model
 
 
 def _logits_and_tokens(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +28,7 @@ def _logits_and_tokens(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_stacked_projections_give_the_same_logits_and_tokens():
-    model = _glm()
+    model = tiny_glm()
     before = _logits_and_tokens(model)
     attention = decoder_layers(model)[0].self_attn
     widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
@@ -56,7 +45,7 @@ def test_stacked_projections_give_the_same_logits_and_tokens():
 
 
 def test_a_stack_is_each_weight_s_rows_one_after_another():
-    model = _glm()
+    model = tiny_glm()
     attention = decoder_layers(model)[0].self_attn
     parts = [attention.q_proj, attention.k_proj, attention.v_proj]
     stacked = int4_weights.Int4Linear.stacked(parts)
@@ -72,7 +61,7 @@ def test_a_stack_is_each_weight_s_rows_one_after_another():
 
 
 def test_left_as_it_is_where_it_does_not_apply(tiny_model: Path):
-    full_width = _glm(int4=False)
+    full_width = tiny_glm(int4=False)
     assert qkv_projection.install(full_width) == 0  # no int4 weights to stack
     assert hasattr(decoder_layers(full_width)[0].self_attn, "q_proj")
     llava = load(resolve("x", tiny_model, allow_download=False), device="cpu", quantization="int4").model
@@ -80,7 +69,7 @@ def test_left_as_it_is_where_it_does_not_apply(tiny_model: Path):
 
 
 def test_a_stack_that_disagrees_is_not_installed(monkeypatch, caplog):
-    model = _glm()
+    model = tiny_glm()
     stacked = int4_weights.Int4Linear.stacked
 
     def off(layers: list[int4_weights.Int4Linear]) -> int4_weights.Int4Linear | None:
@@ -104,7 +93,7 @@ def test_the_cache_keyword_either_way(keyword):
     """transformers' forward takes ``cache`` and, deprecated, ``past_key_values``: so does the stacked one."""
     from transformers import DynamicCache
 
-    model = _glm()
+    model = tiny_glm()
     assert qkv_projection.install(model)
     attention = decoder_layers(model)[0].self_attn
     hidden = torch.randn(1, 5, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))

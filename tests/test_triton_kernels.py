@@ -281,11 +281,10 @@ def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers
     through them: the same logits and greedy tokens as with transformers' layers; and a kernel that disagrees
     keeps transformers' layers."""
     out = run_interpreted("""
-        import logging, sys, types
+        import logging
         import torch
-        sys.path.insert(0, "bench")
-        from glm_model import tiny_glm
-        from core import decoder_kernels, glm_decoder, int4_weights, qkv_projection, text_rotary
+        from helpers import tiny_glm
+        from core import decoder_kernels, glm_decoder, qkv_projection, text_rotary
         from core.fused_layers import decoder_layers
         from core.text_rotary import _rotated
 
@@ -314,7 +313,6 @@ def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers
 
         def glm():
             model = tiny_glm()
-            int4_weights.quantize_linears(model, ["model.visual", "lm_head"])
             text_rotary.install(model)
             assert qkv_projection.install(model) == 2
             return model

@@ -75,12 +75,13 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--ab-causal", action="store_true", help="alternate the prompts' attention causal / masked")
     parser.add_argument("--compiled", action="store_true",
-                        help="transformers' decoder layers, compiled ([engine] decoder_kernels = false)")
+                        help="transformers' decoder layers and vision blocks, compiled ([engine] decoder_kernels "
+                             "= false, vision_kernels = false)")
     parser.add_argument("--quick", action="store_true", help="imsight's tiny test model on the CPU: a check of the "
                                                              "script, its figures mean nothing")
     args = parser.parse_args()
     engine = await settled_engine(args.model_dir, args.work, args.quantization, quick=args.quick,
-                                  decoder_kernels=not args.compiled)
+                                  own_kernels=not args.compiled)
     attention = engine._step_attention
     if args.ab_causal and attention is None:
         print("the engine's attention is not installed here (a CPU): every round as it is")

@@ -271,10 +271,11 @@ async def measure(engine: TransformersEngine, scenario: Scenario, first_image: i
 
 
 async def settled_engine(model_dir: Path | None, work: Path, quantization: str, *, quick: bool,
-                         decoder_kernels: bool = True) -> TransformersEngine:
+                         own_kernels: bool = True) -> TransformersEngine:
     """The engine as a burst meets it once idle (everything compiled): the 9B GLM shape (built under ``work``
     if missing), or with ``quick`` imsight's tiny test model on the CPU. 8 slots, no batch window;
-    ``decoder_kernels=False``: transformers' decoder layers, compiled (``[engine] decoder_kernels``)."""
+    ``own_kernels=False``: transformers' decoder layers and vision blocks, compiled (``[engine] decoder_kernels``
+    and ``vision_kernels``)."""
     if quick:
         model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     elif model_dir is None:
@@ -285,7 +286,8 @@ async def settled_engine(model_dir: Path | None, work: Path, quantization: str, 
     engine = TransformersEngine(resolve("bench", model_dir, allow_download=False),
                                 quantization="none" if quick else quantization,
                                 dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
-                                prefix_cache_bytes=4 * GiB, warmup=True, decoder_kernels=decoder_kernels)
+                                prefix_cache_bytes=4 * GiB, warmup=True, decoder_kernels=own_kernels,
+                                vision_kernels=own_kernels)
     started = time.perf_counter()
     await engine.start()
     await asyncio.to_thread(engine.settled.wait)

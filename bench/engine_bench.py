@@ -6,11 +6,11 @@ prints every target of the GPU-speed work as a ratio against bare ``generate()``
 model in the same run: time to first token, a cached follow-up, decode tokens/s at batch 1 (and
 against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questions arriving 200 ms
 apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, int4 (the default
-engine: GLM's decoder layers through imsight's kernels, the step captured), int4-compiled (transformers'
-layers compiled instead, as before ``core.glm_decoder``), and bf16-unfused / nf4-unfused / int4-unfused
-(captured, not compiled); int4-tinygemm: int4 with torch's int4 kernel for decode instead of
-imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill`` suffix (int4-model-
-prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
+engine: GLM's decoder layers and vision blocks through imsight's kernels, the step captured), int4-compiled
+(transformers' layers and blocks compiled instead, as before ``core.glm_decoder`` and ``core.glm_vision``), and
+bf16-unfused / nf4-unfused / int4-unfused (captured, not compiled); int4-tinygemm: int4 with torch's int4
+kernel for decode instead of imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill``
+suffix (int4-model-prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
 stepper's captured one; a ``-unpacked`` suffix (int4-unpacked): int4 with every weight kept unpacked as
 well (``[engine] unpacked_weights``), so prefills read it instead of unpacking it.
 Several modes are measured one after another, each in a process of its own (a second mode in the same
@@ -458,6 +458,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"), decoder_kernels=not mode.endswith("-compiled"),
+        vision_kernels=not mode.endswith("-compiled"),
         dtype="bfloat16" if cuda else "float32", max_batch=8, batch_window_s=0.0,
         prefix_cache_bytes=4 * GiB, warmup=True, unpacked_weights=mode.endswith("-unpacked"),
     )
@@ -477,6 +478,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["weight_bytes"] = model.get_memory_footprint()
     out["kv_slot_bytes"] = engine._kv.nbytes if engine._kv is not None else 0
     out["graphs"] = bool(engine._stepper and engine._stepper.use_graphs)
+    gauges = engine.measurements()
+    out["own_kernels"] = ", ".join(name for name in ("decoder_kernels", "vision_kernels") if gauges[name]) or "none"
     out["step_attention"] = "split-KV kernel" if engine._step_attention is not None else "SDPA"
     out["image_tokens"] = int((engine._inputs([screenshot(0)], [], QUESTION)["input_ids"]
                                == model.config.image_token_id).sum())
@@ -616,7 +619,7 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
         lines.append(f"\n[{r['mode']}] started in {r['start_s']:.1f} s (load, warm-up, CUDA graphs: {r['graphs']}), "
                      f"everything captured and compiled {r['compiled_s']:.1f} s after the start; "
                      f"image tokens per 1024x768 screenshot: {r['image_tokens']}; "
-                     f"decode steps' attention: {r.get('step_attention')}")
+                     f"decode steps' attention: {r.get('step_attention')}; imsight's kernels: {r['own_kernels']}")
         lines.append(f"  weights {r['weight_bytes'] / 1e9:.2f} GB + KV slots {r['kv_slot_bytes'] / 1e9:.2f} GB"
                      + (f"; peak allocated, load + one question {r['peak_allocated_bytes'] / 1e9:.2f} GB"
                         f" (while starting: {r['startup_peak_allocated_bytes'] / 1e9:.2f} GB)"

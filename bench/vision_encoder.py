@@ -4,24 +4,32 @@ read from the GPU three times in every block) and imsight's (``core/vision_atten
 Prints, for one screenshot and for eight (1024x768: GLM-4.6V-Flash's 3,996 patches each): each way's
 median time with its range, whether the outputs are the same bit for bit, and the host reads a run.
 ``--compiled`` adds a third way, imsight's with each block through ``torch.compile`` as the engine runs it
-once idle (``core/compiled_vision.py``). Each way's output is compared with the same tower in float32 (where
-the model is narrower) and with eager; ``--profile`` then runs each way once under the profiler.
+once idle (``core/compiled_vision.py``); ``--kernels`` adds imsight's blocks through its own kernels
+(``core/glm_vision.py``, nothing compiled: the engine's default). Each way's output is compared with the
+same tower in float32 (where the model is narrower) and with eager; ``--profile`` then runs each way once
+under the profiler.
 
     python bench/vision_encoder.py                        # GLM-4.6V-Flash's shape, random weights (GPU)
     python bench/vision_encoder.py --model-dir DIR        # a GLM-4V-shaped model directory
-    python bench/vision_encoder.py --quick                # the tiny GLM shape on the CPU (figures mean nothing)
+    python bench/vision_encoder.py --compiled --kernels   # all four ways
+    python bench/vision_encoder.py --quick                # the tiny GLM shape on the CPU (figures mean nothing;
+                                                          # --kernels under Triton's interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+if "--quick" in sys.argv and "--kernels" in sys.argv:  # Triton reads it once, when first imported (by torch's)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -31,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glm_model import build_glm_model, tiny_glm
 
-from core import vision_attention
-from core.compiled_vision import CompiledVision
+from core import glm_vision, vision_attention
+from core.compiled_vision import CompiledVision, vision_blocks
 from core.model_files import resolve
 from core.model_loading import load
 
@@ -86,6 +94,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the tiny GLM shape on the CPU, a few seconds")
     parser.add_argument("--compiled", action="store_true",
                         help="a third way: imsight's with its blocks compiled, as the engine runs them once idle")
+    parser.add_argument("--kernels", action="store_true",
+                        help="a fourth way: imsight's blocks through its own kernels (the engine's default)")
     parser.add_argument("--profile", action="store_true",
                         help="then each way once more for one image under the profiler: its costliest kernels")
     args = parser.parse_args()
@@ -93,7 +103,7 @@ def main() -> None:
     visual = model.model.visual
     config = visual.config
     weight = next(visual.parameters())
-    grid_one = (1, 8, 12) if args.quick else SCREENSHOT_GRID
+    grid_one = (1, 4, 4) if args.quick else SCREENSHOT_GRID  # (the interpreter: a program a token and head)
     inputs = {}
     for count in (1, 8):
         grid = torch.tensor([grid_one] * count, device=weight.device)
@@ -101,6 +111,11 @@ def main() -> None:
         inputs[count] = (pixels.to(device=weight.device, dtype=weight.dtype), grid)
     if not vision_attention.install(model):
         raise SystemExit("imsight's way does not install on this model's vision tower")
+    own_blocks: dict[Any, Any] = {}
+    if args.kernels:  # installed, then taken off again: put on for that way's runs only
+        if not glm_vision.install(model):
+            raise SystemExit("imsight's blocks do not install on this model's vision tower")
+        own_blocks = {block: vars(block).pop("forward") for block in vision_blocks(model)}
     reference = None
     if weight.dtype != torch.float32:  # how far each way is from the same tower in float32 (copied unwrapped)
         reference = copy.deepcopy(visual).float()
@@ -114,6 +129,21 @@ def main() -> None:
             if not vision.compile(model, lambda: [visual(pixels, grid_thw=grid) for pixels, grid in inputs.values()]):
                 raise SystemExit("the vision encoder's blocks do not compile here")
         ways["imsight's, blocks compiled"] = (vision_attention.NAME, vision.run)
+    if own_blocks:
+        def through_kernels(run: Any) -> Any:
+            before = {block: vars(block).get("forward") for block in own_blocks}  # (the compiled way's dispatcher)
+            for block, forward in own_blocks.items():
+                block.forward = forward
+            try:
+                return run()
+            finally:
+                for block, forward in before.items():
+                    if forward is None:
+                        del block.forward
+                    else:
+                        block.forward = forward
+
+        ways["imsight's blocks, its kernels"] = (vision_attention.NAME, through_kernels)
     reps, warm = (2, 0) if args.quick else (args.reps, 3)
     print(f"device: {weight.device}, {weight.dtype}; {reps} runs a way, alternating, after {warm}")
     with torch.inference_mode():

@@ -86,15 +86,18 @@ class EngineConfig(_Section):
     # On a GPU the slots take at most a quarter of the memory free after the weights (logged at start).
     context_tokens: int = Field(4096, ge=256, le=131072)
     cuda_graphs: bool = True  # capture the decode step as CUDA graphs at start (GPU); false: eager
-    # Compile the vision encoder's blocks (torch.compile), and the decoder layers where decoder_kernels
-    # does not take them, for decode steps (then captured again) and first questions' prefill: fewer,
-    # fused kernels. Done while idle after start; inductor's code is cached under data_dir/compile-cache
-    # (dynamo still traces anew in every process).
+    # Compile the vision encoder's blocks (torch.compile) where vision_kernels does not take them, and
+    # the decoder layers where decoder_kernels does not, for decode steps (then captured again) and first
+    # questions' prefill: fewer, fused kernels. Done while idle after start; inductor's code is cached
+    # under data_dir/compile-cache (dynamo still traces anew in every process).
     compile_decode: bool = True
     # GLM-4V in int4 on a GPU: the decoder layers through imsight's Triton kernels (checked against
     # transformers' layer at start), so nothing of the decoder is compiled; false: transformers' layers,
     # compiled while idle (compile_decode).
     decoder_kernels: bool = True
+    # GLM-4V on a GPU: the vision encoder's blocks through imsight's Triton kernels too (checked against
+    # transformers' block at start), so nothing of it is compiled; false: its blocks compiled (compile_decode).
+    vision_kernels: bool = True
     # Decode steps' attention through imsight's split-KV Triton kernel (GPU; it is checked against SDPA
     # at start, and SDPA stays where it disagrees or cannot run); false: SDPA always.
     split_kv_attention: bool = True

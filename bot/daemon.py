@@ -56,7 +56,7 @@ def build_engine(config: Config) -> Engine:
         max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000,
         prefix_cache_bytes=int(cfg.prefix_cache_mb * MB), warmup=cfg.warmup,
         context_tokens=cfg.context_tokens, cuda_graphs=cfg.cuda_graphs, compile_decode=cfg.compile_decode,
-        decoder_kernels=cfg.decoder_kernels,
+        decoder_kernels=cfg.decoder_kernels, vision_kernels=cfg.vision_kernels,
         split_kv_attention=cfg.split_kv_attention, compile_cache=config.storage.data_dir / "compile-cache",
         unpacked_weights=cfg.unpacked_weights,
     )

@@ -271,8 +271,9 @@ class Stepper:
         return size is not None and (not captured or ("prefill", size, size) in self._graphs)
 
     def captures(self, *, fused: bool, kind: str = "step", every_span: bool = False) -> Iterator[None]:
-        """Warm up and capture every (kind, size, span) forward, one shape per ``next``: the caller may
-        decode in between with what it has, but not during one (it uses the slots' rows).
+        """Capture every (kind, size, span) forward, one shape per ``next``, each warmed up first where its kind's
+        first shape was not (eager layers) or where it compiles (``fused``): the caller may decode in between with
+        what it has, but not during one (it uses the slots' rows).
 
         ``fused=False``: with the eager layers, every kind; each graph is used as soon as it is made.
         Steps and tails only at the longest span unless ``every_span`` (no compiled pass comes after).
@@ -304,8 +305,12 @@ class Stepper:
             for shape in dict.fromkeys([shortest[-1], shortest[0]]):
                 self._capture(shape, fused, warm_only=True)
                 yield
+        warmed: set[str] = set()
         for shape in order:
-            graph = self._capture(shape, fused)
+            # The eager layers: only each kind's first shape warms up (on the capture stream: cuBLAS's workspace
+            # and plans for it); the rest are captured straight away, half the layers' Python of the pass.
+            graph = self._capture(shape, fused, warm_up=fused or shape[0] not in warmed)
+            warmed.add(shape[0])
             if graph is not None:
                 made[shape] = graph
                 if not fused:
@@ -333,11 +338,11 @@ class Stepper:
         shapes += [("tail", size, span) for size in self.tails for span in self.spans if span >= size]
         return shapes + [("prefill", size, size) for size in self.prefills]
 
-    def _capture(self, shape: tuple[str, int, int], fused: bool, *, warm_only: bool = False
+    def _capture(self, shape: tuple[str, int, int], fused: bool, *, warm_only: bool = False, warm_up: bool = True
                  ) -> torch.cuda.CUDAGraph | None:
         """One shape warmed up (compilation, lazy inits and autotuning stay out of the graph), then
         captured where there are graphs (unless ``warm_only``). Row contents do not matter and nothing is
-        kept."""
+        kept. ``warm_up=False``: captured straight away, and where that fails, warmed up and captured again."""
         kv = self._kv
         saved = kv.positions.clone()
         stream = None
@@ -350,7 +355,7 @@ class Stepper:
             # recompile on the second call; the rest reuse those graphs). Three calls each ran the compiled
             # layers' Python for seconds of every start (H200, int4: the tails' pass, nothing to compile,
             # 2.9 s of work; 1.9 s with one call each).
-            for _ in range(_MOST_WARM_UPS if fused else 1):
+            for _ in range(_MOST_WARM_UPS if fused else 1 if warm_up or stream is None else 0):
                 misses = _dynamo_misses()
                 kv.positions.zero_()
                 self._eager(*shape, fused=fused)
@@ -365,8 +370,18 @@ class Stepper:
             # Global capture mode (the default): a CUDA call from any other thread meanwhile fails the capture,
             # and the engine then decodes eagerly for good. The render thread makes none (page-locking
             # prompts there did: bench/RESULTS.md, sixteenth step).
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                self._eager(*shape, fused=fused)
+            try:
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    self._eager(*shape, fused=fused)
+            except Exception:
+                if warm_up:
+                    raise
+                # Something of this shape's own wanted a first call outside a capture (a Triton kernel's
+                # specialization loaded, say): the way every shape went before.
+                torch.cuda.synchronize()
+                kv.positions.copy_(saved)
+                log.info("capturing %s without a warm-up failed; warmed up and captured again", shape)
+                return self._capture(shape, fused)
             self._pool = graph.pool()
         kv.positions.copy_(saved)
         if stream is not None:

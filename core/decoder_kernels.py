@@ -10,6 +10,9 @@ the same work by hand, so a layer is the same handful of kernels with nothing to
 Each kernel rounds where the eager ops round (to the tensors' dtype after every op), so it computes
 what transformers' layer computes; only the norms' sums of squares may add up in another order.
 
+The vision encoder's blocks (``core.glm_vision``) use the same norms and gate, with its own rotary
+(``core.vision_kernels``).
+
 Imported only where Triton is (a CUDA build of torch, or the CPU tests under Triton's interpreter);
 ``core.glm_decoder`` decides when they are used and has the same ops in torch for the rest.
 """
@@ -44,15 +47,17 @@ def _rms_norm(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr) -> None:  # ty
 
 @triton.jit  # type: ignore[untyped-decorator,unused-ignore]
 def _add_rms_norm(x_ptr, res_ptr, w_ptr, next_ptr, sum_ptr, out_ptr, n, eps,  # type: ignore[no-untyped-def]
-                  NEXT: tl.constexpr, BLOCK: tl.constexpr) -> None:
+                  NORM_X: tl.constexpr, NEXT: tl.constexpr, BLOCK: tl.constexpr) -> None:
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n
     dt = sum_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * n + cols, mask=inside, other=0.0).to(tl.float32)
     residual = tl.load(res_ptr + row * n + cols, mask=inside, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    total = (residual + _normed(x, w, n, eps, dt).to(tl.float32)).to(dt)
+    if NORM_X:
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        x = _normed(x, w, n, eps, dt).to(tl.float32)
+    total = (residual + x).to(dt)
     tl.store(sum_ptr + row * n + cols, total, mask=inside)
     if NEXT:
         w_next = tl.load(next_ptr + cols, mask=inside, other=0.0).to(tl.float32)
@@ -60,13 +65,13 @@ def _add_rms_norm(x_ptr, res_ptr, w_ptr, next_ptr, sum_ptr, out_ptr, n, eps,  # 
 
 
 @triton.jit  # type: ignore[untyped-decorator,unused-ignore]
-def _silu_mul(gate_up_ptr, out_ptr, n, BLOCK: tl.constexpr) -> None:  # type: ignore[no-untyped-def]
+def _silu_mul(gate_ptr, up_ptr, out_ptr, n, stride, BLOCK: tl.constexpr) -> None:  # type: ignore[no-untyped-def]
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     inside = cols < n
     dt = out_ptr.dtype.element_ty
-    gate = tl.load(gate_up_ptr + row * 2 * n + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * 2 * n + n + cols, mask=inside, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + row * stride + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride + cols, mask=inside, other=0.0).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
     tl.store(out_ptr + row * n + cols, (up * silu).to(dt), mask=inside)
 
@@ -106,25 +111,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float,
                  next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``residual + norm(x) * weight``, and that sum normed by ``next_weight`` where given (else ``None``)."""
+    """``residual + norm(x) * weight`` (``residual + x`` where ``weight`` is None: a block without a norm after
+    its attention, as the vision encoder's), and that sum normed by ``next_weight`` where given (else ``None``)."""
     x, residual = x.contiguous(), residual.contiguous()
     total = torch.empty_like(residual)
     out = torch.empty_like(residual) if next_weight is not None else None
     n = x.shape[-1]
-    _add_rms_norm[(_rows(x),)](x, residual, weight, next_weight if next_weight is not None else weight, total,
-                               out if out is not None else total, n, eps, NEXT=next_weight is not None,
-                               BLOCK=triton.next_power_of_2(n))
+    some_weight = next(w for w in (weight, next_weight, residual) if w is not None)  # (a pointer the kernel skips)
+    _add_rms_norm[(_rows(x),)](x, residual, weight if weight is not None else some_weight,
+                               next_weight if next_weight is not None else some_weight, total,
+                               out if out is not None else total, n, eps, NORM_X=weight is not None,
+                               NEXT=next_weight is not None, BLOCK=triton.next_power_of_2(n))
     return total, out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """The second half of the last dimension times SiLU of the first, as Glm4vTextMLP computes it."""
+def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half of the last dimension times SiLU of the first, as Glm4vTextMLP computes it; where ``up``
+    is given, ``up`` times SiLU of ``gate_up`` (the gate alone), as the vision encoder's MLP computes it."""
     gate_up = gate_up.contiguous()
-    n = gate_up.shape[-1] // 2
-    out = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
-    _silu_mul[(_rows(gate_up), triton.cdiv(n, ELEMENTS))](gate_up, out, n, BLOCK=ELEMENTS)
+    if up is None:
+        n = gate_up.shape[-1] // 2
+        gate, up, stride = gate_up, gate_up[..., n:], 2 * n
+    else:
+        gate, up, n = gate_up, up.contiguous(), gate_up.shape[-1]
+        stride = n
+        assert up.shape == gate.shape, (up.shape, gate.shape)
+    out = torch.empty((*gate.shape[:-1], n), dtype=gate.dtype, device=gate.device)
+    _silu_mul[(_rows(gate), triton.cdiv(n, ELEMENTS))](gate, up, out, n, stride, BLOCK=ELEMENTS)
     return out
 
 

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from core import glm_decoder, qkv_projection, text_rotary, vision_attention, vision_positions
+from core import glm_decoder, glm_vision, qkv_projection, text_rotary, vision_attention, vision_positions
 from core.answer_text import CUT_NOTE, AnswerText, without_thinking
 from core.compiled_vision import CompiledVision, vision_blocks
 from core.decode_loop import SlotKV, Stepper, StepTokens
@@ -179,6 +179,7 @@ class TransformersEngine:
         compile_cache: Path | None = None,
         unpacked_weights: bool = False,
         decoder_kernels: bool = True,
+        vision_kernels: bool = True,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
@@ -199,6 +200,8 @@ class TransformersEngine:
         self._compile_decode = compile_decode
         self._decoder_kernels = decoder_kernels  # GLM-4V's layers through core/glm_decoder.py where it applies
         self._own_layers = False  # whether they are: then nothing of the decoder is compiled
+        self._vision_kernels = vision_kernels  # GLM-4V's vision blocks through core/glm_vision.py where it applies
+        self._own_vision = False  # whether they are: then nothing of the vision encoder is compiled
         self._split_kv_attention = split_kv_attention
         self._compile_cache = compile_cache
         self._kv: SlotKV | None = None
@@ -260,6 +263,12 @@ class TransformersEngine:
         self._own_layers = layers > 0
         if layers:
             log.info("decoder layers: imsight's kernels between the products, nothing to compile (%d layers)", layers)
+        blocks = await loop.run_in_executor(None, glm_vision.install, self._loaded.model) \
+            if self._vision_kernels else 0
+        self._own_vision = blocks > 0
+        if blocks:
+            log.info("vision encoder's blocks: imsight's kernels between the products, nothing to compile (%d blocks)",
+                     blocks)
         self._cache_kw = cache_keyword(self._loaded.model)
         self._image_token_ids = image_token_ids(self._loaded.model.config)
         processor = self._loaded.processor
@@ -841,7 +850,7 @@ class TransformersEngine:
 
         Where the decoder layers are imsight's own (``core.glm_decoder``) the first pass is the decoder's last,
         at every span, and only the vision encoder is compiled after it (everything done ~35 s after a restart
-        on the H200)."""
+        on the H200); where its blocks are imsight's too (``core.glm_vision``), nothing is compiled at all."""
         if stepper.use_graphs:
             # Every span where no compiled pass comes after this one (imsight's own layers need none).
             yield from self._idle_work(stepper, fused=False, every_span=self._own_layers or not compiles)
@@ -857,7 +866,10 @@ class TransformersEngine:
         for kind in ("prefill", "tail"):
             if stepper.fused is not None and stepper.use_graphs:
                 yield from self._idle_work(stepper, fused=True, kind=kind)
-        if compiles and (self._own_layers or stepper.fused is not None):  # (dropped where it cannot compile)
+        if self._own_vision:  # nothing to compile: one image's blocks replay graphs from now on
+            if stepper.use_graphs:
+                self._graph_vision()
+        elif compiles and (self._own_layers or stepper.fused is not None):  # (dropped where it cannot compile)
             yield
             self._compile_vision()
             yield
@@ -999,6 +1011,7 @@ class TransformersEngine:
         values["settled"] = float(self.settled.is_set())  # everything captured and compiled that will be
         values["prefill_compiled"] = float(self._fused_prefill is not None)
         values["vision_compiled"] = float(self._vision.compiled)
+        values["vision_kernels"] = float(self._own_vision)  # imsight's blocks: nothing of the vision encoder to compile
         values["vision_graphs"] = float(len(self._vision_graphs.patch_counts) if self._vision_graphs else 0)
         values["prefill_together_compiled"] = float(self._fused_prefill is not None and self._fused_together)
         values["prompt_graphs_compiled"] = float("prefill" in fused_kinds)  # first questions' captured prefill

@@ -36,7 +36,8 @@ SCRIPTS = {
                          ["== one alone", "== 8 asked 125 ms apart, 64 tokens", "no GPU kernels", "prefill: ",
                           "step graphs: none captured here", "by the engine's phase"]),
     "startup_profile.py": (["--quick"], ["everything captured and compiled after", "the whole start, by kind"]),
-    "vision_encoder.py": (["--quick"], ["1 image(s)", "8 image(s)", "same output: True"]),
+    "vision_encoder.py": (["--quick", "--kernels"], ["1 image(s)", "8 image(s)", "same output: True",
+                                                     "imsight's blocks, its kernels: largest difference"]),
     "fp8_prefill.py": (["--quick"], ["one layer's linears", "row-wise fp8 error"]),
     "decoder_kernels.py": (["--quick"], ["8 rows:", "rotated_qk: 0 of 1024 differ", "silu_mul: "]),
 }

@@ -351,3 +351,62 @@ def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers
     """)
     assert "kernels agree" in out and "layers agree" in out and "either cache keyword" in out
     assert "disagreement kept out" in out
+
+
+def test_glm_vision_blocks_through_the_kernels_compute_what_transformers_blocks_do() -> None:
+    """The vision encoder's kernels against the eager ops they replace (float32, as above); then a tiny GLM-4.1V's
+    vision tower with every block through them: the same features for one image and for two packed together;
+    and a kernel that disagrees keeps transformers' blocks."""
+    out = run_interpreted("""
+        import torch
+        from helpers import tiny_glm
+        from core import decoder_kernels, glm_vision, vision_attention, vision_kernels
+        from core.compiled_vision import vision_blocks
+        from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb_vision
+
+        torch.manual_seed(0)
+        def rms(x, w, eps=1e-5):
+            h = x.float()
+            return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        x, residual, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
+        total, normed = decoder_kernels.add_rms_norm(x, residual, None, 1e-5, w)  # no norm before the add
+        assert torch.equal(total, residual + x) and torch.allclose(normed, rms(residual + x, w), atol=1e-5)
+        gate, up = torch.randn(5, 1500), torch.randn(5, 1500)
+        assert torch.allclose(decoder_kernels.silu_mul(gate, up), up * torch.nn.functional.silu(gate), atol=1e-5)
+        tokens, heads, dim = 7, 3, 32
+        product = torch.randn(tokens, 3 * heads * dim)
+        angles = torch.randn(tokens, dim // 2).repeat(1, 2)
+        q, k = vision_kernels.rotated_halves(product, angles.cos(), angles.sin(), heads, dim)
+        parts = product.view(tokens, 3, heads, dim)
+        want_q, want_k = apply_rotary_pos_emb_vision(parts[:, 0], parts[:, 1], angles.cos(), angles.sin())
+        assert torch.equal(q, want_q) and torch.equal(k, want_k), ((q - want_q).abs().max(), (k - want_k).abs().max())
+        print("kernels agree")
+
+        def tower():
+            model = tiny_glm()
+            assert vision_attention.install(model)
+            return model
+        grid = torch.tensor([[1, 4, 8], [1, 4, 4]])
+        pixels = vision_attention.random_patches(tower().model.visual.config, grid)
+        def features(model):
+            with torch.inference_mode():
+                visual = model.model.visual
+                return visual(pixels, grid_thw=grid).pooler_output, visual(pixels[:32], grid_thw=grid[:1]).pooler_output
+        model = tower()
+        theirs = features(model)
+        assert glm_vision.install(model) == 2
+        assert all(block.forward.__func__ is glm_vision.forward for block in vision_blocks(model))
+        ours = features(model)
+        for mine, want in zip(ours, theirs):
+            assert torch.allclose(mine, want, rtol=1e-5, atol=1e-6), (mine - want).abs().max()
+        print("blocks agree")
+
+        # Turned the other way: what a sign slip in the kernel would do.
+        vision_kernels.rotated_halves = lambda product, cos, sin, heads, dim, own=vision_kernels.rotated_halves: own(
+            product, cos, -sin, heads, dim)
+        model = tower()
+        assert glm_vision.install(model) == 0
+        assert not any("forward" in vars(block) for block in vision_blocks(model))
+        print("disagreement kept out")
+    """)
+    assert "kernels agree" in out and "blocks agree" in out and "disagreement kept out" in out

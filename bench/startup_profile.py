@@ -6,7 +6,8 @@ work: dynamo's tracing, its guards and frame lookups, inductor (code generation;
 its cached code and running the compiled layers), Triton compiling, the eager layers' Python, launching
 the int4 kernel, capturing CUDA graphs; then the whole start by kind, and imsight's own functions by
 the time under them. Run it twice on one machine for a first start and a restart: inductor's cache
-goes under ``--compile-cache``, as the daemon's goes under ``data_dir/compile-cache``.
+goes under ``--compile-cache``, as the daemon's goes under ``data_dir/compile-cache``; int4's quantized weights
+beside it, in ``int4-cache`` (the daemon's ``data_dir/int4-cache``).
 
     python bench/startup_profile.py --model-dir /path/to/model [--quantization int4] [--compile-cache DIR]
     python bench/startup_profile.py --quick     # the tiny test model on the CPU (figures mean nothing)
@@ -29,6 +30,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import int4_cache  # noqa: E402
 from core.model_files import resolve  # noqa: E402
 from core.transformers_engine import TransformersEngine  # noqa: E402
 
@@ -125,13 +127,15 @@ async def profile(model: Path, quantization: str, dtype: str, device: str, compi
     logging.getLogger("core").addHandler(marks)
     logging.getLogger("core").setLevel(logging.INFO)
     engine = TransformersEngine(resolve("bench", model, allow_download=False), device=device,
-                                quantization=quantization, dtype=dtype, compile_cache=compile_cache)
+                                quantization=quantization, dtype=dtype, compile_cache=compile_cache,
+                                int4_cache=compile_cache.parent / "int4-cache" if compile_cache else None)
     with Sampler() as sampler:
         await engine.start()
         ready = time.monotonic() - STARTED
         await asyncio.to_thread(engine.settled.wait)
         settled = time.monotonic() - STARTED
     await engine.stop()
+    await asyncio.to_thread(int4_cache.wait)  # the quantized weights written for the next run (first start only)
     return (f"ready {ready:.1f} s after the start, everything captured and compiled after {settled:.1f} s\n"
             + report(sampler.samples, marks.lines, settled))
 

@@ -59,6 +59,7 @@ def build_engine(config: Config) -> Engine:
         decoder_kernels=cfg.decoder_kernels, vision_kernels=cfg.vision_kernels,
         split_kv_attention=cfg.split_kv_attention, compile_cache=config.storage.data_dir / "compile-cache",
         unpacked_weights=cfg.unpacked_weights,
+        int4_cache=config.storage.data_dir / "int4-cache" if cfg.int4_cache else None,
     )
 
 

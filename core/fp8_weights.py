@@ -83,4 +83,4 @@ class Fp8Linear(torch.nn.Module):
 
 def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
     """Replace the model's linears (outside ``skip``) by ``Fp8Linear`` on ``device``; (replaced, left full width)."""
-    return replace_linears(model, skip, lambda linear: Fp8Linear.from_linear(linear, device))
+    return replace_linears(model, skip, lambda _name, linear: Fp8Linear.from_linear(linear, device))

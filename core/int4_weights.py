@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from core import int4_mma
-from core.quantized_linears import replace_linears
+from core.quantized_linears import linear_names, replace_linears
 
 __all__ = ["KEPT_KERNEL_ROWS", "KERNEL", "KERNEL_ROWS", "MMA_ROWS", "UNPACKED_BYTES", "Int4Linear", "dequantize",
-           "fuse_unpacking", "keep_unpacked", "pack", "quantize", "quantize_linears", "torch_layout_agrees", "unpack",
-           "unpacked_bytes", "use_mma_kernel"]
+           "fuse_unpacking", "keep_unpacked", "pack", "quantize", "quantize_linears", "stored_fits",
+           "torch_layout_agrees", "unpack", "unpacked_bytes", "use_mma_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +126,28 @@ class Int4Linear(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear, device: torch.device | str | None = None) -> Int4Linear | None:
         """The int4 copy of ``linear`` (on ``device``, else where it is); ``None`` when its shape does not tile."""
         out_features, in_features = linear.weight.shape
-        group = next((g for g in _GROUPS if in_features % g == 0), None)
-        tiles = next((t for t in _TILES if in_features % (t * 16) == 0), None)
-        if group is None or tiles is None or out_features % 8:
+        layout = _layout(out_features, in_features)
+        if layout is None:
             return None
+        group, tiles = layout
         weight = linear.weight.detach().to(device or linear.weight.device)
         q, scales_zeros = quantize(weight, group)
-        kernel = weight.is_cuda and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+        kernel = _kernel_runs(weight.device)
         bias = linear.bias.detach().to(weight.device) if linear.bias is not None else None
         return cls(pack(q, tiles), scales_zeros.to(torch.bfloat16 if kernel else weight.dtype), group, bias,
                    in_features=in_features, kernel=kernel)
+
+    @classmethod
+    def from_stored(cls, linear: torch.nn.Linear, stored: dict[str, torch.Tensor],
+                    device: torch.device | str | None = None) -> Int4Linear:
+        """The int4 copy of ``linear`` from what ``from_linear`` made of it before (``packed`` and ``scales_zeros``,
+        kept by ``core.int4_cache``; ``stored_fits`` checks their shapes), on ``device``, else where it is."""
+        where = torch.device(device or linear.weight.device)
+        packed, scales_zeros = stored["packed"].to(where), stored["scales_zeros"].to(where)
+        bias = linear.bias.detach().to(where) if linear.bias is not None else None
+        in_features = linear.weight.shape[1]
+        return cls(packed, scales_zeros, in_features // scales_zeros.shape[0], bias, in_features=in_features,
+                   kernel=_kernel_runs(where))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -204,9 +216,48 @@ class Int4Linear(torch.nn.Module):
         return merged
 
 
-def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None) -> tuple[int, int]:
-    """Replace the model's linears (outside ``skip``) by ``Int4Linear`` on ``device``; (replaced, left full width)."""
-    replaced, kept = replace_linears(model, skip, lambda linear: Int4Linear.from_linear(linear, device))
+def _layout(out_features: int, in_features: int) -> tuple[int, int] | None:
+    """A weight's group size and inner k-tiles, or ``None`` where its shape does not tile (it stays full width)."""
+    group = next((g for g in _GROUPS if in_features % g == 0), None)
+    tiles = next((t for t in _TILES if in_features % (t * 16) == 0), None)
+    return None if group is None or tiles is None or out_features % 8 else (group, tiles)
+
+
+def _kernel_runs(device: torch.device) -> bool:
+    """Whether tinygemm runs here: a CUDA GPU of compute capability 8.0 or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def stored_fits(model: Any, skip: list[str], stored: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """Whether ``stored`` holds, for exactly the linears ``quantize_linears`` would quantize, a packed weight and
+    scales of their shapes."""
+    quantized = 0
+    for name in linear_names(model, skip):
+        out_features, in_features = model.get_submodule(name).weight.shape
+        layout, entry = _layout(out_features, in_features), stored.get(name)
+        if layout is None or entry is None:
+            if layout is not None or entry is not None:
+                return False
+            continue
+        group, tiles = layout
+        shapes = {"packed": (out_features // 8, in_features // (tiles * 16), 32, tiles // 2),
+                  "scales_zeros": (in_features // group, out_features, 2)}
+        if {part: tuple(tensor.shape) for part, tensor in entry.items()} != shapes:
+            return False
+        quantized += 1
+    return quantized == len(stored)
+
+
+def quantize_linears(model: Any, skip: list[str], device: torch.device | str | None = None, *,
+                     stored: dict[str, dict[str, torch.Tensor]] | None = None) -> tuple[int, int]:
+    """Replace the model's linears (outside ``skip``) by ``Int4Linear`` on ``device``; (replaced, left full width).
+    ``stored``: what a start before made of them (``core.int4_cache``, checked by ``stored_fits``), taken as it is."""
+    def convert(name: str, linear: torch.nn.Linear) -> Int4Linear | None:
+        if stored is None:
+            return Int4Linear.from_linear(linear, device)
+        return Int4Linear.from_stored(linear, stored[name], device) if name in stored else None
+
+    replaced, kept = replace_linears(model, skip, convert)
     kernels = [m for m in model.modules() if isinstance(m, Int4Linear) and m.kernel]
     if kernels and not torch_layout_agrees(kernels[0].packed.device):
         # tinygemm would read these weights wrongly: every answer would be noise. Correct and slower.

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from core.errors import EngineError, ModelUnavailable
+from core.int4_cache import Int4Cache, model_files
 from core.memory import Estimate, available_bytes, ensure_fits, estimate
 from core.model_files import ModelSource, unavailable
 from core.quantization import OWN_MODES, Mode, bnb_config, pick_mode, unquantised_modules
@@ -38,9 +39,11 @@ def load(
     quantization: str = "auto",
     cache_dir: Path | None = None,
     unpacked_weights: bool = False,
+    int4_cache: Path | None = None,
 ) -> LoadedModel:
     """Load ``source``; raise ``ModelUnavailable`` with what to do when it cannot be. ``unpacked_weights``: int4's
-    weights kept at full width as well, for prefill (``core.int4_weights.keep_unpacked``)."""
+    weights kept at full width as well, for prefill (``core.int4_weights.keep_unpacked``). ``int4_cache``: a
+    directory where int4's quantized weights are kept for the next start, and read from (``core.int4_cache``)."""
     called = time.monotonic()
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
@@ -70,11 +73,22 @@ def load(
         from core import fp8_weights, int4_weights
 
         weights = {"int4": int4_weights, "fp8": fp8_weights}[mode]
-        replaced, kept = weights.quantize_linears(model, keep, device=where)
+        cache = _int4_cache(int4_cache, source, cache_dir, where, torch_dtype, keep) if mode == "int4" else None
+        stored = cache.load() if cache is not None else None
+        if cache is not None and stored is not None and not int4_weights.stored_fits(model, keep, stored):
+            log.warning("int4: the cached weights in %s do not fit this model's linears; quantizing again", cache.path)
+            stored = None
+        if stored is not None:
+            replaced, kept = int4_weights.quantize_linears(model, keep, device=where, stored=stored)
+        else:
+            replaced, kept = weights.quantize_linears(model, keep, device=where)
         cast(Any, model).to(where)  # the rest (vision tower, embeddings, norms, head), after the quantized layers
-        log.info("%s: %d linear layers quantized in %.1fs (%s)%s, %d left full width", mode, replaced,
-                 time.monotonic() - read, weights.KERNEL,
-                 ", one at a time from host memory" if planned.staged else "", kept)
+        how = f"read from {cache.path}" if cache is not None and stored is not None else \
+            f"quantized{', one at a time from host memory' if planned.staged else ''}"
+        log.info("%s: %d linear layers %s in %.1fs (%s), %d left full width", mode, replaced, how,
+                 time.monotonic() - read, weights.KERNEL, kept)
+        if cache is not None and stored is None:
+            cache.save(model)
         if need.unpacked:
             log.info("int4: every weight kept unpacked too (unpacked_weights = true): %.1f GiB more, prefills read "
                      "them instead of unpacking", int4_weights.keep_unpacked(model) / 2**30)
@@ -134,6 +148,16 @@ def plan(
         need = estimate(skeleton, mode, torch_dtype.itemsize, keep, unpacked=unpacked_weights)
     return LoadPlan(where, torch_dtype, mode, keep, need, available_bytes(where),
                     kv_token_bytes(config, torch_dtype.itemsize), staged)
+
+
+def _int4_cache(directory: Path | None, source: ModelSource, cache_dir: Path | None, device: str, dtype: Any,
+                keep: list[str]) -> Int4Cache | None:
+    """Where this model's int4 weights are kept between starts; ``None`` without a directory, or where the model's
+    files cannot be found on this machine to tell one version of it from another."""
+    if directory is None:
+        return None
+    files = model_files(source.name_or_path, cache_dir)
+    return Int4Cache(directory, files, device=device, dtype=dtype, skip=keep) if files is not None else None
 
 
 def kv_token_bytes(config: Any, itemsize: int) -> int:

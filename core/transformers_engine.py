@@ -180,12 +180,13 @@ class TransformersEngine:
         unpacked_weights: bool = False,
         decoder_kernels: bool = True,
         vision_kernels: bool = True,
+        int4_cache: Path | None = None,
     ) -> None:
         self._source = source
         self.model = source.name_or_path
         self._load_args: dict[str, Any] = {
             "device": device, "dtype": dtype, "quantization": quantization, "cache_dir": cache_dir,
-            "unpacked_weights": unpacked_weights,
+            "unpacked_weights": unpacked_weights, "int4_cache": int4_cache,
         }
         self.max_batch = max_batch
         self._window_s = batch_window_s

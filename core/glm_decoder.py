@@ -52,8 +52,10 @@ def forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Rotary 
     batch, tokens, _ = hidden_states.shape
     heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
 
-    normed = kernels.rms_norm(hidden_states, self.input_layernorm.weight, eps)
-    product = attn.qkv_proj.weight(normed)  # the query's, key's and value's outputs side by side, biases added
+    # Each intermediate let go as soon as it is used (``del``): a captured prompt's graph keeps the most that is
+    # alive at once in its memory pool, for good.
+    # The query's, key's and value's outputs side by side, biases added:
+    product = attn.qkv_proj.weight(kernels.rms_norm(hidden_states, self.input_layernorm.weight, eps))
     cos, sin = position_embeddings  # type: ignore[misc]  # (GLM's layers always pass them)
     query, key = kernels.rotated_qk(product, cos, sin, heads, kv_heads, dim)
     value = product[..., (heads + kv_heads) * dim:].view(batch, tokens, kv_heads, dim)
@@ -63,13 +65,16 @@ def forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Rotary 
     module = sys.modules[type(attn).__module__]
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, module.eager_attention_forward)
     attended, _ = attention(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
-    attended = attn.o_proj(attended.reshape(batch, tokens, -1))
-
-    hidden, mlp_in = kernels.add_rms_norm(attended, hidden_states, self.post_self_attn_layernorm.weight, eps,
+    del product, query, key, value
+    projected = attn.o_proj(attended.reshape(batch, tokens, -1))
+    del attended
+    hidden, mlp_in = kernels.add_rms_norm(projected, hidden_states, self.post_self_attn_layernorm.weight, eps,
                                           self.post_attention_layernorm.weight)
+    del projected
     assert mlp_in is not None
-    mlp_out = mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(mlp_in)))
-    hidden, _ = kernels.add_rms_norm(mlp_out, hidden, self.post_mlp_layernorm.weight, eps)
+    gated = kernels.silu_mul(mlp.gate_up_proj(mlp_in))
+    del mlp_in
+    hidden, _ = kernels.add_rms_norm(mlp.down_proj(gated), hidden, self.post_mlp_layernorm.weight, eps)
     return hidden
 
 

@@ -47,20 +47,23 @@ def forward(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
     heads, dim = attn.num_heads, attn.head_dim
     kwargs.pop("max_seqlen", None)  # (the flash way's; SDPA's needs none)
 
-    normed = kernels.rms_norm(hidden_states, self.norm1.weight, self.norm1.variance_epsilon)
-    product = attn.qkv(normed)  # [tokens, 3 * heads * dim]: query, key and value side by side
+    # Each intermediate let go as soon as it is used (``del``): the graph of one image's blocks keeps the most that
+    # is alive at once in its own memory, for good.
+    product = attn.qkv(kernels.rms_norm(hidden_states, self.norm1.weight, self.norm1.variance_epsilon))
     cos, sin = position_embeddings  # type: ignore[misc]  # (the tower always passes them)
-    query, key = vision_kernels.rotated_halves(product, cos, sin, heads, dim)
+    query, key = vision_kernels.rotated_halves(product, cos, sin, heads, dim)  # [tokens, heads, dim] each
     value = product.view(tokens, 3, heads, dim)[:, 2]
-    query, key, value = (part.transpose(0, 1).unsqueeze(0) for part in (query, key, value))
-    attended, _ = vision_attention.packed_sdpa(attn, query, key, value, None, cu_seq_lens_q=cu_seqlens,
-                                               scaling=attn.scaling, dropout=0.0, is_causal=False, **kwargs)
-    attended = attn.proj(attended.reshape(tokens, -1))
-
-    hidden, mlp_in = kernels.add_rms_norm(attended, hidden_states, None, self.norm2.variance_epsilon,
-                                          self.norm2.weight)
+    heads_first = [part.transpose(0, 1).unsqueeze(0) for part in (query, key, value)]
+    attended, _ = vision_attention.packed_sdpa(attn, *heads_first, None, cu_seq_lens_q=cu_seqlens, scaling=attn.scaling,
+                                               dropout=0.0, is_causal=False, **kwargs)
+    del product, query, key, value, heads_first
+    hidden, mlp_in = kernels.add_rms_norm(attn.proj(attended.reshape(tokens, -1)), hidden_states, None,
+                                          self.norm2.variance_epsilon, self.norm2.weight)
+    del attended
     assert mlp_in is not None
-    out: torch.Tensor = hidden + mlp.down_proj(kernels.silu_mul(mlp.gate_proj(mlp_in), mlp.up_proj(mlp_in)))
+    gated = kernels.silu_mul(mlp.gate_proj(mlp_in), mlp.up_proj(mlp_in))
+    del mlp_in
+    out: torch.Tensor = hidden + mlp.down_proj(gated)
     return out
 
 

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -231,15 +232,20 @@ def replay_ms(graph: Any, times: int = 10) -> float:
 @contextlib.contextmanager
 def timed_parts(parts: dict[str, float], calls: list[tuple[Any, str, str]]) -> Iterator[None]:
     """While inside, each ``(owner, attribute, label)`` call adds its seconds (to the GPU's end) to
-    ``parts[label]``; the owners' own methods come back after."""
+    ``parts[label]``; the owners' own methods come back after. Only the engine thread waits for the GPU: a
+    render runs on a thread of its own, and a CUDA call from there while the engine thread captures a graph fails
+    both (the landed vision blocks' first engine bench ended there, RESULTS.md twenty-fourth step)."""
     def timed(label: str, call: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
-            sync()
+            on_engine = threading.current_thread().name == "imsight-engine"
+            if on_engine:
+                sync()
             started = time.perf_counter()
             try:
                 return call(*args, **kwargs)
             finally:
-                sync()
+                if on_engine:
+                    sync()
                 parts[label] = parts.get(label, 0.0) + time.perf_counter() - started
         return run
 

@@ -104,8 +104,8 @@ class EngineConfig(_Section):
     # int4: keep every weight unpacked to full width as well (GLM-4.6V-Flash: 15.2 GiB more), so prefills
     # (first questions, follow-ups' new tokens) read it instead of unpacking it each time: the same weights.
     unpacked_weights: bool = False
-    # int4: keep the quantized weights under data_dir/int4-cache (GLM-4.6V-Flash: 4.6 GB, one file a model), so a
-    # restart reads them instead of quantizing again (4-5 s of every start on the H200); rewritten when the
+    # int4: keep the quantized weights under data_dir/int4-cache (GLM-4.6V-Flash: 4.3 GB, one file a model), so a
+    # restart reads them instead of quantizing again (4.3-7.7 s of every start on the H200); rewritten when the
     # model's files or these settings change.
     int4_cache: bool = True
     # kind = "openai": an OpenAI-compatible server (vLLM, SGLang, LMDeploy, Ollama).

@@ -1,16 +1,20 @@
 """int4 weights kept on disk between starts, so a restart reads them instead of quantizing again.
 
-Quantizing GLM-4.6V-Flash's 240 linears to int4 took 4.3-4.9 s of every start on the H200 (bench/RESULTS.md,
+Quantizing GLM-4.6V-Flash's 240 linears to int4 took 4.3-7.7 s of every start on the H200 (bench/RESULTS.md,
 twenty-fourth step), most of it copying each full-width weight (18 GB in all) from host memory to the GPU.
 The packed weights and their scales are a quarter of that: written once, under ``data_dir/int4-cache``, after
-a start that quantized them, and read back by the next start of the same model files with the same settings.
+a start that quantized them, and read back by the next start of the same model files with the same settings
+(a restart's whole load 3.2 s against 5.0-6.0 before, on other hosts).
 
 One file per model (its location's hash names it), holding every quantized linear's ``packed`` and
 ``scales_zeros`` and, in its header, what they were made from: the model's weight files (names, sizes,
 modification times), the modules left at full width, the device kind that quantized them and ``FORMAT``. A
 file made from anything else, or unreadable, is a miss: the weights are quantized as on a first start and the
-file is written again. It is written beside its place and renamed into it once complete, on a thread of its
-own, so a start is never slowed by the disk and never reads half a file.
+file is written again. The weights are copied to host memory during the load (a CUDA call from another thread
+would fail the graphs captured next: the first start's load ~3.5 s longer on the H200), then written beside the
+file's place on a thread of its own and renamed into it once complete: a start never waits for the disk and never
+reads half a file. safetensors reads and writes them (a reader of imsight's, through page-locked buffers, was no
+faster on the H200).
 """
 
 from __future__ import annotations
@@ -60,7 +64,6 @@ class Int4Cache:
     """The cached int4 weights of one model, made on one kind of device with some modules left at full width."""
 
     def __init__(self, directory: Path, files: Path, *, device: str, dtype: Any, skip: list[str]) -> None:
-        self.device = torch.device(device)
         self.path = directory / f"{hashlib.sha256(str(files.resolve()).encode()).hexdigest()[:24]}.safetensors"
         made_from = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files.iterdir()
                            if p.is_file() and p.suffix in _SUFFIXES)
@@ -68,22 +71,22 @@ class Int4Cache:
                                "skip": sorted(skip), "files": made_from}, sort_keys=True)
 
     def load(self) -> dict[str, dict[str, torch.Tensor]] | None:
-        """Each cached linear's ``packed`` and ``scales_zeros`` by module name, on the device it was made for, where
-        the file was made from this model as it is now; ``None`` otherwise (logged: why the weights are quantized
-        again)."""
+        """Each cached linear's ``packed`` and ``scales_zeros`` by module name (on the CPU), where the file was made
+        from this model as it is now; ``None`` otherwise (logged: why the weights are quantized again)."""
+        from safetensors import safe_open
+
         if not self.path.is_file():
             return None
         try:
-            with self.path.open("rb") as file:
-                header, start = _header(file)
-                if header.pop("__metadata__", {}).get("made_from") != self.key:
+            with safe_open(str(self.path), framework="pt") as stored:
+                if (stored.metadata() or {}).get("made_from") != self.key:
                     log.info("int4: the cached weights in %s were made from other files or settings; quantizing "
                              "again", self.path)
                     return None
                 weights: dict[str, dict[str, torch.Tensor]] = {}
-                for name, tensor in _read(file, header, start, self.device).items():
+                for name in stored.keys():  # noqa: SIM118  (safe_open is not a mapping)
                     module, _, part = name.rpartition(".")
-                    weights.setdefault(module, {})[part] = tensor
+                    weights.setdefault(module, {})[part] = stored.get_tensor(name)
         except Exception as exc:  # truncated, or not a safetensors file at all
             log.warning("int4: cannot read the cached weights in %s (%s); quantizing again", self.path, exc)
             return None
@@ -124,60 +127,3 @@ class Int4Cache:
             return
         log.info("int4: quantized weights kept in %s (%.1f GB) for the next start", self.path,
                  self.path.stat().st_size / 1e9)
-
-
-_DTYPES = {"I32": torch.int32, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
-_CHUNK = 64 * 2**20  # bytes through each of the two page-locked buffers at a time
-
-
-def _header(file: Any) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (names to dtype, shape and byte range; ``__metadata__``) and where its data
-    starts: an 8-byte little-endian length, then that much JSON."""
-    length = int.from_bytes(file.read(8), "little")
-    if not 0 < length < 2**27:
-        raise ValueError(f"a header of {length} bytes")
-    return json.loads(file.read(length)), 8 + length
-
-
-def _read(file: Any, header: dict[str, Any], start: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, read straight into tensors of its own on ``device``. To a GPU through two
-    page-locked buffers, each chunk's copy queued while the next chunk is read: safetensors' own reader copies
-    each tensor from the file's mapping into pageable memory, then to the GPU (H200: 2.8 s for GLM-4.6V-Flash's
-    4.3 GB, twenty-fourth step)."""
-    staging = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)] \
-        if device.type == "cuda" else []
-    copied: list[torch.cuda.Event | None] = [None, None]
-    turn = 0
-    tensors = {}
-    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        begin, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device=device)
-        target = tensor.view(-1).view(torch.uint8)
-        if target.numel() != end - begin:
-            raise ValueError(f"{name}: {end - begin} bytes for {target.numel()}")
-        file.seek(start + begin)
-        if not staging:
-            _read_into(file, target)
-        for offset in range(0, target.numel(), _CHUNK) if staging else ():
-            size = min(_CHUNK, target.numel() - offset)
-            if (event := copied[turn]) is not None:
-                event.synchronize()  # this buffer's last chunk is on the GPU
-            _read_into(file, staging[turn][:size])
-            target[offset:offset + size].copy_(staging[turn][:size], non_blocking=True)
-            event = copied[turn] = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
-            turn = 1 - turn
-        tensors[name] = tensor
-    if staging:
-        torch.cuda.current_stream().synchronize()
-    return tensors
-
-
-def _read_into(file: Any, target: torch.Tensor) -> None:
-    """``target``'s bytes (uint8, on the CPU) from ``file``, all of them or an error."""
-    view = memoryview(target.numpy())  # type: ignore[arg-type]  # (numpy's arrays are buffers)
-    while len(view):
-        count = file.readinto(view)
-        if not count:
-            raise ValueError("the file ends early")
-        view = view[count:]

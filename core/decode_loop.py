@@ -355,7 +355,8 @@ class Stepper:
             # recompile on the second call; the rest reuse those graphs). Three calls each ran the compiled
             # layers' Python for seconds of every start (H200, int4: the tails' pass, nothing to compile,
             # 2.9 s of work; 1.9 s with one call each).
-            for _ in range(_MOST_WARM_UPS if fused else 1 if warm_up or stream is None else 0):
+            # (without graphs the warm-ups are all there is: never skipped)
+            for _ in range(_MOST_WARM_UPS if fused else int(warm_up or stream is None)):
                 misses = _dynamo_misses()
                 kv.positions.zero_()
                 self._eager(*shape, fused=fused)

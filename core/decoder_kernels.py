@@ -119,9 +119,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     total = torch.empty_like(residual)
     out = torch.empty_like(residual) if next_weight is not None else None
     n = x.shape[-1]
-    some_weight = next(w for w in (weight, next_weight, residual) if w is not None)  # (a pointer the kernel skips)
-    _add_rms_norm[(_rows(x),)](x, residual, weight if weight is not None else some_weight,
-                               next_weight if next_weight is not None else some_weight, total,
+    # (``residual`` stands in for a weight that is not there: a pointer the kernel never reads)
+    _add_rms_norm[(_rows(x),)](x, residual, weight if weight is not None else residual,
+                               next_weight if next_weight is not None else residual, total,
                                out if out is not None else total, n, eps, NORM_X=weight is not None,
                                NEXT=next_weight is not None, BLOCK=triton.next_power_of_2(n))
     return total, out

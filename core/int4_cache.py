@@ -92,8 +92,8 @@ class Int4Cache:
             return None
         return weights
 
-    def save(self, model: Any) -> threading.Thread:
-        """Write every ``Int4Linear`` of ``model`` (copied to the CPU now) on a thread of its own; returns it."""
+    def save(self, model: Any) -> None:
+        """Write every ``Int4Linear`` of ``model`` (copied to the CPU now) on a thread of its own (``wait``)."""
         from core.int4_weights import Int4Linear
 
         tensors = {f"{name}.{part}": getattr(module, part).detach().to("cpu", copy=True).contiguous()
@@ -102,7 +102,6 @@ class Int4Cache:
         thread = threading.Thread(target=self._write, args=(tensors,), name="imsight-int4-cache", daemon=True)
         _writing.append(thread)
         thread.start()
-        return thread
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         try:

@@ -80,7 +80,12 @@ def pack(q: torch.Tensor, tiles: int) -> torch.Tensor:
     lanes = blocks.permute(0, 2, 1, 5, 3, 6, 4)  # -> [block, outer, r, c, pair, odd, i]
     nibbles = lanes.reshape(n // 8, k // (tiles * 16), 32, tiles // 2, 4, 2)  # nibble s = odd*4 + i, two a byte
     packed_bytes = (nibbles[..., 0] | nibbles[..., 1] << 4).contiguous()
-    return packed_bytes.view(torch.int32).reshape(n // 8, k // (tiles * 16), 32, tiles // 2)
+    return packed_bytes.view(torch.int32).reshape(_packed_shape(n, k, tiles))
+
+
+def _packed_shape(n: int, k: int, tiles: int) -> tuple[int, int, int, int]:
+    """The shape ``pack`` writes a ``[n, k]`` weight in."""
+    return n // 8, k // (tiles * 16), 32, tiles // 2
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -240,8 +245,8 @@ def stored_fits(model: Any, skip: list[str], stored: dict[str, dict[str, torch.T
                 return False
             continue
         group, tiles = layout
-        shapes = {"packed": (out_features // 8, in_features // (tiles * 16), 32, tiles // 2),
-                  "scales_zeros": (in_features // group, out_features, 2)}
+        shapes = {"packed": _packed_shape(out_features, in_features, tiles),
+                  "scales_zeros": (in_features // group, out_features, 2)}  # (as ``quantize`` writes them)
         if {part: tuple(tensor.shape) for part, tensor in entry.items()} != shapes:
             return False
         quantized += 1

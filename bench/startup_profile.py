@@ -64,6 +64,7 @@ class Sampler:
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, str, tuple[str, ...]]] = []
+        self.lines: list[str] = []  # each sample's innermost frame and its line
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,12 +81,14 @@ class Sampler:
             engine = next((t for t in threading.enumerate() if t.name == "imsight-engine"), None)
             frame = sys._current_frames().get(engine.ident) if engine is not None and engine.ident else None
             stack: list[str] = []
+            line = frame.f_lineno if frame is not None else 0
             while frame is not None:
                 stack.append(f"{frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_code.co_name}")
                 frame = frame.f_back
             if stack:
                 stack.reverse()  # outermost first
                 self.samples.append((time.monotonic() - STARTED, kind_of(stack), tuple(stack)))
+                self.lines.append(f"{stack[-1]}:{line}")  # what it was running, or the call into C it was in
 
 
 class Marks(logging.Handler):
@@ -103,7 +106,8 @@ def seconds(count: int) -> str:
     return f"{count * INTERVAL_S:.1f}"
 
 
-def report(samples: list[tuple[float, str, tuple[str, ...]]], lines: list[tuple[float, str]], end: float) -> str:
+def report(samples: list[tuple[float, str, tuple[str, ...]]], innermost: list[str], lines: list[tuple[float, str]],
+           end: float) -> str:
     out = []
     edges = [0.0] + [at for at, _ in lines] + [end]
     for start, stop, line in zip(edges[:-1], edges[1:], [text for _, text in lines] + ["(settled)"], strict=True):
@@ -119,6 +123,8 @@ def report(samples: list[tuple[float, str, tuple[str, ...]]], lines: list[tuple[
     for _, _, stack in samples:
         under.update({frame.split("/core/")[-1] for frame in stack if "/core/" in frame})
     out.extend(f"  {function}: {seconds(n)}" for function, n in under.most_common(15))
+    out.append("\nthe lines the engine thread was on (the innermost Python frame: its own work, or a call into C)")
+    out.extend(f"  {line}: {seconds(n)}" for line, n in collections.Counter(innermost).most_common(20))
     return "\n".join(out)
 
 
@@ -137,7 +143,7 @@ async def profile(model: Path, quantization: str, dtype: str, device: str, compi
     await engine.stop()
     await asyncio.to_thread(int4_cache.wait)  # the quantized weights written for the next run (first start only)
     return (f"ready {ready:.1f} s after the start, everything captured and compiled after {settled:.1f} s\n"
-            + report(sampler.samples, marks.lines, settled))
+            + report(sampler.samples, sampler.lines, marks.lines, settled))
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import torch
 
 from core.qkv_projection import QKVProjection, dummy_tokens
 
-__all__ = ["forward", "install", "runs_here"]
+__all__ = ["close_enough", "forward", "install", "runs_here"]
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,25 @@ def install(model: Any) -> int:
 
 def _agrees(layer: Any) -> bool:
     """The layer's output through ``forward`` against transformers' forward, on dummy tokens: one row (a decode
-    step) and 80 (a prompt), within 1 % of the largest value (the norms' sums may add up in another order)."""
+    step) and 80 (a prompt), within ``close_enough``."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     for rows in (1, 80):
         hidden, cos, sin = dummy_tokens(layer.self_attn, rows, generator, like=layer.input_layernorm.weight)
         with torch.inference_mode():
             theirs = type(layer).forward(layer, hidden, position_embeddings=(cos, sin))
             ours = forward(layer, hidden, position_embeddings=(cos, sin))
-        theirs = theirs[0] if isinstance(theirs, tuple) else theirs
-        if ours.shape != theirs.shape or (theirs - ours).abs().max() > 1e-2 * theirs.abs().max():
+        if not close_enough(hidden, theirs[0] if isinstance(theirs, tuple) else theirs, ours):
             return False
     return True
+
+
+def close_enough(given: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Whether a layer's output through imsight's kernels (``ours``) is transformers' (``theirs``) for the input
+    ``given``: within 1 % of the largest change the layer makes to its input (the norms' sums may add up in another
+    order), plus a rounding of the largest output. Not 1 % of the output: the residual can be most of it (a rotary
+    turned the wrong way moves the tiny GLM's vision block output by 1e-4 of its value). In bfloat16 the rounding is
+    0.8 % of the output, so there this is hardly stricter. (H200, GLM-4.6V-Flash's shape, random weights, decoder
+    layers 0, 1, 20, 39: 0.9-1.5 % of the change at 80 and 1,070 rows, against 1.9-2.1 % allowed; one row exact.)"""
+    rounding = torch.finfo(theirs.dtype).eps * theirs.abs().max()
+    return ours.shape == theirs.shape and bool((theirs - ours).abs().max() <= 1e-2 * (theirs - given).abs().max()
+                                               + rounding)

@@ -38,3 +38,15 @@ def test_not_for_other_layouts_or_models(monkeypatch, tiny_model: Path):
     assert glm_decoder.install(_glm(int4=False)) == 0  # full width: no stacked projection
     llava = load(resolve("x", tiny_model, allow_download=False), device="cpu", quantization="int4").model
     assert glm_decoder.install(llava) == 0  # not GLM-4V's layers
+
+
+def test_agreement_is_measured_against_the_layers_change_not_its_output():
+    generator = torch.Generator().manual_seed(0)
+    given = 100 * torch.randn(80, 64, generator=generator)  # the residual: most of a real layer's output
+    change = torch.randn(80, 64, generator=generator)
+    theirs = given + change
+    assert glm_decoder.close_enough(given, theirs, given + change * 1.005)  # (float32: its rounding is no help)
+    wrong = given + change * 1.05  # 5 % off the change: under 1e-3 of the output
+    assert (wrong - theirs).abs().max() < 1e-2 * theirs.abs().max()
+    assert not glm_decoder.close_enough(given, theirs, wrong)
+    assert not glm_decoder.close_enough(given, theirs, theirs[:40])

@@ -73,14 +73,24 @@ def causal_rows(sdpa: Callable[..., Any], module: Any, query: torch.Tensor, key:
     """``sdpa`` (transformers' function) on each row's tokens from ``starts[row]`` on, causally, without a
     mask; ``[rows, tokens, heads, dim]`` as it returns, zeros before each row's start."""
     causal = {**kwargs, "is_causal": True}
-    if starts == [0] * len(starts):
-        return sdpa(module, query, key, value, None, **causal)[0]  # type: ignore[no-any-return]
-    output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
-    for row, start in enumerate(starts):
-        part = sdpa(module, query[row:row + 1, :, start:], key[row:row + 1, :, start:],
-                    value[row:row + 1, :, start:], None, **causal)[0]
-        output[row, start:] = part[0]
+    with _without_cudnn():
+        if starts == [0] * len(starts):
+            return sdpa(module, query, key, value, None, **causal)[0]  # type: ignore[no-any-return]
+        output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        for row, start in enumerate(starts):
+            part = sdpa(module, query[row:row + 1, :, start:], key[row:row + 1, :, start:],
+                        value[row:row + 1, :, start:], None, **causal)[0]
+            output[row, start:] = part[0]
     return output
+
+
+def _without_cudnn() -> contextlib.AbstractContextManager[None]:
+    """Flash for the causal path, not cuDNN, which SDPA picks on Hopper: cuDNN plans every new shape (45-65 ms,
+    ~0.8 s for a process's first), and the captured prompts alone are 19 shapes, ~1 s of every start, for 1.2 ms a
+    screenshot prompt over 40 layers (1.5 against 2.7 ms: bench/RESULTS.md, twenty-fifth step)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,

@@ -733,8 +733,9 @@ class TransformersEngine:
             length = max(512, min(length, room // (per_token * self.max_batch)))
         self._kv = SlotKV(len(cache.layers), self.max_batch, heads, dim, length, dtype=keys.dtype, device=keys.device)
         if self._split_kv_attention:
-            self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
-                                                         dtype=keys.dtype)
+            with self._attention_kernels():  # (checked with the kernels it will be used with)
+                self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
+                                                             dtype=keys.dtype)
         elif keys.device.type == "cuda":
             log.info("split_kv_attention = false: decode steps' attention is SDPA")
         graphs = self._use_graphs and keys.device.type == "cuda"
@@ -1179,8 +1180,11 @@ class TransformersEngine:
             self._keep_prefix(request, cache, model.model.rope_deltas if self._mrope else None)
 
     def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
-        """cuDNN attention re-plans for every new sequence length: measured 2x slower steps with a
-        growing cache (the slots' fixed length does not have that problem)."""
+        """SDPA without cuDNN's kernels. cuDNN's are the fastest, but it plans every new shape (45-65 ms a shape,
+        ~0.8 s for a process's first: H200, torch 2.11), and prompts and batches come in every length: a growing
+        cache's steps were 2x slower. The captured follow-up tails keep cuDNN (24 shapes, planned once a start:
+        their masked attention took 3.6-3.9 ms longer a follow-up without it); the captured prompts take flash
+        (``step_attention.causal_rows``)."""
         if self.device != "cuda":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -2,8 +2,9 @@
 
 Builds GLM-4.1V/4.6V-Flash's 9B shape from its config (no download; needs a CUDA GPU and
 torchvision), saves it, loads it through imsight's own loader and engine in bf16 and in NF4, and
-prints every target of the GPU-speed work as a ratio against bare ``generate()`` on the same loaded
-model in the same run: time to first token, a cached follow-up, decode tokens/s at batch 1 (and
+prints every target of the GPU-speed work as a ratio against bare ``generate()`` in the same run (on a
+copy of the model loaded the same way before the engine starts: nothing the engine puts into its model
+reaches it): time to first token, a cached follow-up, decode tokens/s at batch 1 (and
 against the HBM-bandwidth bound), greedy output equal to generate()'s, 8 questions arriving 200 ms
 apart, 8 at once vs one, start-up time and memory. Modes: bf16, nf4, int4 (the default
 engine: GLM's decoder layers and vision blocks through imsight's kernels, the step captured), int4-compiled
@@ -47,6 +48,8 @@ from screens import screenshot_image
 
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.model_files import resolve
+from core.model_loading import LoadedModel, load
+from core.prompt_inputs import chat_messages
 from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
@@ -262,13 +265,9 @@ def timed_parts(parts: dict[str, float], calls: list[tuple[Any, str, str]]) -> I
                 setattr(owner, name, own)
 
 
-async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, other: PreparedImage
-                              ) -> dict[str, float]:
-    """Where a first question's time to first token goes inside the engine (each part timed to the
-    GPU's end), against bare generate()'s two parts: the processor, and generate() for one token, on
-    ``other`` (an image the engine has not seen: its pixels are not remembered yet)."""
-    import torch
-
+async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage) -> dict[str, float]:
+    """Where a first question's time to first token goes inside the engine (each part timed to the GPU's end);
+    bare generate()'s two parts come from ``Baseline``."""
     parts: dict[str, float] = {}
     calls = [(engine, name, name.strip("_")) for name in ("_render", "_encoded", "_embedded", "_seat")]
     calls.append((engine.loaded.model, "forward", "prefill forward"))
@@ -278,18 +277,6 @@ async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage, 
         parts["whole (through answer())"] = (await first_chunk(engine, [image], [], QUESTION, 1))[0]
         await asyncio.sleep(0.5)  # the engine thread is still in the parts after the first token
 
-    def bare() -> None:
-        started = time.perf_counter()
-        inputs = engine._inputs([other], [], QUESTION)
-        parts["bare: processor"] = time.perf_counter() - started
-        with torch.inference_mode():
-            sync()
-            started = time.perf_counter()
-            engine.loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
-            sync()
-        parts["bare: generate(1 token)"] = time.perf_counter() - started
-
-    await asyncio.to_thread(bare)
     return {k: round(v * 1e3, 1) for k, v in parts.items()}
 
 
@@ -412,18 +399,73 @@ def _profiled(prof: Any, wall_ms: float) -> dict[str, Any]:
             "top_cpu_self": [(e.key[:60], round(e.self_cpu_time_total / 1e3, 2), e.count) for e in on_cpu]}
 
 
-def bare_generate(engine: TransformersEngine, images: list[PreparedImage], turns: list[Turn], question: str,
+def bare_inputs(loaded: LoadedModel, images: list[PreparedImage], turns: list[Turn], question: str) -> Any:
+    """The prompt as a plain transformers program renders it: the processor's chat template, on the model's device
+    (the messages are the engine's, so both see the same prompt)."""
+    inputs = loaded.processor.apply_chat_template(chat_messages(images, turns, question), add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
+    return inputs.to(loaded.model.device)
+
+
+def bare_generate(loaded: LoadedModel, images: list[PreparedImage], turns: list[Turn], question: str,
                   new_tokens: int) -> tuple[float, list[int]]:
-    """The baseline: plain ``model.generate()`` on the same loaded model, prompt rendered the same way.
-    Returns seconds (processing included) and the new token ids."""
+    """The baseline: plain ``model.generate()``, prompt rendered by the processor. Returns seconds (processing
+    included) and the new token ids."""
     import torch
 
     started = time.perf_counter()
-    inputs = engine._inputs(images, turns, question)
+    inputs = bare_inputs(loaded, images, turns, question)
     with torch.inference_mode():
-        out = engine.loaded.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        out = loaded.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
     sync()
     return time.perf_counter() - started, out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+GREEDY_IMAGE = 10_000  # the screenshot both answer for the greedy comparison (the others' numbers stay below it)
+
+
+def baseline(model_dir: Path, mode: str, new_tokens: int, reps: int) -> dict[str, Any]:
+    """Bare ``generate()``'s figures, on a copy of the model of its own: loaded as the engine loads it (the same
+    files, quantization and dtype) and freed before the engine starts, so nothing the engine's start puts into its
+    model or into transformers (its layers' and vision blocks' forwards and graphs, the attention registry, the
+    rotary) reaches it, and its memory is not in the engine's peaks. (Until the twenty-fifth step it ran on the
+    engine's own model after the start: through imsight's layers and kernels.)"""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    loaded = load(resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
+                  dtype="bfloat16" if cuda else "float32")
+    out: dict[str, Any] = {}
+    try:
+        n = 100
+        out["bare_ttft_s"] = statistics.median([bare_generate(loaded, [screenshot(n + i)], [], QUESTION, 1)[0]
+                                                for i in range(reps)])
+        seconds, _ = bare_generate(loaded, [screenshot(n)], [], QUESTION, new_tokens)
+        out["bare_decode_tokens_per_s"] = (new_tokens - 1) / max(1e-9, seconds - out["bare_ttft_s"])
+        started = time.perf_counter()
+        inputs = bare_inputs(loaded, [screenshot(n + reps)], [], QUESTION)
+        processor = time.perf_counter() - started
+        with torch.inference_mode():
+            sync()
+            started = time.perf_counter()
+            loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            sync()
+        out["bare_parts_ms"] = {"bare: processor": round(processor * 1e3, 1),
+                                "bare: generate(1 token)": round((time.perf_counter() - started) * 1e3, 1)}
+        _, out["bare_ids"] = bare_generate(loaded, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
+        _, again = bare_generate(loaded, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
+        # Is it repeatable? (A random-weight model's logits are near ties: kernel nondeterminism shows.)
+        out["bare_repeats_tokens"] = next((i for i, (a, b) in enumerate(zip(out["bare_ids"], again, strict=False))
+                                           if a != b), len(again))
+    finally:
+        del loaded
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
 
 
 def sync() -> None:
@@ -454,6 +496,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     from core.answer_text import CUT_NOTE
 
     cuda = torch.cuda.is_available()
+    bare = await asyncio.to_thread(baseline, model_dir, mode, new_tokens, reps)  # (first: it is freed before)
+    bare_ids = bare.pop("bare_ids")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     use_mma_kernel, prefill_sizes = core.int4_weights.use_mma_kernel, core.decode_loop.PREFILL_SIZES
@@ -489,14 +533,9 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["step_attention"] = "split-KV kernel" if engine._step_attention is not None else "SDPA"
     out["image_tokens"] = int((engine._inputs([screenshot(0)], [], QUESTION)["input_ids"]
                                == model.config.image_token_id).sum())
-    n = 100
-    # -- baseline, same model, same run: bare generate() --------------------------------------
-    bare_first = [bare_generate(engine, [screenshot(n + i)], [], QUESTION, 1)[0] for i in range(reps)]
-    out["bare_ttft_s"] = statistics.median(bare_first)
-    seconds, _ = bare_generate(engine, [screenshot(n)], [], QUESTION, new_tokens)
-    out["bare_decode_tokens_per_s"] = (new_tokens - 1) / max(1e-9, seconds - out["bare_ttft_s"])
+    out.update(bare)
+    n = 100 + reps  # (after the baseline's images: each the engine meets is new to it)
     # -- first question -----------------------------------------------------------------------------
-    n += reps
     firsts = []
     for i in range(reps):
         if i == 0 and cuda:
@@ -506,7 +545,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         if i == 0 and cuda:
             out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     out["ttft_first_s"] = statistics.median(firsts)
-    out["ttft_anatomy_ms"] = await first_token_anatomy(engine, screenshot(n + reps), screenshot(n + reps + 1))
+    out["ttft_anatomy_ms"] = {**await first_token_anatomy(engine, screenshot(n + reps)), **out.pop("bare_parts_ms")}
     out["prefill_forward_ms"] = await asyncio.to_thread(prefill_kernels, engine, screenshot(n + reps))
     try:
         out["prefill_anatomy"] = await asyncio.to_thread(prefill_anatomy, engine, screenshot(n + reps))
@@ -538,10 +577,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     ttft, total, _ = await first_chunk(engine, [screenshot(n)], [], QUESTION, new_tokens)
     out["decode_tokens_per_s_batch1"] = (new_tokens - 1) / max(1e-9, total - ttft)
     # -- quality: greedy output, engine vs bare generate() ------------------------------------------------
-    n += 1
-    _, _, text = await first_chunk(engine, [screenshot(n)], [], QUESTION, new_tokens)
-    _, ids = bare_generate(engine, [screenshot(n)], [], QUESTION, new_tokens)
-    shown = [t for t in ids if t not in engine._hidden_ids]
+    _, _, text = await first_chunk(engine, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
+    shown = [t for t in bare_ids if t not in engine._hidden_ids]
     if any(t in engine._eos for t in shown):
         shown = shown[:next(i for i, t in enumerate(shown) if t in engine._eos)]
     bare = engine.loaded.processor.tokenizer.decode(shown, skip_special_tokens=False)
@@ -549,15 +586,13 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["same_as_generate"] = mine == bare
     common = common_chars(mine, bare)
     out["same_chars"] = f"{common}/{max(len(mine), len(bare))}"
-    out["compared_tokens"] = len(ids)
+    out["compared_tokens"] = len(bare_ids)
     decode = engine.loaded.processor.tokenizer.decode
     out["same_tokens"] = max((k for k in range(len(shown) + 1) if len(decode(shown[:k])) <= common), default=0)
-    # Is each side repeatable? (A random-weight model's logits are near ties: kernel nondeterminism shows.)
-    _, again = bare_generate(engine, [screenshot(n)], [], QUESTION, new_tokens)
-    out["bare_repeats_tokens"] = next((i for i, (a, b) in enumerate(zip(ids, again, strict=False)) if a != b), len(ids))
+    # Is the engine repeatable? (bare generate(): ``baseline``)
     budget, engine._prefixes.budget = engine._prefixes.budget, 0
     engine._prefixes.clear()  # asked again from scratch, not as a follow-up from the cached prefix
-    _, _, text_again = await first_chunk(engine, [screenshot(n)], [], QUESTION, new_tokens)
+    _, _, text_again = await first_chunk(engine, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
     engine._prefixes.budget = budget
     out["engine_repeats_chars"] = common_chars(text, text_again)
     # -- continuous batching: 8 questions arriving 200 ms apart, in rounds (one round has measured 2x the

@@ -144,6 +144,35 @@ def test_only_the_prompts_own_calls_take_the_causal_path():
     assert prompt_call(torch.zeros(2, 4, 7, 8), torch.zeros(2, 2, 7, 8), square, 2)
 
 
+def test_the_causal_path_asks_for_flash_and_leaves_the_other_calls_their_kernels(monkeypatch):
+    """cuDNN plans every new shape (~60 ms each on an H200): a prompt's causal call goes without it, the
+    settings back as they were after it, and a masked call (a follow-up's tail) keeps them."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    query, key = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8)
+    square = torch.ones(1, 1, 7, 7, dtype=torch.bool).tril()
+    module = type("Attention", (), {"num_key_value_groups": 2, "is_causal": True})()
+    installed = StepAttention("sdpa")
+    try:
+        attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        with installed.causal_prompts([0]):
+            attention(module, query, key, key, square)
+        attention(module, query, key, key, square)
+    finally:
+        installed.remove()
+    assert seen == [False, True]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_the_causal_path_is_checked_against_the_mask_at_install():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -4,7 +4,10 @@ transformers' SDPA call as a decode step makes it (one query token a row, a bool
 "pack GQA") against imsight's split-KV kernel (``core/split_kv_attention.py``), per layer, replayed
 from CUDA graphs as a step runs them, by rows x span; rows see a little more than half their span,
 as a screenshot question's row does at span 2048. Also the kernel's error against float32 SDPA, and
-its time by launch shape (positions a loop step, programs aimed for).
+its time by launch shape (positions a loop step, programs aimed for). Then a follow-up's tail (its new tokens
+after the row's cached ones, a bool mask each): SDPA as transformers calls it (the K/V heads repeated, cuDNN as
+SDPA picks it, and without cuDNN as the engine runs eager prompts) against ``step_attention.tail_attention``
+(the split-KV kernel, a row a token), which the engine leaves off until this has been run.
 
     python bench/attention_kernels.py
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -32,7 +36,7 @@ def main() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     import core.split_kv_attention as kernel
-    from core.step_attention import reference
+    from core.step_attention import reference, tail_attention
 
     torch.manual_seed(0)
     default_block, default_programs = kernel.BLOCK, kernel._programs
@@ -81,6 +85,59 @@ def main() -> None:
                       + ", ".join(f"{us:.1f} {b} {f}" for us, b, f in sweep[:6]))
     print("saved a step at span 2048, 40 layers (ms): "
           + ", ".join(f"{rows} rows {us / 1e3:.2f}" for rows, us in totals.items()))
+    tails(module, cache_k[SLOTS:], cache_v[SLOTS:], scale, tail_attention)
+
+
+def tails(module: SimpleNamespace, row_k: torch.Tensor, row_v: torch.Tensor, scale: float, tail_attention: Any
+          ) -> None:
+    """A follow-up's tail in the staging row (``row_k``/``row_v``: ``[1, kv_heads, length, dim]``), half its span
+    cached before it, each way replayed from a CUDA graph; the first call of each (cuDNN plans a new shape)."""
+    import time
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from core.step_attention import reference
+
+    saved: dict[str, float] = {}
+    device, dtype = row_k.device, row_k.dtype
+    for tokens in (8, 26, 105, 256):
+        for span in (1024, 2048, 4096):
+            key, value = row_k[:, :, :span], row_v[:, :, :span]
+            query = torch.randn(1, HEADS, tokens, DIM, device=device, dtype=dtype)
+            cached = span // 2
+            sees = torch.arange(span, device=device)[None, :] <= cached + torch.arange(tokens, device=device)[:, None]
+            mask = sees[None, None]
+
+            def sdpa(query=query, key=key, value=value, mask=mask):
+                return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=scale)[0]
+
+            def without_cudnn(query=query, key=key, value=value, mask=mask):
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                    return sdpa(query, key, value, mask)
+
+            def split(query=query, key=key, value=value, mask=mask):
+                return tail_attention(query, key, value, mask, scale)
+
+            rows = (tokens, *key.shape[1:])
+            ref = reference(query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None],
+                            scale).view(1, tokens, HEADS, DIM)
+            firsts = []
+            for way in (sdpa, split):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                way()
+                torch.cuda.synchronize()
+                firsts.append((time.perf_counter() - started) * 1e3)
+            errors = [((way().float() - ref).abs().max() / ref.abs().max()).item() for way in (sdpa, split)]
+            times = [graph_timed(way) for way in (sdpa, without_cudnn, split)]
+            if span == 2048:
+                saved[f"{tokens} tokens"] = 40 * (times[0] - times[2])
+            print(f"tail {tokens} tokens, span {span}: sdpa {times[0]:.1f} us (error {errors[0]:.1e}; first call "
+                  f"{firsts[0]:.1f} ms), sdpa without cuDNN {times[1]:.1f}, tail_attention {times[2]:.1f} us (error "
+                  f"{errors[1]:.1e}; first call {firsts[1]:.1f} ms) = {times[0] / times[2]:.2f}x")
+    print("tail_attention saves a follow-up at span 2048, 40 layers (ms; negative: slower): "
+          + ", ".join(f"{what} {us / 1e3:.2f}" for what, us in saved.items()))
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepAttention", "causal_rows", "fits", "prompt_call", "prompts_attended_causally", "reference"]
+__all__ = ["StepAttention", "causal_rows", "fits", "fits_tail", "prompt_call", "prompts_attended_causally",
+           "reference", "tail_attention"]
 
 log = logging.getLogger(__name__)
 
 _HALF = (torch.bfloat16, torch.float16)
+TAIL_TOKENS = 256  # a follow-up's longest captured tail (``Stepper.tails``)
 
 
 def _triton_runs(query: torch.Tensor) -> bool:
@@ -59,6 +61,33 @@ def fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
             and not kwargs.get("dropout") and kwargs.get("softcap") is None
             and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None
             and not kwargs.get("output_attentions"))
+
+
+def fits_tail(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kwargs: Any) -> bool:
+    """Whether ``tail_attention`` computes this call exactly as SDPA would: one row's new tokens (a follow-up's
+    tail, up to ``TAIL_TOKENS``) after positions already cached, a plain bool mask for each, and what ``fits``
+    asks of a decode step otherwise."""
+    rows, _heads, tokens, _dim = query.shape
+    return (rows == 1 and 1 < tokens <= TAIL_TOKENS and tokens < key.shape[2]
+            and isinstance(mask, torch.Tensor) and tuple(mask.shape) == (1, 1, tokens, key.shape[2])
+            and fits(query[:, :, :1], key, value, mask[:, :, :1], **kwargs))
+
+
+def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """One row's ``tokens`` new queries (``[1, heads, tokens, dim]``) through ``split_kv_attention`` as that many
+    rows of one token over the same keys and values (views: nothing copied), each with its own line of ``mask``
+    (``[1, 1, tokens, span]``); ``[1, tokens, heads, dim]``, as transformers' attention functions return it.
+
+    The tail's masked call otherwise goes to SDPA, after transformers repeats each K/V head for its 16 query heads
+    (a mask rules out the grouped-head path), on cuDNN, which plans each of the 24 captured tail shapes at start."""
+    from core.split_kv_attention import split_kv_attention
+
+    _, heads, tokens, dim = query.shape
+    rows = (tokens, *key.shape[1:])
+    out = split_kv_attention(query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None],
+                             scale)
+    return out.view(1, tokens, heads, dim)
 
 
 def prompt_call(query: torch.Tensor, key: torch.Tensor, mask: Any, rows: int) -> bool:
@@ -119,6 +148,8 @@ class StepAttention:
         # as CUDA graphs keep what they were captured with).
         self.enabled = True
         self.causal = True  # as ``enabled``, for ``causal_prompts``
+        # Follow-ups' tails through ``tail_attention`` too (``install(tails=True)``, after a check).
+        self.tails = False
         self._starts: list[int] | None = None  # inside ``causal_prompts``
 
         # The registry's calling convention: the mask positional (decoder layers) or by name (vision blocks).
@@ -130,15 +161,20 @@ class StepAttention:
             if self.enabled and fits(query, key, value, attention_mask, **kwargs):
                 scale = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
                 return split_kv_attention(query, key, value, attention_mask, scale), None
+            if self.enabled and self.tails and fits_tail(query, key, value, attention_mask, **kwargs):
+                scale = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
+                return tail_attention(query, key, value, attention_mask, scale), None
             return original(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
 
         ALL_ATTENTION_FUNCTIONS[name] = attention
 
     @classmethod
-    def install(cls, model: Any, kv_heads: int, dim: int, *, device: torch.device, dtype: torch.dtype
-                ) -> StepAttention | None:
+    def install(cls, model: Any, kv_heads: int, dim: int, *, device: torch.device, dtype: torch.dtype,
+                tails: bool = False) -> StepAttention | None:
         """Where the kernel runs and agrees with SDPA on this device, at the model's head shapes; else
-        None (the model's own attention stays)."""
+        None (the model's own attention stays). ``tails``: follow-ups' tails through it too, where that agrees
+        as well. The engine leaves them to SDPA (cuDNN) until the two are measured against each other on a GPU
+        (``bench/attention_kernels.py``: bench/RESULTS.md, twenty-fifth step)."""
         config = getattr(model, "config", None)
         text = getattr(config, "text_config", config)
         name = getattr(text, "_attn_implementation", None)
@@ -158,6 +194,10 @@ class StepAttention:
             log.warning("decode steps' attention stays SDPA: the split-KV kernel disagrees with it here")
             return None
         installed.causal = probe.causal_agrees(installed._original)
+        if tails:
+            installed.tails = probe.tail_agrees()
+            if not installed.tails:
+                log.warning("follow-ups' tails stay SDPA: the split-KV kernel disagrees with it on them here")
         log.info("decode steps' attention: the split-KV kernel; prompts': %s", "SDPA's causal path, no mask"
                  if installed.causal else "SDPA with their mask (the causal path disagrees with it here)")
         return installed
@@ -203,6 +243,7 @@ class _Probe:
         self.query, self.key, self.value = (draw(rows, heads, 1, dim), draw(rows, kv_heads, span, dim),
                                             draw(rows, kv_heads, span, dim))
         self.prompt = draw(1, heads, 96, dim)  # a prompt's queries, for ``causal_agrees``
+        self.tail = draw(1, heads, 5, dim)  # a follow-up's new tokens after the first row's 300 positions
         lengths = torch.tensor([1, span // 2, span], device=device)
         self.mask = (torch.arange(span, device=device)[None, :] < lengths[:, None])[:, None, None, :]
 
@@ -214,8 +255,18 @@ class _Probe:
 
         scale = self.query.shape[-1] ** -0.5
         got = split_kv_attention(self.query, self.key, self.value, self.mask, scale).float()
-        ref = reference(self.query, self.key, self.value, self.mask, scale)
-        return _close(got, ref)
+        return _close(got, reference(self.query, self.key, self.value, self.mask, scale))
+
+    def tail_agrees(self) -> bool:
+        """Whether ``tail_attention`` gives a follow-up's tail what SDPA does, on this device."""
+        scale = self.query.shape[-1] ** -0.5
+        tokens, span, device = self.tail.shape[2], self.key.shape[2], self.tail.device
+        mask = (torch.arange(span, device=device)[None, :] <= 300 + torch.arange(tokens, device=device)[:, None])
+        key, value = self.key[:1], self.value[:1]
+        got = tail_attention(self.tail, key, value, mask[None, None], scale).float()
+        rows = (tokens, *key.shape[1:])
+        ref = reference(self.tail.transpose(0, 2), key.expand(rows), value.expand(rows), mask[:, None, None], scale)
+        return _close(got, ref.view(got.shape))
 
     def causal_agrees(self, sdpa: Callable[..., Any]) -> bool:
         """Whether ``sdpa`` (transformers' SDPA function) gives a prompt's attention the same without its

@@ -181,6 +181,42 @@ def test_split_kv_attention_computes_what_sdpa_does() -> None:
         many = torch.randn(2, 8, 5, 32)
         assert torch.equal(ALL_ATTENTION_FUNCTIONS["sdpa"](module, many, key, value, attention_mask=None)[0],
                            sdpa(module, many, key, value, None)[0])
+        # A follow-up's tail: one row's new tokens after its cached ones, each seeing the row up to itself.
+        from core import step_attention
+        tail_calls = []
+        step_attention.tail_attention = lambda *args, own=step_attention.tail_attention: tail_calls.append(
+            args[0].shape[2]) or own(*args)
+        cache_k, cache_v = torch.randn(2, 3, 2, 60, 32).unbind(0)
+        key, value = cache_k[1:2, :, :40], cache_v[1:2, :, :40]  # the slots' row 1, as a tail's forward gets it
+        for tokens, cached in ((5, 20), (2, 37), (39, 1)):
+            tail = torch.randn(1, 8, tokens, 32)
+            sees = torch.arange(40)[None, :] <= cached + torch.arange(tokens)[:, None]
+            mask = sees[None, None]
+            assert step_attention.fits_tail(tail, key, value, mask)
+            ref = sdpa(module, tail, key, value, mask, scaling=0.2)[0]
+            installed.tails = False
+            assert torch.equal(ALL_ATTENTION_FUNCTIONS["sdpa"](module, tail, key, value, mask, scaling=0.2)[0], ref)
+            installed.tails = True
+            got = ALL_ATTENTION_FUNCTIONS["sdpa"](module, tail, key, value, mask, scaling=0.2)[0]
+            assert got.shape == ref.shape == (1, tokens, 8, 32)
+            assert torch.allclose(got, ref, atol=1e-5), (tokens, (got - ref).abs().max())
+        assert tail_calls == [5, 2, 39]
+        # The check ``install(tails=True)`` makes, and a kernel that gets the tokens' lines of the mask wrong.
+        from core.step_attention import _Probe
+        probe = _Probe(8, 2, 32, device=torch.device("cpu"), dtype=torch.float32)
+        assert probe.tail_agrees()
+        step_attention.tail_attention = lambda query, key, value, mask, scale, own=step_attention.tail_attention: own(
+            query, key, value, mask.flip(2), scale)
+        assert not probe.tail_agrees()
+        # Not a tail: several rows, as many keys as queries (a prompt), past the longest captured tail, no mask.
+        square = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
+        assert not step_attention.fits_tail(torch.randn(2, 8, 5, 32), cache_k[:2, :, :40], cache_v[:2, :, :40],
+                                            torch.ones(2, 1, 5, 40, dtype=torch.bool))
+        assert not step_attention.fits_tail(torch.randn(1, 8, 40, 32), key, value, square)
+        assert not step_attention.fits_tail(torch.randn(1, 8, 300, 32), torch.randn(1, 2, 400, 32),
+                                            torch.randn(1, 2, 400, 32), torch.ones(1, 1, 300, 400, dtype=torch.bool))
+        assert not step_attention.fits_tail(tail, key, value, None)
+        assert not step_attention.fits_tail(tail, key, value, mask.float())
         installed.remove()
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
         print("checked", checked)
@@ -273,6 +309,60 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
     """)
     assert "answered 3" in out
     assert "switched off" in out
+
+
+def test_follow_ups_tails_through_split_kv_attention_answer_as_bare_generate() -> None:
+    """The tiny model's engine under the interpreter with follow-ups' tails through the kernel too
+    (``StepAttention.tails``): each follow-up's new tokens attend over its cached prefix there, and the answer is
+    still bare ``generate()``'s."""
+    out = run_interpreted("""
+        import asyncio, tempfile
+        from pathlib import Path
+        from PIL import Image
+        import core.step_attention as step_attention
+        from core.answer_text import CUT_NOTE
+        from core.engine import GenerationLimits, PreparedImage, Turn
+        from core.model_files import resolve
+        from core.tiny_model import build_tiny_model
+        from core.transformers_engine import TransformersEngine
+        from helpers import bare_generate
+
+        tails = []
+        original = step_attention.tail_attention
+        def counted(*args):
+            tails.append(args[0].shape[2])
+            return original(*args)
+        step_attention.tail_attention = counted
+
+        async def answer(engine, images, turns, question, tokens):
+            text = "".join([c async for c in engine.answer(images, turns, question, GenerationLimits(tokens))])
+            return text.removesuffix(CUT_NOTE)
+
+        async def main():
+            directory = build_tiny_model(Path(tempfile.mkdtemp()))
+            engine = TransformersEngine(resolve("tiny", directory, allow_download=False), device="cpu", max_batch=2)
+            await engine.start()
+            try:
+                assert engine._step_attention is not None and not engine._step_attention.tails  # (the engine's way)
+                engine._step_attention.tails = True
+                image = PreparedImage("i", Image.new("RGB", (64, 48), (30, 90, 200)))
+                first = await answer(engine, [image], [], "What is it?", 8)
+                turns = [Turn("user", "What is it?"), Turn("assistant", first)]
+                for question in ("And then?", "Why " * 12 + "?"):
+                    got = await answer(engine, [image], turns, question, 8)
+                    assert got == bare_generate(engine, [image], question, 8, turns) and got, (question, got)
+                    turns += [Turn("user", question), Turn("assistant", got)]
+                assert engine.stats.prefix_hits == 2, engine.stats
+                layers = engine.loaded.model.config.text_config.num_hidden_layers
+                # Every layer of each follow-up, at its captured tail size (the second question is longer).
+                assert tails == [tails[0]] * layers + [tails[-1]] * layers and tails[0] < tails[-1], tails
+                print("follow-ups", len(tails) // layers)
+            finally:
+                await engine.stop()
+
+        asyncio.run(main())
+    """)
+    assert "follow-ups 2" in out
 
 
 def test_glm_decoder_layers_through_the_kernels_compute_what_transformers_layers_do() -> None:

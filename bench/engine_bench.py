@@ -13,7 +13,8 @@ bf16-unfused / nf4-unfused / int4-unfused (captured, not compiled); int4-tinygem
 kernel for decode instead of imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill``
 suffix (int4-model-prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
 stepper's captured one; a ``-unpacked`` suffix (int4-unpacked): int4 with every weight kept unpacked as
-well (``[engine] unpacked_weights``), so prefills read it instead of unpacking it.
+well (``[engine] unpacked_weights``), so prefills read it instead of unpacking it; a ``-tails`` suffix (int4-tails):
+follow-ups' tails through the split-KV kernel (``step_attention.tail_attention``), which the engine leaves off.
 Several modes are measured one after another, each in a process of its own (a second mode in the same
 process ran its CPU-bound parts slower), and reported together at the end.
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
@@ -493,6 +494,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
 
     import core.decode_loop
     import core.int4_weights
+    import core.step_attention
     from core.answer_text import CUT_NOTE
 
     cuda = torch.cuda.is_available()
@@ -505,6 +507,10 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         core.int4_weights.use_mma_kernel = lambda model: None
     if mode.endswith("-model-prefill"):  # no captured first-question prefill (the stepper is made at start)
         core.decode_loop.PREFILL_SIZES = ()
+    step_attention = core.step_attention.StepAttention
+    install = vars(step_attention)["install"]
+    if mode.endswith("-tails"):  # (installed at the start's warm-up, before any tail is captured)
+        step_attention.install = partial(step_attention.install, tails=True)  # type: ignore[method-assign]
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"), decoder_kernels=not mode.endswith("-compiled"),
@@ -517,6 +523,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         await engine.start()  # load, warm-up, slots and CUDA graph capture
     finally:
         core.int4_weights.use_mma_kernel, core.decode_loop.PREFILL_SIZES = use_mma_kernel, prefill_sizes
+        step_attention.install = install  # type: ignore[method-assign]  # (the classmethod itself, as it was)
     out: dict[str, Any] = {"mode": mode, "start_s": time.perf_counter() - started}
     await asyncio.to_thread(engine.settled.wait)  # the compiled decode step comes while idle, after start
     out["compiled_s"] = time.perf_counter() - started
@@ -530,7 +537,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["graphs"] = bool(engine._stepper and engine._stepper.use_graphs)
     gauges = engine.measurements()
     out["own_kernels"] = ", ".join(name for name in ("decoder_kernels", "vision_kernels") if gauges[name]) or "none"
-    out["step_attention"] = "split-KV kernel" if engine._step_attention is not None else "SDPA"
+    out["step_attention"] = ("SDPA" if engine._step_attention is None else "split-KV kernel"
+                             + (", follow-ups' tails too" if engine._step_attention.tails else ""))
     out["image_tokens"] = int((engine._inputs([screenshot(0)], [], QUESTION)["input_ids"]
                                == model.config.image_token_id).sum())
     out.update(bare)

@@ -268,7 +268,7 @@ def timed_parts(parts: dict[str, float], calls: list[tuple[Any, str, str]]) -> I
 
 async def first_token_anatomy(engine: TransformersEngine, image: PreparedImage) -> dict[str, float]:
     """Where a first question's time to first token goes inside the engine (each part timed to the GPU's end);
-    bare generate()'s two parts come from ``Baseline``."""
+    bare generate()'s two parts come from ``baseline``."""
     parts: dict[str, float] = {}
     calls = [(engine, name, name.strip("_")) for name in ("_render", "_encoded", "_embedded", "_seat")]
     calls.append((engine.loaded.model, "forward", "prefill forward"))
@@ -498,8 +498,8 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     from core.answer_text import CUT_NOTE
 
     cuda = torch.cuda.is_available()
-    bare = await asyncio.to_thread(baseline, model_dir, mode, new_tokens, reps)  # (first: it is freed before)
-    bare_ids = bare.pop("bare_ids")
+    bare_figures = await asyncio.to_thread(baseline, model_dir, mode, new_tokens, reps)  # (freed before the engine)
+    bare_ids = bare_figures.pop("bare_ids")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     use_mma_kernel, prefill_sizes = core.int4_weights.use_mma_kernel, core.decode_loop.PREFILL_SIZES
@@ -541,7 +541,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
                              + (", follow-ups' tails too" if engine._step_attention.tails else ""))
     out["image_tokens"] = int((engine._inputs([screenshot(0)], [], QUESTION)["input_ids"]
                                == model.config.image_token_id).sum())
-    out.update(bare)
+    out.update(bare_figures)
     n = 100 + reps  # (after the baseline's images: each the engine meets is new to it)
     # -- first question -----------------------------------------------------------------------------
     firsts = []

@@ -15,9 +15,9 @@ SDPA picks it, and without cuDNN as the engine runs eager prompts) against ``ste
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ def main() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     import core.split_kv_attention as kernel
-    from core.step_attention import reference, tail_attention
+    from core.step_attention import reference
 
     torch.manual_seed(0)
     default_block, default_programs = kernel.BLOCK, kernel._programs
@@ -85,19 +85,15 @@ def main() -> None:
                       + ", ".join(f"{us:.1f} {b} {f}" for us, b, f in sweep[:6]))
     print("saved a step at span 2048, 40 layers (ms): "
           + ", ".join(f"{rows} rows {us / 1e3:.2f}" for rows, us in totals.items()))
-    tails(module, cache_k[SLOTS:], cache_v[SLOTS:], scale, tail_attention)
+    tails(module, cache_k[SLOTS:], cache_v[SLOTS:], scale)
 
 
-def tails(module: SimpleNamespace, row_k: torch.Tensor, row_v: torch.Tensor, scale: float, tail_attention: Any
-          ) -> None:
+def tails(module: SimpleNamespace, row_k: torch.Tensor, row_v: torch.Tensor, scale: float) -> None:
     """A follow-up's tail in the staging row (``row_k``/``row_v``: ``[1, kv_heads, length, dim]``), half its span
     cached before it, each way replayed from a CUDA graph; the first call of each (cuDNN plans a new shape)."""
-    import time
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from core.step_attention import reference
+    from core.step_attention import tail_attention, tail_reference, without_cudnn
 
     saved: dict[str, float] = {}
     device, dtype = row_k.device, row_k.dtype
@@ -112,16 +108,14 @@ def tails(module: SimpleNamespace, row_k: torch.Tensor, row_v: torch.Tensor, sca
             def sdpa(query=query, key=key, value=value, mask=mask):
                 return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=scale)[0]
 
-            def without_cudnn(query=query, key=key, value=value, mask=mask):
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            def sdpa_without_cudnn(query=query, key=key, value=value, mask=mask):
+                with without_cudnn():
                     return sdpa(query, key, value, mask)
 
             def split(query=query, key=key, value=value, mask=mask):
                 return tail_attention(query, key, value, mask, scale)
 
-            rows = (tokens, *key.shape[1:])
-            ref = reference(query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None],
-                            scale).view(1, tokens, HEADS, DIM)
+            ref = tail_reference(query, key, value, mask, scale)
             firsts = []
             for way in (sdpa, split):
                 torch.cuda.synchronize()
@@ -130,7 +124,7 @@ def tails(module: SimpleNamespace, row_k: torch.Tensor, row_v: torch.Tensor, sca
                 torch.cuda.synchronize()
                 firsts.append((time.perf_counter() - started) * 1e3)
             errors = [((way().float() - ref).abs().max() / ref.abs().max()).item() for way in (sdpa, split)]
-            times = [graph_timed(way) for way in (sdpa, without_cudnn, split)]
+            times = [graph_timed(way) for way in (sdpa, sdpa_without_cudnn, split)]
             if span == 2048:
                 saved[f"{tokens} tokens"] = 40 * (times[0] - times[2])
             print(f"tail {tokens} tokens, span {span}: sdpa {times[0]:.1f} us (error {errors[0]:.1e}; first call "

@@ -50,7 +50,7 @@ from screens import screenshot_image
 from core.engine import GenerationLimits, PreparedImage, Turn
 from core.model_files import resolve
 from core.model_loading import LoadedModel, load
-from core.prompt_inputs import chat_messages
+from core.prompt_inputs import rendered
 from core.transformers_engine import TransformersEngine
 
 GiB = 2**30
@@ -119,9 +119,10 @@ def profile(engine: TransformersEngine) -> None:
         request = _Request(images, turns, question, GenerationLimits(1), lambda _item: None, threading.Event())
         started = time.perf_counter()
         engine._render(request)
-        rendered = time.perf_counter()
+        render_done = time.perf_counter()
         engine._answer_safely(request, engine._lookup(request))
-        print(f"  render {1e3 * (rendered - started):.0f} ms, generate {1e3 * (time.perf_counter() - rendered):.0f} ms")
+        print(f"  render {1e3 * (render_done - started):.0f} ms, generate "
+              f"{1e3 * (time.perf_counter() - render_done):.0f} ms")
 
     shot = screenshot(999)
     for label, turns, question in (("first question", [], FIRST), ("cached follow-up", [Turn("user", FIRST),
@@ -401,11 +402,9 @@ def _profiled(prof: Any, wall_ms: float) -> dict[str, Any]:
 
 
 def bare_inputs(loaded: LoadedModel, images: list[PreparedImage], turns: list[Turn], question: str) -> Any:
-    """The prompt as a plain transformers program renders it: the processor's chat template, on the model's device
-    (the messages are the engine's, so both see the same prompt)."""
-    inputs = loaded.processor.apply_chat_template(chat_messages(images, turns, question), add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True, return_tensors="pt")
-    inputs.pop("token_type_ids", None)
+    """The prompt rendered as the engine renders it (``prompt_inputs.rendered``), without its memo of the images'
+    pixels, on the model's device."""
+    inputs = rendered(loaded.processor, images, turns, question)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.pixel_dtype)
     return inputs.to(loaded.model.device)

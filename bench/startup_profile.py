@@ -64,7 +64,7 @@ class Sampler:
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, str, tuple[str, ...]]] = []
-        self.lines: list[str] = []  # each sample's innermost frame and its line
+        self.innermost: list[str] = []  # each sample's innermost frame and its line
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -88,7 +88,7 @@ class Sampler:
             if stack:
                 stack.reverse()  # outermost first
                 self.samples.append((time.monotonic() - STARTED, kind_of(stack), tuple(stack)))
-                self.lines.append(f"{stack[-1]}:{line}")  # what it was running, or the call into C it was in
+                self.innermost.append(f"{stack[-1]}:{line}")  # what it was running, or the call into C it was in
 
 
 class Marks(logging.Handler):
@@ -143,7 +143,7 @@ async def profile(model: Path, quantization: str, dtype: str, device: str, compi
     await engine.stop()
     await asyncio.to_thread(int4_cache.wait)  # the quantized weights written for the next run (first start only)
     return (f"ready {ready:.1f} s after the start, everything captured and compiled after {settled:.1f} s\n"
-            + report(sampler.samples, sampler.lines, marks.lines, settled))
+            + report(sampler.samples, sampler.innermost, marks.lines, settled))
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 from core.engine import PreparedImage, Turn
 
-__all__ = ["REASONING_MARKERS", "chat_messages", "eos_ids", "halved", "hidden_special_ids", "image_token_ids"]
+__all__ = ["REASONING_MARKERS", "chat_messages", "eos_ids", "halved", "hidden_special_ids", "image_token_ids",
+           "rendered"]
 
 # Reasoning models mark their thinking with tokens that may be "special"; they are kept in the
 # decoded text so that the thinking can be told apart from the answer (core.answer_text drops it).
@@ -31,6 +32,15 @@ def chat_messages(images: Sequence[PreparedImage], turns: Sequence[Turn], questi
             content_images = []
         messages.append({"role": role, "content": content})
     return messages
+
+
+def rendered(processor: Any, images: Sequence[PreparedImage], turns: Sequence[Turn], question: str) -> Any:
+    """The prompt as the processor's chat template renders it (token ids, and the images' pixels where there are
+    any): what the engine prefills, and what the benches hand bare ``generate()``."""
+    inputs = processor.apply_chat_template(chat_messages(images, turns, question), add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
+    return inputs
 
 
 def halved(image: PreparedImage) -> PreparedImage:

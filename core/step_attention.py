@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 __all__ = ["StepAttention", "causal_rows", "fits", "fits_tail", "prompt_call", "prompts_attended_causally",
-           "reference", "tail_attention"]
+           "reference", "tail_attention", "tail_reference", "without_cudnn"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def causal_rows(sdpa: Callable[..., Any], module: Any, query: torch.Tensor, key:
     """``sdpa`` (transformers' function) on each row's tokens from ``starts[row]`` on, causally, without a
     mask; ``[rows, tokens, heads, dim]`` as it returns, zeros before each row's start."""
     causal = {**kwargs, "is_causal": True}
-    with _without_cudnn():
+    with without_cudnn():
         if starts == [0] * len(starts):
             return sdpa(module, query, key, value, None, **causal)[0]  # type: ignore[no-any-return]
         output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
@@ -113,13 +113,24 @@ def causal_rows(sdpa: Callable[..., Any], module: Any, query: torch.Tensor, key:
     return output
 
 
-def _without_cudnn() -> contextlib.AbstractContextManager[None]:
-    """Flash for the causal path, not cuDNN, which SDPA picks on Hopper: cuDNN plans every new shape (45-65 ms,
-    ~0.8 s for a process's first), and the captured prompts alone are 19 shapes, ~1 s of every start, for 1.2 ms a
-    screenshot prompt over 40 layers (1.5 against 2.7 ms: bench/RESULTS.md, twenty-fifth step)."""
+def without_cudnn() -> contextlib.AbstractContextManager[None]:
+    """SDPA without cuDNN's kernels, which it picks on Hopper: cuDNN plans every new shape (45-65 ms, ~0.8 s for a
+    process's first). The causal path takes flash here: the captured prompts alone are 19 shapes, ~1 s of every
+    start, for 1.2 ms a screenshot prompt over 40 layers (1.5 against 2.7 ms: bench/RESULTS.md, twenty-fifth
+    step); the engine runs everything it does not capture this way too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def tail_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """What ``tail_attention`` must return, in float32: ``reference`` for each of the tail's tokens as a row of
+    its own over the same keys and values, ``[1, tokens, heads, dim]``."""
+    _, heads, tokens, dim = query.shape
+    rows = (tokens, *key.shape[1:])
+    return reference(query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None],
+                     scale).view(1, tokens, heads, dim)
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -158,11 +169,10 @@ class StepAttention:
             starts = self._starts
             if starts is not None and prompt_call(query, key, attention_mask, len(starts)):
                 return causal_rows(original, module, query, key, value, starts, **kwargs), None
+            scale = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
             if self.enabled and fits(query, key, value, attention_mask, **kwargs):
-                scale = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
                 return split_kv_attention(query, key, value, attention_mask, scale), None
             if self.enabled and self.tails and fits_tail(query, key, value, attention_mask, **kwargs):
-                scale = kwargs.get("scaling") or 1 / math.sqrt(query.shape[-1])
                 return tail_attention(query, key, value, attention_mask, scale), None
             return original(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
 
@@ -264,9 +274,7 @@ class _Probe:
         mask = (torch.arange(span, device=device)[None, :] <= 300 + torch.arange(tokens, device=device)[:, None])
         key, value = self.key[:1], self.value[:1]
         got = tail_attention(self.tail, key, value, mask[None, None], scale).float()
-        rows = (tokens, *key.shape[1:])
-        ref = reference(self.tail.transpose(0, 2), key.expand(rows), value.expand(rows), mask[:, None, None], scale)
-        return _close(got, ref.view(got.shape))
+        return _close(got, tail_reference(self.tail, key, value, mask[None, None], scale))
 
     def causal_agrees(self, sdpa: Callable[..., Any]) -> bool:
         """Whether ``sdpa`` (transformers' SDPA function) gives a prompt's attention the same without its

@@ -57,8 +57,8 @@ from core.prefill_batch import (
 )
 from core.prefix_cache import Features, Prefix, PrefixCache, StateCache, common_prefix
 from core.prompt_embeddings import PromptEmbeddings, prompt_embeddings
-from core.prompt_inputs import chat_messages, eos_ids, halved, hidden_special_ids, image_token_ids
-from core.step_attention import StepAttention, prompts_attended_causally
+from core.prompt_inputs import eos_ids, halved, hidden_special_ids, image_token_ids, rendered
+from core.step_attention import StepAttention, prompts_attended_causally, without_cudnn
 from core.vision_graphs import GraphedBlocks
 
 __all__ = ["EngineStats", "TransformersEngine"]
@@ -1053,13 +1053,9 @@ class TransformersEngine:
         loaded = self.loaded
         assert self._pixels is not None
         with self._render_lock, self._pixels.expecting([image.sha256 for image in images]):
-            inputs = loaded.processor.apply_chat_template(
-                chat_messages(images, turns, question),
-                add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            )
+            inputs = rendered(loaded.processor, images, turns, question)
             if "pixel_values" in inputs:  # cast here: half the bytes to move
                 inputs["pixel_values"] = self._pixels.cast(inputs["pixel_values"], loaded.pixel_dtype)
-        inputs.pop("token_type_ids", None)  # some processors return it; generate() rejects it
         return inputs
 
     def _on_device(self, inputs: Any) -> Any:
@@ -1185,11 +1181,7 @@ class TransformersEngine:
         cache's steps were 2x slower. The captured follow-up tails keep cuDNN (24 shapes, planned once a start:
         their masked attention took 3.6-3.9 ms longer a follow-up without it); the captured prompts take flash
         (``step_attention.causal_rows``)."""
-        if self.device != "cuda":
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return without_cudnn() if self.device == "cuda" else contextlib.nullcontext()
 
     def _encoded(self, request: _Request, inputs: dict[str, Any], features: Features | None) -> dict[str, Any]:
         """``inputs`` with the images' vision-encoder output in place of their pixels (cached, or made

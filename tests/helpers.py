@@ -153,6 +153,20 @@ async def connections_opened(server: Any, count: int) -> None:
     raise AssertionError(f"{server.connections} connections opened, {count} expected")
 
 
+def recorded(owner: Any, name: str, what: Any) -> list[Any]:
+    """``owner.name`` replaced by a wrapper that calls it as before and first appends ``what(*args, **kwargs)`` to the
+    list returned: what a test learns of each call (the interpreted scripts spy on imsight's kernels this way)."""
+    calls: list[Any] = []
+    original = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(what(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+    return calls
+
+
 def bare_generate(engine: Any, images: list[Any], question: str, tokens: int, turns: Any = ()) -> str:
     """What a plain ``model.generate()`` answers, greedy, for the same prompt."""
     import torch

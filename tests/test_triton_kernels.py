@@ -183,9 +183,8 @@ def test_split_kv_attention_computes_what_sdpa_does() -> None:
                            sdpa(module, many, key, value, None)[0])
         # A follow-up's tail: one row's new tokens after its cached ones, each seeing the row up to itself.
         from core import step_attention
-        tail_calls = []
-        step_attention.tail_attention = lambda *args, own=step_attention.tail_attention: tail_calls.append(
-            args[0].shape[2]) or own(*args)
+        from helpers import recorded
+        tail_calls = recorded(step_attention, "tail_attention", lambda *args: args[0].shape[2])
         cache_k, cache_v = torch.randn(2, 3, 2, 60, 32).unbind(0)
         key, value = cache_k[1:2, :, :40], cache_v[1:2, :, :40]  # the slots' row 1, as a tail's forward gets it
         for tokens, cached in ((5, 20), (2, 37), (39, 1)):
@@ -238,21 +237,12 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
         from core.model_files import resolve
         from core.tiny_model import build_tiny_model
         from core.transformers_engine import TransformersEngine
-        from helpers import bare_generate
+        from helpers import bare_generate, recorded
 
-        rows = []
-        original = kernel.split_kv_attention
-        def counted(*args):
-            rows.append(args[0].shape[0])
-            return original(*args)
-        kernel.split_kv_attention = counted
+        rows = recorded(kernel, "split_kv_attention", lambda *args: args[0].shape[0])
         import core.step_attention as step_attention
-        starts = []  # each prompt forward's rows taken causally, unmasked: where each row's tokens start
-        causal_rows = step_attention.causal_rows
-        def counted_rows(*args, **kwargs):
-            starts.append(list(args[5]))
-            return causal_rows(*args, **kwargs)
-        step_attention.causal_rows = counted_rows
+        # each prompt forward's rows taken causally, unmasked: where each row's tokens start
+        starts = recorded(step_attention, "causal_rows", lambda *args, **kwargs: list(args[5]))
 
         async def answer(engine, images, question, tokens):
             return "".join([c async for c in engine.answer(images, [], question, GenerationLimits(tokens))])
@@ -325,14 +315,9 @@ def test_follow_ups_tails_through_split_kv_attention_answer_as_bare_generate() -
         from core.model_files import resolve
         from core.tiny_model import build_tiny_model
         from core.transformers_engine import TransformersEngine
-        from helpers import bare_generate
+        from helpers import bare_generate, recorded
 
-        tails = []
-        original = step_attention.tail_attention
-        def counted(*args):
-            tails.append(args[0].shape[2])
-            return original(*args)
-        step_attention.tail_attention = counted
+        tails = recorded(step_attention, "tail_attention", lambda *args: args[0].shape[2])
 
         async def answer(engine, images, turns, question, tokens):
             text = "".join([c async for c in engine.answer(images, turns, question, GenerationLimits(tokens))])

@@ -13,8 +13,9 @@ bf16-unfused / nf4-unfused / int4-unfused (captured, not compiled); int4-tinygem
 kernel for decode instead of imsight's (``core.int4_mma``), to compare the two in one run; a ``-model-prefill``
 suffix (int4-model-prefill, say): first questions prefilled by the model's own forward (compiled layers) instead of the
 stepper's captured one; a ``-unpacked`` suffix (int4-unpacked): int4 with every weight kept unpacked as
-well (``[engine] unpacked_weights``), so prefills read it instead of unpacking it; a ``-tails`` suffix (int4-tails):
-follow-ups' tails through the split-KV kernel (``step_attention.tail_attention``), which the engine leaves off.
+well (``[engine] unpacked_weights``), so prefills read it instead of unpacking it; a ``-sdpa-tails`` suffix
+(int4-sdpa-tails): follow-ups' tails through SDPA (cuDNN) instead of the split-KV kernel
+(``step_attention.tail_attention``), as before the twenty-sixth step.
 Several modes are measured one after another, each in a process of its own (a second mode in the same
 process ran its CPU-bound parts slower), and reported together at the end.
 ``--size tiny`` runs the same measurements on a small GLM-shaped model, and ``--quick`` on imsight's
@@ -508,8 +509,9 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
         core.decode_loop.PREFILL_SIZES = ()
     step_attention = core.step_attention.StepAttention
     install = vars(step_attention)["install"]
-    if mode.endswith("-tails"):  # (installed at the start's warm-up, before any tail is captured)
-        step_attention.install = partial(step_attention.install, tails=True)  # type: ignore[method-assign]
+    if mode.endswith("-sdpa-tails"):  # (installed at the start's warm-up, before any tail is captured)
+        bound = step_attention.install  # (the engine passes tails=True: a partial's keyword would lose to it)
+        step_attention.install = lambda *args, **kwargs: bound(*args, **{**kwargs, "tails": False})  # type: ignore[method-assign]
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"), decoder_kernels=not mode.endswith("-compiled"),

@@ -1,5 +1,6 @@
-"""The language model's attention on a GPU: decode steps' one-token queries go to the split-KV kernel,
-prompts prefilled from their first token to SDPA's causal path, the rest to the model's own function.
+"""The language model's attention on a GPU: decode steps' one-token queries and follow-ups' tails go to the
+split-KV kernel, prompts prefilled from their first token to SDPA's causal path, the rest to the model's own
+function.
 
 A decode step's attention (one new token a row, a bool mask over its slot) is latency, not bytes:
 through SDPA a row is two K/V heads' worth of programs walking the whole span (see
@@ -14,10 +15,13 @@ through flash attention, skipping the masked half, on the grouped heads as they 
 1,152-token screenshot prompt: 1.4 ms of attention over 40 layers against 6.3 with the mask; several
 left-padded together, ~2.9 ms a question against 6.8 (bench/RESULTS.md, twenty-first step).
 
-Everything else (the vision encoder, follow-up tails, any other mask) keeps the function the model
-was loaded with. Installed in transformers' attention registry, the way it offers to replace an
-implementation, by the engine when it makes its decode step on a GPU, after both ways have matched SDPA
-once on this device; removed when the engine stops.
+A follow-up's tail (8 to 256 new tokens over its cached prefix, masked) goes to the split-KV kernel too, as
+that many one-token rows (``tail_attention``): a layer's tail attention 2-15x faster than SDPA's cuDNN kernel up
+to 128 tokens, about even at 256 (H200, bench/RESULTS.md, twenty-sixth step), and nothing to plan at start.
+Everything else (the vision encoder, any other mask) keeps the function the model was loaded with. Installed
+in transformers' attention registry, the way it offers to replace an implementation, by the engine when it
+makes its decode step on a GPU, after each way has matched SDPA once on this device; removed when the engine
+stops.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     (``[1, 1, tokens, span]``); ``[1, tokens, heads, dim]``, as transformers' attention functions return it.
 
     The tail's masked call otherwise goes to SDPA, after transformers repeats each K/V head for its 16 query heads
-    (a mask rules out the grouped-head path), on cuDNN, which plans each of the 24 captured tail shapes at start."""
+    (a mask rules out the grouped-head path), on cuDNN, which would plan each of the 24 captured tail shapes at
+    start."""
     from core.split_kv_attention import split_kv_attention
 
     _, heads, tokens, dim = query.shape
@@ -159,7 +164,7 @@ class StepAttention:
         # as CUDA graphs keep what they were captured with).
         self.enabled = True
         self.causal = True  # as ``enabled``, for ``causal_prompts``
-        # Follow-ups' tails through ``tail_attention`` too (``install(tails=True)``, after a check).
+        # Follow-ups' tails through ``tail_attention`` too (``install(tails=True)``, the engine's way, after a check).
         self.tails = False
         self._starts: list[int] | None = None  # inside ``causal_prompts``
 
@@ -183,8 +188,7 @@ class StepAttention:
                 tails: bool = False) -> StepAttention | None:
         """Where the kernel runs and agrees with SDPA on this device, at the model's head shapes; else
         None (the model's own attention stays). ``tails``: follow-ups' tails through it too, where that agrees
-        as well. The engine leaves them to SDPA (cuDNN) until the two are measured against each other on a GPU
-        (``bench/attention_kernels.py``: bench/RESULTS.md, twenty-fifth step)."""
+        as well (the engine asks for them; ``bench/engine_bench.py``'s ``-sdpa-tails`` modes do not)."""
         config = getattr(model, "config", None)
         text = getattr(config, "text_config", config)
         name = getattr(text, "_attn_implementation", None)

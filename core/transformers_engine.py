@@ -735,7 +735,7 @@ class TransformersEngine:
         if self._split_kv_attention:
             with self._attention_kernels():  # (checked with the kernels it will be used with)
                 self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
-                                                             dtype=keys.dtype)
+                                                             dtype=keys.dtype, tails=True)
         elif keys.device.type == "cuda":
             log.info("split_kv_attention = false: decode steps' attention is SDPA")
         graphs = self._use_graphs and keys.device.type == "cuda"
@@ -1178,9 +1178,9 @@ class TransformersEngine:
     def _attention_kernels(self) -> contextlib.AbstractContextManager[None]:
         """SDPA without cuDNN's kernels. cuDNN's are the fastest, but it plans every new shape (45-65 ms a shape,
         ~0.8 s for a process's first: H200, torch 2.11), and prompts and batches come in every length: a growing
-        cache's steps were 2x slower. The captured follow-up tails keep cuDNN (24 shapes, planned once a start:
-        their masked attention took 3.6-3.9 ms longer a follow-up without it); the captured prompts take flash
-        (``step_attention.causal_rows``)."""
+        cache's steps were 2x slower. The captured prompts take flash (``step_attention.causal_rows``), the
+        captured follow-up tails the split-KV kernel (``step_attention.tail_attention``; without cuDNN SDPA's
+        masked kernel made a follow-up 3.6-3.9 ms slower), so no cuDNN plan is made at all."""
         return without_cudnn() if self.device == "cuda" else contextlib.nullcontext()
 
     def _encoded(self, request: _Request, inputs: dict[str, Any], features: Features | None) -> dict[str, Any]:

@@ -302,9 +302,9 @@ def test_decode_steps_through_split_kv_attention_answer_as_bare_generate() -> No
 
 
 def test_follow_ups_tails_through_split_kv_attention_answer_as_bare_generate() -> None:
-    """The tiny model's engine under the interpreter with follow-ups' tails through the kernel too
-    (``StepAttention.tails``): each follow-up's new tokens attend over its cached prefix there, and the answer is
-    still bare ``generate()``'s."""
+    """The tiny model's engine under the interpreter, follow-ups' tails through the kernel too
+    (``StepAttention.tails``, the engine's way): each follow-up's new tokens attend over its cached prefix there,
+    and the answer is still bare ``generate()``'s."""
     out = run_interpreted("""
         import asyncio, tempfile
         from pathlib import Path
@@ -328,8 +328,7 @@ def test_follow_ups_tails_through_split_kv_attention_answer_as_bare_generate() -
             engine = TransformersEngine(resolve("tiny", directory, allow_download=False), device="cpu", max_batch=2)
             await engine.start()
             try:
-                assert engine._step_attention is not None and not engine._step_attention.tails  # (the engine's way)
-                engine._step_attention.tails = True
+                assert engine._step_attention is not None and engine._step_attention.tails  # (the engine's way)
                 image = PreparedImage("i", Image.new("RGB", (64, 48), (30, 90, 200)))
                 first = await answer(engine, [image], [], "What is it?", 8)
                 turns = [Turn("user", "What is it?"), Turn("assistant", first)]

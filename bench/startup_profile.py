@@ -34,9 +34,13 @@ from core import int4_cache  # noqa: E402
 from core.model_files import resolve  # noqa: E402
 from core.transformers_engine import TransformersEngine  # noqa: E402
 
+IMPORTED = time.monotonic()  # torch, transformers' top level and imsight's engine: before the engine's start
+
 INTERVAL_S = 0.02
 # Kinds of work by the files on the engine thread's stack, the first that matches (innermost work first).
 KINDS = [
+    ("importing modules", ("<frozen importlib._bootstrap>",)),  # (transformers' model code, at the load)
+    ("reading weights", ("safetensors",)),
     ("Triton compiling", ("triton/compiler", "async_compile")),
     ("inductor", ("torch/_inductor",)),
     ("AOT autograd", ("torch/_functorch",)),
@@ -60,7 +64,9 @@ def kind_of(stack: list[str]) -> str:
 
 
 class Sampler:
-    """The engine thread's stack every ``INTERVAL_S``, each sample (seconds since start, kind, stack)."""
+    """The engine thread's stack every ``INTERVAL_S``, each sample (seconds since start, kind, stack); before
+    that thread runs, the executor thread's that loads the model (``engine.start`` loads it in the loop's
+    default executor)."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, str, tuple[str, ...]]] = []
@@ -78,7 +84,9 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):
-            engine = next((t for t in threading.enumerate() if t.name == "imsight-engine"), None)
+            threads = threading.enumerate()
+            engine = (next((t for t in threads if t.name == "imsight-engine"), None)
+                      or next((t for t in threads if t.name.startswith("asyncio_")), None))
             frame = sys._current_frames().get(engine.ident) if engine is not None and engine.ident else None
             stack: list[str] = []
             line = frame.f_lineno if frame is not None else 0
@@ -135,7 +143,9 @@ async def profile(model: Path, quantization: str, dtype: str, device: str, compi
     engine = TransformersEngine(resolve("bench", model, allow_download=False), device=device,
                                 quantization=quantization, dtype=dtype, compile_cache=compile_cache,
                                 int4_cache=compile_cache.parent / "int4-cache" if compile_cache else None)
+    marks.lines.append((IMPORTED - STARTED, "imports done (torch, transformers' top level, imsight's engine)"))
     with Sampler() as sampler:
+        marks.lines.append((time.monotonic() - STARTED, "the engine's start begins"))
         await engine.start()
         ready = time.monotonic() - STARTED
         await asyncio.to_thread(engine.settled.wait)

@@ -329,6 +329,8 @@ def test_follow_ups_tails_through_split_kv_attention_answer_as_bare_generate() -
             await engine.start()
             try:
                 assert engine._step_attention is not None and engine._step_attention.tails  # (the engine's way)
+                assert tails, "the install check runs the kernel on a tail of its own"
+                tails.clear()
                 image = PreparedImage("i", Image.new("RGB", (64, 48), (30, 90, 200)))
                 first = await answer(engine, [image], [], "What is it?", 8)
                 turns = [Turn("user", "What is it?"), Turn("assistant", first)]

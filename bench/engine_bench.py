@@ -425,6 +425,19 @@ def bare_generate(loaded: LoadedModel, images: list[PreparedImage], turns: list[
     return time.perf_counter() - started, out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def bare_greedy(loaded: LoadedModel, image: PreparedImage, new_tokens: int) -> tuple[list[int], list[float]]:
+    """``bare_generate``'s answer ids, with the gap between its two highest logits at each token: where the engine's
+    answer parts from it, a gap of a rounding's size says the two round differently; a wide one, a wrong token."""
+    import torch
+
+    inputs = bare_inputs(loaded, [image], [], QUESTION)
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                                    return_dict_in_generate=True)
+    gaps = [float(top[0] - top[1]) for top in (scores[0].float().topk(2).values for scores in out.scores)]
+    return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), gaps
+
+
 GREEDY_IMAGE = 10_000  # the screenshot both answer for the greedy comparison (the others' numbers stay below it)
 
 
@@ -456,7 +469,7 @@ def baseline(model_dir: Path, mode: str, new_tokens: int, reps: int) -> dict[str
             sync()
         out["bare_parts_ms"] = {"bare: processor": round(processor * 1e3, 1),
                                 "bare: generate(1 token)": round((time.perf_counter() - started) * 1e3, 1)}
-        _, out["bare_ids"] = bare_generate(loaded, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
+        out["bare_ids"], out["bare_gaps"] = bare_greedy(loaded, screenshot(GREEDY_IMAGE), new_tokens)
         _, again = bare_generate(loaded, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
         # Is it repeatable? (A random-weight model's logits are near ties: kernel nondeterminism shows.)
         out["bare_repeats_tokens"] = next((i for i, (a, b) in enumerate(zip(out["bare_ids"], again, strict=False))
@@ -598,6 +611,10 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     out["compared_tokens"] = len(bare_ids)
     decode = engine.loaded.processor.tokenizer.decode
     out["same_tokens"] = max((k for k in range(len(shown) + 1) if len(decode(shown[:k])) <= common), default=0)
+    places = [i for i, t in enumerate(bare_ids) if t not in engine._hidden_ids]  # ``shown``'s tokens in bare_ids
+    gaps = out.pop("bare_gaps")
+    out["parted_gap"] = gaps[places[out["same_tokens"]]] if out["same_tokens"] < len(shown) else None
+    out["median_gap"] = statistics.median(gaps) if gaps else 0.0
     # Is the engine repeatable? (bare generate(): ``baseline``)
     budget, engine._prefixes.budget = engine._prefixes.budget, 0
     engine._prefixes.clear()  # asked again from scratch, not as a follow-up from the cached prefix
@@ -701,6 +718,9 @@ def report(device: str, bandwidth: float | None, params: int, results: list[dict
                      f"{r['same_as_generate']} (the first {r['same_tokens']} tokens, {r['same_chars']} characters, "
                      f"agree); bare generate() twice agrees for {r['bare_repeats_tokens']} tokens, the engine twice "
                      f"for {r['engine_repeats_chars']} characters")
+        if r.get("parted_gap") is not None:
+            lines.append(f"  where they part, bare generate()'s two likeliest tokens are {r['parted_gap']:.3f} apart "
+                         f"in logits (over its answer the median gap is {r['median_gap']:.3f})")
         for staggered in r["staggered_rounds_s"]:
             lines.append(f"  8 questions 200 ms apart: time to first token up to {max(staggered) / first:.1f}x the "
                          "idle one (target <= 2x); in arrival order (ms): "

@@ -7,7 +7,7 @@ as a screenshot question's row does at span 2048. Also the kernel's error agains
 its time by launch shape (positions a loop step, programs aimed for). Then a follow-up's tail (its new tokens
 after the row's cached ones, a bool mask each): SDPA as transformers calls it (the K/V heads repeated, cuDNN as
 SDPA picks it, and without cuDNN as the engine runs eager prompts) against ``step_attention.tail_attention``
-(the split-KV kernel, a row a token), which the engine leaves off until this has been run.
+(the split-KV kernel, a row a token), the engine's way since this ran (bench/RESULTS.md, twenty-sixth step).
 
     python bench/attention_kernels.py
 """

@@ -1180,7 +1180,8 @@ class TransformersEngine:
         ~0.8 s for a process's first: H200, torch 2.11), and prompts and batches come in every length: a growing
         cache's steps were 2x slower. The captured prompts take flash (``step_attention.causal_rows``), the
         captured follow-up tails the split-KV kernel (``step_attention.tail_attention``; without cuDNN SDPA's
-        masked kernel made a follow-up 3.6-3.9 ms slower), so no cuDNN plan is made at all."""
+        masked kernel made a follow-up 3.6-3.9 ms slower). So no cuDNN plan is made, unless the kernel's check
+        refuses the tails: they then keep cuDNN."""
         return without_cudnn() if self.device == "cuda" else contextlib.nullcontext()
 
     def _encoded(self, request: _Request, inputs: dict[str, Any], features: Features | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -118,7 +119,7 @@ def main() -> None:
 
 def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Path, new_tokens: int,
             asking: bool) -> None:
-    spawned = time.strftime("%H:%M:%S")  # against the log's timestamps: where the time to ready goes
+    spawned = datetime.now()  # against the log's timestamps: where the time to ready goes
     # The log to a file: a pipe nobody reads until the end fills and stalls the daemon.
     log_file = config.with_name(f"daemon-{'first' if asking else 'restart'}.log")
     with log_file.open("w") as log_out:
@@ -129,7 +130,7 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
         started = time.perf_counter()
         asyncio.run(_ready(url, daemon))
         print(f"{label}: imsight run ready in {time.perf_counter() - started:.1f} s "
-              f"(model {model.name}, {new_tokens}-token answers; started at {spawned})")
+              f"(model {model.name}, {new_tokens}-token answers; started at {spawned:%H:%M:%S})")
         asyncio.run(_until_compiled(url, started))
         if asking:
             asyncio.run(measure(url))
@@ -145,9 +146,19 @@ def _daemon(config: Path, env: dict[str, str], port: int, label: str, model: Pat
         for n, line in enumerate(log_file.read_text().splitlines()):
             if n == 0 or any(word in line for word in ("loaded", "quantized", "warmed up", "KV slots", "CUDA graph",
                                                        "decoding eagerly", "decode step", "compil", "ready")):
-                print("  daemon log:", line)
+                print(f"  daemon log ({since(spawned, line)}):", line)
             elif "chat chat" in line and " in " in line:  # the 8 chats' jobs: each one's first token, and how
                 print("  8 chats:", line.split(" job ", 1)[-1])
+
+
+def since(spawned: datetime, line: str) -> str:
+    """``+seconds`` from the daemon's spawn to a log line's timestamp (the first line's: its imports and config),
+    or ``?`` for a line without one (a traceback's)."""
+    try:
+        logged = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    except ValueError:
+        return "?"
+    return f"+{(logged - spawned).total_seconds():.1f} s"
 
 
 async def _until_compiled(url: str, started: float) -> None:

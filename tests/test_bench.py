@@ -27,7 +27,8 @@ SCRIPTS = {
     "prefill_batching.py": (["--quick"], ["2 questions", "first tokens the same both ways: 2 of 2"]),
     "attention_kernels.py": ([], ["cuda available"]),
     "daemon_bench.py": (["--quick"], ["one answer", "8 chats within one second", "slowest =",
-                                      "first token after"]),  # (the 8 chats' job log lines)
+                                      "first token after",  # (the 8 chats' job log lines)
+                                      "daemon log (+"]),  # (each line's seconds after the daemon's spawn)
     "burst_model.py": ([], ["prefill 82 ms, gap 0 ms, 1 piece(s)", "slowest ="]),
     "admission_phases.py": (["--quick", "--rounds", "2", "--ab-causal"],
                             ["not installed here (a CPU)", "round 1: all first tokens after",

@@ -176,9 +176,9 @@ class Int4Linear(torch.nn.Module):
         parts = []
         for start in range(0, blocks, step):
             outputs = slice(start * 8, (start + step) * 8)
-            # (all of a weight in one slice: views of the same tensors, no copies)
-            weight = self._full_width(self.packed[start:start + step], self.scales_zeros[:, outputs].contiguous(),
-                                      self._group(), x.dtype)
+            # (views of the packed weight and of its scales: no copies)
+            weight = self._full_width(self.packed[start:start + step], self.scales_zeros[:, outputs], self._group(),
+                                      x.dtype)
             parts.append(F.linear(x, weight, None if self.bias is None else self.bias[outputs]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -317,9 +317,13 @@ def fuse_unpacking(model: Any) -> None:
         from core.int4_unpack_gpu import dequantize_gpu
 
         probe = layers[0]
-        fused = dequantize_gpu(probe.packed, probe.scales_zeros, probe.group, torch.bfloat16).float()
-        ref = dequantize(probe.packed, probe.scales_zeros, probe.group, torch.bfloat16).float()
-        agrees = bool((fused - ref).abs().max() <= 1e-3 * ref.abs().max())  # a wrong layout is off by whole steps
+        agrees = True
+        # The whole weight, and a slice of its outputs as ``_unpacked_linear`` takes one (its scales a view).
+        for packed, scales_zeros in ((probe.packed, probe.scales_zeros),
+                                     (probe.packed[1:2], probe.scales_zeros[:, 8:16])):
+            fused = dequantize_gpu(packed, scales_zeros, probe.group, torch.bfloat16).float()
+            ref = dequantize(packed, scales_zeros, probe.group, torch.bfloat16).float()
+            agrees &= bool((fused - ref).abs().max() <= 1e-3 * ref.abs().max())  # a wrong layout: off by steps
     except Exception as exc:  # no Triton, or a Triton that cannot build the kernel for this GPU
         log.info("int4: the Triton unpack is unavailable here (%s); prefill unpacks with torch ops (slower)", exc)
         return

@@ -173,13 +173,27 @@ class Int4Linear(torch.nn.Module):
         """``x`` through the weight unpacked to ``x``'s dtype, at most ``UNPACKED_BYTES`` of it at a time."""
         blocks, outer, _lanes, pairs = self.packed.shape  # shapes, not attributes: constants to dynamo
         step = max(1, UNPACKED_BYTES // (8 * outer * pairs * 32 * x.element_size()))  # blocks of 8 outputs
+        # Each slice's product straight into its columns of the output (cuBLAS writes a column slice in place):
+        # concatenating the products afterwards copied the whole output again, GLM's gate/up projection's ~63 MB
+        # for a screenshot prompt, and held it twice. Compiled layers keep the concatenation (inductor plans it).
+        flat = x.reshape(-1, x.shape[-1])
+        into = None if step >= blocks or torch.compiler.is_compiling() else torch.empty(
+            flat.shape[0], blocks * 8, dtype=x.dtype, device=x.device)
         parts = []
         for start in range(0, blocks, step):
             outputs = slice(start * 8, (start + step) * 8)
             # (views of the packed weight and of its scales: no copies)
             weight = self._full_width(self.packed[start:start + step], self.scales_zeros[:, outputs], self._group(),
                                       x.dtype)
-            parts.append(F.linear(x, weight, None if self.bias is None else self.bias[outputs]))
+            bias = None if self.bias is None else self.bias[outputs]
+            if into is None:
+                parts.append(F.linear(x, weight, bias))
+            elif bias is None:
+                torch.mm(flat, weight.t(), out=into[:, outputs])
+            else:
+                torch.addmm(bias, flat, weight.t(), out=into[:, outputs])
+        if into is not None:
+            return into.view(*x.shape[:-1], into.shape[-1])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _group(self) -> int:

@@ -77,10 +77,11 @@ def test_an_int4_linear_computes_with_its_dequantized_weight():
         assert float((int4(x) - linear(x)).norm() / linear(x).norm()) < 0.15
 
 
-def test_a_prefill_unpacks_the_weight_a_slice_of_outputs_at_a_time(monkeypatch):
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_prefill_unpacks_the_weight_a_slice_of_outputs_at_a_time(monkeypatch, bias):
     import core.int4_weights
 
-    linear = torch.nn.Linear(256, 40, bias=True)
+    linear = torch.nn.Linear(256, 40, bias=bias)
     int4 = Int4Linear.from_linear(linear)
     x = torch.randn(2, 7, 256)
     with torch.no_grad():

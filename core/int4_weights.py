@@ -333,8 +333,10 @@ def fuse_unpacking(model: Any) -> None:
         probe = layers[0]
         agrees = True
         # The whole weight, and a slice of its outputs as ``_unpacked_linear`` takes one (its scales a view).
-        for packed, scales_zeros in ((probe.packed, probe.scales_zeros),
-                                     (probe.packed[1:2], probe.scales_zeros[:, 8:16])):
+        probes = [(probe.packed, probe.scales_zeros)]
+        if probe.packed.shape[0] > 1:  # (blocks of 8 outputs)
+            probes.append((probe.packed[1:2], probe.scales_zeros[:, 8:16]))
+        for packed, scales_zeros in probes:
             fused = dequantize_gpu(packed, scales_zeros, probe.group, torch.bfloat16).float()
             ref = dequantize(packed, scales_zeros, probe.group, torch.bfloat16).float()
             agrees &= bool((fused - ref).abs().max() <= 1e-3 * ref.abs().max())  # a wrong layout: off by steps

@@ -470,7 +470,7 @@ def baseline(model_dir: Path, mode: str, new_tokens: int, reps: int) -> dict[str
         out["bare_parts_ms"] = {"bare: processor": round(processor * 1e3, 1),
                                 "bare: generate(1 token)": round((time.perf_counter() - started) * 1e3, 1)}
         out["bare_ids"], out["bare_gaps"] = bare_greedy(loaded, screenshot(GREEDY_IMAGE), new_tokens)
-        _, again = bare_generate(loaded, [screenshot(GREEDY_IMAGE)], [], QUESTION, new_tokens)
+        again, _ = bare_greedy(loaded, screenshot(GREEDY_IMAGE), new_tokens)
         # Is it repeatable? (A random-weight model's logits are near ties: kernel nondeterminism shows.)
         out["bare_repeats_tokens"] = next((i for i, (a, b) in enumerate(zip(out["bare_ids"], again, strict=False))
                                            if a != b), len(again))
@@ -523,8 +523,7 @@ async def measure(model_dir: Path, mode: str, new_tokens: int, reps: int, *,
     step_attention = core.step_attention.StepAttention
     install = vars(step_attention)["install"]
     if mode.endswith("-sdpa-tails"):  # (installed at the start's warm-up, before any tail is captured)
-        bound = step_attention.install  # (the engine passes tails=True: a partial's keyword would lose to it)
-        step_attention.install = lambda *args, **kwargs: bound(*args, **{**kwargs, "tails": False})  # type: ignore[method-assign]
+        step_attention.install = partial(step_attention.install, tails=False)  # type: ignore[method-assign]
     engine = TransformersEngine(
         resolve("bench", model_dir, allow_download=False), quantization=_QUANTIZATION[mode.split("-")[0]],
         compile_decode=not mode.endswith("-unfused"), decoder_kernels=not mode.endswith("-compiled"),

@@ -42,7 +42,9 @@ __all__ = ["StepAttention", "causal_rows", "fits", "fits_tail", "prompt_call", "
 log = logging.getLogger(__name__)
 
 _HALF = (torch.bfloat16, torch.float16)
-TAIL_TOKENS = 256  # a follow-up's longest captured tail (``Stepper.tails``)
+# The longest tail ``tail_attention`` takes: the stepper's longest captured one (``Stepper.tails``), and about where
+# it stops being faster than SDPA's cuDNN kernel (H200: 0.91-1.02x at 256 tokens; bench/RESULTS.md, twenty-sixth step).
+TAIL_TOKENS = 256
 
 
 def _triton_runs(query: torch.Tensor) -> bool:
@@ -89,10 +91,15 @@ def tail_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     from core.split_kv_attention import split_kv_attention
 
     _, heads, tokens, dim = query.shape
-    rows = (tokens, *key.shape[1:])
-    out = split_kv_attention(query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None],
-                             scale)
-    return out.view(1, tokens, heads, dim)
+    return split_kv_attention(*_as_rows(query, key, value, mask), scale).view(1, tokens, heads, dim)
+
+
+def _as_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row's tail as a decode step's arguments: a row of one query token for each of its tokens, each over the
+    row's keys and values (zero-stride views) with its own line of the mask."""
+    rows = (query.shape[2], *key.shape[1:])
+    return query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None]
 
 
 def prompt_call(query: torch.Tensor, key: torch.Tensor, mask: Any, rows: int) -> bool:
@@ -133,9 +140,7 @@ def tail_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """What ``tail_attention`` must return, in float32: ``reference`` for each of the tail's tokens as a row of
     its own over the same keys and values, ``[1, tokens, heads, dim]``."""
     _, heads, tokens, dim = query.shape
-    rows = (tokens, *key.shape[1:])
-    return reference(query.transpose(0, 2), key.expand(rows), value.expand(rows), mask[0, 0, :, None, None],
-                     scale).view(1, tokens, heads, dim)
+    return reference(*_as_rows(query, key, value, mask), scale).view(1, tokens, heads, dim)
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -164,7 +169,7 @@ class StepAttention:
         # as CUDA graphs keep what they were captured with).
         self.enabled = True
         self.causal = True  # as ``enabled``, for ``causal_prompts``
-        # Follow-ups' tails through ``tail_attention`` too (``install(tails=True)``, the engine's way, after a check).
+        # Follow-ups' tails through ``tail_attention`` too (set by ``install`` after a check).
         self.tails = False
         self._starts: list[int] | None = None  # inside ``causal_prompts``
 
@@ -185,10 +190,10 @@ class StepAttention:
 
     @classmethod
     def install(cls, model: Any, kv_heads: int, dim: int, *, device: torch.device, dtype: torch.dtype,
-                tails: bool = False) -> StepAttention | None:
+                tails: bool = True) -> StepAttention | None:
         """Where the kernel runs and agrees with SDPA on this device, at the model's head shapes; else
-        None (the model's own attention stays). ``tails``: follow-ups' tails through it too, where that agrees
-        as well (the engine asks for them; ``bench/engine_bench.py``'s ``-sdpa-tails`` modes do not)."""
+        None (the model's own attention stays). Follow-ups' tails go through it too where that agrees as well;
+        ``tails=False`` leaves them to SDPA (``bench/engine_bench.py``'s ``-sdpa-tails`` modes)."""
         config = getattr(model, "config", None)
         text = getattr(config, "text_config", config)
         name = getattr(text, "_attn_implementation", None)

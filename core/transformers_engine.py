@@ -735,7 +735,7 @@ class TransformersEngine:
         if self._split_kv_attention:
             with self._attention_kernels():  # (checked with the kernels it will be used with)
                 self._step_attention = StepAttention.install(self.loaded.model, heads, dim, device=keys.device,
-                                                             dtype=keys.dtype, tails=True)
+                                                             dtype=keys.dtype)
         elif keys.device.type == "cuda":
             log.info("split_kv_attention = false: decode steps' attention is SDPA")
         graphs = self._use_graphs and keys.device.type == "cuda"

@@ -146,7 +146,7 @@ def test_only_the_prompts_own_calls_take_the_causal_path():
 
 def test_the_causal_path_asks_for_flash_and_leaves_the_other_calls_their_kernels(monkeypatch):
     """cuDNN plans every new shape (~60 ms each on an H200): a prompt's causal call goes without it, the
-    settings back as they were after it, and a masked call (a follow-up's tail) keeps them."""
+    settings back as they were after it, and a masked call that is not a prompt's keeps them."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     seen: list[bool] = []

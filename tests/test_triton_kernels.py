@@ -206,7 +206,7 @@ def test_split_kv_attention_computes_what_sdpa_does() -> None:
             assert got.shape == ref.shape == (1, tokens, 8, 32)
             assert torch.allclose(got, ref, atol=1e-5), (tokens, (got - ref).abs().max())
         assert tail_calls == [5, 2, 39]
-        # The check ``install(tails=True)`` makes, and a kernel that gets the tokens' lines of the mask wrong.
+        # The check ``install`` makes for the tails, and a kernel that gets the tokens' lines of the mask wrong.
         from core.step_attention import _Probe
         probe = _Probe(8, 2, 32, device=torch.device("cpu"), dtype=torch.float32)
         assert probe.tail_agrees()
